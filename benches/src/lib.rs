@@ -1,0 +1,1 @@
+//! Shared fixtures for the benchmarks live in `vxnat_dataplane::pipeline::fixtures`.
