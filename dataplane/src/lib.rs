@@ -5,4 +5,7 @@
 //! `xsk` (a later addition) and is the only place allowed `unsafe` code.
 
 pub mod pipeline;
+pub mod tables;
+pub mod testkit;
+pub mod vxlan;
 pub mod wire;

@@ -1,0 +1,112 @@
+//! Frames vxnat answers itself: ARP for the pod gateway, ICMP time exceeded.
+
+use super::overlay::{egress, Ctx, Ipv4Meta};
+use super::{Disposition, DropReason, FrameBuf};
+use crate::tables::PortEntry;
+use crate::wire::{arp, ethernet, icmp, ipv4};
+use crate::wire::{ArpOperation, ArpPacket, ArpRepr, IcmpMessage, IcmpPacket, IcmpRepr, IpProtocol, Ipv4Packet, Ipv4Repr, MacAddr};
+use core::net::Ipv4Addr;
+
+/// Answers an ARP request for the pod gateway on a pod or the host port, in place, out of the
+/// ingress port. `pod` is the attached pod's (IP, MAC): its ARP must come from them (or from
+/// 0.0.0.0 for an RFC 5227 probe).
+pub(crate) fn arp(
+    ctx: &mut Ctx<'_, '_>,
+    entry: &PortEntry,
+    frame: &mut FrameBuf<'_>,
+    dst_mac: MacAddr,
+    pod: Option<(Ipv4Addr, MacAddr)>,
+) -> Result<Disposition, DropReason> {
+    if !dst_mac.is_broadcast() && dst_mac != entry.mac {
+        return Err(DropReason::DstMacNotOurs);
+    }
+    let req = {
+        let p = ArpPacket::new_checked(&frame.data()[ethernet::HEADER_LEN..]).map_err(|_| DropReason::ArpMalformed)?;
+        ArpRepr::parse(&p).map_err(|_| DropReason::ArpMalformed)?
+    };
+    if let Some((ip, mac)) = pod {
+        if req.source_hardware_addr != mac || (req.source_protocol_addr != ip && !req.source_protocol_addr.is_unspecified()) {
+            return Err(DropReason::ArpSpoofed);
+        }
+    }
+    if req.operation != ArpOperation::Request {
+        return Err(DropReason::ArpReplyIgnored);
+    }
+    let gateway = ctx.tables.node.gateway_ip();
+    if req.target_protocol_addr != gateway {
+        return Err(DropReason::ArpNotForGateway);
+    }
+    frame.truncate(ethernet::HEADER_LEN + arp::PACKET_LEN);
+    let d = frame.data_mut();
+    d[0..6].copy_from_slice(&req.source_hardware_addr.0);
+    d[6..12].copy_from_slice(&entry.mac.0);
+    let reply = ArpRepr {
+        operation: ArpOperation::Reply,
+        source_hardware_addr: entry.mac,
+        source_protocol_addr: gateway,
+        target_hardware_addr: req.source_hardware_addr,
+        target_protocol_addr: req.source_protocol_addr,
+    };
+    reply.emit(&mut ArpPacket::new_unchecked(&mut d[ethernet::HEADER_LEN..]));
+    ctx.events().arp_replies += 1;
+    Ok(Disposition::Forward(ctx.ingress))
+}
+
+/// Turns a packet whose TTL ran out into ICMP time exceeded from the pod gateway back to its
+/// source (RFC 792, RFC 1812 §4.3.2.7: never about an ICMP error, a non-initial fragment;
+/// rate-limited), and routes it.
+pub(crate) fn time_exceeded(
+    ctx: &mut Ctx<'_, '_>,
+    frame: &mut FrameBuf<'_>,
+    m: &Ipv4Meta,
+) -> Result<Disposition, DropReason> {
+    if m.frag_offset != 0 || m.icmp_error {
+        return Err(DropReason::TtlExpired);
+    }
+    if !ctx.state.icmp_limit.take(ctx.now) {
+        return Err(DropReason::IcmpRateLimited);
+    }
+    let quoted = (m.header_len + icmp::QUOTED_L4_LEN).min(m.total_len);
+    let mut quote = [0u8; ipv4::MAX_HEADER_LEN + icmp::QUOTED_L4_LEN];
+    quote[..quoted].copy_from_slice(&frame.data()[ethernet::HEADER_LEN..ethernet::HEADER_LEN + quoted]);
+    let icmp_len = icmp::HEADER_LEN + quoted;
+    let ip_start = ethernet::HEADER_LEN;
+    let icmp_start = ip_start + ipv4::HEADER_LEN;
+    if !frame.set_len(icmp_start + icmp_len) {
+        return Err(DropReason::NoHeadroom);
+    }
+    let gateway = ctx.tables.node.gateway_ip();
+    let ident = ctx.state.next_ident();
+    let d = frame.data_mut();
+    d[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    Ipv4Repr {
+        src_addr: gateway,
+        dst_addr: m.src,
+        protocol: IpProtocol::Icmp,
+        payload_len: icmp_len as u16,
+        ttl: 64,
+        dscp_ecn: 0,
+        ident,
+        dont_frag: false,
+        more_frags: false,
+        frag_offset: 0,
+    }
+    .emit(&mut Ipv4Packet::new_unchecked(&mut d[ip_start..icmp_start]));
+    IcmpRepr { message: IcmpMessage::TimeExceeded { code: icmp::CODE_TTL_EXCEEDED }, data: &quote[..quoted] }
+        .emit(&mut IcmpPacket::new_unchecked(&mut d[icmp_start..icmp_start + icmp_len]));
+    ctx.events().icmp_time_exceeded_sent += 1;
+    let reply = Ipv4Meta {
+        src: gateway,
+        dst: m.src,
+        proto: 1,
+        header_len: ipv4::HEADER_LEN,
+        total_len: ipv4::HEADER_LEN + icmp_len,
+        ttl: 64,
+        frag_offset: 0,
+        is_fragment: false,
+        ports: 0,
+        icmp_error: true,
+    };
+    let route = ctx.tables.route(m.src);
+    egress(ctx, frame, route, reply.flow_hash())
+}

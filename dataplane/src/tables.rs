@@ -1,0 +1,422 @@
+//! The node's forwarding tables: one immutable snapshot that workers read and the control
+//! plane replaces wholesale (an atomic swap, later). This is the only definition of what the
+//! packet path knows about the world.
+//!
+//! Built through [`TablesBuilder`], which validates everything once so the packet path can
+//! trust the snapshot; errors name the offending field.
+
+use crate::vxlan::encap::OuterTemplate;
+use crate::wire::{Ipv4Cidr, MacAddr};
+use ahash::AHashMap;
+use core::fmt;
+use core::net::Ipv4Addr;
+
+/// Index of a port (an AF_XDP socket) within a worker: the uplink, the host port, a pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortId(pub u16);
+
+impl fmt::Display for PortId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "port{}", self.0)
+    }
+}
+
+/// This node's identity and overlay parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// This node's underlay address (its InternalIP or flannel public-ip).
+    pub node_ip: Ipv4Addr,
+    /// MAC of the uplink interface: outer source MAC.
+    pub uplink_mac: MacAddr,
+    /// This node's VTEP MAC (flannel's `VtepMAC`): inner destination for traffic to us,
+    /// inner source for traffic we encapsulate.
+    pub vtep_mac: MacAddr,
+    /// This node's `spec.podCIDR`.
+    pub pod_cidr: Ipv4Cidr,
+    /// The whole cluster's pod network (flannel's `Network`).
+    pub cluster_cidr: Ipv4Cidr,
+    /// VXLAN network identifier (flannel default 1).
+    pub vni: u32,
+    /// VXLAN UDP destination port (flannel default 8472).
+    pub vxlan_port: u16,
+    /// Underlay MTU; inner packets may use `underlay_mtu - 50`.
+    pub underlay_mtu: u16,
+}
+
+impl NodeConfig {
+    /// The pod gateway: the first address of the pod CIDR.
+    pub fn gateway_ip(&self) -> Ipv4Addr {
+        self.pod_cidr.first_host()
+    }
+    /// The largest inner IPv4 packet that fits the underlay after encapsulation.
+    pub fn max_inner_ip_len(&self) -> usize {
+        usize::from(self.underlay_mtu).saturating_sub(crate::wire::vxlan::MTU_OVERHEAD)
+    }
+}
+
+/// What a port is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortKind {
+    /// The node NIC: VXLAN in and out.
+    Uplink,
+    /// The veth into the node's own stack.
+    Host,
+    /// The host end of a pod's veth, with the pod's addresses.
+    Pod { ip: Ipv4Addr, mac: MacAddr },
+}
+
+/// A port as the packet path sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortEntry {
+    pub kind: PortKind,
+    /// vxnat's own MAC on this link (the host end of the veth): the gateway MAC pods resolve.
+    pub mac: MacAddr,
+}
+
+/// The node stack's end of the host port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostPort {
+    pub port: PortId,
+    /// MAC of the interface inside the node stack: destination of frames we deliver there.
+    pub stack_mac: MacAddr,
+}
+
+/// Another node of the cluster, reachable over VXLAN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteNode {
+    pub name: String,
+    /// Its underlay address (VXLAN destination; the source we accept VXLAN from).
+    pub node_ip: Ipv4Addr,
+    /// Its VtepMAC from flannel's backend-data annotation.
+    pub vtep_mac: MacAddr,
+    pub pod_cidr: Ipv4Cidr,
+    /// Resolved underlay next hop (the node itself on a shared link, else a router). Zero
+    /// until resolved.
+    pub next_hop_mac: MacAddr,
+    /// Pre-built outer headers for this node.
+    pub(crate) template: OuterTemplate,
+}
+
+/// A pod attached to a port of this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalPod {
+    pub port: PortId,
+    pub ip: Ipv4Addr,
+    pub mac: MacAddr,
+}
+
+/// Longest-prefix match over the remote nodes' pod CIDRs: one hash probe per distinct prefix
+/// length present (in practice one: every node gets the same subnet size).
+#[derive(Debug, Clone, Default)]
+struct PrefixTable {
+    /// Distinct prefix lengths, longest first.
+    lens: Vec<u8>,
+    map: AHashMap<u64, u32>,
+}
+
+impl PrefixTable {
+    fn key(len: u8, addr: u32) -> u64 {
+        let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+        (u64::from(len) << 32) | u64::from(addr & mask)
+    }
+    fn insert(&mut self, cidr: Ipv4Cidr, value: u32) -> Option<u32> {
+        let len = cidr.prefix_len();
+        if !self.lens.contains(&len) {
+            self.lens.push(len);
+            self.lens.sort_unstable_by(|a, b| b.cmp(a));
+        }
+        self.map.insert(Self::key(len, u32::from(cidr.address())), value)
+    }
+    #[inline]
+    fn lookup(&self, addr: Ipv4Addr) -> Option<u32> {
+        let a = u32::from(addr);
+        self.lens.iter().find_map(|&len| self.map.get(&Self::key(len, a)).copied())
+    }
+}
+
+/// One immutable snapshot of everything the packet path consults.
+#[derive(Debug, Clone)]
+pub struct Tables {
+    pub node: NodeConfig,
+    ports: Vec<Option<PortEntry>>,
+    uplink: PortId,
+    host: Option<HostPort>,
+    pods: AHashMap<u32, LocalPod>,
+    remotes: Vec<RemoteNode>,
+    vteps: AHashMap<u32, u32>,
+    routes: PrefixTable,
+    /// Other addresses of this node delivered to the host port (beyond `node_ip`).
+    host_addrs: Vec<Ipv4Addr>,
+    /// Bumped by the control plane on every publish.
+    pub generation: u64,
+}
+
+/// Where the routing stage sends an IPv4 destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    LocalPod(LocalPod),
+    /// This node's own stack (node addresses, the pod gateway).
+    Host,
+    /// A pod CIDR of another node: index into `remotes`.
+    Remote(u32),
+    /// In this node's pod CIDR, but nothing attached there.
+    NoSuchPod,
+    /// In the cluster CIDR, but no node owns it.
+    NoNode,
+    /// Outside the cluster network.
+    External,
+}
+
+impl Tables {
+    #[inline]
+    pub fn port(&self, id: PortId) -> Option<&PortEntry> {
+        self.ports.get(usize::from(id.0)).and_then(Option::as_ref)
+    }
+    pub fn ports(&self) -> impl Iterator<Item = (PortId, &PortEntry)> {
+        self.ports.iter().enumerate().filter_map(|(i, p)| p.as_ref().map(|p| (PortId(i as u16), p)))
+    }
+    pub fn port_count(&self) -> usize {
+        self.ports.len()
+    }
+    pub fn uplink(&self) -> PortId {
+        self.uplink
+    }
+    pub fn host(&self) -> Option<&HostPort> {
+        self.host.as_ref()
+    }
+    #[inline]
+    pub fn remote(&self, idx: u32) -> Option<&RemoteNode> {
+        self.remotes.get(idx as usize)
+    }
+    pub fn remotes(&self) -> &[RemoteNode] {
+        &self.remotes
+    }
+    pub fn pods(&self) -> impl Iterator<Item = &LocalPod> {
+        self.pods.values()
+    }
+    /// The remote node whose underlay address is `ip` (a known VTEP).
+    #[inline]
+    pub fn vtep(&self, ip: Ipv4Addr) -> Option<u32> {
+        self.vteps.get(&u32::from(ip)).copied()
+    }
+    #[inline]
+    pub fn is_local_addr(&self, ip: Ipv4Addr) -> bool {
+        ip == self.node.node_ip || self.host_addrs.contains(&ip)
+    }
+
+    /// Routes an IPv4 destination.
+    #[inline]
+    pub fn route(&self, dst: Ipv4Addr) -> Route {
+        if self.node.pod_cidr.contains(dst) {
+            if dst == self.node.gateway_ip() {
+                return Route::Host;
+            }
+            return match self.pods.get(&u32::from(dst)) {
+                Some(p) => Route::LocalPod(*p),
+                None => Route::NoSuchPod,
+            };
+        }
+        if let Some(idx) = self.routes.lookup(dst) {
+            return Route::Remote(idx);
+        }
+        if self.is_local_addr(dst) {
+            return Route::Host;
+        }
+        if self.node.cluster_cidr.contains(dst) {
+            Route::NoNode
+        } else {
+            Route::External
+        }
+    }
+}
+
+/// A configuration error, naming the field at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TablesError {
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for TablesError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+impl std::error::Error for TablesError {}
+
+fn err<T>(field: impl Into<String>, message: impl Into<String>) -> Result<T, TablesError> {
+    Err(TablesError { field: field.into(), message: message.into() })
+}
+
+/// Assembles and validates a [`Tables`] snapshot.
+#[derive(Debug, Clone)]
+pub struct TablesBuilder {
+    node: NodeConfig,
+    ports: Vec<Option<PortEntry>>,
+    uplink: Option<PortId>,
+    host: Option<HostPort>,
+    pods: Vec<LocalPod>,
+    remotes: Vec<RemoteNode>,
+    host_addrs: Vec<Ipv4Addr>,
+    generation: u64,
+}
+
+impl TablesBuilder {
+    pub fn new(node: NodeConfig) -> Self {
+        TablesBuilder {
+            node,
+            ports: Vec::new(),
+            uplink: None,
+            host: None,
+            pods: Vec::new(),
+            remotes: Vec::new(),
+            host_addrs: Vec::new(),
+            generation: 0,
+        }
+    }
+
+    fn set_port(&mut self, id: PortId, entry: PortEntry) -> Result<(), TablesError> {
+        let i = usize::from(id.0);
+        if self.ports.len() <= i {
+            self.ports.resize(i + 1, None);
+        }
+        if self.ports[i].is_some() {
+            return err(format!("ports[{}]", id.0), "port id used twice");
+        }
+        if !entry.mac.is_unicast() {
+            return err(format!("ports[{}].mac", id.0), format!("{} is not a unicast MAC", entry.mac));
+        }
+        self.ports[i] = Some(entry);
+        Ok(())
+    }
+
+    pub fn uplink(mut self, id: PortId) -> Result<Self, TablesError> {
+        let mac = self.node.uplink_mac;
+        self.set_port(id, PortEntry { kind: PortKind::Uplink, mac })?;
+        self.uplink = Some(id);
+        Ok(self)
+    }
+
+    /// The host port: `mac` is vxnat's end, `stack_mac` the node stack's end.
+    pub fn host(mut self, id: PortId, mac: MacAddr, stack_mac: MacAddr) -> Result<Self, TablesError> {
+        if !stack_mac.is_unicast() {
+            return err("host.stack_mac", format!("{stack_mac} is not a unicast MAC"));
+        }
+        self.set_port(id, PortEntry { kind: PortKind::Host, mac })?;
+        self.host = Some(HostPort { port: id, stack_mac });
+        Ok(self)
+    }
+
+    /// Another address of this node that the host port receives.
+    pub fn host_addr(mut self, ip: Ipv4Addr) -> Self {
+        self.host_addrs.push(ip);
+        self
+    }
+
+    /// A pod on `id`: `port_mac` is vxnat's end of its veth, `ip`/`mac` the pod's.
+    pub fn pod(mut self, id: PortId, port_mac: MacAddr, ip: Ipv4Addr, mac: MacAddr) -> Result<Self, TablesError> {
+        let f = format!("pods[{ip}]");
+        if !self.node.pod_cidr.contains(ip) {
+            return err(format!("{f}.ip"), format!("{ip} is outside this node's podCIDR {}", self.node.pod_cidr));
+        }
+        if ip == self.node.gateway_ip() || ip == self.node.pod_cidr.network().address() || ip == self.node.pod_cidr.broadcast() {
+            return err(format!("{f}.ip"), format!("{ip} is the network, gateway or broadcast address"));
+        }
+        if !mac.is_unicast() {
+            return err(format!("{f}.mac"), format!("{mac} is not a unicast MAC"));
+        }
+        if self.pods.iter().any(|p| p.ip == ip) {
+            return err(format!("{f}.ip"), "address attached twice");
+        }
+        self.set_port(id, PortEntry { kind: PortKind::Pod { ip, mac }, mac: port_mac })?;
+        self.pods.push(LocalPod { port: id, ip, mac });
+        Ok(self)
+    }
+
+    /// Another node. `next_hop_mac` may be zero while unresolved (its traffic is then a
+    /// counted drop).
+    pub fn remote(
+        mut self,
+        name: &str,
+        node_ip: Ipv4Addr,
+        vtep_mac: MacAddr,
+        pod_cidr: Ipv4Cidr,
+        next_hop_mac: MacAddr,
+    ) -> Result<Self, TablesError> {
+        let f = format!("nodes[{name}]");
+        if node_ip == self.node.node_ip {
+            return err(format!("{f}.node_ip"), format!("{node_ip} is this node's own address"));
+        }
+        if !vtep_mac.is_unicast() {
+            return err(format!("{f}.vtep_mac"), format!("{vtep_mac} is not a unicast MAC"));
+        }
+        let pod_cidr = pod_cidr.network();
+        let overlaps = |a: Ipv4Cidr, b: Ipv4Cidr| a.contains(b.address()) || b.contains(a.address());
+        if overlaps(pod_cidr, self.node.pod_cidr) {
+            return err(format!("{f}.pod_cidr"), format!("{pod_cidr} overlaps this node's podCIDR {}", self.node.pod_cidr));
+        }
+        if let Some(o) = self.remotes.iter().find(|r| overlaps(r.pod_cidr, pod_cidr)) {
+            return err(format!("{f}.pod_cidr"), format!("{pod_cidr} overlaps node {}'s {}", o.name, o.pod_cidr));
+        }
+        if let Some(o) = self.remotes.iter().find(|r| r.node_ip == node_ip) {
+            return err(format!("{f}.node_ip"), format!("{node_ip} is also node {}'s address", o.name));
+        }
+        let template = OuterTemplate::new(&self.node, node_ip, next_hop_mac);
+        self.remotes.push(RemoteNode { name: name.to_string(), node_ip, vtep_mac, pod_cidr, next_hop_mac, template });
+        Ok(self)
+    }
+
+    pub fn generation(mut self, g: u64) -> Self {
+        self.generation = g;
+        self
+    }
+
+    pub fn build(self) -> Result<Tables, TablesError> {
+        let n = &self.node;
+        if !n.cluster_cidr.contains(n.pod_cidr.address()) {
+            return err("node.pod_cidr", format!("{} is outside the cluster CIDR {}", n.pod_cidr, n.cluster_cidr));
+        }
+        if n.pod_cidr.prefix_len() > 30 {
+            return err("node.pod_cidr", format!("{} leaves no room for pods", n.pod_cidr));
+        }
+        if n.vni > 0x00ff_ffff {
+            return err("vxlan.vni", format!("{} does not fit 24 bits", n.vni));
+        }
+        if n.vxlan_port == 0 {
+            return err("vxlan.port", "must not be 0");
+        }
+        if usize::from(n.underlay_mtu) < 68 + crate::wire::vxlan::MTU_OVERHEAD {
+            return err("underlay_mtu", format!("{} is too small for VXLAN", n.underlay_mtu));
+        }
+        if !n.vtep_mac.is_unicast() {
+            return err("node.vtep_mac", format!("{} is not a unicast MAC", n.vtep_mac));
+        }
+        let uplink = match self.uplink {
+            Some(u) => u,
+            None => return err("uplink", "no uplink port"),
+        };
+        let mut pods = AHashMap::with_capacity(self.pods.len());
+        for p in &self.pods {
+            pods.insert(u32::from(p.ip), *p);
+        }
+        let mut vteps = AHashMap::with_capacity(self.remotes.len());
+        let mut routes = PrefixTable::default();
+        for (i, r) in self.remotes.iter().enumerate() {
+            vteps.insert(u32::from(r.node_ip), i as u32);
+            routes.insert(r.pod_cidr, i as u32);
+        }
+        Ok(Tables {
+            node: self.node,
+            ports: self.ports,
+            uplink,
+            host: self.host,
+            pods,
+            remotes: self.remotes,
+            vteps,
+            routes,
+            host_addrs: self.host_addrs,
+            generation: self.generation,
+        })
+    }
+}
