@@ -106,7 +106,7 @@ pub struct LocalPod {
 }
 
 /// Longest-prefix match over the remote nodes' pod CIDRs: one hash probe per distinct prefix
-/// length present (in practice one: every node gets the same subnet size).
+/// length present. The fallback when [`DirectIndex`] does not apply.
 #[derive(Debug, Clone, Default)]
 struct PrefixTable {
     /// Distinct prefix lengths, longest first.
@@ -134,6 +134,79 @@ impl PrefixTable {
     }
 }
 
+/// Largest direct-indexed table (entries); beyond it lookups fall back to hashing.
+const DIRECT_MAX_BITS: u8 = 16;
+
+/// A direct-indexed map from the addresses of one prefix to `u32` values, by slicing the
+/// address bits under the prefix: `slot = (addr & !mask) >> shift`. Flannel gives every node a
+/// same-sized subnet of one Network, so remote pod CIDRs index a table of 2^(L-C) slots (256
+/// for a /16 split in /24s), and a node's pods a table of 2^(32-L) slots.
+#[derive(Debug, Clone)]
+struct DirectIndex {
+    net: u32,
+    mask: u32,
+    shift: u32,
+    /// Value + 1; 0 means empty.
+    slots: Vec<u32>,
+}
+
+impl DirectIndex {
+    /// For keys inside `outer`, at granularity `/key_len`. `None` if the table would be too big.
+    fn new(outer: Ipv4Cidr, key_len: u8) -> Option<DirectIndex> {
+        let bits = key_len.checked_sub(outer.prefix_len())?;
+        if bits > DIRECT_MAX_BITS {
+            return None;
+        }
+        Some(DirectIndex {
+            net: u32::from(outer.network().address()),
+            mask: outer.netmask_u32(),
+            shift: 32 - u32::from(key_len),
+            slots: vec![0; 1usize << bits],
+        })
+    }
+    #[inline]
+    fn slot(&self, addr: u32) -> Option<usize> {
+        if addr & self.mask != self.net {
+            return None;
+        }
+        // shift may be 32 only when key_len is 0, which implies bits == 0: one slot.
+        Some(((addr & !self.mask).checked_shr(self.shift).unwrap_or(0)) as usize)
+    }
+    fn insert(&mut self, addr: u32, value: u32) {
+        if let Some(i) = self.slot(addr) {
+            if let Some(s) = self.slots.get_mut(i) {
+                *s = value + 1;
+            }
+        }
+    }
+    #[inline]
+    fn get(&self, addr: u32) -> Option<u32> {
+        let i = self.slot(addr)?;
+        match self.slots.get(i) {
+            Some(&v) if v != 0 => Some(v - 1),
+            _ => None,
+        }
+    }
+}
+
+/// Remote pod CIDR lookup: direct-indexed when all remote pod CIDRs have one length inside the
+/// cluster CIDR (the flannel layout), longest-prefix hashing otherwise.
+#[derive(Debug, Clone)]
+enum RemoteIndex {
+    Direct(DirectIndex),
+    Hashed(PrefixTable),
+}
+
+impl RemoteIndex {
+    #[inline]
+    fn lookup(&self, addr: Ipv4Addr) -> Option<u32> {
+        match self {
+            RemoteIndex::Direct(d) => d.get(u32::from(addr)),
+            RemoteIndex::Hashed(h) => h.lookup(addr),
+        }
+    }
+}
+
 /// One immutable snapshot of everything the packet path consults.
 #[derive(Debug, Clone)]
 pub struct Tables {
@@ -141,12 +214,18 @@ pub struct Tables {
     ports: Vec<Option<PortEntry>>,
     uplink: PortId,
     host: Option<HostPort>,
-    pods: AHashMap<u32, LocalPod>,
+    pods: Vec<LocalPod>,
+    /// Pod address -> index into `pods`; direct-indexed over the pod CIDR when it is /16 or
+    /// longer, hashed otherwise.
+    pod_direct: Option<DirectIndex>,
+    pod_hashed: AHashMap<u32, u32>,
     remotes: Vec<RemoteNode>,
     vteps: AHashMap<u32, u32>,
-    routes: PrefixTable,
+    routes: RemoteIndex,
     /// Other addresses of this node delivered to the host port (beyond `node_ip`).
     host_addrs: Vec<Ipv4Addr>,
+    /// The pod gateway, cached (it is compared on every packet).
+    gateway: Ipv4Addr,
     /// Bumped by the control plane on every publish.
     pub generation: u64,
 }
@@ -192,12 +271,26 @@ impl Tables {
         &self.remotes
     }
     pub fn pods(&self) -> impl Iterator<Item = &LocalPod> {
-        self.pods.values()
+        self.pods.iter()
+    }
+    #[inline]
+    fn pod_by_ip(&self, ip: Ipv4Addr) -> Option<&LocalPod> {
+        let a = u32::from(ip);
+        let i = match &self.pod_direct {
+            Some(d) => d.get(a),
+            None => self.pod_hashed.get(&a).copied(),
+        }?;
+        self.pods.get(i as usize)
     }
     /// The remote node whose underlay address is `ip` (a known VTEP).
     #[inline]
     pub fn vtep(&self, ip: Ipv4Addr) -> Option<u32> {
         self.vteps.get(&u32::from(ip)).copied()
+    }
+    /// The pod gateway (first address of the pod CIDR).
+    #[inline]
+    pub fn gateway(&self) -> Ipv4Addr {
+        self.gateway
     }
     #[inline]
     pub fn is_local_addr(&self, ip: Ipv4Addr) -> bool {
@@ -208,24 +301,23 @@ impl Tables {
     #[inline]
     pub fn route(&self, dst: Ipv4Addr) -> Route {
         if self.node.pod_cidr.contains(dst) {
-            if dst == self.node.gateway_ip() {
+            if dst == self.gateway {
                 return Route::Host;
             }
-            return match self.pods.get(&u32::from(dst)) {
+            return match self.pod_by_ip(dst) {
                 Some(p) => Route::LocalPod(*p),
                 None => Route::NoSuchPod,
             };
         }
-        if let Some(idx) = self.routes.lookup(dst) {
-            return Route::Remote(idx);
-        }
         if self.is_local_addr(dst) {
             return Route::Host;
         }
-        if self.node.cluster_cidr.contains(dst) {
-            Route::NoNode
-        } else {
-            Route::External
+        if !self.node.cluster_cidr.contains(dst) {
+            return Route::External;
+        }
+        match self.routes.lookup(dst) {
+            Some(idx) => Route::Remote(idx),
+            None => Route::NoNode,
         }
     }
 }
@@ -352,6 +444,9 @@ impl TablesBuilder {
             return err(format!("{f}.vtep_mac"), format!("{vtep_mac} is not a unicast MAC"));
         }
         let pod_cidr = pod_cidr.network();
+        if !self.node.cluster_cidr.contains(pod_cidr.address()) || pod_cidr.prefix_len() < self.node.cluster_cidr.prefix_len() {
+            return err(format!("{f}.pod_cidr"), format!("{pod_cidr} is not inside the cluster CIDR {}", self.node.cluster_cidr));
+        }
         let overlaps = |a: Ipv4Cidr, b: Ipv4Cidr| a.contains(b.address()) || b.contains(a.address());
         if overlaps(pod_cidr, self.node.pod_cidr) {
             return err(format!("{f}.pod_cidr"), format!("{pod_cidr} overlaps this node's podCIDR {}", self.node.pod_cidr));
@@ -396,26 +491,54 @@ impl TablesBuilder {
             Some(u) => u,
             None => return err("uplink", "no uplink port"),
         };
-        let mut pods = AHashMap::with_capacity(self.pods.len());
-        for p in &self.pods {
-            pods.insert(u32::from(p.ip), *p);
+        let mut pod_direct = DirectIndex::new(n.pod_cidr, 32);
+        let mut pod_hashed = AHashMap::new();
+        for (i, p) in self.pods.iter().enumerate() {
+            match &mut pod_direct {
+                Some(d) => d.insert(u32::from(p.ip), i as u32),
+                None => {
+                    pod_hashed.insert(u32::from(p.ip), i as u32);
+                }
+            }
         }
         let mut vteps = AHashMap::with_capacity(self.remotes.len());
-        let mut routes = PrefixTable::default();
         for (i, r) in self.remotes.iter().enumerate() {
             vteps.insert(u32::from(r.node_ip), i as u32);
-            routes.insert(r.pod_cidr, i as u32);
         }
+        let one_len = self.remotes.first().map(|r| r.pod_cidr.prefix_len());
+        let direct = match one_len {
+            Some(len) if self.remotes.iter().all(|r| r.pod_cidr.prefix_len() == len) => DirectIndex::new(n.cluster_cidr, len),
+            _ => DirectIndex::new(n.cluster_cidr, n.cluster_cidr.prefix_len()),
+        };
+        let routes = match direct {
+            Some(mut d) if self.remotes.iter().all(|r| Some(r.pod_cidr.prefix_len()) == one_len) => {
+                for (i, r) in self.remotes.iter().enumerate() {
+                    d.insert(u32::from(r.pod_cidr.address()), i as u32);
+                }
+                RemoteIndex::Direct(d)
+            }
+            _ => {
+                let mut h = PrefixTable::default();
+                for (i, r) in self.remotes.iter().enumerate() {
+                    h.insert(r.pod_cidr, i as u32);
+                }
+                RemoteIndex::Hashed(h)
+            }
+        };
+        let gateway = n.gateway_ip();
         Ok(Tables {
             node: self.node,
             ports: self.ports,
             uplink,
             host: self.host,
-            pods,
+            pods: self.pods,
+            pod_direct,
+            pod_hashed,
             remotes: self.remotes,
             vteps,
             routes,
             host_addrs: self.host_addrs,
+            gateway,
             generation: self.generation,
         })
     }

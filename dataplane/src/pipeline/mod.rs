@@ -93,11 +93,6 @@ impl WorkerState {
         self.icmp_limit = TokenBucket::new(per_sec, burst);
     }
 
-    #[inline]
-    pub(crate) fn next_ident(&mut self) -> u16 {
-        self.ident = self.ident.wrapping_add(1);
-        self.ident
-    }
 }
 
 /// Runs a batch of frames received on `ingress` through the pipeline, writing one
@@ -116,18 +111,22 @@ pub fn process_batch(
     for f in frames[..n].iter() {
         bytes += f.len() as u64;
     }
-    state.counters.port_mut(ingress).rx(n as u64, bytes);
+    let WorkerState { counters, ident, icmp_limit } = state;
+    // Borrowed once per batch: per-packet counting is a plain add, no lookup.
+    let port = counters.port_mut(ingress);
+    port.rx(n as u64, bytes);
     let Some(entry) = tables.port(ingress).copied() else {
         for o in out[..n].iter_mut() {
             *o = Disposition::Drop(DropReason::PortUnknown);
         }
-        state.counters.port_mut(ingress).drops[DropReason::PortUnknown.index()] += n as u64;
+        port.drops[DropReason::PortUnknown.index()] += n as u64;
         return;
     };
+    let mut ctx = overlay::Ctx { tables, now, ingress, ident, icmp_limit, counters: port };
     for (frame, o) in frames[..n].iter_mut().zip(out[..n].iter_mut()) {
-        let d = overlay::process_one(tables, state, now, ingress, &entry, frame);
+        let d = overlay::process_one(&mut ctx, &entry, frame);
         if let Disposition::Drop(r) = d {
-            state.counters.port_mut(ingress).drops[r.index()] += 1;
+            ctx.counters.drops[r.index()] += 1;
         }
         *o = d;
     }

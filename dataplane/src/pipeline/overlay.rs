@@ -9,12 +9,12 @@
 //! hop here (decremented once) where flannel's bridge switches it.
 
 use super::reply;
-use super::{Disposition, DropReason, FrameBuf, Nanos, WorkerState};
+use super::{Disposition, DropReason, FrameBuf, Nanos, PortCounters, TokenBucket};
 use crate::tables::{LocalPod, PortEntry, PortId, PortKind, Route, Tables};
 use crate::vxlan::{decap, encap};
 use crate::wire::checksum;
-use crate::wire::{ethernet, icmp, tcp, udp};
-use crate::wire::{EtherType, EthernetFrame, Ipv4Packet, MacAddr, TcpPacket, UdpPacket};
+use crate::wire::{ethernet, icmp, ipv4, tcp, udp};
+use crate::wire::{EtherType, EthernetFrame, Ipv4Packet, MacAddr};
 use core::net::Ipv4Addr;
 
 /// Where the packet being routed came from.
@@ -26,17 +26,26 @@ pub(crate) enum Origin {
 }
 
 /// The per-packet context threaded through the stages.
-pub(crate) struct Ctx<'t, 's> {
-    pub(crate) tables: &'t Tables,
-    pub(crate) state: &'s mut WorkerState,
+pub(crate) struct Ctx<'a> {
+    pub(crate) tables: &'a Tables,
     pub(crate) now: Nanos,
     pub(crate) ingress: PortId,
+    /// The worker's outer IPv4 ident sequence.
+    pub(crate) ident: &'a mut u16,
+    pub(crate) icmp_limit: &'a mut TokenBucket,
+    /// The ingress port's counters, borrowed for the whole batch.
+    pub(crate) counters: &'a mut PortCounters,
 }
 
-impl Ctx<'_, '_> {
+impl Ctx<'_> {
     #[inline]
     pub(crate) fn events(&mut self) -> &mut super::EventCounters {
-        &mut self.state.counters.port_mut(self.ingress).events
+        &mut self.counters.events
+    }
+    #[inline]
+    pub(crate) fn next_ident(&mut self) -> u16 {
+        *self.ident = self.ident.wrapping_add(1);
+        *self.ident
     }
 }
 
@@ -74,40 +83,43 @@ impl Ipv4Meta {
     }
 }
 
-pub(crate) fn process_one(
-    tables: &Tables,
-    state: &mut WorkerState,
-    now: Nanos,
-    ingress: PortId,
-    entry: &PortEntry,
-    frame: &mut FrameBuf<'_>,
-) -> Disposition {
-    let mut ctx = Ctx { tables, state, now, ingress };
+#[inline]
+pub(crate) fn process_one(ctx: &mut Ctx<'_>, entry: &PortEntry, frame: &mut FrameBuf<'_>) -> Disposition {
     let r = match entry.kind {
-        PortKind::Pod { ip, mac } => from_local(&mut ctx, entry, frame, Some((ip, mac))),
-        PortKind::Host => from_local(&mut ctx, entry, frame, None),
-        PortKind::Uplink => from_uplink(&mut ctx, frame),
+        PortKind::Pod { ip, mac } => from_local(ctx, entry, frame, Some((ip, mac))),
+        PortKind::Host => from_local(ctx, entry, frame, None),
+        PortKind::Uplink => from_uplink(ctx, frame),
     };
     r.unwrap_or_else(Disposition::Drop)
 }
 
-fn eth_error(e: crate::wire::Error) -> DropReason {
-    match e {
-        crate::wire::Error::Malformed => DropReason::EthTooManyTags,
-        _ => DropReason::EthTruncated,
+#[inline(always)]
+fn mac_at(h: &[u8; ethernet::HEADER_LEN], at: usize) -> MacAddr {
+    MacAddr([h[at], h[at + 1], h[at + 2], h[at + 3], h[at + 4], h[at + 5]])
+}
+
+/// A tagged frame where untagged ones are expected: say whether it is even well formed.
+#[cold]
+fn vlan_error(d: &[u8]) -> DropReason {
+    match EthernetFrame::new_checked(d) {
+        Err(crate::wire::Error::Malformed) => DropReason::EthTooManyTags,
+        Err(_) => DropReason::EthTruncated,
+        Ok(_) => DropReason::VlanTagged,
     }
 }
 
 /// A pod port (`pod` is its IP and MAC) or the host port (`pod` is `None`).
 fn from_local(
-    ctx: &mut Ctx<'_, '_>,
+    ctx: &mut Ctx<'_>,
     entry: &PortEntry,
     frame: &mut FrameBuf<'_>,
     pod: Option<(Ipv4Addr, MacAddr)>,
 ) -> Result<Disposition, DropReason> {
-    let (src_mac, dst_mac, header_len, ethertype) = {
-        let eth = EthernetFrame::new_checked(frame.data()).map_err(eth_error)?;
-        (eth.src_addr(), eth.dst_addr(), eth.header_len(), eth.ethertype())
+    let (dst_mac, src_mac, ethertype) = {
+        let Some(h) = frame.data().first_chunk::<{ ethernet::HEADER_LEN }>() else {
+            return Err(DropReason::EthTruncated);
+        };
+        (mac_at(h, 0), mac_at(h, 6), u16::from_be_bytes([h[12], h[13]]))
     };
     match pod {
         Some((_, mac)) if src_mac != mac => return Err(DropReason::PodSpoofedMac),
@@ -116,14 +128,12 @@ fn from_local(
         }
         _ => {}
     }
-    if header_len != ethernet::HEADER_LEN {
-        return Err(DropReason::VlanTagged);
-    }
-    match ethertype {
+    match EtherType::from(ethertype) {
         EtherType::Ipv4 => {}
         EtherType::Arp => return reply::arp(ctx, entry, frame, dst_mac, pod),
         EtherType::Ipv6 => return Err(DropReason::Ipv6Unsupported),
-        _ => return Err(DropReason::EthertypeUnsupported),
+        EtherType::Vlan | EtherType::QinQ => return Err(vlan_error(frame.data())),
+        EtherType::Unknown(_) => return Err(DropReason::EthertypeUnsupported),
     }
     if dst_mac != entry.mac {
         return Err(if dst_mac.is_multicast() { DropReason::L2Multicast } else { DropReason::DstMacNotOurs });
@@ -140,7 +150,7 @@ fn from_local(
     forward(ctx, frame, &m, if pod.is_some() { Origin::Pod } else { Origin::Host })
 }
 
-fn from_uplink(ctx: &mut Ctx<'_, '_>, frame: &mut FrameBuf<'_>) -> Result<Disposition, DropReason> {
+fn from_uplink(ctx: &mut Ctx<'_>, frame: &mut FrameBuf<'_>) -> Result<Disposition, DropReason> {
     decap::decap(ctx.tables, frame)?;
     ctx.events().decapsulated += 1;
     let m = validate_ipv4(frame)?;
@@ -148,58 +158,78 @@ fn from_uplink(ctx: &mut Ctx<'_, '_>, frame: &mut FrameBuf<'_>) -> Result<Dispos
 }
 
 /// Validates the IPv4 packet at offset 14 and trims Ethernet padding after it.
+///
+/// Reads the fixed 20-byte header through one length check (`first_chunk`), so field reads
+/// carry no further bounds checks; only packets with options take the general checksum loop.
 #[inline]
 pub(crate) fn validate_ipv4(frame: &mut FrameBuf<'_>) -> Result<Ipv4Meta, DropReason> {
     let m = {
         let d = frame.data();
-        let ip = Ipv4Packet::new_checked(&d[ethernet::HEADER_LEN..]).map_err(decap::ipv4_error)?;
-        if ip.version() != 4 {
+        let ip = d.get(ethernet::HEADER_LEN..).unwrap_or_default();
+        let Some(h) = ip.first_chunk::<{ ipv4::HEADER_LEN }>() else {
+            return Err(DropReason::Ipv4Truncated);
+        };
+        let header_len = usize::from(h[0] & 0x0f) * 4;
+        let total_len = usize::from(u16::from_be_bytes([h[2], h[3]]));
+        if h[0] >> 4 != 4 {
             return Err(DropReason::Ipv4BadVersion);
         }
-        if !ip.verify_checksum() {
+        if header_len < ipv4::HEADER_LEN || total_len < header_len {
+            return Err(DropReason::Ipv4BadLength);
+        }
+        if total_len > ip.len() {
+            return Err(DropReason::Ipv4Truncated);
+        }
+        let sum_ok = if header_len == ipv4::HEADER_LEN {
+            checksum::sum_ipv4_header(h) == 0xffff
+        } else {
+            checksum::verify(&ip[..header_len])
+        };
+        if !sum_ok {
             return Err(DropReason::Ipv4BadChecksum);
         }
-        if ip.reserved_flag() {
+        let flags_offset = u16::from_be_bytes([h[6], h[7]]);
+        if flags_offset & 0x8000 != 0 {
             return Err(DropReason::Ipv4ReservedFlag);
         }
-        let src = ip.src_addr();
-        let dst = ip.dst_addr();
-        let s0 = src.octets()[0];
-        if s0 == 0 || s0 == 127 || s0 >= 224 {
+        let src = Ipv4Addr::new(h[12], h[13], h[14], h[15]);
+        let dst = Ipv4Addr::new(h[16], h[17], h[18], h[19]);
+        if h[12] == 0 || h[12] == 127 || h[12] >= 224 {
             return Err(DropReason::Ipv4MartianSource);
         }
-        if dst.octets()[0] >= 224 {
+        if h[16] >= 224 {
             return Err(DropReason::Ipv4DstMulticast);
         }
-        let header_len = ip.header_len();
-        let total_len = usize::from(ip.total_len());
-        let payload = ip.payload();
-        let frag_offset = ip.frag_offset();
+        let payload = &ip[header_len..total_len];
+        let frag_offset = (flags_offset & 0x1fff) << 3;
         if usize::from(frag_offset) + payload.len() > 65535 {
             return Err(DropReason::Ipv4FragmentOverflow);
         }
-        let is_fragment = ip.is_fragment();
-        let proto = ip.raw_protocol();
+        let is_fragment = flags_offset & 0x3fff != 0;
+        let proto = h[9];
         let mut ports = 0u32;
         let mut icmp_error = false;
         if frag_offset == 0 {
             match proto {
-                6 | 17 => {
-                    let min = if proto == 6 { tcp::HEADER_LEN } else { udp::HEADER_LEN };
-                    if payload.len() < min {
+                6 => {
+                    let Some(t) = payload.first_chunk::<{ tcp::HEADER_LEN }>() else {
                         return Err(if is_fragment { DropReason::Ipv4TinyFragment } else { DropReason::L4Truncated });
+                    };
+                    let doff = usize::from(t[12] >> 4) * 4;
+                    if !is_fragment && (doff < tcp::HEADER_LEN || doff > payload.len()) {
+                        return Err(DropReason::L4Truncated);
                     }
-                    if !is_fragment {
-                        let ok = if proto == 6 {
-                            TcpPacket::new_checked(payload).is_ok()
-                        } else {
-                            UdpPacket::new_checked(payload).is_ok()
-                        };
-                        if !ok {
-                            return Err(DropReason::L4Truncated);
-                        }
+                    ports = u32::from_be_bytes([t[0], t[1], t[2], t[3]]);
+                }
+                17 => {
+                    let Some(u) = payload.first_chunk::<{ udp::HEADER_LEN }>() else {
+                        return Err(if is_fragment { DropReason::Ipv4TinyFragment } else { DropReason::L4Truncated });
+                    };
+                    let ulen = usize::from(u16::from_be_bytes([u[4], u[5]]));
+                    if !is_fragment && (ulen < udp::HEADER_LEN || ulen > payload.len()) {
+                        return Err(DropReason::L4Truncated);
                     }
-                    ports = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                    ports = u32::from_be_bytes([u[0], u[1], u[2], u[3]]);
                 }
                 1 => {
                     icmp_error = payload.first().is_some_and(|&t| {
@@ -209,7 +239,7 @@ pub(crate) fn validate_ipv4(frame: &mut FrameBuf<'_>) -> Result<Ipv4Meta, DropRe
                 _ => {}
             }
         }
-        Ipv4Meta { src, dst, proto, header_len, total_len, ttl: ip.ttl(), frag_offset, is_fragment, ports, icmp_error }
+        Ipv4Meta { src, dst, proto, header_len, total_len, ttl: h[8], frag_offset, is_fragment, ports, icmp_error }
     };
     frame.truncate(ethernet::HEADER_LEN + m.total_len);
     Ok(m)
@@ -224,39 +254,48 @@ fn complete_partial_checksum(frame: &mut FrameBuf<'_>, m: &Ipv4Meta) -> bool {
     if m.is_fragment {
         return false;
     }
-    let (field, is_udp) = match m.proto {
-        6 => (tcp::CHECKSUM_OFFSET, false),
-        17 => (udp::CHECKSUM_OFFSET, true),
-        _ => return false,
-    };
     let start = ethernet::HEADER_LEN + m.header_len;
     let end = ethernet::HEADER_LEN + m.total_len;
-    let l4 = &mut frame.data_mut()[start..end];
-    let l4 = if is_udp {
-        // Validated: 8 <= UDP length <= IP payload.
-        let ulen = usize::from(u16::from_be_bytes([l4[4], l4[5]]));
-        &mut l4[..ulen]
-    } else {
-        l4
+    let Some(l4) = frame.data_mut().get_mut(start..end) else {
+        return false;
     };
-    let stored = u16::from_be_bytes([l4[field], l4[field + 1]]);
-    if is_udp && stored == 0 {
+    let (field, l4) = match m.proto {
+        6 => (tcp::CHECKSUM_OFFSET, l4),
+        17 => {
+            // Validated: 8 <= UDP length <= IP payload.
+            let ulen = match l4.first_chunk::<{ udp::HEADER_LEN }>() {
+                Some(u) => usize::from(u16::from_be_bytes([u[4], u[5]])),
+                None => return false,
+            };
+            match l4.get_mut(..ulen) {
+                Some(l) => (udp::CHECKSUM_OFFSET, l),
+                None => return false,
+            }
+        }
+        _ => return false,
+    };
+    let Some(f) = l4.get(field..field + 2) else {
+        return false;
+    };
+    let stored = u16::from_be_bytes([f[0], f[1]]);
+    if m.proto == 17 && stored == 0 {
         return false;
     }
     let pseudo = checksum::pseudo_header_sum(m.src, m.dst, m.proto, l4.len() as u16);
-    // Cheap test first: only a field holding exactly the pseudo-header sum can be partial.
-    if stored != pseudo && !(stored == 0xffff && pseudo == 0) && !(stored == 0 && pseudo == 0xffff) {
+    // Cheap test first: only a field holding exactly the pseudo-header sum can be partial
+    // (0x0000 and 0xffff are the same number in one's complement).
+    if stored != pseudo && stored.wrapping_add(1) | pseudo.wrapping_add(1) > 1 {
         return false;
     }
     match checksum::classify_l4(m.src, m.dst, m.proto, l4, field) {
-        checksum::L4ChecksumState::Partial => checksum::complete_partial(l4, field, is_udp),
+        checksum::L4ChecksumState::Partial => checksum::complete_partial(l4, field, m.proto == 17),
         _ => false,
     }
 }
 
 /// Routes a validated packet and hands it to its egress.
 fn forward(
-    ctx: &mut Ctx<'_, '_>,
+    ctx: &mut Ctx<'_>,
     frame: &mut FrameBuf<'_>,
     m: &Ipv4Meta,
     origin: Origin,
@@ -286,7 +325,7 @@ fn forward(
 /// Sends a routed frame (starting with a 14-byte Ethernet header) out of its egress.
 #[inline]
 pub(crate) fn egress(
-    ctx: &mut Ctx<'_, '_>,
+    ctx: &mut Ctx<'_>,
     frame: &mut FrameBuf<'_>,
     route: Route,
     flow_hash: u32,
@@ -296,7 +335,7 @@ pub(crate) fn egress(
         Route::Host => deliver_host(ctx.tables, frame),
         Route::Remote(idx) => {
             let remote = ctx.tables.remote(idx).ok_or(DropReason::NoRouteToNode)?;
-            let ident = ctx.state.next_ident();
+            let ident = ctx.next_ident();
             encap::encap(frame, &ctx.tables.node, remote, ident, flow_hash)?;
             ctx.events().encapsulated += 1;
             Ok(Disposition::Forward(ctx.tables.uplink()))
@@ -308,9 +347,10 @@ pub(crate) fn egress(
 
 #[inline]
 fn set_macs(frame: &mut FrameBuf<'_>, dst: MacAddr, src: MacAddr) {
-    let d = frame.data_mut();
-    d[0..6].copy_from_slice(&dst.0);
-    d[6..12].copy_from_slice(&src.0);
+    if let Some(h) = frame.data_mut().first_chunk_mut::<12>() {
+        h[..6].copy_from_slice(&dst.0);
+        h[6..].copy_from_slice(&src.0);
+    }
 }
 
 fn deliver_pod(tables: &Tables, frame: &mut FrameBuf<'_>, p: &LocalPod) -> Result<Disposition, DropReason> {

@@ -11,7 +11,7 @@ use core::net::Ipv4Addr;
 /// ingress port. `pod` is the attached pod's (IP, MAC): its ARP must come from them (or from
 /// 0.0.0.0 for an RFC 5227 probe).
 pub(crate) fn arp(
-    ctx: &mut Ctx<'_, '_>,
+    ctx: &mut Ctx<'_>,
     entry: &PortEntry,
     frame: &mut FrameBuf<'_>,
     dst_mac: MacAddr,
@@ -32,7 +32,7 @@ pub(crate) fn arp(
     if req.operation != ArpOperation::Request {
         return Err(DropReason::ArpReplyIgnored);
     }
-    let gateway = ctx.tables.node.gateway_ip();
+    let gateway = ctx.tables.gateway();
     if req.target_protocol_addr != gateway {
         return Err(DropReason::ArpNotForGateway);
     }
@@ -56,14 +56,14 @@ pub(crate) fn arp(
 /// source (RFC 792, RFC 1812 §4.3.2.7: never about an ICMP error, a non-initial fragment;
 /// rate-limited), and routes it.
 pub(crate) fn time_exceeded(
-    ctx: &mut Ctx<'_, '_>,
+    ctx: &mut Ctx<'_>,
     frame: &mut FrameBuf<'_>,
     m: &Ipv4Meta,
 ) -> Result<Disposition, DropReason> {
     if m.frag_offset != 0 || m.icmp_error {
         return Err(DropReason::TtlExpired);
     }
-    if !ctx.state.icmp_limit.take(ctx.now) {
+    if !ctx.icmp_limit.take(ctx.now) {
         return Err(DropReason::IcmpRateLimited);
     }
     let quoted = (m.header_len + icmp::QUOTED_L4_LEN).min(m.total_len);
@@ -75,8 +75,8 @@ pub(crate) fn time_exceeded(
     if !frame.set_len(icmp_start + icmp_len) {
         return Err(DropReason::NoHeadroom);
     }
-    let gateway = ctx.tables.node.gateway_ip();
-    let ident = ctx.state.next_ident();
+    let gateway = ctx.tables.gateway();
+    let ident = ctx.next_ident();
     let d = frame.data_mut();
     d[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
     Ipv4Repr {

@@ -6,82 +6,105 @@
 
 use crate::pipeline::{DropReason, FrameBuf};
 use crate::tables::Tables;
-use crate::wire::{ethernet, udp, vxlan};
-use crate::wire::{EtherType, EthernetFrame, IpProtocol, Ipv4Packet, UdpPacket, VxlanPacket};
-
-/// Maps an IPv4 view error to its drop reason.
-pub(crate) fn ipv4_error(e: crate::wire::Error) -> DropReason {
-    match e {
-        crate::wire::Error::BadLength => DropReason::Ipv4BadLength,
-        _ => DropReason::Ipv4Truncated,
-    }
-}
+use crate::wire::{checksum, ethernet, ipv4, udp, vxlan};
+use crate::wire::{EtherType, EthernetFrame};
+use core::net::Ipv4Addr;
 
 /// Validates the outer headers and strips them; returns the index of the sending node.
+///
+/// Reads each header through one fixed-size view (`first_chunk`) so field reads carry no
+/// further bounds checks; the order of checks decides which reason a frame broken in several
+/// ways gets, and matches the module doc.
 #[inline]
 pub fn decap(tables: &Tables, frame: &mut FrameBuf<'_>) -> Result<u32, DropReason> {
     let node = &tables.node;
     let (inner_start, inner_end, vtep) = {
         let d = frame.data();
-        let eth = EthernetFrame::new_checked(d).map_err(|e| match e {
-            crate::wire::Error::Malformed => DropReason::EthTooManyTags,
-            _ => DropReason::EthTruncated,
-        })?;
-        if eth.header_len() != ethernet::HEADER_LEN {
-            return Err(DropReason::VlanTagged);
-        }
-        match eth.ethertype() {
+        let Some(e) = d.first_chunk::<{ ethernet::HEADER_LEN }>() else {
+            return Err(DropReason::EthTruncated);
+        };
+        match EtherType::from(u16::from_be_bytes([e[12], e[13]])) {
             EtherType::Ipv4 => {}
             EtherType::Arp => return Err(DropReason::ArpOnUplink),
             EtherType::Ipv6 => return Err(DropReason::Ipv6Unsupported),
-            _ => return Err(DropReason::EthertypeUnsupported),
+            EtherType::Vlan | EtherType::QinQ => {
+                return Err(match EthernetFrame::new_checked(d) {
+                    Err(crate::wire::Error::Malformed) => DropReason::EthTooManyTags,
+                    Err(_) => DropReason::EthTruncated,
+                    Ok(_) => DropReason::VlanTagged,
+                })
+            }
+            EtherType::Unknown(_) => return Err(DropReason::EthertypeUnsupported),
         }
-        let dst_mac = eth.dst_addr();
-        if dst_mac != node.uplink_mac {
-            return Err(if dst_mac.is_multicast() { DropReason::L2Multicast } else { DropReason::DstMacNotOurs });
+        if e[0..6] != node.uplink_mac.0 {
+            return Err(if e[0] & 1 == 1 { DropReason::L2Multicast } else { DropReason::DstMacNotOurs });
         }
-        let ip = Ipv4Packet::new_checked(&d[ethernet::HEADER_LEN..]).map_err(ipv4_error)?;
-        if ip.version() != 4 {
+        let ip = &d[ethernet::HEADER_LEN..];
+        let Some(h) = ip.first_chunk::<{ ipv4::HEADER_LEN }>() else {
+            return Err(DropReason::Ipv4Truncated);
+        };
+        let ihl = usize::from(h[0] & 0x0f) * 4;
+        let total = usize::from(u16::from_be_bytes([h[2], h[3]]));
+        if h[0] >> 4 != 4 {
             return Err(DropReason::Ipv4BadVersion);
         }
-        if !ip.verify_checksum() {
+        if ihl < ipv4::HEADER_LEN || total < ihl {
+            return Err(DropReason::Ipv4BadLength);
+        }
+        if total > ip.len() {
+            return Err(DropReason::Ipv4Truncated);
+        }
+        let sum_ok = if ihl == ipv4::HEADER_LEN { checksum::sum_ipv4_header(h) == 0xffff } else { checksum::verify(&ip[..ihl]) };
+        if !sum_ok {
             return Err(DropReason::Ipv4BadChecksum);
         }
-        if ip.dst_addr() != node.node_ip {
+        if h[16..20] != node.node_ip.octets() {
             return Err(DropReason::UplinkNotForNode);
         }
-        if ip.is_fragment() {
+        if u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0 {
             return Err(DropReason::VxlanOuterFragment);
         }
-        if ip.protocol() != IpProtocol::Udp {
+        if h[9] != 17 {
             return Err(DropReason::UplinkNotVxlan);
         }
-        let u = UdpPacket::new_checked(ip.payload()).map_err(|_| DropReason::L4Truncated)?;
-        if u.dst_port() != node.vxlan_port {
+        let datagram = &ip[ihl..total];
+        let Some(u) = datagram.first_chunk::<{ udp::HEADER_LEN }>() else {
+            return Err(DropReason::L4Truncated);
+        };
+        let ulen = usize::from(u16::from_be_bytes([u[4], u[5]]));
+        if ulen < udp::HEADER_LEN || ulen > datagram.len() {
+            return Err(DropReason::L4Truncated);
+        }
+        if u16::from_be_bytes([u[2], u[3]]) != node.vxlan_port {
             return Err(DropReason::UplinkNotVxlan);
         }
-        let vtep = tables.vtep(ip.src_addr()).ok_or(DropReason::VxlanUnknownVtep)?;
-        if !u.verify_checksum(ip.src_addr(), ip.dst_addr()) {
+        let src = Ipv4Addr::new(h[12], h[13], h[14], h[15]);
+        let vtep = tables.vtep(src).ok_or(DropReason::VxlanUnknownVtep)?;
+        let datagram = &datagram[..ulen];
+        if u[6..8] != [0, 0] && !checksum::verify_l4(src, node.node_ip, 17, datagram) {
             return Err(DropReason::VxlanBadOuterChecksum);
         }
-        let vx = VxlanPacket::new_checked(u.payload()).map_err(|_| DropReason::VxlanTruncated)?;
-        if !vx.has_vni_flag() || !vx.reserved_clear() {
+        let Some(vx) = datagram[udp::HEADER_LEN..].first_chunk::<{ vxlan::HEADER_LEN }>() else {
+            return Err(DropReason::VxlanTruncated);
+        };
+        if vx[0] != vxlan::FLAG_I || vx[1..4] != [0, 0, 0] || vx[7] != 0 {
             return Err(DropReason::VxlanBadFlags);
         }
-        if vx.vni() != node.vni {
+        if u32::from_be_bytes([0, vx[4], vx[5], vx[6]]) != node.vni {
             return Err(DropReason::VxlanWrongVni);
         }
-        let udp_start = ethernet::HEADER_LEN + ip.header_len();
-        (udp_start + udp::HEADER_LEN + vxlan::HEADER_LEN, udp_start + usize::from(u.len()), vtep)
+        let udp_start = ethernet::HEADER_LEN + ihl;
+        (udp_start + udp::HEADER_LEN + vxlan::HEADER_LEN, udp_start + ulen, vtep)
     };
     frame.truncate(inner_end);
     frame.pull_front(inner_start);
-    let d = frame.data();
-    let inner = EthernetFrame::new_checked(d).map_err(|_| DropReason::VxlanTruncated)?;
-    if inner.header_len() != ethernet::HEADER_LEN || inner.ethertype() != EtherType::Ipv4 {
+    let Some(inner) = frame.data().first_chunk::<{ ethernet::HEADER_LEN }>() else {
+        return Err(DropReason::VxlanTruncated);
+    };
+    if inner[12..14] != [0x08, 0x00] {
         return Err(DropReason::VxlanInnerNotIpv4);
     }
-    if inner.dst_addr() != node.vtep_mac {
+    if inner[0..6] != node.vtep_mac.0 {
         return Err(DropReason::VxlanInnerDstMac);
     }
     Ok(vtep)

@@ -86,17 +86,18 @@ pub fn encap(
     if remote.next_hop_mac == MacAddr::ZERO {
         return Err(DropReason::UnderlayNoNextHop);
     }
-    {
-        let d = frame.data_mut();
-        d[0..6].copy_from_slice(&remote.vtep_mac.0);
-        d[6..12].copy_from_slice(&node.vtep_mac.0);
+    if let Some(h) = frame.data_mut().first_chunk_mut::<12>() {
+        h[..6].copy_from_slice(&remote.vtep_mac.0);
+        h[6..].copy_from_slice(&node.vtep_mac.0);
     }
     if !frame.push_front(ENCAP_OVERHEAD) {
         return Err(DropReason::NoHeadroom);
     }
     let t = &remote.template;
-    let d = frame.data_mut();
-    d[..ENCAP_OVERHEAD].copy_from_slice(&t.bytes);
+    let Some(d) = frame.data_mut().first_chunk_mut::<ENCAP_OVERHEAD>() else {
+        return Err(DropReason::NoHeadroom);
+    };
+    *d = t.bytes;
     // Lengths fit u16: inner_len is bounded by the underlay MTU checked above.
     let ip_total = (ENCAP_OVERHEAD - OFF_IP + inner_len) as u16;
     let udp_len = (ENCAP_OVERHEAD - OFF_UDP + inner_len) as u16;

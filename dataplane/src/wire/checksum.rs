@@ -73,6 +73,13 @@ pub fn sum(data: &[u8]) -> u16 {
     u16::from_be(fold64(accumulate(data)))
 }
 
+/// The sum of an option-less IPv4 header: five 32-bit loads, no loop (the hot-path case).
+#[inline]
+pub fn sum_ipv4_header(h: &[u8; 20]) -> u16 {
+    let w = |i: usize| u64::from(u32::from_be_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]));
+    fold64(w(0) + w(4) + w(8) + w(12) + w(16))
+}
+
 /// One's-complement addition of two folded sums.
 #[inline]
 pub fn add(a: u16, b: u16) -> u16 {

@@ -236,16 +236,16 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Packet<T> {
         let c = checksum::checksum(&self.buffer.as_ref()[..hl]);
         self.set_header_checksum(c);
     }
-    /// Decrements TTL by one, updating the checksum incrementally (RFC 1624). Returns the new
-    /// TTL. The caller has checked that TTL is above 1.
+    /// Decrements TTL by one, updating the checksum incrementally (RFC 1624; the same
+    /// arithmetic as Linux `ip_decrease_ttl`: TTL is the high byte of its 16-bit word, so the
+    /// checksum grows by 0x0100 with end-around carry). Returns the new TTL. The caller has
+    /// checked that TTL is above 1.
     pub fn decrement_ttl(&mut self) -> u8 {
-        let b = self.buffer.as_ref();
-        let old = u16::from_be_bytes([b[field::TTL], b[field::PROTOCOL]]);
-        let ttl = b[field::TTL].wrapping_sub(1);
-        let new = u16::from_be_bytes([ttl, b[field::PROTOCOL]]);
-        let c = checksum::update16(self.header_checksum(), old, new);
+        let check = u32::from(self.header_checksum()) + 0x0100;
+        let check = (check + u32::from(check >= 0xffff)) as u16;
+        let ttl = self.ttl().wrapping_sub(1);
         self.set_ttl(ttl);
-        self.set_header_checksum(c);
+        self.set_header_checksum(check);
         ttl
     }
     pub fn payload_mut(&mut self) -> &mut [u8] {
@@ -320,6 +320,8 @@ impl Ipv4Repr {
 pub struct Ipv4Cidr {
     addr: Ipv4Addr,
     prefix_len: u8,
+    /// Derived from `prefix_len` once; `contains` is on the packet path.
+    mask: u32,
 }
 
 impl Ipv4Cidr {
@@ -329,7 +331,8 @@ impl Ipv4Cidr {
         if prefix_len > 32 {
             None
         } else {
-            Some(Ipv4Cidr { addr, prefix_len })
+            let mask = if prefix_len == 0 { 0 } else { u32::MAX << (32 - prefix_len) };
+            Some(Ipv4Cidr { addr, prefix_len, mask })
         }
     }
     pub const fn address(&self) -> Ipv4Addr {
@@ -338,19 +341,16 @@ impl Ipv4Cidr {
     pub const fn prefix_len(&self) -> u8 {
         self.prefix_len
     }
+    #[inline]
     pub const fn netmask_u32(&self) -> u32 {
-        if self.prefix_len == 0 {
-            0
-        } else {
-            u32::MAX << (32 - self.prefix_len)
-        }
+        self.mask
     }
     pub fn network(&self) -> Ipv4Cidr {
-        Ipv4Cidr { addr: Ipv4Addr::from(u32::from(self.addr) & self.netmask_u32()), prefix_len: self.prefix_len }
+        Ipv4Cidr { addr: Ipv4Addr::from(u32::from(self.addr) & self.mask), ..*self }
     }
+    #[inline]
     pub fn contains(&self, a: Ipv4Addr) -> bool {
-        let m = self.netmask_u32();
-        u32::from(a) & m == u32::from(self.addr) & m
+        (u32::from(a) ^ u32::from(self.addr)) & self.mask == 0
     }
     /// The first host address (network + 1): where flannel puts the pod gateway.
     pub fn first_host(&self) -> Ipv4Addr {
