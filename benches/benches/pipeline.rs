@@ -9,11 +9,14 @@ use dataplane::testkit;
 use std::hint::black_box;
 use vxnat_benches::{Batch, BATCH};
 
+/// A benchmark case: name, batch constructor (by frame length), expected disposition.
+type Case = (&'static str, fn(usize) -> Batch, Disposition);
+
 fn bench(c: &mut Criterion) {
     let tables = testkit::tables();
     let mut g = c.benchmark_group("pipeline");
     g.throughput(Throughput::Elements(BATCH as u64));
-    let cases: [(&str, fn(usize) -> Batch, Disposition); 3] = [
+    let cases: [Case; 3] = [
         ("pod_to_encap", Batch::pod_to_remote, Disposition::Forward(testkit::UPLINK)),
         ("pod_partial_csum_to_encap", Batch::pod_to_remote_partial, Disposition::Forward(testkit::UPLINK)),
         ("uplink_decap_to_pod", Batch::remote_to_pod, Disposition::Forward(testkit::POD1)),

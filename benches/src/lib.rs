@@ -26,7 +26,11 @@ impl Batch {
     /// `frame_len`-byte UDP frames from pod 1 to a pod on node B (to be encapsulated).
     pub fn pod_to_remote(frame_len: usize) -> Batch {
         let payload = vec![0xa5u8; udp_payload_for(frame_len)];
-        let ip = testkit::ipv4(testkit::POD1_IP, testkit::REMOTE_POD_B, &L4::Udp { sport: 40000, dport: 5201, payload: &payload });
+        let ip = testkit::ipv4(
+            testkit::POD1_IP,
+            testkit::REMOTE_POD_B,
+            &L4::Udp { sport: 40000, dport: 5201, payload: &payload },
+        );
         Batch::new(testkit::POD1, testkit::from_pod1(&ip))
     }
 
@@ -71,7 +75,8 @@ impl Batch {
             *slot = FrameBuf::new(b, testkit::HEADROOM, n);
             count += 1;
         }
-        let mut flat: [FrameBuf<'_>; BATCH] = frames.map(|f| f.unwrap_or_else(|| unreachable!("template fits its buffer")));
+        let mut flat: [FrameBuf<'_>; BATCH] =
+            frames.map(|f| f.unwrap_or_else(|| unreachable!("template fits its buffer")));
         process_batch(tables, state, now, self.port, &mut flat[..count], &mut self.out);
     }
 

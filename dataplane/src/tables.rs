@@ -412,7 +412,10 @@ impl TablesBuilder {
         if !self.node.pod_cidr.contains(ip) {
             return err(format!("{f}.ip"), format!("{ip} is outside this node's podCIDR {}", self.node.pod_cidr));
         }
-        if ip == self.node.gateway_ip() || ip == self.node.pod_cidr.network().address() || ip == self.node.pod_cidr.broadcast() {
+        if ip == self.node.gateway_ip()
+            || ip == self.node.pod_cidr.network().address()
+            || ip == self.node.pod_cidr.broadcast()
+        {
             return err(format!("{f}.ip"), format!("{ip} is the network, gateway or broadcast address"));
         }
         if !mac.is_unicast() {
@@ -444,12 +447,20 @@ impl TablesBuilder {
             return err(format!("{f}.vtep_mac"), format!("{vtep_mac} is not a unicast MAC"));
         }
         let pod_cidr = pod_cidr.network();
-        if !self.node.cluster_cidr.contains(pod_cidr.address()) || pod_cidr.prefix_len() < self.node.cluster_cidr.prefix_len() {
-            return err(format!("{f}.pod_cidr"), format!("{pod_cidr} is not inside the cluster CIDR {}", self.node.cluster_cidr));
+        if !self.node.cluster_cidr.contains(pod_cidr.address())
+            || pod_cidr.prefix_len() < self.node.cluster_cidr.prefix_len()
+        {
+            return err(
+                format!("{f}.pod_cidr"),
+                format!("{pod_cidr} is not inside the cluster CIDR {}", self.node.cluster_cidr),
+            );
         }
         let overlaps = |a: Ipv4Cidr, b: Ipv4Cidr| a.contains(b.address()) || b.contains(a.address());
         if overlaps(pod_cidr, self.node.pod_cidr) {
-            return err(format!("{f}.pod_cidr"), format!("{pod_cidr} overlaps this node's podCIDR {}", self.node.pod_cidr));
+            return err(
+                format!("{f}.pod_cidr"),
+                format!("{pod_cidr} overlaps this node's podCIDR {}", self.node.pod_cidr),
+            );
         }
         if let Some(o) = self.remotes.iter().find(|r| overlaps(r.pod_cidr, pod_cidr)) {
             return err(format!("{f}.pod_cidr"), format!("{pod_cidr} overlaps node {}'s {}", o.name, o.pod_cidr));
@@ -507,7 +518,9 @@ impl TablesBuilder {
         }
         let one_len = self.remotes.first().map(|r| r.pod_cidr.prefix_len());
         let direct = match one_len {
-            Some(len) if self.remotes.iter().all(|r| r.pod_cidr.prefix_len() == len) => DirectIndex::new(n.cluster_cidr, len),
+            Some(len) if self.remotes.iter().all(|r| r.pod_cidr.prefix_len() == len) => {
+                DirectIndex::new(n.cluster_cidr, len)
+            }
             _ => DirectIndex::new(n.cluster_cidr, n.cluster_cidr.prefix_len()),
         };
         let routes = match direct {
@@ -541,5 +554,127 @@ impl TablesBuilder {
             gateway,
             generation: self.generation,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit;
+
+    fn cidr(s: &str) -> Ipv4Cidr {
+        s.parse().expect("cidr literal")
+    }
+
+    fn mac(n: u8) -> MacAddr {
+        MacAddr([0x02, 0, 0, 0, 0x77, n])
+    }
+
+    #[test]
+    fn routes_every_kind_of_destination() {
+        let t = testkit::tables();
+        assert!(matches!(t.route(testkit::POD2_IP), Route::LocalPod(p) if p.port == testkit::POD2));
+        assert_eq!(t.route(testkit::GATEWAY_A), Route::Host);
+        assert_eq!(t.route(testkit::NODE_A), Route::Host);
+        assert_eq!(t.route(Ipv4Addr::new(10, 244, 0, 77)), Route::NoSuchPod);
+        assert_eq!(t.route(testkit::REMOTE_POD_B), Route::Remote(0));
+        assert_eq!(t.route(testkit::REMOTE_POD_C), Route::Remote(1));
+        assert_eq!(t.route(Ipv4Addr::new(10, 244, 200, 1)), Route::NoNode);
+        assert_eq!(t.route(Ipv4Addr::new(8, 8, 8, 8)), Route::External);
+    }
+
+    /// Mixed remote prefix lengths force the hashed longest-prefix table; it must answer
+    /// exactly as the direct-indexed one does for the same addresses.
+    #[test]
+    fn hashed_and_direct_remote_lookups_agree() {
+        let node = testkit::node_config();
+        let uniform = TablesBuilder::new(node.clone())
+            .uplink(PortId(0))
+            .and_then(|b| b.remote("b", Ipv4Addr::new(192, 168, 50, 2), mac(2), cidr("10.244.1.0/24"), mac(12)))
+            .and_then(|b| b.remote("c", Ipv4Addr::new(192, 168, 50, 3), mac(3), cidr("10.244.7.0/24"), mac(13)))
+            .and_then(|b| b.build())
+            .expect("valid");
+        let mixed = TablesBuilder::new(node)
+            .uplink(PortId(0))
+            .and_then(|b| b.remote("b", Ipv4Addr::new(192, 168, 50, 2), mac(2), cidr("10.244.1.0/24"), mac(12)))
+            .and_then(|b| b.remote("c", Ipv4Addr::new(192, 168, 50, 3), mac(3), cidr("10.244.7.0/24"), mac(13)))
+            .and_then(|b| b.remote("d", Ipv4Addr::new(192, 168, 50, 4), mac(4), cidr("10.244.128.0/20"), mac(14)))
+            .and_then(|b| b.build())
+            .expect("valid");
+        assert!(matches!(uniform.routes, RemoteIndex::Direct(_)));
+        assert!(matches!(mixed.routes, RemoteIndex::Hashed(_)));
+        for third in 0..=255u8 {
+            for last in [0u8, 1, 77, 255] {
+                let a = Ipv4Addr::new(10, 244, third, last);
+                let m = mixed.route(a);
+                if (128..144).contains(&third) {
+                    assert_eq!(m, Route::Remote(2), "{a}");
+                } else {
+                    assert_eq!(uniform.route(a), m, "{a}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn wide_pod_cidrs_fall_back_to_hashing() {
+        let mut node = testkit::node_config();
+        node.cluster_cidr = cidr("10.0.0.0/8");
+        node.pod_cidr = cidr("10.0.0.0/12"); // 2^20 addresses: too many to index directly
+        let t = TablesBuilder::new(node)
+            .uplink(PortId(0))
+            .and_then(|b| b.pod(PortId(1), mac(1), Ipv4Addr::new(10, 9, 8, 7), mac(9)))
+            .and_then(|b| b.build())
+            .expect("valid");
+        assert!(t.pod_direct.is_none());
+        assert!(matches!(t.route(Ipv4Addr::new(10, 9, 8, 7)), Route::LocalPod(p) if p.port == PortId(1)));
+        assert_eq!(t.route(Ipv4Addr::new(10, 9, 8, 6)), Route::NoSuchPod);
+    }
+
+    #[test]
+    fn builder_errors_name_the_field() {
+        let node = testkit::node_config();
+        let base = || TablesBuilder::new(node.clone()).uplink(PortId(0)).expect("uplink");
+        let e = base().pod(PortId(1), mac(1), Ipv4Addr::new(10, 244, 5, 5), mac(5)).expect_err("outside podCIDR");
+        assert_eq!(e.field, "pods[10.244.5.5].ip");
+        let e = base().pod(PortId(1), mac(1), Ipv4Addr::new(10, 244, 0, 1), mac(5)).expect_err("gateway");
+        assert!(e.message.contains("gateway"), "{e}");
+        let e = base()
+            .pod(PortId(1), mac(1), Ipv4Addr::new(10, 244, 0, 5), mac(5))
+            .and_then(|b| b.pod(PortId(2), mac(2), Ipv4Addr::new(10, 244, 0, 5), mac(6)))
+            .expect_err("twice");
+        assert_eq!(e.field, "pods[10.244.0.5].ip");
+        let e = base().pod(PortId(0), mac(1), Ipv4Addr::new(10, 244, 0, 5), mac(5)).expect_err("port reused");
+        assert_eq!(e.field, "ports[0]");
+        let e = base().remote("b", node.node_ip, mac(2), cidr("10.244.1.0/24"), mac(3)).expect_err("own ip");
+        assert_eq!(e.field, "nodes[b].node_ip");
+        let e =
+            base().remote("b", Ipv4Addr::new(1, 2, 3, 4), mac(2), cidr("10.244.0.0/23"), mac(3)).expect_err("overlap");
+        assert_eq!(e.field, "nodes[b].pod_cidr");
+        let e =
+            base().remote("b", Ipv4Addr::new(1, 2, 3, 4), mac(2), cidr("10.245.0.0/24"), mac(3)).expect_err("outside");
+        assert!(e.message.contains("not inside the cluster CIDR"), "{e}");
+        let e = base()
+            .remote("b", Ipv4Addr::new(1, 2, 3, 4), mac(2), cidr("10.244.1.0/24"), mac(3))
+            .and_then(|b| b.remote("c", Ipv4Addr::new(1, 2, 3, 4), mac(4), cidr("10.244.2.0/24"), mac(3)))
+            .expect_err("same ip");
+        assert_eq!(e.field, "nodes[c].node_ip");
+        let e = base()
+            .remote("b", Ipv4Addr::new(1, 2, 3, 4), MacAddr::BROADCAST, cidr("10.244.1.0/24"), mac(3))
+            .expect_err("mac");
+        assert_eq!(e.field, "nodes[b].vtep_mac");
+        let mut bad = node.clone();
+        bad.vni = 1 << 24;
+        assert_eq!(
+            TablesBuilder::new(bad).uplink(PortId(0)).and_then(|b| b.build()).expect_err("vni").field,
+            "vxlan.vni"
+        );
+        let mut bad = node.clone();
+        bad.underlay_mtu = 100;
+        assert_eq!(
+            TablesBuilder::new(bad).uplink(PortId(0)).and_then(|b| b.build()).expect_err("mtu").field,
+            "underlay_mtu"
+        );
+        assert_eq!(TablesBuilder::new(node).build().expect_err("no uplink").field, "uplink");
     }
 }

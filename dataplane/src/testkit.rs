@@ -87,11 +87,29 @@ pub fn umem(frame: &[u8]) -> Vec<u8> {
 /// Transport payloads for [`ipv4`].
 #[derive(Debug, Clone)]
 pub enum L4<'a> {
-    Udp { sport: u16, dport: u16, payload: &'a [u8] },
-    Tcp { sport: u16, dport: u16, seq: u32, ack: u32, flags: u16, payload: &'a [u8] },
-    IcmpEcho { ident: u16, seq: u16, payload: &'a [u8] },
+    Udp {
+        sport: u16,
+        dport: u16,
+        payload: &'a [u8],
+    },
+    Tcp {
+        sport: u16,
+        dport: u16,
+        seq: u32,
+        ack: u32,
+        flags: u16,
+        payload: &'a [u8],
+    },
+    IcmpEcho {
+        ident: u16,
+        seq: u16,
+        payload: &'a [u8],
+    },
     /// Any protocol number and bytes, as is.
-    Raw { proto: u8, bytes: &'a [u8] },
+    Raw {
+        proto: u8,
+        bytes: &'a [u8],
+    },
 }
 
 /// Header fields for [`ipv4_with`].

@@ -19,25 +19,43 @@ fn addr() -> impl Strategy<Value = Ipv4Addr> {
 }
 
 fn ipv4_repr() -> impl Strategy<Value = Ipv4Repr> {
-    (addr(), addr(), any::<u8>(), 0u16..1480, any::<u8>(), any::<u8>(), any::<u16>(), any::<bool>(), any::<bool>(), 0u16..8000)
-        .prop_map(|(src_addr, dst_addr, proto, payload_len, ttl, dscp_ecn, ident, dont_frag, more_frags, fo)| Ipv4Repr {
-            src_addr,
-            dst_addr,
-            protocol: IpProtocol::from(proto),
-            payload_len,
-            ttl,
-            dscp_ecn,
-            ident,
-            dont_frag,
-            more_frags,
-            frag_offset: fo * 8,
+    (
+        addr(),
+        addr(),
+        any::<u8>(),
+        0u16..1480,
+        any::<u8>(),
+        any::<u8>(),
+        any::<u16>(),
+        any::<bool>(),
+        any::<bool>(),
+        0u16..8000,
+    )
+        .prop_map(|(src_addr, dst_addr, proto, payload_len, ttl, dscp_ecn, ident, dont_frag, more_frags, fo)| {
+            Ipv4Repr {
+                src_addr,
+                dst_addr,
+                protocol: IpProtocol::from(proto),
+                payload_len,
+                ttl,
+                dscp_ecn,
+                ident,
+                dont_frag,
+                more_frags,
+                frag_offset: fo * 8,
+            }
         })
 }
 
 fn tcp_repr() -> impl Strategy<Value = TcpRepr> {
     (
         (1u16.., 1u16.., any::<u32>(), any::<u32>(), 0u16..0x200, any::<u16>(), any::<u16>()),
-        (proptest::option::of(any::<u16>()), proptest::option::of(0u8..15), any::<bool>(), proptest::option::of(any::<(u32, u32)>())),
+        (
+            proptest::option::of(any::<u16>()),
+            proptest::option::of(0u8..15),
+            any::<bool>(),
+            proptest::option::of(any::<(u32, u32)>()),
+        ),
         0usize..1500,
     )
         .prop_map(|((sp, dp, seq, ack, flags, win, urg), (mss, ws, sack, ts), payload_len)| TcpRepr {

@@ -81,7 +81,13 @@ fn cases() -> Vec<Case> {
     let vx = |inner: &[u8]| vxlan_frame(&b_to_a, inner);
     let mut v = vec![
         // ---- pod port: forwarding
-        case("pod to pod on the same node, TTL decremented", POD2.min(POD1), from_pod1(&p1_p2), Forward(POD2), Some(p1_p2_out.clone())),
+        case(
+            "pod to pod on the same node, TTL decremented",
+            POD2.min(POD1),
+            from_pod1(&p1_p2),
+            Forward(POD2),
+            Some(p1_p2_out.clone()),
+        ),
         case(
             "pod with CHECKSUM_PARTIAL UDP: checksum completed in software",
             POD1,
@@ -103,7 +109,13 @@ fn cases() -> Vec<Case> {
             ToHost,
             Some(eth(HOST_STACK_MAC, HOST_PORT_MAC, 0x0800, &udp(POD1_IP, GATEWAY_A, 64, payload))),
         ),
-        case("pod to node address goes to the host stack", POD1, from_pod1(&udp(POD1_IP, NODE_A, 64, payload)), ToHost, None),
+        case(
+            "pod to node address goes to the host stack",
+            POD1,
+            from_pod1(&udp(POD1_IP, NODE_A, 64, payload)),
+            ToHost,
+            None,
+        ),
         case(
             "pod to outside the cluster goes to the host stack (it routes and masquerades)",
             POD1,
@@ -123,7 +135,10 @@ fn cases() -> Vec<Case> {
                 POD2_MAC,
                 POD2_PORT_MAC,
                 0x0800,
-                &ipv4_with(&Ip { options: vec![0x94, 0x04, 0, 0], ttl: 63, ..Ip::new(POD1_IP, POD2_IP) }, &L4::Udp { sport: 1, dport: 2, payload }),
+                &ipv4_with(
+                    &Ip { options: vec![0x94, 0x04, 0, 0], ttl: 63, ..Ip::new(POD1_IP, POD2_IP) },
+                    &L4::Udp { sport: 1, dport: 2, payload },
+                ),
             )),
         ),
         case(
@@ -143,7 +158,13 @@ fn cases() -> Vec<Case> {
             Forward(POD2),
             None,
         ),
-        case("pod to a pod on node B is encapsulated", POD1, from_pod1(&udp(POD1_IP, REMOTE_POD_B, 64, payload)), Forward(UPLINK), None),
+        case(
+            "pod to a pod on node B is encapsulated",
+            POD1,
+            from_pod1(&udp(POD1_IP, REMOTE_POD_B, 64, payload)),
+            Forward(UPLINK),
+            None,
+        ),
         // ---- pod port: ARP
         case(
             "ARP for the gateway is answered with the port's MAC",
@@ -159,7 +180,12 @@ fn cases() -> Vec<Case> {
             Forward(POD1),
             Some(arp_reply(POD1_MAC, Ipv4Addr::UNSPECIFIED, POD1_PORT_MAC)),
         ),
-        drop_case("ARP for another pod is not answered", POD1, arp_request(POD1_MAC, POD1_IP, POD2_IP), R::ArpNotForGateway),
+        drop_case(
+            "ARP for another pod is not answered",
+            POD1,
+            arp_request(POD1_MAC, POD1_IP, POD2_IP),
+            R::ArpNotForGateway,
+        ),
         drop_case("ARP claiming another pod's IP", POD1, arp_request(POD1_MAC, POD2_IP, GATEWAY_A), R::ArpSpoofed),
         drop_case(
             "ARP with a sender MAC that is not the pod's",
@@ -167,9 +193,19 @@ fn cases() -> Vec<Case> {
             with(arp_request(POD1_MAC, POD1_IP, GATEWAY_A), |f| f[22] ^= 1),
             R::ArpSpoofed,
         ),
-        drop_case("unsolicited ARP reply", POD1, with(arp_request(POD1_MAC, POD1_IP, GATEWAY_A), |f| f[21] = 2), R::ArpReplyIgnored),
+        drop_case(
+            "unsolicited ARP reply",
+            POD1,
+            with(arp_request(POD1_MAC, POD1_IP, GATEWAY_A), |f| f[21] = 2),
+            R::ArpReplyIgnored,
+        ),
         drop_case("ARP truncated", POD1, arp_request(POD1_MAC, POD1_IP, GATEWAY_A)[..30].to_vec(), R::ArpMalformed),
-        drop_case("ARP for IPv6-sized addresses", POD1, with(arp_request(POD1_MAC, POD1_IP, GATEWAY_A), |f| f[19] = 16), R::ArpMalformed),
+        drop_case(
+            "ARP for IPv6-sized addresses",
+            POD1,
+            with(arp_request(POD1_MAC, POD1_IP, GATEWAY_A), |f| f[19] = 16),
+            R::ArpMalformed,
+        ),
         drop_case(
             "ARP unicast to another MAC",
             POD1,
@@ -179,8 +215,18 @@ fn cases() -> Vec<Case> {
         // ---- pod port: security and L2
         drop_case("spoofed source MAC", POD1, with(from_pod1(&p1_p2), |f| f[11] ^= 0x10), R::PodSpoofedMac),
         drop_case("spoofed source IP", POD1, from_pod1(&udp(POD2_IP, POD1_IP, 64, payload)), R::PodSpoofedIp),
-        drop_case("IPv4 to another MAC", POD1, with(from_pod1(&p1_p2), |f| f[..6].copy_from_slice(&POD2_MAC.0)), R::DstMacNotOurs),
-        drop_case("IPv4 to the broadcast MAC", POD1, with(from_pod1(&p1_p2), |f| f[..6].copy_from_slice(&[0xff; 6])), R::L2Multicast),
+        drop_case(
+            "IPv4 to another MAC",
+            POD1,
+            with(from_pod1(&p1_p2), |f| f[..6].copy_from_slice(&POD2_MAC.0)),
+            R::DstMacNotOurs,
+        ),
+        drop_case(
+            "IPv4 to the broadcast MAC",
+            POD1,
+            with(from_pod1(&p1_p2), |f| f[..6].copy_from_slice(&[0xff; 6])),
+            R::L2Multicast,
+        ),
         drop_case("IPv6", POD1, eth(POD1_PORT_MAC, POD1_MAC, 0x86dd, &[0x60; 60]), R::Ipv6Unsupported),
         drop_case("LLDP", POD1, eth(POD1_PORT_MAC, POD1_MAC, 0x88cc, &[0; 46]), R::EthertypeUnsupported),
         drop_case(
@@ -224,8 +270,18 @@ fn cases() -> Vec<Case> {
             }),
             R::Ipv4ReservedFlag,
         ),
-        drop_case("loopback source", POD1, from_pod1(&udp(Ipv4Addr::LOCALHOST, POD2_IP, 64, payload)), R::Ipv4MartianSource),
-        drop_case("multicast destination", POD1, from_pod1(&udp(POD1_IP, Ipv4Addr::new(224, 0, 0, 251), 64, payload)), R::Ipv4DstMulticast),
+        drop_case(
+            "loopback source",
+            POD1,
+            from_pod1(&udp(Ipv4Addr::LOCALHOST, POD2_IP, 64, payload)),
+            R::Ipv4MartianSource,
+        ),
+        drop_case(
+            "multicast destination",
+            POD1,
+            from_pod1(&udp(POD1_IP, Ipv4Addr::new(224, 0, 0, 251), 64, payload)),
+            R::Ipv4DstMulticast,
+        ),
         drop_case(
             "limited broadcast destination",
             POD1,
@@ -235,13 +291,19 @@ fn cases() -> Vec<Case> {
         drop_case(
             "first fragment too short for the UDP header",
             POD1,
-            from_pod1(&ipv4_with(&Ip { more_frags: true, dont_frag: false, ..Ip::new(POD1_IP, POD2_IP) }, &L4::Raw { proto: 17, bytes: &[1, 2, 3, 4] })),
+            from_pod1(&ipv4_with(
+                &Ip { more_frags: true, dont_frag: false, ..Ip::new(POD1_IP, POD2_IP) },
+                &L4::Raw { proto: 17, bytes: &[1, 2, 3, 4] },
+            )),
             R::Ipv4TinyFragment,
         ),
         drop_case(
             "fragment reaching past 65535 bytes",
             POD1,
-            from_pod1(&ipv4_with(&Ip { frag_offset: 65528, dont_frag: false, ..Ip::new(POD1_IP, POD2_IP) }, &L4::Raw { proto: 17, bytes: &[0; 16] })),
+            from_pod1(&ipv4_with(
+                &Ip { frag_offset: 65528, dont_frag: false, ..Ip::new(POD1_IP, POD2_IP) },
+                &L4::Raw { proto: 17, bytes: &[0; 16] },
+            )),
             R::Ipv4FragmentOverflow,
         ),
         drop_case("UDP length below 8", POD1, with(from_pod1(&p1_p2), |f| f[39] = 4), R::L4Truncated),
@@ -255,13 +317,32 @@ fn cases() -> Vec<Case> {
         drop_case(
             "TCP data offset beyond the segment",
             POD1,
-            from_pod1(&ipv4(POD1_IP, POD2_IP, &L4::Raw { proto: 6, bytes: &[0, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0xf0, 2, 0, 0, 0, 0, 0, 0] })),
+            from_pod1(&ipv4(
+                POD1_IP,
+                POD2_IP,
+                &L4::Raw { proto: 6, bytes: &[0, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0xf0, 2, 0, 0, 0, 0, 0, 0] },
+            )),
             R::L4Truncated,
         ),
         // ---- pod port: routing
-        drop_case("no pod at that address", POD1, from_pod1(&udp(POD1_IP, Ipv4Addr::new(10, 244, 0, 99), 64, payload)), R::NoSuchPod),
-        drop_case("cluster address no node owns", POD1, from_pod1(&udp(POD1_IP, Ipv4Addr::new(10, 244, 9, 9), 64, payload)), R::NoRouteToNode),
-        drop_case("remote node's next hop not resolved", POD1, from_pod1(&udp(POD1_IP, REMOTE_POD_C, 64, payload)), R::UnderlayNoNextHop),
+        drop_case(
+            "no pod at that address",
+            POD1,
+            from_pod1(&udp(POD1_IP, Ipv4Addr::new(10, 244, 0, 99), 64, payload)),
+            R::NoSuchPod,
+        ),
+        drop_case(
+            "cluster address no node owns",
+            POD1,
+            from_pod1(&udp(POD1_IP, Ipv4Addr::new(10, 244, 9, 9), 64, payload)),
+            R::NoRouteToNode,
+        ),
+        drop_case(
+            "remote node's next hop not resolved",
+            POD1,
+            from_pod1(&udp(POD1_IP, REMOTE_POD_C, 64, payload)),
+            R::UnderlayNoNextHop,
+        ),
         drop_case(
             "too big for the underlay after encapsulation (1451-byte packet, MTU 1500)",
             POD1,
@@ -278,7 +359,10 @@ fn cases() -> Vec<Case> {
         drop_case(
             "TTL 1 ICMP error is not answered with another",
             POD1,
-            from_pod1(&ipv4_with(&Ip { ttl: 1, ..Ip::new(POD1_IP, POD2_IP) }, &L4::Raw { proto: 1, bytes: &[3, 3, 0, 0, 0, 0, 0, 0] })),
+            from_pod1(&ipv4_with(
+                &Ip { ttl: 1, ..Ip::new(POD1_IP, POD2_IP) },
+                &L4::Raw { proto: 1, bytes: &[3, 3, 0, 0, 0, 0, 0, 0] },
+            )),
             R::TtlExpired,
         ),
         // ---- host port
@@ -340,19 +424,40 @@ fn cases() -> Vec<Case> {
         drop_case(
             "incident 1: corrupted outer UDP checksum",
             UPLINK,
-            with(vxlan_frame(&Vxlan { udp_checksum: true, ..Vxlan::b_to_a() }, &tcp(REMOTE_POD_B, POD1_IP, 63, payload)), |f| f[40] ^= 0x5a),
+            with(
+                vxlan_frame(&Vxlan { udp_checksum: true, ..Vxlan::b_to_a() }, &tcp(REMOTE_POD_B, POD1_IP, 63, payload)),
+                |f| f[40] ^= 0x5a,
+            ),
             R::VxlanBadOuterChecksum,
         ),
         drop_case(
             "VXLAN from an unknown address",
             UPLINK,
-            vxlan_frame(&Vxlan { src_ip: Ipv4Addr::new(192, 168, 50, 66), ..Vxlan::b_to_a() }, &tcp(REMOTE_POD_B, POD1_IP, 63, payload)),
+            vxlan_frame(
+                &Vxlan { src_ip: Ipv4Addr::new(192, 168, 50, 66), ..Vxlan::b_to_a() },
+                &tcp(REMOTE_POD_B, POD1_IP, 63, payload),
+            ),
             R::VxlanUnknownVtep,
         ),
         drop_case("wrong VNI", UPLINK, vxlan_frame(&Vxlan { vni: 2, ..Vxlan::b_to_a() }, &p1_p2), R::VxlanWrongVni),
-        drop_case("VXLAN without the I flag", UPLINK, vxlan_frame(&Vxlan { flags: 0, ..Vxlan::b_to_a() }, &p1_p2), R::VxlanBadFlags),
-        drop_case("VXLAN with reserved flag bits (GBP)", UPLINK, vxlan_frame(&Vxlan { flags: 0x88, ..Vxlan::b_to_a() }, &p1_p2), R::VxlanBadFlags),
-        drop_case("UDP to another port on the uplink", UPLINK, vxlan_frame(&Vxlan { dport: 4789, ..Vxlan::b_to_a() }, &p1_p2), R::UplinkNotVxlan),
+        drop_case(
+            "VXLAN without the I flag",
+            UPLINK,
+            vxlan_frame(&Vxlan { flags: 0, ..Vxlan::b_to_a() }, &p1_p2),
+            R::VxlanBadFlags,
+        ),
+        drop_case(
+            "VXLAN with reserved flag bits (GBP)",
+            UPLINK,
+            vxlan_frame(&Vxlan { flags: 0x88, ..Vxlan::b_to_a() }, &p1_p2),
+            R::VxlanBadFlags,
+        ),
+        drop_case(
+            "UDP to another port on the uplink",
+            UPLINK,
+            vxlan_frame(&Vxlan { dport: 4789, ..Vxlan::b_to_a() }, &p1_p2),
+            R::UplinkNotVxlan,
+        ),
         drop_case(
             "TCP on the uplink",
             UPLINK,
@@ -422,16 +527,40 @@ fn cases() -> Vec<Case> {
         ),
         drop_case("ARP on the uplink", UPLINK, arp_request(NODE_B_UPLINK_MAC, NODE_B, NODE_A), R::ArpOnUplink),
         drop_case("uplink frame to another MAC", UPLINK, with(vx(&p1_p2), |f| f[5] ^= 1), R::DstMacNotOurs),
-        drop_case("uplink multicast", UPLINK, with(vx(&p1_p2), |f| f[..6].copy_from_slice(&[1, 0, 0x5e, 0, 0, 1])), R::L2Multicast),
-        drop_case("uplink VLAN", UPLINK, with(vx(&p1_p2), |f| { f.splice(12..12, [0x81, 0, 0, 7]); }), R::VlanTagged),
+        drop_case(
+            "uplink multicast",
+            UPLINK,
+            with(vx(&p1_p2), |f| f[..6].copy_from_slice(&[1, 0, 0x5e, 0, 0, 1])),
+            R::L2Multicast,
+        ),
+        drop_case(
+            "uplink VLAN",
+            UPLINK,
+            with(vx(&p1_p2), |f| {
+                f.splice(12..12, [0x81, 0, 0, 7]);
+            }),
+            R::VlanTagged,
+        ),
         drop_case("uplink IPv6", UPLINK, eth(UPLINK_MAC, NODE_B_UPLINK_MAC, 0x86dd, &[0x60; 60]), R::Ipv6Unsupported),
-        drop_case("uplink unknown EtherType", UPLINK, eth(UPLINK_MAC, NODE_B_UPLINK_MAC, 0x88b5, &[0; 46]), R::EthertypeUnsupported),
+        drop_case(
+            "uplink unknown EtherType",
+            UPLINK,
+            eth(UPLINK_MAC, NODE_B_UPLINK_MAC, 0x88b5, &[0; 46]),
+            R::EthertypeUnsupported,
+        ),
         drop_case("uplink truncated IPv4", UPLINK, vx(&p1_p2)[..20].to_vec(), R::Ipv4Truncated),
         drop_case("uplink bad outer IPv4 checksum", UPLINK, with(vx(&p1_p2), |f| f[25] ^= 1), R::Ipv4BadChecksum),
         drop_case("uplink outer IPv4 version 5", UPLINK, with(vx(&p1_p2), |f| f[14] = 0x55), R::Ipv4BadVersion),
         drop_case("uplink outer IHL 3", UPLINK, with(vx(&p1_p2), |f| f[14] = 0x43), R::Ipv4BadLength),
         drop_case("uplink runt", UPLINK, vec![0u8; 10], R::EthTruncated),
-        drop_case("uplink three VLAN tags", UPLINK, with(vx(&p1_p2), |f| { f.splice(12..12, [0x81, 0, 0, 1, 0x81, 0, 0, 2, 0x81, 0, 0, 3]); }), R::EthTooManyTags),
+        drop_case(
+            "uplink three VLAN tags",
+            UPLINK,
+            with(vx(&p1_p2), |f| {
+                f.splice(12..12, [0x81, 0, 0, 1, 0x81, 0, 0, 2, 0x81, 0, 0, 3]);
+            }),
+            R::EthTooManyTags,
+        ),
         // ---- unknown port
         drop_case("frame from a port that is not attached", PortId(9), from_pod1(&p1_p2), R::PortUnknown),
     ];
@@ -453,7 +582,8 @@ fn fixture_table() {
         }
         if let Some(expected) = &c.output {
             if &out != expected {
-                failures.push(format!("{}: output differs\n got      {:02x?}\n expected {:02x?}", c.name, out, expected));
+                failures
+                    .push(format!("{}: output differs\n got      {:02x?}\n expected {:02x?}", c.name, out, expected));
             }
         }
         // The drop is counted against the ingress port, exactly once.
@@ -601,7 +731,10 @@ fn batch_counts_rx_and_each_drop() {
         bufs.iter_mut().zip(lens).map(|(b, l)| FrameBuf::new(b, HEADROOM, l).expect("fits")).collect();
     let mut out = [Disposition::ToHost; 3];
     process_batch(&tables, &mut state, 0, POD1, &mut frames, &mut out);
-    assert_eq!(out, [Disposition::Forward(POD2), Disposition::Drop(DropReason::PodSpoofedIp), Disposition::Forward(POD2)]);
+    assert_eq!(
+        out,
+        [Disposition::Forward(POD2), Disposition::Drop(DropReason::PodSpoofedIp), Disposition::Forward(POD2)]
+    );
     let c = state.counters.port(POD1).expect("counted");
     assert_eq!(c.rx_packets, 3);
     assert_eq!(c.rx_bytes, (2 * good.len() + bad.len()) as u64);

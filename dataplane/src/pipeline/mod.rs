@@ -85,14 +85,17 @@ pub struct WorkerState {
 impl WorkerState {
     /// `worker` seeds the IPv4 ident sequence so workers do not emit the same idents in step.
     pub fn new(worker: u16) -> Self {
-        WorkerState { counters: Counters::default(), ident: worker.wrapping_mul(0x9e37), icmp_limit: TokenBucket::new(1000, 50) }
+        WorkerState {
+            counters: Counters::default(),
+            ident: worker.wrapping_mul(0x9e37),
+            icmp_limit: TokenBucket::new(1000, 50),
+        }
     }
 
     /// Sets the ICMP error rate limit (messages per second, burst).
     pub fn set_icmp_limit(&mut self, per_sec: u64, burst: u64) {
         self.icmp_limit = TokenBucket::new(per_sec, burst);
     }
-
 }
 
 /// Runs a batch of frames received on `ingress` through the pipeline, writing one

@@ -109,6 +109,7 @@ fn vlan_error(d: &[u8]) -> DropReason {
 }
 
 /// A pod port (`pod` is its IP and MAC) or the host port (`pod` is `None`).
+#[inline(always)]
 fn from_local(
     ctx: &mut Ctx<'_>,
     entry: &PortEntry,
@@ -123,9 +124,7 @@ fn from_local(
     };
     match pod {
         Some((_, mac)) if src_mac != mac => return Err(DropReason::PodSpoofedMac),
-        None if ctx.tables.host().is_some_and(|h| h.stack_mac != src_mac) => {
-            return Err(DropReason::HostSpoofedMac)
-        }
+        None if ctx.tables.host().is_some_and(|h| h.stack_mac != src_mac) => return Err(DropReason::HostSpoofedMac),
         _ => {}
     }
     match EtherType::from(ethertype) {
@@ -150,6 +149,7 @@ fn from_local(
     forward(ctx, frame, &m, if pod.is_some() { Origin::Pod } else { Origin::Host })
 }
 
+#[inline(always)]
 fn from_uplink(ctx: &mut Ctx<'_>, frame: &mut FrameBuf<'_>) -> Result<Disposition, DropReason> {
     decap::decap(ctx.tables, frame)?;
     ctx.events().decapsulated += 1;
@@ -161,7 +161,7 @@ fn from_uplink(ctx: &mut Ctx<'_>, frame: &mut FrameBuf<'_>) -> Result<Dispositio
 ///
 /// Reads the fixed 20-byte header through one length check (`first_chunk`), so field reads
 /// carry no further bounds checks; only packets with options take the general checksum loop.
-#[inline]
+#[inline(always)]
 pub(crate) fn validate_ipv4(frame: &mut FrameBuf<'_>) -> Result<Ipv4Meta, DropReason> {
     let m = {
         let d = frame.data();
@@ -249,7 +249,7 @@ pub(crate) fn validate_ipv4(frame: &mut FrameBuf<'_>) -> Result<Ipv4Meta, DropRe
 /// sender's stack, which AF_XDP on a veth hands over as is. A full checksum — right or
 /// wrong — is left alone (verification policy is per port, later). Returns whether it
 /// completed one.
-#[inline]
+#[inline(always)]
 fn complete_partial_checksum(frame: &mut FrameBuf<'_>, m: &Ipv4Meta) -> bool {
     if m.is_fragment {
         return false;
@@ -287,13 +287,11 @@ fn complete_partial_checksum(frame: &mut FrameBuf<'_>, m: &Ipv4Meta) -> bool {
     if stored != pseudo && stored.wrapping_add(1) | pseudo.wrapping_add(1) > 1 {
         return false;
     }
-    match checksum::classify_l4(m.src, m.dst, m.proto, l4, field) {
-        checksum::L4ChecksumState::Partial => checksum::complete_partial(l4, field, m.proto == 17),
-        _ => false,
-    }
+    checksum::complete_if_partial(m.src, m.dst, m.proto, l4, field, m.proto == 17) == checksum::L4ChecksumState::Partial
 }
 
 /// Routes a validated packet and hands it to its egress.
+#[inline(always)]
 fn forward(
     ctx: &mut Ctx<'_>,
     frame: &mut FrameBuf<'_>,

@@ -4,7 +4,9 @@ use super::overlay::{egress, Ctx, Ipv4Meta};
 use super::{Disposition, DropReason, FrameBuf};
 use crate::tables::PortEntry;
 use crate::wire::{arp, ethernet, icmp, ipv4};
-use crate::wire::{ArpOperation, ArpPacket, ArpRepr, IcmpMessage, IcmpPacket, IcmpRepr, IpProtocol, Ipv4Packet, Ipv4Repr, MacAddr};
+use crate::wire::{
+    ArpOperation, ArpPacket, ArpRepr, IcmpMessage, IcmpPacket, IcmpRepr, IpProtocol, Ipv4Packet, Ipv4Repr, MacAddr,
+};
 use core::net::Ipv4Addr;
 
 /// Answers an ARP request for the pod gateway on a pod or the host port, in place, out of the
@@ -25,7 +27,9 @@ pub(crate) fn arp(
         ArpRepr::parse(&p).map_err(|_| DropReason::ArpMalformed)?
     };
     if let Some((ip, mac)) = pod {
-        if req.source_hardware_addr != mac || (req.source_protocol_addr != ip && !req.source_protocol_addr.is_unspecified()) {
+        if req.source_hardware_addr != mac
+            || (req.source_protocol_addr != ip && !req.source_protocol_addr.is_unspecified())
+        {
             return Err(DropReason::ArpSpoofed);
         }
     }

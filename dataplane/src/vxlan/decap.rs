@@ -54,7 +54,8 @@ pub fn decap(tables: &Tables, frame: &mut FrameBuf<'_>) -> Result<u32, DropReaso
         if total > ip.len() {
             return Err(DropReason::Ipv4Truncated);
         }
-        let sum_ok = if ihl == ipv4::HEADER_LEN { checksum::sum_ipv4_header(h) == 0xffff } else { checksum::verify(&ip[..ihl]) };
+        let sum_ok =
+            if ihl == ipv4::HEADER_LEN { checksum::sum_ipv4_header(h) == 0xffff } else { checksum::verify(&ip[..ihl]) };
         if !sum_ok {
             return Err(DropReason::Ipv4BadChecksum);
         }

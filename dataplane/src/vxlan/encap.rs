@@ -14,7 +14,7 @@ use crate::pipeline::{DropReason, FrameBuf};
 use crate::tables::{NodeConfig, RemoteNode};
 use crate::wire::checksum;
 use crate::wire::vxlan::ENCAP_OVERHEAD;
-use crate::wire::{MacAddr, ethernet};
+use crate::wire::{ethernet, MacAddr};
 use core::net::Ipv4Addr;
 
 /// Outer TTL (Linux `ip4_dst_hoplimit` default).

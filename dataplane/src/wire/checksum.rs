@@ -164,13 +164,7 @@ pub enum L4ChecksumState {
 /// A field equal to the pseudo-header sum (or its alternate zero form) that does not verify
 /// is a pseudo-header-only checksum; anything else that does not verify is invalid.
 #[inline]
-pub fn classify_l4(
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    protocol: u8,
-    l4: &[u8],
-    field: usize,
-) -> L4ChecksumState {
+pub fn classify_l4(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, l4: &[u8], field: usize) -> L4ChecksumState {
     let Ok(len) = u16::try_from(l4.len()) else {
         return L4ChecksumState::Invalid;
     };
@@ -183,8 +177,7 @@ pub fn classify_l4(
     }
     let stored = u16::from_be_bytes([bytes[0], bytes[1]]);
     // 0x0000 and 0xffff are both zero in one's-complement arithmetic.
-    if stored == pseudo || (stored == 0 && pseudo == 0xffff) || (stored == 0xffff && pseudo == 0)
-    {
+    if stored == pseudo || (stored == 0 && pseudo == 0xffff) || (stored == 0xffff && pseudo == 0) {
         L4ChecksumState::Partial
     } else {
         L4ChecksumState::Invalid
@@ -210,6 +203,42 @@ pub fn complete_partial(l4: &mut [u8], field: usize, is_udp: bool) -> bool {
     true
 }
 
+/// [`classify_l4`] and, for a partial checksum, [`complete_partial`], in one pass over the
+/// data: the field already holds the pseudo-header sum, so the sum of the segment as it
+/// stands both tells "valid" from "partial" and, complemented, is the completed checksum.
+/// Returns the state found (the field is rewritten only when it was `Partial`).
+#[inline]
+pub fn complete_if_partial(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    protocol: u8,
+    l4: &mut [u8],
+    field: usize,
+    is_udp: bool,
+) -> L4ChecksumState {
+    let Ok(len) = u16::try_from(l4.len()) else {
+        return L4ChecksumState::Invalid;
+    };
+    let Some(bytes) = l4.get(field..field + 2) else {
+        return L4ChecksumState::Invalid;
+    };
+    let stored = u16::from_be_bytes([bytes[0], bytes[1]]);
+    let pseudo = pseudo_header_sum(src, dst, protocol, len);
+    let data_sum = sum(l4);
+    if add(pseudo, data_sum) == 0xffff {
+        return L4ChecksumState::Valid;
+    }
+    if stored != pseudo && !(stored == 0 && pseudo == 0xffff) && !(stored == 0xffff && pseudo == 0) {
+        return L4ChecksumState::Invalid;
+    }
+    let mut c = !data_sum;
+    if is_udp && c == 0 {
+        c = 0xffff;
+    }
+    l4[field..field + 2].copy_from_slice(&c.to_be_bytes());
+    L4ChecksumState::Partial
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,11 +247,8 @@ mod tests {
     fn naive_sum(data: &[u8]) -> u16 {
         let mut acc: u32 = 0;
         for pair in data.chunks(2) {
-            let w = if pair.len() == 2 {
-                u16::from_be_bytes([pair[0], pair[1]])
-            } else {
-                u16::from_be_bytes([pair[0], 0])
-            };
+            let w =
+                if pair.len() == 2 { u16::from_be_bytes([pair[0], pair[1]]) } else { u16::from_be_bytes([pair[0], 0]) };
             acc += u32::from(w);
             acc = (acc & 0xffff) + (acc >> 16);
         }
@@ -233,8 +259,8 @@ mod tests {
     fn ipv4_header_checksum_of_a_known_header() {
         // The classic example header: 192.168.0.1 -> 192.168.0.199, UDP, checksum 0xb861.
         let mut hdr = [
-            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0xb8, 0x61, 0xc0, 0xa8,
-            0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7,
+            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0xb8, 0x61, 0xc0, 0xa8, 0x00, 0x01, 0xc0, 0xa8,
+            0x00, 0xc7,
         ];
         assert!(verify(&hdr));
         hdr[10] = 0;
@@ -265,8 +291,8 @@ mod tests {
     #[test]
     fn incremental_update_of_an_address_matches_recomputation() {
         let mut hdr = [
-            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0xb8, 0x61, 0xc0, 0xa8,
-            0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7,
+            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0xb8, 0x61, 0xc0, 0xa8, 0x00, 0x01, 0xc0, 0xa8,
+            0x00, 0xc7,
         ];
         let old = u32::from_be_bytes([hdr[12], hdr[13], hdr[14], hdr[15]]);
         let new = u32::from(Ipv4Addr::new(10, 244, 1, 7));
@@ -291,5 +317,27 @@ mod tests {
         assert_eq!(classify_l4(src, dst, 17, &udp, 6), L4ChecksumState::Valid);
         udp[9] ^= 1;
         assert_eq!(classify_l4(src, dst, 17, &udp, 6), L4ChecksumState::Invalid);
+    }
+
+    #[test]
+    fn one_pass_completion_matches_the_two_step_one() {
+        let src = Ipv4Addr::new(10, 244, 0, 2);
+        let dst = Ipv4Addr::new(10, 244, 1, 3);
+        for len in [0usize, 1, 7, 100, 1401] {
+            let mut tcp = vec![0u8; 20 + len];
+            for (i, b) in tcp.iter_mut().enumerate() {
+                *b = (i * 7 + len) as u8;
+            }
+            let pseudo = pseudo_header_sum(src, dst, 6, tcp.len() as u16);
+            tcp[16..18].copy_from_slice(&pseudo.to_be_bytes());
+            let mut two_step = tcp.clone();
+            assert_eq!(classify_l4(src, dst, 6, &two_step, 16), L4ChecksumState::Partial);
+            complete_partial(&mut two_step, 16, false);
+            assert_eq!(complete_if_partial(src, dst, 6, &mut tcp, 16, false), L4ChecksumState::Partial);
+            assert_eq!(tcp, two_step);
+            assert_eq!(complete_if_partial(src, dst, 6, &mut tcp, 16, false), L4ChecksumState::Valid);
+            tcp[5] ^= 0x10;
+            assert_eq!(complete_if_partial(src, dst, 6, &mut tcp, 16, false), L4ChecksumState::Invalid);
+        }
     }
 }

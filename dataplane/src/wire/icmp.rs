@@ -115,12 +115,27 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> IcmpPacket<T> {
 /// The message kinds vxnat distinguishes; the rest are carried as `Other`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IcmpMessage {
-    EchoRequest { ident: u16, seq_no: u16 },
-    EchoReply { ident: u16, seq_no: u16 },
+    EchoRequest {
+        ident: u16,
+        seq_no: u16,
+    },
+    EchoReply {
+        ident: u16,
+        seq_no: u16,
+    },
     /// `next_hop_mtu` is meaningful for code 4 (fragmentation needed), zero otherwise.
-    DstUnreachable { code: u8, next_hop_mtu: u16 },
-    TimeExceeded { code: u8 },
-    Other { msg_type: u8, code: u8, rest: u32 },
+    DstUnreachable {
+        code: u8,
+        next_hop_mtu: u16,
+    },
+    TimeExceeded {
+        code: u8,
+    },
+    Other {
+        msg_type: u8,
+        code: u8,
+        rest: u32,
+    },
 }
 
 /// An ICMP message with its body: echo data, or the quoted original datagram for errors.
@@ -202,9 +217,8 @@ mod tests {
     use core::net::Ipv4Addr;
 
     // `ping` echo request: ident 0x1234, seq 1, 8 bytes of data, with its checksum.
-    const ECHO: [u8; 16] = [
-        0x08, 0x00, 0x00, 0x00, 0x12, 0x34, 0x00, 0x01, b'a', b'b', b'c', b'd', b'e', b'f', b'g', b'h',
-    ];
+    const ECHO: [u8; 16] =
+        [0x08, 0x00, 0x00, 0x00, 0x12, 0x34, 0x00, 0x01, b'a', b'b', b'c', b'd', b'e', b'f', b'g', b'h'];
 
     fn echo() -> Vec<u8> {
         let mut b = ECHO.to_vec();
@@ -248,7 +262,10 @@ mod tests {
         };
         hdr.emit(&mut Ipv4Packet::new_unchecked(&mut orig[..]));
         orig[20..28].copy_from_slice(&[0x9c, 0x40, 0x00, 0x35, 0x05, 0xc8, 0, 0]);
-        let repr = IcmpRepr { message: IcmpMessage::DstUnreachable { code: CODE_FRAG_NEEDED, next_hop_mtu: 1450 }, data: &orig };
+        let repr = IcmpRepr {
+            message: IcmpMessage::DstUnreachable { code: CODE_FRAG_NEEDED, next_hop_mtu: 1450 },
+            data: &orig,
+        };
         let mut out = vec![0u8; repr.buffer_len()];
         repr.emit(&mut IcmpPacket::new_unchecked(&mut out[..]));
         let p = IcmpPacket::new_checked(&out[..]).unwrap();
