@@ -19,8 +19,10 @@ fn main() {
         "pod_to_encap" => Batch::pod_to_remote(len),
         "pod_partial_csum_to_encap" => Batch::pod_to_remote_partial(len),
         "uplink_decap_to_pod" => Batch::remote_to_pod(len),
+        // Dropped at the first check: the floor (harness, dispatch, counting).
+        "runt" => Batch::new(testkit::POD1, vec![0u8; 10]),
         other => {
-            eprintln!("unknown case {other}: pod_to_encap | pod_partial_csum_to_encap | uplink_decap_to_pod");
+            eprintln!("unknown case {other}: pod_to_encap | pod_partial_csum_to_encap | uplink_decap_to_pod | runt");
             std::process::exit(2);
         }
     };

@@ -9,3 +9,4 @@ pub mod tables;
 pub mod testkit;
 pub mod vxlan;
 pub mod wire;
+pub mod xsk;

@@ -1,1 +1,3 @@
-//! Integration tests live in `tests/tests/`.
+//! Helpers for vxnat's integration tests. Integration tests live in `tests/tests/`.
+
+pub mod netns;

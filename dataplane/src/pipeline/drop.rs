@@ -93,6 +93,9 @@ drop_reasons! {
     EncapMtuExceeded = "encap_mtu_exceeded": "packet does not fit the underlay MTU after 50 bytes of VXLAN (software segmentation not enabled)",
     NoHeadroom = "no_headroom": "frame buffer too small to push the VXLAN header or build a reply",
     UnderlayNoNextHop = "underlay_no_next_hop": "underlay next hop for the remote node not resolved yet",
+    // Transmit (counted against the egress port by the AF_XDP worker)
+    TxRingFull = "tx_ring_full": "egress port's transmit ring full (its peer is not draining it fast enough)",
+    EgressPortDown = "egress_port_down": "egress port has no AF_XDP socket (not attached, or being detached)",
 }
 
 #[cfg(test)]

@@ -10,6 +10,11 @@ pub struct FrameBuf<'a> {
 }
 
 impl<'a> FrameBuf<'a> {
+    /// An empty frame over no buffer (a placeholder in fixed-size batch arrays).
+    pub fn empty() -> FrameBuf<'a> {
+        FrameBuf { buf: &mut [], start: 0, len: 0 }
+    }
+
     /// A frame of `len` bytes at `start` in `buf`; `None` if it does not fit.
     pub fn new(buf: &'a mut [u8], start: usize, len: usize) -> Option<Self> {
         if start.checked_add(len)? > buf.len() {

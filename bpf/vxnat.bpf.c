@@ -1,0 +1,69 @@
+/* vxnat's XDP program, one instance per port. On pod and host ports it redirects every frame
+ * to vxnat's AF_XDP socket; on the uplink only VXLAN to this node's address and port (Service
+ * traffic comes with a later issue), passing everything else to the kernel so the node's own
+ * addressing, ARP and SSH keep working. Thin by design: vxnat validates everything itself. */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/udp.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "vxnat.h"
+#include "maps.h"
+
+static __always_inline int count(__u32 exit, int action)
+{
+	__u64 *n = bpf_map_lookup_elem(&exits, &exit);
+	if (n)
+		*n += 1;
+	return action;
+}
+
+static __always_inline int redirect(struct xdp_md *ctx)
+{
+	/* XDP_PASS as the fallback when no socket is bound on this queue. */
+	if (bpf_redirect_map(&xsks_map, ctx->rx_queue_index, XDP_PASS) == XDP_REDIRECT)
+		return count(VXNAT_EXIT_REDIRECT, XDP_REDIRECT);
+	return count(VXNAT_EXIT_PASS_NO_SOCKET, XDP_PASS);
+}
+
+/* VXLAN to this node: untagged IPv4 to node_ip, not fragmented, UDP to vxlan_port. */
+static __always_inline int is_ours_on_uplink(struct xdp_md *ctx, const struct vxnat_config *cfg)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip;
+	struct udphdr *udp;
+
+	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+		return 0;
+	ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > end || ip->ihl < 5)
+		return 0;
+	if (ip->daddr != cfg->node_ip || ip->protocol != IPPROTO_UDP)
+		return 0;
+	if (ip->frag_off & bpf_htons(0x3fff))
+		return 0;
+	udp = (void *)ip + ip->ihl * 4;
+	if ((void *)(udp + 1) > end)
+		return 0;
+	return udp->dest == cfg->vxlan_port;
+}
+
+SEC("xdp")
+int vxnat_xdp(struct xdp_md *ctx)
+{
+	__u32 zero = 0;
+	struct vxnat_config *cfg = bpf_map_lookup_elem(&config, &zero);
+
+	if (!cfg || cfg->mode == VXNAT_MODE_PASS)
+		return count(VXNAT_EXIT_PASS_UNCONFIGURED, XDP_PASS);
+	if (cfg->mode == VXNAT_MODE_UPLINK && !is_ours_on_uplink(ctx, cfg))
+		return count(VXNAT_EXIT_PASS_NOT_OURS, XDP_PASS);
+	return redirect(ctx);
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

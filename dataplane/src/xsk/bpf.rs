@@ -1,0 +1,144 @@
+//! Loads vxnat's XDP program (built from `bpf/` by build.rs) onto one interface, configures
+//! it, binds sockets into its XSKMAP and reads its exit counters. Detaches on drop, and can
+//! remove a program left behind by a killed vxnat.
+
+use libbpf_rs::{MapCore, MapFlags, Object, ObjectBuilder, Xdp, XdpFlags};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+
+/// The compiled program.
+static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/vxnat.bpf.o"));
+
+/// `enum vxnat_mode` of bpf/vxnat.h.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Mode {
+    Pass = 0,
+    All = 1,
+    Uplink = 2,
+}
+
+/// `enum vxnat_exit` of bpf/vxnat.h, in order.
+pub const EXIT_NAMES: [&str; 4] = ["redirect", "pass_not_ours", "pass_no_socket", "pass_unconfigured"];
+
+/// How the program attaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachMode {
+    /// Native (driver) XDP: `xdpdrv`, what veth supports.
+    Native,
+    /// Generic (skb) XDP.
+    Generic,
+}
+
+pub struct XdpProgram {
+    object: Object,
+    ifindex: i32,
+    attach: AttachMode,
+}
+
+impl std::fmt::Debug for XdpProgram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("XdpProgram")
+            .field("ifindex", &self.ifindex)
+            .field("attach", &self.attach)
+            .finish_non_exhaustive()
+    }
+}
+
+fn flags(attach: AttachMode) -> XdpFlags {
+    match attach {
+        AttachMode::Native => XdpFlags::DRV_MODE,
+        AttachMode::Generic => XdpFlags::SKB_MODE,
+    }
+}
+
+fn err(what: &str, e: impl std::fmt::Display) -> String {
+    format!("{what}: {e}")
+}
+
+impl XdpProgram {
+    /// Loads the program, writes its configuration and attaches it to `ifindex`.
+    pub fn attach(
+        ifindex: u32,
+        mode: Mode,
+        node_ip: [u8; 4],
+        vxlan_port: u16,
+        attach: AttachMode,
+    ) -> Result<XdpProgram, String> {
+        let open = ObjectBuilder::default().open_memory(OBJECT).map_err(|e| err("opening the XDP object", e))?;
+        let object = open.load().map_err(|e| err("loading the XDP program (needs CAP_BPF)", e))?;
+        let mut cfg = [0u8; 12];
+        cfg[0..4].copy_from_slice(&(mode as u32).to_ne_bytes());
+        cfg[4..8].copy_from_slice(&node_ip);
+        cfg[8..10].copy_from_slice(&vxlan_port.to_be_bytes());
+        Self::map(&object, "config")?
+            .update(&0u32.to_ne_bytes(), &cfg, MapFlags::ANY)
+            .map_err(|e| err("writing the XDP config", e))?;
+        let prog = object.progs().find(|p| p.name() == "vxnat_xdp").ok_or("XDP object has no vxnat_xdp program")?;
+        let ifindex = ifindex as i32;
+        Xdp::new(prog.as_fd())
+            .attach(ifindex, flags(attach))
+            .map_err(|e| err(&format!("attaching XDP to ifindex {ifindex}"), e))?;
+        Ok(XdpProgram { object, ifindex, attach })
+    }
+
+    fn map<'a>(object: &'a Object, name: &str) -> Result<libbpf_rs::Map<'a>, String> {
+        object.maps().find(|m| m.name() == name).ok_or_else(|| format!("XDP object has no {name} map"))
+    }
+
+    /// Puts the AF_XDP socket `fd` in the XSKMAP slot of `queue`.
+    pub fn bind_socket(&self, queue: u32, fd: RawFd) -> Result<(), String> {
+        Self::map(&self.object, "xsks_map")?
+            .update(&queue.to_ne_bytes(), &(fd as u32).to_ne_bytes(), MapFlags::ANY)
+            .map_err(|e| err("inserting the socket into the XSKMAP", e))
+    }
+
+    /// Exit counters summed over CPUs, in `EXIT_NAMES` order.
+    pub fn exits(&self) -> Result<[u64; 4], String> {
+        let map = Self::map(&self.object, "exits")?;
+        let mut out = [0u64; 4];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let per_cpu =
+                map.lookup_percpu(&(i as u32).to_ne_bytes(), MapFlags::ANY).map_err(|e| err("reading XDP exits", e))?;
+            *slot = per_cpu
+                .unwrap_or_default()
+                .iter()
+                .map(|v| {
+                    v.get(..8)
+                        .map(|b| u64::from_ne_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+                        .unwrap_or(0)
+                })
+                .sum();
+        }
+        Ok(out)
+    }
+
+    pub fn ifindex(&self) -> u32 {
+        self.ifindex as u32
+    }
+
+    /// Removes whatever XDP program is attached to `ifindex` in either mode (cleanup after a
+    /// `kill -9`). Errors are ignored: there may be nothing attached.
+    pub fn detach_any(ifindex: u32) {
+        let Ok(open) = ObjectBuilder::default().open_memory(OBJECT) else { return };
+        let Ok(object) = open.load() else { return };
+        let prog = object.progs().find(|p| p.name() == "vxnat_xdp");
+        if let Some(prog) = prog {
+            let xdp = Xdp::new(prog.as_fd());
+            let _ = xdp.detach(ifindex as i32, XdpFlags::DRV_MODE);
+            let _ = xdp.detach(ifindex as i32, XdpFlags::SKB_MODE);
+        }
+    }
+
+    /// The program's fd (for tests).
+    pub fn prog_fd(&self) -> Option<RawFd> {
+        self.object.progs().find(|p| p.name() == "vxnat_xdp").map(|p| p.as_fd().as_raw_fd())
+    }
+}
+
+impl Drop for XdpProgram {
+    fn drop(&mut self) {
+        if let Some(prog) = self.object.progs().find(|p| p.name() == "vxnat_xdp") {
+            let _ = Xdp::new(prog.as_fd()).detach(self.ifindex, flags(self.attach));
+        }
+    }
+}

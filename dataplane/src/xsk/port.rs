@@ -1,0 +1,152 @@
+//! One AF_XDP socket bound to (interface, queue 0) on the worker's shared UMEM, with its own
+//! rx/tx rings and fill/completion rings (shared UMEM across devices, Linux 5.10+).
+
+use super::umem::Umem;
+use super::{last_err, os_err, XskError};
+use libxdp_sys as sys;
+use std::ffi::CString;
+use std::os::fd::RawFd;
+
+/// How the socket binds.
+#[derive(Debug, Clone, Copy)]
+pub struct PortConfig {
+    pub ring_size: u32,
+    /// XDP_COPY (veth has no zero-copy mode).
+    pub copy_mode: bool,
+}
+
+impl Default for PortConfig {
+    fn default() -> Self {
+        PortConfig { ring_size: 2048, copy_mode: true }
+    }
+}
+
+pub struct XskPort {
+    pub ifname: String,
+    pub ifindex: u32,
+    pub queue: u32,
+    raw: *mut sys::xsk_socket,
+    fd: RawFd,
+    pub(crate) rx: Box<sys::xsk_ring_cons>,
+    pub(crate) tx: Box<sys::xsk_ring_prod>,
+    pub(crate) fill: Box<sys::xsk_ring_prod>,
+    pub(crate) comp: Box<sys::xsk_ring_cons>,
+    /// Chunks posted to this port's fill ring and not yet received back.
+    pub(crate) in_fill: u32,
+    /// Chunks posted to this port's tx ring and not yet completed.
+    pub(crate) in_tx: u32,
+}
+
+impl std::fmt::Debug for XskPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("XskPort")
+            .field("ifname", &self.ifname)
+            .field("ifindex", &self.ifindex)
+            .field("in_fill", &self.in_fill)
+            .field("in_tx", &self.in_tx)
+            .finish_non_exhaustive()
+    }
+}
+
+// SAFETY: a port is owned and used by one worker thread.
+unsafe impl Send for XskPort {}
+
+impl XskPort {
+    /// Binds a socket on `ifname` queue 0. libxdp's own program loading is inhibited: vxnat
+    /// loads its program and inserts the socket into its XSKMAP itself.
+    pub fn bind(umem: &mut Umem, ifname: &str, cfg: PortConfig) -> Result<XskPort, XskError> {
+        let name = CString::new(ifname).map_err(|_| XskError {
+            what: format!("interface name {ifname:?}"),
+            source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+        })?;
+        // SAFETY: name is a valid C string.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        if ifindex == 0 {
+            return Err(last_err(format!("interface {ifname}")));
+        }
+        // The first port takes over the rings created with the UMEM; later ones get new ones.
+        // SAFETY (zeroed): plain C ring structs, all-zero until libxdp fills them in.
+        let (mut fill, mut comp) = umem
+            .first_rings
+            .take()
+            .unwrap_or_else(|| (Box::new(unsafe { core::mem::zeroed() }), Box::new(unsafe { core::mem::zeroed() })));
+        let mut rx: Box<sys::xsk_ring_cons> = Box::new(unsafe { core::mem::zeroed() });
+        let mut tx: Box<sys::xsk_ring_prod> = Box::new(unsafe { core::mem::zeroed() });
+        let mut bind_flags = sys::XDP_USE_NEED_WAKEUP as u16;
+        if cfg.copy_mode {
+            bind_flags |= sys::XDP_COPY as u16;
+        }
+        let scfg = sys::xsk_socket_config {
+            rx_size: cfg.ring_size,
+            tx_size: cfg.ring_size,
+            __bindgen_anon_1: sys::xsk_socket_config__bindgen_ty_1 {
+                libxdp_flags: sys::XSK_LIBXDP_FLAGS__INHIBIT_PROG_LOAD,
+            },
+            xdp_flags: 0,
+            bind_flags,
+        };
+        let mut raw = core::ptr::null_mut();
+        // SAFETY: umem.raw is a live UMEM; the four ring structs are boxed (stable addresses
+        // for as long as the socket lives: libxdp keeps pointers to them).
+        let rc = unsafe {
+            sys::xsk_socket__create_shared(
+                &mut raw,
+                name.as_ptr(),
+                0,
+                umem.raw,
+                &mut *rx,
+                &mut *tx,
+                &mut *fill,
+                &mut *comp,
+                &scfg,
+            )
+        };
+        if rc != 0 {
+            return Err(os_err(format!("binding an AF_XDP socket on {ifname} queue 0"), rc));
+        }
+        // SAFETY: raw is the socket just created.
+        let fd = unsafe { sys::xsk_socket__fd(raw) };
+        Ok(XskPort { ifname: ifname.to_string(), ifindex, queue: 0, raw, fd, rx, tx, fill, comp, in_fill: 0, in_tx: 0 })
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.fd
+    }
+
+    /// Kicks the kernel to transmit (copy mode transmits from sendto), if it asked for it.
+    #[inline]
+    pub(crate) fn kick_tx(&self) {
+        // SAFETY: tx is this socket's live ring.
+        if unsafe { sys::xsk_ring_prod__needs_wakeup(&*self.tx) } != 0 {
+            // SAFETY: a zero-length sendto on our own socket; EAGAIN/EBUSY/ENOBUFS are fine
+            // (the kernel is busy transmitting and will see the ring).
+            unsafe { libc::sendto(self.fd, core::ptr::null(), 0, libc::MSG_DONTWAIT, core::ptr::null(), 0) };
+        }
+    }
+
+    /// Wakes the kernel to pick up fill ring entries, if it asked for it.
+    #[inline]
+    pub(crate) fn kick_fill(&self) {
+        // SAFETY: fill is this socket's live ring.
+        if unsafe { sys::xsk_ring_prod__needs_wakeup(&*self.fill) } != 0 {
+            // SAFETY: a zero-length non-blocking recvfrom on our own socket.
+            unsafe {
+                libc::recvfrom(
+                    self.fd,
+                    core::ptr::null_mut(),
+                    0,
+                    libc::MSG_DONTWAIT,
+                    core::ptr::null_mut(),
+                    core::ptr::null_mut(),
+                )
+            };
+        }
+    }
+}
+
+impl Drop for XskPort {
+    fn drop(&mut self) {
+        // SAFETY: raw came from xsk_socket__create_shared and is deleted once.
+        unsafe { sys::xsk_socket__delete(self.raw) };
+    }
+}

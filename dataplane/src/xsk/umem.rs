@@ -1,0 +1,143 @@
+//! The UMEM: one mmap'd region of aligned 4 KiB chunks shared by every port of a worker, and
+//! the pool of free chunks. A chunk is always in exactly one place: the free pool, a fill ring,
+//! an rx ring or the pipeline (briefly), a tx ring, or a completion ring; `FrameAccount` counts
+//! the kernel-held ones so a leak shows as a mismatch, never silently.
+
+use super::{last_err, os_err, XskError};
+use core::ptr::NonNull;
+use libxdp_sys as sys;
+
+/// Chunk size (aligned mode: descriptors may point anywhere inside their chunk).
+pub const FRAME_SIZE: u32 = 4096;
+/// The kernel places received data this far into a chunk (XDP_PACKET_HEADROOM, with no extra
+/// UMEM headroom): room for the 50 bytes of VXLAN in front, and more.
+pub const RX_HEADROOM: u32 = sys::XDP_PACKET_HEADROOM;
+
+/// The UMEM region and its registration. The fill and completion rings created with it are
+/// handed to the first socket bound to it (libxdp's shared-UMEM rule).
+pub struct Umem {
+    area: NonNull<u8>,
+    size: usize,
+    frames: u32,
+    pub(crate) raw: *mut sys::xsk_umem,
+    /// Rings created with the UMEM, moved into the first port.
+    pub(crate) first_rings: Option<(Box<sys::xsk_ring_prod>, Box<sys::xsk_ring_cons>)>,
+}
+
+impl std::fmt::Debug for Umem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Umem").field("frames", &self.frames).field("size", &self.size).finish_non_exhaustive()
+    }
+}
+
+// SAFETY: the UMEM is owned by one worker thread; the raw pointers are not shared.
+unsafe impl Send for Umem {}
+
+impl Umem {
+    /// Maps `frames` chunks and registers them as a UMEM with rings of `ring_size` entries.
+    pub fn new(frames: u32, ring_size: u32) -> Result<Umem, XskError> {
+        let size = frames as usize * FRAME_SIZE as usize;
+        // SAFETY: anonymous private mapping; the result is checked against MAP_FAILED.
+        let area = unsafe {
+            libc::mmap(
+                core::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        if area == libc::MAP_FAILED {
+            return Err(last_err(format!("mmap of a {size}-byte UMEM")));
+        }
+        let Some(area) = NonNull::new(area.cast::<u8>()) else {
+            return Err(last_err("mmap returned null"));
+        };
+        // SAFETY: plain C structs that libxdp initialises; all-zero is their "unset" state.
+        let mut fill: Box<sys::xsk_ring_prod> = Box::new(unsafe { core::mem::zeroed() });
+        let mut comp: Box<sys::xsk_ring_cons> = Box::new(unsafe { core::mem::zeroed() });
+        let cfg = sys::xsk_umem_config {
+            fill_size: ring_size,
+            comp_size: ring_size,
+            frame_size: FRAME_SIZE,
+            frame_headroom: 0,
+            flags: 0,
+        };
+        let mut raw = core::ptr::null_mut();
+        // SAFETY: area/size describe the mapping above; the ring structs are boxed so their
+        // addresses stay valid for as long as libxdp keeps them.
+        let rc =
+            unsafe { sys::xsk_umem__create(&mut raw, area.as_ptr().cast(), size as u64, &mut *fill, &mut *comp, &cfg) };
+        if rc != 0 {
+            // SAFETY: unmapping what we mapped.
+            unsafe { libc::munmap(area.as_ptr().cast(), size) };
+            return Err(os_err("registering the UMEM (xsk_umem__create)", rc));
+        }
+        Ok(Umem { area, size, frames, raw, first_rings: Some((fill, comp)) })
+    }
+
+    pub fn frame_count(&self) -> u32 {
+        self.frames
+    }
+
+    /// Every chunk's base address, for the initial free pool.
+    pub fn chunk_addrs(&self) -> impl Iterator<Item = u64> {
+        (0..u64::from(self.frames)).map(|i| i * u64::from(FRAME_SIZE))
+    }
+
+    /// The chunk containing `addr` (any offset inside it).
+    #[inline]
+    pub fn chunk_of(addr: u64) -> u64 {
+        addr & !(u64::from(FRAME_SIZE) - 1)
+    }
+
+    /// The bytes of the chunk at `chunk`.
+    ///
+    /// # Safety
+    /// `chunk` must be a chunk base of this UMEM that the caller holds (not in any ring), and
+    /// no other live reference to the same chunk may exist.
+    #[inline]
+    pub(crate) unsafe fn chunk_mut<'a>(&self, chunk: u64) -> &'a mut [u8] {
+        debug_assert!(chunk % u64::from(FRAME_SIZE) == 0 && (chunk as usize) < self.size);
+        core::slice::from_raw_parts_mut(self.area.as_ptr().add(chunk as usize), FRAME_SIZE as usize)
+    }
+
+    /// Whether `addr`..`addr+len` lies inside one chunk of this UMEM (descriptors from the
+    /// kernel are checked before use).
+    #[inline]
+    pub fn valid_desc(&self, addr: u64, len: u32) -> bool {
+        let chunk = Self::chunk_of(addr);
+        (chunk as usize) < self.size && addr + u64::from(len) <= chunk + u64::from(FRAME_SIZE)
+    }
+}
+
+impl Drop for Umem {
+    fn drop(&mut self) {
+        // Ports (sockets) must be dropped first; the worker drops them before the UMEM.
+        // SAFETY: raw came from xsk_umem__create; area/size from mmap.
+        unsafe {
+            sys::xsk_umem__delete(self.raw);
+            libc::munmap(self.area.as_ptr().cast(), self.size);
+        }
+    }
+}
+
+/// Where the worker's chunks are, for the leak check.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FrameAccount {
+    pub total: u32,
+    /// In the free pool.
+    pub free: u32,
+    /// Posted to fill rings, not yet received back.
+    pub in_fill: u32,
+    /// Posted to tx rings, not yet completed.
+    pub in_tx: u32,
+}
+
+impl FrameAccount {
+    /// Every chunk is accounted for (call between batches, when the pipeline holds none).
+    pub fn balanced(&self) -> bool {
+        self.free + self.in_fill + self.in_tx == self.total
+    }
+}

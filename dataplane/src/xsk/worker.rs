@@ -1,0 +1,350 @@
+//! The poll-mode worker: several ports on one shared UMEM, polled in turn. Per port and
+//! iteration: reclaim completed tx chunks, restock the fill ring, take a batch of up to 32
+//! received frames, run them through the pipeline, and queue each on its egress port's tx ring
+//! (or return it to the pool). Nothing is allocated per packet; the only syscalls are the
+//! wakeups the kernel asks for (need_wakeup) and the idle poll.
+
+use super::bpf::{AttachMode, Mode, XdpProgram};
+use super::port::{PortConfig, XskPort};
+use super::umem::{FrameAccount, Umem, FRAME_SIZE};
+use super::XskError;
+use crate::pipeline::{process_batch, Counters, Disposition, DropReason, FrameBuf, Nanos, WorkerState};
+use crate::tables::{PortId, Tables};
+use libxdp_sys as sys;
+
+/// Frames per rx batch.
+pub const BATCH: usize = 32;
+
+/// Worker sizing.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerConfig {
+    /// UMEM chunks (4 KiB each).
+    pub frames: u32,
+    /// Ring sizes (fill, completion, rx, tx), a power of two.
+    pub ring_size: u32,
+    /// At most this many chunks in one port's fill ring, so one port cannot starve the rest.
+    pub fill_per_port: u32,
+    pub attach: AttachMode,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig { frames: 4096, ring_size: 2048, fill_per_port: 512, attach: AttachMode::Native }
+    }
+}
+
+/// I/O events of the worker that are not per-packet pipeline drops.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IoStats {
+    /// Times a fill ring could not be restocked because the pool was empty (UMEM exhausted).
+    pub fill_starved: u64,
+    /// Descriptors from the kernel outside the UMEM (never expected; dropped).
+    pub bad_descriptors: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+}
+
+struct WorkerPort {
+    xsk: XskPort,
+    prog: XdpProgram,
+}
+
+pub struct Worker {
+    // Field order matters: ports (sockets) drop before the UMEM they are bound to.
+    ports: Vec<Option<WorkerPort>>,
+    umem: Umem,
+    pool: Vec<u64>,
+    state: WorkerState,
+    staged: Vec<Vec<(u64, u32)>>,
+    host: Option<PortId>,
+    cfg: WorkerConfig,
+    pub io: IoStats,
+    /// Chunks that were in the rings of removed sockets (the kernel freed them with the
+    /// socket; they are no longer in this worker's circulation).
+    lost_with_sockets: u64,
+    total_reduction: u32,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker").field("account", &self.account()).field("io", &self.io).finish_non_exhaustive()
+    }
+}
+
+impl Worker {
+    pub fn new(id: u16, cfg: WorkerConfig) -> Result<Worker, XskError> {
+        let umem = Umem::new(cfg.frames, cfg.ring_size)?;
+        let pool: Vec<u64> = umem.chunk_addrs().collect();
+        Ok(Worker {
+            ports: Vec::new(),
+            umem,
+            pool,
+            state: WorkerState::new(id),
+            staged: Vec::new(),
+            host: None,
+            cfg,
+            io: IoStats::default(),
+            lost_with_sockets: 0,
+            total_reduction: 0,
+        })
+    }
+
+    /// Binds `ifname` as port `id`: loads and attaches the XDP program in `mode`, binds an
+    /// AF_XDP socket, inserts it into the program's XSKMAP and stocks the fill ring.
+    pub fn add_port(
+        &mut self,
+        id: PortId,
+        ifname: &str,
+        mode: Mode,
+        node_ip: [u8; 4],
+        vxlan_port: u16,
+    ) -> Result<(), String> {
+        let i = usize::from(id.0);
+        if self.ports.get(i).is_some_and(Option::is_some) {
+            return Err(format!("port {id} already bound"));
+        }
+        let xsk = XskPort::bind(&mut self.umem, ifname, PortConfig { ring_size: self.cfg.ring_size, copy_mode: true })
+            .map_err(|e| e.to_string())?;
+        let prog = XdpProgram::attach(xsk.ifindex, mode, node_ip, vxlan_port, self.cfg.attach)?;
+        prog.bind_socket(xsk.queue, xsk.fd())?;
+        if self.ports.len() <= i {
+            self.ports.resize_with(i + 1, || None);
+            self.staged.resize_with(i + 1, || Vec::with_capacity(BATCH * 2));
+        }
+        self.ports[i] = Some(WorkerPort { xsk, prog });
+        self.refill(i);
+        Ok(())
+    }
+
+    /// Marks `id` as the host port (the destination of `Disposition::ToHost`).
+    pub fn set_host_port(&mut self, id: PortId) {
+        self.host = Some(id);
+    }
+
+    /// Unbinds a port; the chunks in its rings are reclaimed where the kernel gives them back
+    /// (completions), the rest are counted as lost with the socket.
+    pub fn remove_port(&mut self, id: PortId) -> bool {
+        let i = usize::from(id.0);
+        let Some(Some(_)) = self.ports.get(i) else { return false };
+        self.reclaim(i);
+        if let Some(p) = self.ports[i].take() {
+            // The kernel frees the rings with the socket: chunks still in them are gone from
+            // this UMEM's point of view. Count them so the account stays honest.
+            self.lost_with_sockets += u64::from(p.xsk.in_fill + p.xsk.in_tx);
+            self.total_reduction += p.xsk.in_fill + p.xsk.in_tx;
+        }
+        true
+    }
+
+    /// Where every chunk is (call between polls).
+    pub fn account(&self) -> FrameAccount {
+        let mut a = FrameAccount {
+            total: self.umem.frame_count() - self.total_reduction,
+            free: self.pool.len() as u32,
+            ..Default::default()
+        };
+        for p in self.ports.iter().flatten() {
+            a.in_fill += p.xsk.in_fill;
+            a.in_tx += p.xsk.in_tx;
+        }
+        a
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.state.counters
+    }
+
+    /// XDP exit counters of the program on port `id`.
+    pub fn xdp_exits(&self, id: PortId) -> Option<Result<[u64; 4], String>> {
+        self.ports.get(usize::from(id.0))?.as_ref().map(|p| p.prog.exits())
+    }
+
+    /// The rx fds, for an idle poll(2).
+    pub fn fds(&self) -> impl Iterator<Item = i32> + '_ {
+        self.ports.iter().flatten().map(|p| p.xsk.fd())
+    }
+
+    /// One pass over every port. Returns the frames received.
+    pub fn poll(&mut self, tables: &Tables, now: Nanos) -> usize {
+        let mut received = 0;
+        for i in 0..self.ports.len() {
+            if self.ports[i].is_none() {
+                continue;
+            }
+            self.reclaim(i);
+            self.refill(i);
+            received += self.rx(i, tables, now);
+        }
+        self.flush_tx();
+        received
+    }
+
+    /// Waits up to `timeout_ms` for any port to have frames (the idle half of adaptive poll).
+    pub fn wait(&self, timeout_ms: i32) {
+        let mut fds: [libc::pollfd; 64] = [libc::pollfd { fd: -1, events: 0, revents: 0 }; 64];
+        let mut n = 0;
+        for fd in self.fds().take(64) {
+            fds[n] = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+            n += 1;
+        }
+        // SAFETY: fds[..n] are initialised pollfd entries.
+        unsafe { libc::poll(fds.as_mut_ptr(), n as libc::nfds_t, timeout_ms) };
+    }
+
+    fn reclaim(&mut self, i: usize) {
+        let Some(Some(p)) = self.ports.get_mut(i) else { return };
+        loop {
+            let mut idx = 0u32;
+            // SAFETY: comp is this port's live completion ring.
+            let n = unsafe { sys::xsk_ring_cons__peek(&mut *p.xsk.comp, 64, &mut idx) };
+            if n == 0 {
+                break;
+            }
+            for k in 0..n {
+                // SAFETY: idx+k < idx+n are entries the peek handed us.
+                let addr = unsafe { *sys::xsk_ring_cons__comp_addr(&*p.xsk.comp, idx + k) };
+                self.pool.push(Umem::chunk_of(addr));
+            }
+            // SAFETY: releasing exactly what we peeked.
+            unsafe { sys::xsk_ring_cons__release(&mut *p.xsk.comp, n) };
+            p.xsk.in_tx = p.xsk.in_tx.saturating_sub(n);
+        }
+        if p.xsk.in_tx > 0 {
+            // Copy mode transmits from sendto, 32 frames at a time: keep kicking.
+            p.xsk.kick_tx();
+        }
+    }
+
+    fn refill(&mut self, i: usize) {
+        let Some(Some(p)) = self.ports.get_mut(i) else { return };
+        let room = self.cfg.fill_per_port.saturating_sub(p.xsk.in_fill);
+        if room == 0 {
+            return;
+        }
+        let want = room.min(self.pool.len() as u32).min(256);
+        if want == 0 {
+            self.io.fill_starved += 1;
+            return;
+        }
+        let mut idx = 0u32;
+        // SAFETY: fill is this port's live fill ring.
+        let got = unsafe { sys::xsk_ring_prod__reserve(&mut *p.xsk.fill, want, &mut idx) };
+        for k in 0..got {
+            let Some(chunk) = self.pool.pop() else { break };
+            // SAFETY: idx+k is a slot we reserved.
+            unsafe { *sys::xsk_ring_prod__fill_addr(&mut *p.xsk.fill, idx + k) = chunk };
+        }
+        // SAFETY: submitting exactly what we reserved and wrote (got <= pool length).
+        unsafe { sys::xsk_ring_prod__submit(&mut *p.xsk.fill, got) };
+        p.xsk.in_fill += got;
+        p.xsk.kick_fill();
+    }
+
+    fn rx(&mut self, i: usize, tables: &Tables, now: Nanos) -> usize {
+        let Some(Some(p)) = self.ports.get_mut(i) else { return 0 };
+        let mut idx = 0u32;
+        // SAFETY: rx is this port's live rx ring.
+        let n = unsafe { sys::xsk_ring_cons__peek(&mut *p.xsk.rx, BATCH as u32, &mut idx) } as usize;
+        if n == 0 {
+            return 0;
+        }
+        let mut descs = [(0u64, 0u32); BATCH];
+        for (k, d) in descs.iter_mut().enumerate().take(n) {
+            // SAFETY: idx+k < idx+n are entries the peek handed us.
+            let raw = unsafe { *sys::xsk_ring_cons__rx_desc(&*p.xsk.rx, idx + k as u32) };
+            *d = (raw.addr, raw.len);
+        }
+        // SAFETY: releasing exactly what we peeked; the descriptors are copied out.
+        unsafe { sys::xsk_ring_cons__release(&mut *p.xsk.rx, n as u32) };
+        p.xsk.in_fill = p.xsk.in_fill.saturating_sub(n as u32);
+
+        let mut frames: [FrameBuf<'_>; BATCH] = core::array::from_fn(|_| FrameBuf::empty());
+        let mut chunks = [0u64; BATCH];
+        let mut m = 0;
+        for &(addr, len) in &descs[..n] {
+            if !self.umem.valid_desc(addr, len) {
+                self.io.bad_descriptors += 1;
+                continue;
+            }
+            let chunk = Umem::chunk_of(addr);
+            // SAFETY: the kernel handed this chunk to us through the rx ring; each descriptor
+            // names a distinct chunk, so the slices do not alias, and they live only for this
+            // batch, before the chunk is queued anywhere again.
+            let buf = unsafe { self.umem.chunk_mut(chunk) };
+            match FrameBuf::new(buf, (addr - chunk) as usize, len as usize) {
+                Some(f) => {
+                    frames[m] = f;
+                    chunks[m] = chunk;
+                    m += 1;
+                }
+                None => {
+                    self.io.bad_descriptors += 1;
+                    self.pool.push(chunk);
+                }
+            }
+        }
+        let mut out = [Disposition::Drop(DropReason::PortUnknown); BATCH];
+        process_batch(tables, &mut self.state, now, PortId(i as u16), &mut frames[..m], &mut out[..m]);
+        for k in 0..m {
+            let egress = match out[k] {
+                Disposition::Forward(port) => Some(port),
+                Disposition::ToHost => self.host,
+                Disposition::Drop(_) => None,
+            };
+            let f = &frames[k];
+            match egress.and_then(|e| self.staged.get_mut(usize::from(e.0)).map(|s| (e, s))) {
+                Some((_, staged)) => staged.push((chunks[k] + f.start() as u64, f.len() as u32)),
+                None => {
+                    if let Some(e) = egress {
+                        self.state.counters.port_mut(e).drops[DropReason::EgressPortDown.index()] += 1;
+                    }
+                    self.pool.push(chunks[k]);
+                }
+            }
+        }
+        n
+    }
+
+    fn flush_tx(&mut self) {
+        for e in 0..self.staged.len() {
+            if self.staged[e].is_empty() {
+                continue;
+            }
+            let Some(Some(p)) = self.ports.get_mut(e) else {
+                let lost = self.staged[e].len() as u64;
+                self.state.counters.port_mut(PortId(e as u16)).drops[DropReason::EgressPortDown.index()] += lost;
+                for (addr, _) in self.staged[e].drain(..) {
+                    self.pool.push(Umem::chunk_of(addr));
+                }
+                continue;
+            };
+            let want = self.staged[e].len() as u32;
+            let mut idx = 0u32;
+            // SAFETY: tx is this port's live tx ring.
+            let got = unsafe { sys::xsk_ring_prod__reserve(&mut *p.xsk.tx, want, &mut idx) };
+            for (k, &(addr, len)) in self.staged[e].iter().take(got as usize).enumerate() {
+                // SAFETY: idx+k is a slot we reserved.
+                let d = unsafe { &mut *sys::xsk_ring_prod__tx_desc(&mut *p.xsk.tx, idx + k as u32) };
+                d.addr = addr;
+                d.len = len;
+                d.options = 0;
+                self.io.tx_bytes += u64::from(len);
+            }
+            // SAFETY: submitting exactly what we reserved and wrote.
+            unsafe { sys::xsk_ring_prod__submit(&mut *p.xsk.tx, got) };
+            p.xsk.in_tx += got;
+            self.io.tx_packets += u64::from(got);
+            p.xsk.kick_tx();
+            let full = want - got;
+            if full > 0 {
+                self.state.counters.port_mut(PortId(e as u16)).drops[DropReason::TxRingFull.index()] += u64::from(full);
+                for &(addr, _) in &self.staged[e][got as usize..] {
+                    self.pool.push(Umem::chunk_of(addr));
+                }
+            }
+            self.staged[e].clear();
+        }
+    }
+}
+
+const _: () = assert!(FRAME_SIZE.is_power_of_two());

@@ -1,0 +1,126 @@
+//! Network namespaces for tests: unique names (`vxt-<pid>-<n>-<tag>`), removed on drop even
+//! when the test fails, and a way for a thread to enter one. Traffic stays inside them.
+
+#![allow(unsafe_code)] // setns(2) and geteuid(2): the harness must enter namespaces.
+
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Whether this process may create namespaces and load XDP programs. In CI (`CI` set) a test
+/// that needs root must not silently pass without it.
+pub fn require_root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        assert!(std::env::var_os("CI").is_none(), "{test} needs root (CAP_NET_ADMIN, CAP_BPF) and CI is set");
+        eprintln!("skipping {test}: needs root (CAP_NET_ADMIN, CAP_BPF)");
+    }
+    root
+}
+
+/// Runs a command, returning its output; panics with stderr if it fails.
+pub fn sh(args: &[&str]) -> Output {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("running {args:?}: {e}"));
+    assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+#[derive(Debug)]
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Netns {
+        let name = format!("vxt-{}-{}-{tag}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+        sh(&["ip", "netns", "add", &name]);
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// `ip -n NAME ARGS...`
+    pub fn ip(&self, args: &[&str]) -> Output {
+        let mut v = vec!["ip", "-n", &self.name];
+        v.extend_from_slice(args);
+        sh(&v)
+    }
+
+    /// Runs a program inside the namespace and returns its output (not checked).
+    pub fn exec(&self, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("running {args:?} in {}: {e}", self.name))
+    }
+
+    /// The MAC address of `ifname` in this namespace.
+    pub fn mac(&self, ifname: &str) -> String {
+        let out = self.ip(&["-o", "link", "show", ifname]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut words = text.split_whitespace();
+        while let Some(w) = words.next() {
+            if w == "link/ether" {
+                return words.next().unwrap_or_default().to_string();
+            }
+        }
+        panic!("no MAC for {ifname} in {}: {text}", self.name)
+    }
+
+    /// Moves the calling thread into this namespace (for sockets and XDP attach).
+    pub fn enter(&self) {
+        let path = format!("/run/netns/{}", self.name);
+        let f = std::fs::File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on a valid namespace fd; affects only the calling thread.
+        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns into {}: {}", self.name, std::io::Error::last_os_error());
+    }
+
+    /// Runs `f` on a new thread inside this namespace.
+    pub fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+        let name = self.name.clone();
+        std::thread::spawn(move || {
+            Netns { name: name.clone() }.enter_no_drop();
+            f()
+        })
+    }
+
+    fn enter_no_drop(self) {
+        self.enter();
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
+
+/// FNV-1a, 64-bit: a content hash for transfer checks.
+pub fn fnv1a(data: &[u8], mut h: u64) -> u64 {
+    for &b in data {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// Deterministic test payload: byte i of a stream seeded by `seed`.
+pub fn payload(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
