@@ -13,6 +13,10 @@ pub struct EventCounters {
     pub partial_checksums_completed: u64,
     /// Frames encapsulated toward a remote node.
     pub encapsulated: u64,
+    /// Outer VXLAN UDP checksums accepted as offload-pending (pseudo-header only, or valid by
+    /// local checksum offload once the inner checksum was completed): what a veth underlay
+    /// delivers from a Linux sender. Corrupt ones are `vxlan_bad_outer_checksum` drops.
+    pub outer_partial_checksums: u64,
     /// Frames decapsulated from a remote node.
     pub decapsulated: u64,
     /// ICMP time exceeded messages generated.

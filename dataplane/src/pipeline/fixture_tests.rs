@@ -766,3 +766,40 @@ fn every_truncation_of_valid_frames_ends_in_a_named_drop() {
         }
     }
 }
+
+/// What a Linux VXLAN sender over a veth delivers (incident 1's mechanism, benign form): the
+/// outer UDP checksum left to an offload. Pseudo-header only, or computed by local checksum
+/// offload over an inner checksum that is itself partial. Both are accepted and the inner
+/// checksum completed; a corrupt frame in the same shape is still dropped.
+#[test]
+fn offload_pending_outer_checksums_from_a_linux_sender() {
+    let tables = tables();
+    let inner = tcp(REMOTE_POD_B, POD1_IP, 63, b"through flannel.1");
+    let expected = eth(POD1_MAC, POD1_PORT_MAC, 0x0800, &tcp(REMOTE_POD_B, POD1_IP, 62, b"through flannel.1"));
+
+    // (a) Inner complete, outer holds the pseudo-header sum only.
+    let mut a = vxlan_frame(&Vxlan::b_to_a(), &inner);
+    let udp_len = (a.len() - 34) as u16;
+    let pseudo = crate::wire::checksum::pseudo_header_sum(NODE_B, NODE_A, 17, udp_len);
+    a[40..42].copy_from_slice(&pseudo.to_be_bytes());
+    let mut state = WorkerState::new(0);
+    assert_eq!(run(&tables, &mut state, 0, UPLINK, &a), (Disposition::Forward(POD1), expected.clone()));
+    assert_eq!(state.counters.port(UPLINK).map(|c| c.events.outer_partial_checksums), Some(1));
+
+    // (b) LCO: outer valid as if the inner TCP checksum were filled in; inner left partial.
+    let mut b = vxlan_frame(&Vxlan { udp_checksum: true, ..Vxlan::b_to_a() }, &inner);
+    make_partial(&mut b[50..]);
+    let mut state = WorkerState::new(0);
+    assert_eq!(run(&tables, &mut state, 0, UPLINK, &b), (Disposition::Forward(POD1), expected));
+    let c = state.counters.port(UPLINK).map(|c| c.events.clone()).unwrap_or_default();
+    assert_eq!((c.outer_partial_checksums, c.partial_checksums_completed), (1, 1));
+
+    // (c) The same shape corrupted in flight in what the outer checksum covers (the inner
+    // Ethernet source): the inner completes, but the outer checksum then disagrees. (Under LCO
+    // the outer checksum does not depend on the inner payload, whose checksum the sender never
+    // computed: a payload flip there is undetectable by anyone, by construction.)
+    let mut bad = b.clone();
+    bad[50 + 6] ^= 0x20;
+    let mut state = WorkerState::new(0);
+    assert_eq!(run(&tables, &mut state, 0, UPLINK, &bad).0, Disposition::Drop(DropReason::VxlanBadOuterChecksum));
+}

@@ -11,6 +11,7 @@
 use super::reply;
 use super::{Disposition, DropReason, FrameBuf, Nanos, PortCounters, TokenBucket};
 use crate::tables::{LocalPod, PortEntry, PortId, PortKind, Route, Tables};
+use crate::vxlan::decap::OuterChecksum;
 use crate::vxlan::{decap, encap};
 use crate::wire::checksum;
 use crate::wire::{ethernet, icmp, ipv4, tcp, udp};
@@ -143,7 +144,7 @@ fn from_local(
             return Err(DropReason::PodSpoofedIp);
         }
     }
-    if complete_partial_checksum(frame, &m) {
+    if complete_partial_checksum(frame, &m).is_some() {
         ctx.events().partial_checksums_completed += 1;
     }
     forward(ctx, frame, &m, if pod.is_some() { Origin::Pod } else { Origin::Host })
@@ -151,9 +152,26 @@ fn from_local(
 
 #[inline(always)]
 fn from_uplink(ctx: &mut Ctx<'_>, frame: &mut FrameBuf<'_>) -> Result<Disposition, DropReason> {
-    decap::decap(ctx.tables, frame)?;
-    ctx.events().decapsulated += 1;
+    let d = decap::decap(ctx.tables, frame)?;
     let m = validate_ipv4(frame)?;
+    // A veth underlay delivers what the sender left to offloads: complete the inner checksum,
+    // then judge the outer one (see `OuterChecksum`).
+    let completed = complete_partial_checksum(frame, &m);
+    match d.outer_checksum {
+        OuterChecksum::Ok => {}
+        OuterChecksum::Partial => ctx.events().outer_partial_checksums += 1,
+        OuterChecksum::PendingInner { sum } => match completed {
+            // RFC 1624: the inner field went from `old` to `new`; the outer sum follows.
+            Some((old, new)) if checksum::add(checksum::add(sum, !old), new) == 0xffff => {
+                ctx.events().outer_partial_checksums += 1;
+            }
+            _ => return Err(DropReason::VxlanBadOuterChecksum),
+        },
+    }
+    if completed.is_some() {
+        ctx.events().partial_checksums_completed += 1;
+    }
+    ctx.events().decapsulated += 1;
     forward(ctx, frame, &m, Origin::Tunnel)
 }
 
@@ -247,17 +265,17 @@ pub(crate) fn validate_ipv4(frame: &mut FrameBuf<'_>) -> Result<Ipv4Meta, DropRe
 
 /// Completes a TCP/UDP checksum left as CHECKSUM_PARTIAL (pseudo-header sum only) by the
 /// sender's stack, which AF_XDP on a veth hands over as is. A full checksum — right or
-/// wrong — is left alone (verification policy is per port, later). Returns whether it
-/// completed one.
+/// wrong — is left alone (verification policy is per port, later). Returns the field's old
+/// and new values when it completed one.
 #[inline(always)]
-fn complete_partial_checksum(frame: &mut FrameBuf<'_>, m: &Ipv4Meta) -> bool {
+fn complete_partial_checksum(frame: &mut FrameBuf<'_>, m: &Ipv4Meta) -> Option<(u16, u16)> {
     if m.is_fragment {
-        return false;
+        return None;
     }
     let start = ethernet::HEADER_LEN + m.header_len;
     let end = ethernet::HEADER_LEN + m.total_len;
     let Some(l4) = frame.data_mut().get_mut(start..end) else {
-        return false;
+        return None;
     };
     let (field, l4) = match m.proto {
         6 => (tcp::CHECKSUM_OFFSET, l4),
@@ -265,29 +283,32 @@ fn complete_partial_checksum(frame: &mut FrameBuf<'_>, m: &Ipv4Meta) -> bool {
             // Validated: 8 <= UDP length <= IP payload.
             let ulen = match l4.first_chunk::<{ udp::HEADER_LEN }>() {
                 Some(u) => usize::from(u16::from_be_bytes([u[4], u[5]])),
-                None => return false,
+                None => return None,
             };
             match l4.get_mut(..ulen) {
                 Some(l) => (udp::CHECKSUM_OFFSET, l),
-                None => return false,
+                None => return None,
             }
         }
-        _ => return false,
+        _ => return None,
     };
     let Some(f) = l4.get(field..field + 2) else {
-        return false;
+        return None;
     };
     let stored = u16::from_be_bytes([f[0], f[1]]);
     if m.proto == 17 && stored == 0 {
-        return false;
+        return None;
     }
     let pseudo = checksum::pseudo_header_sum(m.src, m.dst, m.proto, l4.len() as u16);
     // Cheap test first: only a field holding exactly the pseudo-header sum can be partial
     // (0x0000 and 0xffff are the same number in one's complement).
     if stored != pseudo && stored.wrapping_add(1) | pseudo.wrapping_add(1) > 1 {
-        return false;
+        return None;
     }
-    checksum::complete_if_partial(m.src, m.dst, m.proto, l4, field, m.proto == 17) == checksum::L4ChecksumState::Partial
+    match checksum::complete_if_partial(m.src, m.dst, m.proto, l4, field, m.proto == 17) {
+        checksum::L4ChecksumState::Partial => Some((stored, u16::from_be_bytes([l4[field], l4[field + 1]]))),
+        _ => None,
+    }
 }
 
 /// Routes a validated packet and hands it to its egress.

@@ -10,15 +10,38 @@ use crate::wire::{checksum, ethernet, ipv4, udp, vxlan};
 use crate::wire::{EtherType, EthernetFrame};
 use core::net::Ipv4Addr;
 
-/// Validates the outer headers and strips them; returns the index of the sending node.
+/// The outer UDP checksum as found, before the inner packet is looked at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OuterChecksum {
+    /// Zero (none) or verifies.
+    Ok,
+    /// Holds only the pseudo-header sum: the sender left it to an offload (Linux
+    /// `udp_set_csum` on a CHECKSUM_COMPLETE inner packet) that a veth never ran. Not corrupt.
+    Partial,
+    /// Does not verify as it stands. It may still be valid by local checksum offload (LCO:
+    /// Linux computes the outer checksum as if the inner L4 checksum, itself left partial,
+    /// were already filled in): `sum` is the verification sum over the outer datagram as
+    /// received, to be re-checked after the inner checksum is completed.
+    PendingInner { sum: u16 },
+}
+
+/// What decapsulation found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decapped {
+    /// Index of the sending node.
+    pub vtep: u32,
+    pub outer_checksum: OuterChecksum,
+}
+
+/// Validates the outer headers and strips them.
 ///
 /// Reads each header through one fixed-size view (`first_chunk`) so field reads carry no
 /// further bounds checks; the order of checks decides which reason a frame broken in several
 /// ways gets, and matches the module doc.
 #[inline]
-pub fn decap(tables: &Tables, frame: &mut FrameBuf<'_>) -> Result<u32, DropReason> {
+pub fn decap(tables: &Tables, frame: &mut FrameBuf<'_>) -> Result<Decapped, DropReason> {
     let node = &tables.node;
-    let (inner_start, inner_end, vtep) = {
+    let (inner_start, inner_end, vtep, outer_checksum) = {
         let d = frame.data();
         let Some(e) = d.first_chunk::<{ ethernet::HEADER_LEN }>() else {
             return Err(DropReason::EthTruncated);
@@ -82,9 +105,20 @@ pub fn decap(tables: &Tables, frame: &mut FrameBuf<'_>) -> Result<u32, DropReaso
         let src = Ipv4Addr::new(h[12], h[13], h[14], h[15]);
         let vtep = tables.vtep(src).ok_or(DropReason::VxlanUnknownVtep)?;
         let datagram = &datagram[..ulen];
-        if u[6..8] != [0, 0] && !checksum::verify_l4(src, node.node_ip, 17, datagram) {
-            return Err(DropReason::VxlanBadOuterChecksum);
-        }
+        let stored = u16::from_be_bytes([u[6], u[7]]);
+        let outer_checksum = if stored == 0 {
+            OuterChecksum::Ok
+        } else {
+            let pseudo = checksum::pseudo_header_sum(src, node.node_ip, 17, ulen as u16);
+            let sum = checksum::add(pseudo, checksum::sum(datagram));
+            if sum == 0xffff {
+                OuterChecksum::Ok
+            } else if stored == pseudo || (stored == 0xffff && pseudo == 0) {
+                OuterChecksum::Partial
+            } else {
+                OuterChecksum::PendingInner { sum }
+            }
+        };
         let Some(vx) = datagram[udp::HEADER_LEN..].first_chunk::<{ vxlan::HEADER_LEN }>() else {
             return Err(DropReason::VxlanTruncated);
         };
@@ -95,7 +129,7 @@ pub fn decap(tables: &Tables, frame: &mut FrameBuf<'_>) -> Result<u32, DropReaso
             return Err(DropReason::VxlanWrongVni);
         }
         let udp_start = ethernet::HEADER_LEN + ihl;
-        (udp_start + udp::HEADER_LEN + vxlan::HEADER_LEN, udp_start + ulen, vtep)
+        (udp_start + udp::HEADER_LEN + vxlan::HEADER_LEN, udp_start + ulen, vtep, outer_checksum)
     };
     frame.truncate(inner_end);
     frame.pull_front(inner_start);
@@ -108,5 +142,5 @@ pub fn decap(tables: &Tables, frame: &mut FrameBuf<'_>) -> Result<u32, DropReaso
     if inner[0..6] != node.vtep_mac.0 {
         return Err(DropReason::VxlanInnerDstMac);
     }
-    Ok(vtep)
+    Ok(Decapped { vtep, outer_checksum })
 }

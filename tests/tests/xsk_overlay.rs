@@ -1,0 +1,316 @@
+//! Pods on two nodes talk over VXLAN through vxnat's AF_XDP datapath:
+//! - vxnat node <-> vxnat node;
+//! - vxnat node <-> a kernel VXLAN device configured the way flannel configures flannel.1
+//!   (VNI 1, port 8472, nolearning, neighbour + FDB entries, onlink route, cni0 bridge):
+//!   wire compatibility judged by the kernel's own VXLAN and TCP stacks.
+//! Underlay: a veth pair between the node namespaces, MTU 1500; pod MTU 1450 (flannel's).
+
+use dataplane::pipeline::DropReason;
+use dataplane::tables::{NodeConfig, PortId, Tables, TablesBuilder};
+use dataplane::wire::MacAddr;
+use dataplane::xsk::bpf::Mode;
+use dataplane::xsk::worker::{Worker, WorkerConfig};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use vxnat_tests::netns::{fnv1a, payload, require_root, Netns, FNV_OFFSET};
+
+const UPLINK: PortId = PortId(0);
+const POD: PortId = PortId(2);
+const VTEP_A: &str = "0e:a1:00:00:00:0a";
+const VTEP_B: &str = "0e:a1:00:00:00:0b";
+
+fn mac(s: &str) -> MacAddr {
+    s.parse().expect("MAC")
+}
+
+struct Node {
+    ns: Netns,
+    pod: Netns,
+    underlay_ip: Ipv4Addr,
+    pod_ip: Ipv4Addr,
+    /// This node's pod CIDR, `10.244.N.0/24`.
+    n: u8,
+}
+
+/// Two node namespaces joined by a veth underlay (`ul` in each), a pod namespace per node.
+fn underlay() -> (Node, Node) {
+    let a = Node {
+        ns: Netns::new("nodea"),
+        pod: Netns::new("poda"),
+        underlay_ip: Ipv4Addr::new(192, 168, 77, 1),
+        pod_ip: Ipv4Addr::new(10, 244, 0, 2),
+        n: 0,
+    };
+    let b = Node {
+        ns: Netns::new("nodeb"),
+        pod: Netns::new("podb"),
+        underlay_ip: Ipv4Addr::new(192, 168, 77, 2),
+        pod_ip: Ipv4Addr::new(10, 244, 1, 2),
+        n: 1,
+    };
+    a.ns.ip(&["link", "add", "ul", "type", "veth", "peer", "name", "ul", "netns", &b.ns.name]);
+    for n in [&a, &b] {
+        n.ns.ip(&["addr", "add", &format!("{}/24", n.underlay_ip), "dev", "ul"]);
+        n.ns.ip(&["link", "set", "ul", "up"]);
+    }
+    (a, b)
+}
+
+/// A pod behind vxnat: a routed /32 endpoint on veth `vxpod`, MTU 1450.
+fn vxnat_pod(n: &Node) {
+    n.ns.ip(&["link", "add", "vxpod", "type", "veth", "peer", "name", "eth0", "netns", &n.pod.name]);
+    n.ns.ip(&["link", "set", "vxpod", "mtu", "1450", "up"]);
+    let gw = format!("10.244.{}.1", n.n);
+    n.pod.ip(&["addr", "add", &format!("{}/32", n.pod_ip), "dev", "eth0"]);
+    n.pod.ip(&["link", "set", "eth0", "mtu", "1450", "up"]);
+    n.pod.ip(&["route", "add", &gw, "dev", "eth0", "scope", "link"]);
+    n.pod.ip(&["route", "add", "default", "via", &gw, "dev", "eth0"]);
+}
+
+/// A node as flannel's vxlan backend sets it up: flannel.1 (VNI 1, port 8472, nolearning,
+/// VtepMAC, 10.244.N.0/32, MTU 1450), cni0 bridge with the pod gateway, the pod on cni0, and
+/// for the peer: route via its .0 onlink, permanent neighbour, FDB entry to its node IP.
+fn flannel_node(n: &Node, peer: &Node, vtep: &str, peer_vtep: &str) {
+    let ns = &n.ns;
+    ns.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    ns.ip(&[
+        "link",
+        "add",
+        "flannel.1",
+        "type",
+        "vxlan",
+        "id",
+        "1",
+        "local",
+        &n.underlay_ip.to_string(),
+        "dev",
+        "ul",
+        "dstport",
+        "8472",
+        "nolearning",
+    ]);
+    ns.ip(&["link", "set", "flannel.1", "address", vtep, "mtu", "1450", "up"]);
+    ns.ip(&["addr", "add", &format!("10.244.{}.0/32", n.n), "dev", "flannel.1"]);
+    let peer_net = format!("10.244.{}.0", peer.n);
+    ns.ip(&["route", "add", &format!("{peer_net}/24"), "via", &peer_net, "dev", "flannel.1", "onlink"]);
+    ns.ip(&["neigh", "add", &peer_net, "lladdr", peer_vtep, "dev", "flannel.1", "nud", "permanent"]);
+    ns.exec(&["bridge", "fdb", "append", peer_vtep, "dev", "flannel.1", "dst", &peer.underlay_ip.to_string()]);
+    ns.ip(&["link", "add", "cni0", "type", "bridge"]);
+    ns.ip(&["addr", "add", &format!("10.244.{}.1/24", n.n), "dev", "cni0"]);
+    ns.ip(&["link", "set", "cni0", "mtu", "1450", "up"]);
+    ns.ip(&["link", "add", "vethpod", "type", "veth", "peer", "name", "eth0", "netns", &n.pod.name]);
+    ns.ip(&["link", "set", "vethpod", "master", "cni0", "mtu", "1450", "up"]);
+    n.pod.ip(&["addr", "add", &format!("{}/24", n.pod_ip), "dev", "eth0"]);
+    n.pod.ip(&["link", "set", "eth0", "mtu", "1450", "up"]);
+    n.pod.ip(&["route", "add", "default", "via", &format!("10.244.{}.1", n.n)]);
+}
+
+fn vxnat_tables(n: &Node, vtep: &str, peer: &Node, peer_vtep: &str) -> Tables {
+    let node = NodeConfig {
+        node_ip: n.underlay_ip,
+        uplink_mac: mac(&n.ns.mac("ul")),
+        vtep_mac: mac(vtep),
+        pod_cidr: format!("10.244.{}.0/24", n.n).parse().expect("cidr"),
+        cluster_cidr: "10.244.0.0/16".parse().expect("cidr"),
+        vni: 1,
+        vxlan_port: 8472,
+        underlay_mtu: 1500,
+    };
+    TablesBuilder::new(node)
+        .uplink(UPLINK)
+        .and_then(|b| b.pod(POD, mac(&n.ns.mac("vxpod")), n.pod_ip, mac(&n.pod.mac("eth0"))))
+        .and_then(|b| {
+            b.remote(
+                "peer",
+                peer.underlay_ip,
+                mac(peer_vtep),
+                format!("10.244.{}.0/24", peer.n).parse().expect("cidr"),
+                mac(&peer.ns.mac("ul")),
+            )
+        })
+        .and_then(|b| b.build())
+        .expect("valid tables")
+}
+
+struct Report {
+    balanced: bool,
+    account: String,
+    encapsulated: u64,
+    decapsulated: u64,
+    drops: Vec<(PortId, DropReason, u64)>,
+}
+
+fn run_vxnat(n: &Node, tables: Tables, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Report> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let ip = n.underlay_ip.octets();
+    let h = n.ns.spawn(move || {
+        let mut w = Worker::new(0, WorkerConfig::default()).expect("worker");
+        w.add_port(UPLINK, "ul", Mode::Uplink, ip, 8472).expect("bind uplink");
+        w.add_port(POD, "vxpod", Mode::All, ip, 8472).expect("bind pod port");
+        ready_tx.send(()).expect("test waiting");
+        let start = Instant::now();
+        while !stop.load(Ordering::Relaxed) {
+            if w.poll(&tables, start.elapsed().as_nanos() as u64) == 0 {
+                w.wait(1);
+            }
+        }
+        let until = Instant::now() + Duration::from_millis(300);
+        while Instant::now() < until {
+            w.poll(&tables, start.elapsed().as_nanos() as u64);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let a = w.account();
+        let mut drops = Vec::new();
+        let (mut encapsulated, mut decapsulated) = (0, 0);
+        for (port, c) in w.counters().iter() {
+            encapsulated += c.events.encapsulated;
+            decapsulated += c.events.decapsulated;
+            drops.extend(c.nonzero_drops().map(|(r, k)| (port, r, k)));
+        }
+        Report { balanced: a.balanced(), account: format!("{a:?}"), encapsulated, decapsulated, drops }
+    });
+    ready_rx.recv_timeout(Duration::from_secs(10)).expect("vxnat bound its ports");
+    h
+}
+
+/// Ping, a TCP stream of `len` bytes from `from`'s pod to `to`'s pod (hash checked), and 100
+/// UDP datagrams; returns a description of the first failure.
+fn traffic(from: &Node, to: &Node, len: usize, port: u16) -> Result<(), String> {
+    let dst = to.pod_ip.to_string();
+    let ping = from.pod.exec(&["ping", "-c", "3", "-i", "0.2", "-W", "2", &dst]);
+    if !ping.status.success() {
+        return Err(format!("ping {} -> {dst} failed: {}", from.pod_ip, String::from_utf8_lossy(&ping.stdout)));
+    }
+    let to_ip = to.pod_ip;
+    let server = to.pod.spawn(move || {
+        let l = TcpListener::bind((to_ip, port)).expect("listen");
+        let (mut c, _) = l.accept().expect("accept");
+        let mut h = FNV_OFFSET;
+        let mut n = 0usize;
+        let mut buf = vec![0u8; 65536];
+        loop {
+            match c.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => {
+                    h = fnv1a(&buf[..k], h);
+                    n += k;
+                }
+            }
+        }
+        (n, h)
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let data = payload(u64::from(port), len);
+    let sent = fnv1a(&data, FNV_OFFSET);
+    let client = from.pod.spawn(move || -> Result<(), String> {
+        let mut c = TcpStream::connect_timeout(&(to_ip, port).into(), Duration::from_secs(5))
+            .map_err(|e| format!("connect: {e}"))?;
+        c.set_write_timeout(Some(Duration::from_secs(20))).map_err(|e| e.to_string())?;
+        c.write_all(&data).map_err(|e| format!("write: {e}"))
+    });
+    let sent_ok = client.join().map_err(|_| "client panicked".to_string())?;
+    let (n, h) = server.join().map_err(|_| "server panicked".to_string())?;
+    sent_ok?;
+    if (n, h) != (len, sent) {
+        return Err(format!("TCP {} -> {dst}: received {n} of {len} bytes, hash {h:#x} vs {sent:#x}", from.pod_ip));
+    }
+    let udp_port = port + 1;
+    let rx = to.pod.spawn(move || {
+        let u = UdpSocket::bind((to_ip, udp_port)).expect("bind udp");
+        u.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+        let mut got = 0;
+        let mut buf = [0u8; 2048];
+        while let Ok((k, _)) = u.recv_from(&mut buf) {
+            if k == 1200 && buf[..k] == payload(7, k)[..] {
+                got += 1;
+            }
+        }
+        got
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let from_ip = from.pod_ip;
+    from.pod
+        .spawn(move || {
+            let u = UdpSocket::bind((from_ip, 0)).expect("bind udp");
+            for _ in 0..100 {
+                let _ = u.send_to(&payload(7, 1200), (to_ip, udp_port));
+                std::thread::sleep(Duration::from_micros(500));
+            }
+        })
+        .join()
+        .map_err(|_| "udp sender panicked".to_string())?;
+    let got = rx.join().map_err(|_| "udp receiver panicked".to_string())?;
+    if got < 98 {
+        return Err(format!("UDP {} -> {dst}: {got}/100 intact", from.pod_ip));
+    }
+    Ok(())
+}
+
+fn check(r: &Report, who: &str) {
+    assert!(r.balanced, "{who}: UMEM chunks leaked: {}", r.account);
+    assert!(r.encapsulated > 1000 && r.decapsulated > 1000, "{who}: encap {} decap {}", r.encapsulated, r.decapsulated);
+    let unexpected: Vec<_> = r.drops.iter().filter(|(_, d, _)| !matches!(d, DropReason::Ipv6Unsupported)).collect();
+    assert!(unexpected.is_empty(), "{who}: unexpected drops: {unexpected:?}");
+}
+
+#[test]
+fn pods_on_two_vxnat_nodes_talk_over_vxlan() {
+    if !require_root("pods_on_two_vxnat_nodes_talk_over_vxlan") {
+        return;
+    }
+    let (a, b) = underlay();
+    vxnat_pod(&a);
+    vxnat_pod(&b);
+    let stop = Arc::new(AtomicBool::new(false));
+    let wa = run_vxnat(&a, vxnat_tables(&a, VTEP_A, &b, VTEP_B), stop.clone());
+    let wb = run_vxnat(&b, vxnat_tables(&b, VTEP_B, &a, VTEP_A), stop.clone());
+    let ab = traffic(&a, &b, 64 << 20, 6000);
+    let ba = traffic(&b, &a, 8 << 20, 6100);
+    stop.store(true, Ordering::Relaxed);
+    let (ra, rb) = (wa.join().expect("worker a"), wb.join().expect("worker b"));
+    ab.expect("pod A -> pod B");
+    ba.expect("pod B -> pod A");
+    check(&ra, "node A");
+    check(&rb, "node B");
+}
+
+#[test]
+fn vxnat_node_interoperates_with_a_flannel_kernel_node() {
+    if !require_root("vxnat_node_interoperates_with_a_flannel_kernel_node") {
+        return;
+    }
+    let (a, b) = underlay();
+    vxnat_pod(&a);
+    flannel_node(&b, &a, VTEP_B, VTEP_A);
+    let stop = Arc::new(AtomicBool::new(false));
+    let wa = run_vxnat(&a, vxnat_tables(&a, VTEP_A, &b, VTEP_B), stop.clone());
+    let ab = traffic(&a, &b, 16 << 20, 6200);
+    let ba = traffic(&b, &a, 16 << 20, 6300);
+    // The kernel side's own counters: nothing dropped by its VXLAN device or UDP layer.
+    let stats = b.ns.ip(&["-s", "link", "show", "flannel.1"]);
+    let snmp = b.ns.exec(&["cat", "/proc/net/snmp"]);
+    stop.store(true, Ordering::Relaxed);
+    let ra = wa.join().expect("worker a");
+    if ab.is_err() || ba.is_err() {
+        eprintln!("vxnat node A: drops {:?} encap {} decap {}", ra.drops, ra.encapsulated, ra.decapsulated);
+        eprintln!("flannel node B flannel.1:\n{}", String::from_utf8_lossy(&stats.stdout));
+        let ns = b.ns.exec(&["nstat", "-az"]);
+        eprintln!(
+            "flannel node B nstat:\n{}",
+            String::from_utf8_lossy(&ns.stdout).lines().filter(|l| !l.contains(" 0 ")).collect::<Vec<_>>().join("\n")
+        );
+    }
+    ab.expect("vxnat pod -> flannel pod");
+    ba.expect("flannel pod -> vxnat pod");
+    check(&ra, "vxnat node");
+    let snmp = String::from_utf8_lossy(&snmp.stdout).to_string();
+    let udp: Vec<&str> = snmp.lines().filter(|l| l.starts_with("Udp:")).collect();
+    if let [names, values] = udp[..] {
+        let idx = names.split_whitespace().position(|n| n == "InCsumErrors").expect("InCsumErrors column");
+        let v: u64 = values.split_whitespace().nth(idx).and_then(|s| s.parse().ok()).expect("value");
+        assert_eq!(v, 0, "the flannel node counted UDP checksum errors");
+    }
+}
