@@ -274,27 +274,18 @@ fn complete_partial_checksum(frame: &mut FrameBuf<'_>, m: &Ipv4Meta) -> Option<(
     }
     let start = ethernet::HEADER_LEN + m.header_len;
     let end = ethernet::HEADER_LEN + m.total_len;
-    let Some(l4) = frame.data_mut().get_mut(start..end) else {
-        return None;
-    };
+    let l4 = frame.data_mut().get_mut(start..end)?;
     let (field, l4) = match m.proto {
         6 => (tcp::CHECKSUM_OFFSET, l4),
         17 => {
             // Validated: 8 <= UDP length <= IP payload.
-            let ulen = match l4.first_chunk::<{ udp::HEADER_LEN }>() {
-                Some(u) => usize::from(u16::from_be_bytes([u[4], u[5]])),
-                None => return None,
-            };
-            match l4.get_mut(..ulen) {
-                Some(l) => (udp::CHECKSUM_OFFSET, l),
-                None => return None,
-            }
+            let u = l4.first_chunk::<{ udp::HEADER_LEN }>()?;
+            let ulen = usize::from(u16::from_be_bytes([u[4], u[5]]));
+            (udp::CHECKSUM_OFFSET, l4.get_mut(..ulen)?)
         }
         _ => return None,
     };
-    let Some(f) = l4.get(field..field + 2) else {
-        return None;
-    };
+    let f = l4.get(field..field + 2)?;
     let stored = u16::from_be_bytes([f[0], f[1]]);
     if m.proto == 17 && stored == 0 {
         return None;
