@@ -3,6 +3,7 @@
 //! - vxnat node <-> a kernel VXLAN device configured the way flannel configures flannel.1
 //!   (VNI 1, port 8472, nolearning, neighbour + FDB entries, onlink route, cni0 bridge):
 //!   wire compatibility judged by the kernel's own VXLAN and TCP stacks.
+//!
 //! Underlay: a veth pair between the node namespaces, MTU 1500; pod MTU 1450 (flannel's).
 
 use dataplane::pipeline::DropReason;
