@@ -1,5 +1,7 @@
-//! vxnat's control plane. Today it holds the operator-facing reports; the cluster-state
-//! sources, the compiler into dataplane tables and the ctl API arrive with later issues.
+//! vxnat's control plane: the node configuration, the cluster state (Kubernetes objects) and
+//! its compilation into dataplane tables, the operator-facing reports.
 
+pub mod config;
 pub mod drops;
 pub mod json;
+pub mod state;

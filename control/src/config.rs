@@ -1,0 +1,200 @@
+//! The node configuration file (TOML). Unknown keys are errors, and every error names the
+//! key, so a typo cannot silently fall back to a default.
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+fn default_socket() -> PathBuf {
+    PathBuf::from("/run/vxnat/vxnat.sock")
+}
+fn default_cluster_cidr() -> String {
+    "10.244.0.0/16".to_string()
+}
+fn default_vni() -> u32 {
+    1
+}
+fn default_port() -> u16 {
+    8472
+}
+fn default_frames() -> u32 {
+    4096
+}
+fn default_host_ifname() -> String {
+    "vxnat0".to_string()
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeFile {
+    /// This node's Node object in the cluster state.
+    pub node: String,
+    /// Underlay interface (the node NIC).
+    pub uplink: String,
+    /// Kubernetes-shaped YAML cluster state; absent means the Kubernetes API (later issue).
+    pub state: Option<PathBuf>,
+    /// The ctl socket (mode 0600).
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+    /// Cores for the dataplane workers; the first one is used today (one worker).
+    #[serde(default)]
+    pub cores: Vec<usize>,
+    /// The cluster's pod network (flannel's `Network`).
+    #[serde(default = "default_cluster_cidr")]
+    pub cluster_cidr: String,
+    /// Spin on the rings even when idle (lowest latency, one core at 100 %); otherwise poll
+    /// adaptively: busy under load, sleep on the ring fds when idle.
+    #[serde(default)]
+    pub busy_poll: bool,
+    /// XDP attach mode: "native" (xdpdrv, default) or "generic".
+    #[serde(default)]
+    pub xdp_mode: Option<String>,
+    #[serde(default)]
+    pub vxlan: VxlanSection,
+    #[serde(default)]
+    pub host: HostSection,
+    #[serde(default)]
+    pub umem: UmemSection,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VxlanSection {
+    #[serde(default = "default_vni")]
+    pub vni: u32,
+    #[serde(default = "default_port")]
+    pub port: u16,
+}
+
+impl Default for VxlanSection {
+    fn default() -> Self {
+        VxlanSection { vni: default_vni(), port: default_port() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HostSection {
+    /// Name of vxnat's end of the host port veth; the node stack's end is `<ifname>h`.
+    #[serde(default = "default_host_ifname")]
+    pub ifname: String,
+    /// Create the host port at all.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for HostSection {
+    fn default() -> Self {
+        HostSection { ifname: default_host_ifname(), enabled: true }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UmemSection {
+    /// 4 KiB chunks per worker.
+    #[serde(default = "default_frames")]
+    pub frames: u32,
+}
+
+impl Default for UmemSection {
+    fn default() -> Self {
+        UmemSection { frames: default_frames() }
+    }
+}
+
+impl NodeFile {
+    pub fn parse(text: &str, origin: &Path) -> Result<NodeFile, String> {
+        let mut f: NodeFile =
+            toml::from_str(text).map_err(|e| format!("{}: {}", origin.display(), e.to_string().trim_end()))?;
+        if f.node.is_empty() {
+            return Err(format!("{}: node: must not be empty", origin.display()));
+        }
+        if f.uplink.is_empty() {
+            return Err(format!("{}: uplink: must not be empty", origin.display()));
+        }
+        if f.cluster_cidr.parse::<dataplane::wire::Ipv4Cidr>().is_err() {
+            return Err(format!("{}: cluster_cidr: {:?} is not an IPv4 CIDR", origin.display(), f.cluster_cidr));
+        }
+        if f.vxlan.vni > 0x00ff_ffff {
+            return Err(format!("{}: vxlan.vni: {} does not fit 24 bits", origin.display(), f.vxlan.vni));
+        }
+        if f.host.ifname.len() > 14 {
+            return Err(format!(
+                "{}: host.ifname: {:?} is too long (14 bytes at most)",
+                origin.display(),
+                f.host.ifname
+            ));
+        }
+        if !f.umem.frames.is_power_of_two() || f.umem.frames < 256 {
+            return Err(format!(
+                "{}: umem.frames: {} must be a power of two, at least 256",
+                origin.display(),
+                f.umem.frames
+            ));
+        }
+        match f.xdp_mode.as_deref() {
+            None | Some("native") | Some("generic") => {}
+            Some(other) => {
+                return Err(format!("{}: xdp_mode: {other:?} is not \"native\" or \"generic\"", origin.display()))
+            }
+        }
+        // Relative state paths are relative to the config file.
+        if let (Some(s), Some(dir)) = (&f.state, origin.parent()) {
+            if s.is_relative() {
+                f.state = Some(dir.join(s));
+            }
+        }
+        Ok(f)
+    }
+
+    pub fn load(path: &Path) -> Result<NodeFile, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Self::parse(&text, path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_example_parses() {
+        let f = NodeFile::parse(
+            r#"
+node = "node-a"
+uplink = "eth0"
+state = "cluster.yaml"
+socket = "/run/vxnat/node-a.sock"
+cores = [1]
+[vxlan]
+vni = 1
+port = 8472
+"#,
+            Path::new("/etc/vxnat/node.toml"),
+        )
+        .unwrap();
+        assert_eq!(f.node, "node-a");
+        assert_eq!(f.state, Some(PathBuf::from("/etc/vxnat/cluster.yaml")));
+        assert_eq!(f.vxlan, VxlanSection { vni: 1, port: 8472 });
+        assert!(f.host.enabled);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let p = Path::new("n.toml");
+        let e = NodeFile::parse("node = \"a\"\nuplink = \"e\"\nvxlan = { vni = 1, prot = 8472 }\n", p).unwrap_err();
+        assert!(e.contains("prot"), "{e}");
+        let e = NodeFile::parse("node = \"a\"\n", p).unwrap_err();
+        assert!(e.contains("uplink"), "{e}");
+        let e = NodeFile::parse("node = \"a\"\nuplink = \"e\"\ncluster_cidr = \"10.0.0.0/99\"\n", p).unwrap_err();
+        assert!(e.contains("cluster_cidr"), "{e}");
+        let e = NodeFile::parse("node = \"a\"\nuplink = \"e\"\n[vxlan]\nvni = 16777216\n", p).unwrap_err();
+        assert!(e.contains("vxlan.vni"), "{e}");
+        let e = NodeFile::parse("node = \"a\"\nuplink = \"e\"\n[umem]\nframes = 1000\n", p).unwrap_err();
+        assert!(e.contains("umem.frames"), "{e}");
+    }
+}
