@@ -1,7 +1,10 @@
 //! vxnat's control plane: the node configuration, the cluster state (Kubernetes objects) and
-//! its compilation into dataplane tables, the operator-facing reports.
+//! its compilation into dataplane tables, the node daemon, the ctl API and the reports.
 
 pub mod config;
+pub mod ctl;
+pub mod daemon;
 pub mod drops;
 pub mod json;
+pub mod netinfo;
 pub mod state;

@@ -301,7 +301,9 @@ impl Tables {
     #[inline]
     pub fn route(&self, dst: Ipv4Addr) -> Route {
         if self.node.pod_cidr.contains(dst) {
-            if dst == self.gateway {
+            // The gateway, and node addresses taken from the pod CIDR (its network address on
+            // the host port, as flannel puts 10.244.X.0/32 on flannel.1).
+            if dst == self.gateway || self.host_addrs.contains(&dst) {
                 return Route::Host;
             }
             return match self.pod_by_ip(dst) {

@@ -124,3 +124,35 @@ pub fn payload(seed: u64, len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// Sends raw Ethernet frames out of `ifname` from the calling thread's namespace (AF_PACKET):
+/// how tests inject hostile frames from a pod.
+pub fn send_raw(ifname: &str, frames: &[Vec<u8>]) {
+    let name = std::ffi::CString::new(ifname).expect("ifname");
+    // SAFETY: plain socket syscalls on our own fd with valid, initialised arguments.
+    unsafe {
+        let ifindex = libc::if_nametoindex(name.as_ptr());
+        assert!(ifindex != 0, "no interface {ifname}");
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from((libc::ETH_P_ALL as u16).to_be()));
+        assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+        for f in frames {
+            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_ifindex = ifindex as i32;
+            addr.sll_halen = 6;
+            addr.sll_addr[..6].copy_from_slice(
+                &f[..6.min(f.len())].iter().copied().chain(std::iter::repeat(0)).take(6).collect::<Vec<_>>(),
+            );
+            let rc = libc::sendto(
+                fd,
+                f.as_ptr().cast(),
+                f.len(),
+                0,
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            assert!(rc >= 0, "sendto {} bytes: {}", f.len(), std::io::Error::last_os_error());
+        }
+        libc::close(fd);
+    }
+}

@@ -52,7 +52,7 @@ drop_reasons! {
     // ARP
     ArpMalformed = "arp_malformed": "ARP packet truncated, or not Ethernet/IPv4 ARP",
     ArpSpoofed = "arp_spoofed_source": "ARP sender MAC or IP is not the pod attached to this port",
-    ArpNotForGateway = "arp_not_for_gateway": "ARP request for an address other than the pod gateway",
+    ArpNotForGateway = "arp_not_for_gateway": "ARP request for an address vxnat does not answer for on this port (pod ports: only the gateway; host port: cluster addresses)",
     ArpReplyIgnored = "arp_reply_ignored": "unsolicited ARP reply (vxnat never sends ARP requests on this port)",
     ArpOnUplink = "arp_on_uplink": "ARP reached vxnat on the uplink (the kernel owns ARP there; check the XDP program)",
     // Pod and host port security

@@ -63,9 +63,13 @@ fn drop_case(name: &'static str, port: PortId, input: Vec<u8>, r: DropReason) ->
 }
 
 fn arp_reply(to_mac: MacAddr, to_ip: Ipv4Addr, from_mac: MacAddr) -> Vec<u8> {
+    arp_reply_for(to_mac, to_ip, from_mac, GATEWAY_A)
+}
+
+fn arp_reply_for(to_mac: MacAddr, to_ip: Ipv4Addr, from_mac: MacAddr, for_ip: Ipv4Addr) -> Vec<u8> {
     let mut a = vec![0, 1, 8, 0, 6, 4, 0, 2];
     a.extend_from_slice(&from_mac.0);
-    a.extend_from_slice(&GATEWAY_A.octets());
+    a.extend_from_slice(&for_ip.octets());
     a.extend_from_slice(&to_mac.0);
     a.extend_from_slice(&to_ip.octets());
     eth(to_mac, from_mac, 0x0806, &a)
@@ -381,11 +385,30 @@ fn cases() -> Vec<Case> {
             None,
         ),
         case(
-            "host stack ARP for the gateway",
+            "host stack ARP for a local pod: proxy ARP on the host link",
+            HOST,
+            arp_request(HOST_STACK_MAC, GATEWAY_A, POD1_IP),
+            Forward(HOST),
+            Some(arp_reply_for(HOST_STACK_MAC, GATEWAY_A, HOST_PORT_MAC, POD1_IP)),
+        ),
+        case(
+            "host stack ARP for a remote pod: proxy ARP on the host link",
+            HOST,
+            arp_request(HOST_STACK_MAC, GATEWAY_A, REMOTE_POD_B),
+            Forward(HOST),
+            Some(arp_reply_for(HOST_STACK_MAC, GATEWAY_A, HOST_PORT_MAC, REMOTE_POD_B)),
+        ),
+        drop_case(
+            "host stack ARP for the gateway (its own address)",
             HOST,
             arp_request(HOST_STACK_MAC, NODE_A, GATEWAY_A),
-            Forward(HOST),
-            Some(arp_reply(HOST_STACK_MAC, NODE_A, HOST_PORT_MAC)),
+            R::ArpNotForGateway,
+        ),
+        drop_case(
+            "host stack ARP outside the cluster",
+            HOST,
+            arp_request(HOST_STACK_MAC, GATEWAY_A, EXTERNAL),
+            R::ArpNotForGateway,
         ),
         drop_case(
             "host port frame from an unexpected MAC",

@@ -9,9 +9,11 @@ use crate::wire::{
 };
 use core::net::Ipv4Addr;
 
-/// Answers an ARP request for the pod gateway on a pod or the host port, in place, out of the
-/// ingress port. `pod` is the attached pod's (IP, MAC): its ARP must come from them (or from
-/// 0.0.0.0 for an RFC 5227 probe).
+/// Answers ARP in place, out of the ingress port. On a pod port (`pod` is the attached pod's
+/// IP and MAC; its ARP must come from them, or from 0.0.0.0 for an RFC 5227 probe) only for
+/// the pod gateway. On the host port, a point-to-point link into the node's stack, which owns
+/// the gateway address as flannel's cni0 does, for every cluster address vxnat routes (proxy
+/// ARP): the node resolves pods and remote pods to vxnat's end of the link.
 pub(crate) fn arp(
     ctx: &mut Ctx<'_>,
     entry: &PortEntry,
@@ -37,7 +39,12 @@ pub(crate) fn arp(
         return Err(DropReason::ArpReplyIgnored);
     }
     let gateway = ctx.tables.gateway();
-    if req.target_protocol_addr != gateway {
+    let target = req.target_protocol_addr;
+    let answer = match pod {
+        Some(_) => target == gateway,
+        None => target != gateway && ctx.tables.node.cluster_cidr.contains(target),
+    };
+    if !answer {
         return Err(DropReason::ArpNotForGateway);
     }
     frame.truncate(ethernet::HEADER_LEN + arp::PACKET_LEN);
@@ -47,7 +54,7 @@ pub(crate) fn arp(
     let reply = ArpRepr {
         operation: ArpOperation::Reply,
         source_hardware_addr: entry.mac,
-        source_protocol_addr: gateway,
+        source_protocol_addr: target,
         target_hardware_addr: req.source_hardware_addr,
         target_protocol_addr: req.source_protocol_addr,
     };

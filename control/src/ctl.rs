@@ -1,0 +1,204 @@
+//! The ctl API: a unix socket (mode 0600), one JSON request line in, one JSON response line
+//! out. `vxnat ctl` is its client.
+
+use crate::daemon::Node;
+use core::net::Ipv4Addr;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "cmd", rename_all = "lowercase")]
+pub enum Request {
+    Attach { ifname: String, ip: Ipv4Addr, mac: Option<String> },
+    Detach { ifname: String },
+    Ports,
+    Stats,
+}
+
+fn handle(node: &Mutex<Node>, req: Request) -> Result<Value, String> {
+    let mut n = node.lock().map_err(|_| "node state poisoned".to_string())?;
+    match req {
+        Request::Attach { ifname, ip, mac } => {
+            let mac = match mac {
+                Some(m) => Some(m.parse().map_err(|_| format!("mac: {m:?} is not a MAC address"))?),
+                None => None,
+            };
+            let pod = n.attach(&ifname, ip, mac)?;
+            Ok(json!(pod))
+        }
+        Request::Detach { ifname } => Ok(json!(n.detach(&ifname)?)),
+        Request::Ports => {
+            let mut ports = vec![json!({"port": 0, "kind": "uplink", "ifname": n.facts.file.uplink})];
+            if let Some((vx, _, stack, _)) = &n.facts.host {
+                ports.push(json!({"port": 1, "kind": "host", "ifname": vx, "stack_ifname": stack}));
+            }
+            for p in &n.pods {
+                ports.push(json!({"port": p.port, "kind": "pod", "ifname": p.ifname, "ip": p.ip, "mac": p.mac}));
+            }
+            Ok(json!({"node": n.facts.file.node, "ports": ports}))
+        }
+        Request::Stats => {
+            let s = n.stats()?;
+            let names: Vec<Value> =
+                s.ports.iter().map(|p| json!({"port": p.port, "name": n.port_name(p.port)})).collect();
+            Ok(
+                json!({"node": n.facts.file.node, "uptime_s": n.started.elapsed().as_secs(), "names": names, "worker": s}),
+            )
+        }
+    }
+}
+
+/// Binds the socket (0600) and serves requests on a thread until `stop`.
+pub fn serve(
+    path: &Path,
+    node: Arc<Mutex<Node>>,
+    stop: Arc<AtomicBool>,
+) -> Result<std::thread::JoinHandle<()>, String> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("socket: {}: {e}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path).map_err(|e| format!("socket: {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("socket: chmod: {e}"))?;
+    listener.set_nonblocking(true).map_err(|e| format!("socket: {e}"))?;
+    std::thread::Builder::new()
+        .name("vxnat-ctl".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => serve_one(conn, &node),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(20))
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        })
+        .map_err(|e| format!("ctl thread: {e}"))
+}
+
+fn serve_one(conn: UnixStream, node: &Mutex<Node>) {
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut line = String::new();
+    let mut reader = BufReader::new(&conn);
+    let resp = match reader.read_line(&mut line) {
+        Ok(_) => match serde_json::from_str::<Request>(line.trim()) {
+            Ok(req) => match handle(node, req) {
+                Ok(v) => json!({"ok": true, "result": v}),
+                Err(e) => json!({"ok": false, "error": e}),
+            },
+            Err(e) => json!({"ok": false, "error": format!("request: {e}")}),
+        },
+        Err(e) => json!({"ok": false, "error": format!("request: {e}")}),
+    };
+    let mut w = &conn;
+    let _ = writeln!(w, "{resp}");
+}
+
+/// Sends one request; returns the `result` or the server's error.
+pub fn request(socket: &Path, req: &Request) -> Result<Value, String> {
+    let mut conn = UnixStream::connect(socket).map_err(|e| format!("{}: {e} (is vxnat running?)", socket.display()))?;
+    conn.set_read_timeout(Some(Duration::from_secs(20))).map_err(|e| e.to_string())?;
+    let line = serde_json::to_string(req).map_err(|e| e.to_string())?;
+    writeln!(conn, "{line}").map_err(|e| format!("{}: {e}", socket.display()))?;
+    let mut resp = String::new();
+    BufReader::new(&conn).read_line(&mut resp).map_err(|e| format!("{}: {e}", socket.display()))?;
+    let v: Value = serde_json::from_str(&resp).map_err(|e| format!("bad response: {e}"))?;
+    if v.get("ok").and_then(Value::as_bool) == Some(true) {
+        Ok(v.get("result").cloned().unwrap_or(Value::Null))
+    } else {
+        Err(v.get("error").and_then(Value::as_str).unwrap_or("unknown error").to_string())
+    }
+}
+
+/// Human-readable `vxnat ctl stats`.
+pub fn render_stats(v: &Value) -> String {
+    let mut out = String::new();
+    let w = &v["worker"];
+    out.push_str(&format!(
+        "node {}  up {}s  tables generation {}\n",
+        v["node"].as_str().unwrap_or("?"),
+        v["uptime_s"],
+        w["tables_generation"]
+    ));
+    let name_of = |port: &Value| -> String {
+        v["names"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|n| n["port"] == *port)
+            .and_then(|n| n["name"].as_str())
+            .unwrap_or("?")
+            .to_string()
+    };
+    out.push_str(&format!("{:<4} {:<32} {:>12} {:>14}\n", "port", "name", "rx packets", "rx bytes"));
+    for p in w["ports"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "{:<4} {:<32} {:>12} {:>14}\n",
+            p["port"],
+            name_of(&p["port"]),
+            p["rx_packets"],
+            p["rx_bytes"]
+        ));
+        for e in p["events"].as_array().into_iter().flatten() {
+            out.push_str(&format!("       {:<38} {:>10}\n", e[0].as_str().unwrap_or(""), e[1]));
+        }
+        for x in p["xdp"].as_array().into_iter().flatten() {
+            out.push_str(&format!("       xdp {:<34} {:>10}\n", x[0].as_str().unwrap_or(""), x[1]));
+        }
+    }
+    let drops: Vec<&Value> = w["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["drops"].as_array().is_some_and(|d| !d.is_empty()))
+        .collect();
+    out.push_str(if drops.is_empty() { "drops: none\n" } else { "drops:\n" });
+    for p in drops {
+        for d in p["drops"].as_array().into_iter().flatten() {
+            out.push_str(&format!(
+                "  {:<32} {:<26} {:>10}  {}\n",
+                name_of(&p["port"]),
+                d[0].as_str().unwrap_or(""),
+                d[1],
+                d[2].as_str().unwrap_or("")
+            ));
+        }
+    }
+    out.push_str(&format!(
+        "tx: {} packets, {} bytes\numem: {} chunks: {} free, {} in fill rings, {} in tx rings ({}); fill starved {} times\n",
+        w["tx_packets"],
+        w["tx_bytes"],
+        w["umem_total"],
+        w["umem_free"],
+        w["umem_in_fill"],
+        w["umem_in_tx"],
+        if w["umem_balanced"].as_bool() == Some(true) { "all accounted for" } else { "NOT all accounted for" },
+        w["fill_starved"]
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_as_json_lines() {
+        let r = Request::Attach { ifname: "vxp1".into(), ip: Ipv4Addr::new(10, 244, 0, 2), mac: None };
+        let s = serde_json::to_string(&r).unwrap();
+        assert_eq!(s, r#"{"cmd":"attach","ifname":"vxp1","ip":"10.244.0.2","mac":null}"#);
+        assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
+        assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"stats"}"#).unwrap(), Request::Stats);
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());
+    }
+}

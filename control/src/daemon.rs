@@ -1,0 +1,482 @@
+//! `vxnat run`: one node's dataplane. The control thread owns the facts (config, cluster
+//! state, interfaces, attached pods) and compiles them into `Tables`; one worker thread,
+//! pinned to its core, owns the UMEM and every AF_XDP port and polls them. They talk over a
+//! channel: commands (attach, detach, new tables, stats) are applied between polls, and a new
+//! `Arc<Tables>` is swapped in whole.
+
+use crate::config::NodeFile;
+use crate::netinfo;
+use crate::state::{derived_vtep_mac, ClusterState, NodeView};
+use core::net::Ipv4Addr;
+use crossbeam_channel::{bounded, Receiver, Sender};
+use dataplane::pipeline::DropReason;
+use dataplane::tables::{NodeConfig, PortId, Tables, TablesBuilder};
+use dataplane::wire::{Ipv4Cidr, MacAddr};
+use dataplane::xsk::bpf::{AttachMode, Mode, XdpProgram, EXIT_NAMES};
+use dataplane::xsk::worker::{Worker, WorkerConfig};
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub const UPLINK: PortId = PortId(0);
+pub const HOST: PortId = PortId(1);
+const FIRST_POD: u16 = 2;
+
+/// A pod attached to a port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pod {
+    pub ifname: String,
+    pub ip: Ipv4Addr,
+    pub mac: String,
+    pub port: u16,
+}
+
+/// Everything the tables are compiled from, apart from the pods.
+#[derive(Debug, Clone)]
+pub struct Facts {
+    pub file: NodeFile,
+    pub me: NodeView,
+    pub vtep_mac: MacAddr,
+    pub uplink_mac: MacAddr,
+    pub uplink_mtu: u16,
+    pub cluster: Ipv4Cidr,
+    /// (vxnat end, node-stack end) names and MACs.
+    pub host: Option<(String, MacAddr, String, MacAddr)>,
+    /// Other nodes and the resolved MAC of the underlay next hop toward each.
+    pub remotes: Vec<(NodeView, MacAddr)>,
+}
+
+impl Facts {
+    /// Compiles the tables for this node with `pods` attached.
+    pub fn tables(&self, pods: &[Pod], generation: u64) -> Result<Tables, String> {
+        let node = NodeConfig {
+            node_ip: self.me.node_ip,
+            uplink_mac: self.uplink_mac,
+            vtep_mac: self.vtep_mac,
+            pod_cidr: self.me.pod_cidr,
+            cluster_cidr: self.cluster,
+            vni: self.file.vxlan.vni,
+            vxlan_port: self.file.vxlan.port,
+            underlay_mtu: self.uplink_mtu,
+        };
+        let mut b = TablesBuilder::new(node).uplink(UPLINK).map_err(|e| e.to_string())?.generation(generation);
+        if let Some((_, mac, _, stack_mac)) = &self.host {
+            b = b.host(HOST, *mac, *stack_mac).map_err(|e| e.to_string())?;
+        }
+        for p in pods {
+            let port_mac = netinfo::mac(&p.ifname)?;
+            let mac: MacAddr = p.mac.parse().map_err(|_| format!("pod {}: mac {:?}", p.ip, p.mac))?;
+            b = b.pod(PortId(p.port), port_mac, p.ip, mac).map_err(|e| e.to_string())?;
+        }
+        for (r, next_hop) in &self.remotes {
+            let vtep = r.vtep_mac.unwrap_or_else(|| derived_vtep_mac(&r.name));
+            b = b.remote(&r.name, r.node_ip, vtep, r.pod_cidr, *next_hop).map_err(|e| e.to_string())?;
+        }
+        b.build().map_err(|e| e.to_string())
+    }
+}
+
+/// Gathers the facts for `file`'s node: its Node object, the other nodes, the uplink.
+pub fn gather(file: &NodeFile) -> Result<Facts, String> {
+    let path =
+        file.state.as_ref().ok_or("state: the Kubernetes API source is not implemented yet; give a state file")?;
+    let state = ClusterState::load(path)?;
+    let mut me = None;
+    let mut others = Vec::new();
+    for n in &state.nodes {
+        let v = NodeView::from_node(n)?;
+        if v.name == file.node {
+            me = Some(v);
+        } else {
+            others.push(v);
+        }
+    }
+    let me = me.ok_or(format!("{}: no Node named {:?} (node in the config)", path.display(), file.node))?;
+    if let Some(vni) = me.vni.filter(|v| *v != file.vxlan.vni) {
+        return Err(format!("Node {}: backend-data VNI {vni} differs from vxlan.vni {}", me.name, file.vxlan.vni));
+    }
+    let vtep_mac = me.vtep_mac.unwrap_or_else(|| derived_vtep_mac(&me.name));
+    let cluster: Ipv4Cidr = file.cluster_cidr.parse().map_err(|_| "cluster_cidr: not a CIDR".to_string())?;
+    let uplink_mac = netinfo::mac(&file.uplink)?;
+    let uplink_mtu = netinfo::mtu(&file.uplink)?;
+    let mut remotes = Vec::new();
+    for o in others {
+        let hop = netinfo::next_hop_mac(o.node_ip)?.unwrap_or(MacAddr::ZERO);
+        remotes.push((o, hop));
+    }
+    Ok(Facts { file: file.clone(), me, vtep_mac, uplink_mac, uplink_mtu, cluster, host: None, remotes })
+}
+
+/// Commands from the control thread to the worker.
+#[derive(Debug)]
+pub enum Command {
+    Attach { port: PortId, ifname: String, tables: Arc<Tables>, reply: Sender<Result<(), String>> },
+    Detach { port: PortId, tables: Arc<Tables>, reply: Sender<Result<(), String>> },
+    Tables(Arc<Tables>),
+    Stats(Sender<WorkerStats>),
+}
+
+/// What `vxnat ctl stats` shows from the worker.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WorkerStats {
+    pub ports: Vec<PortStats>,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub fill_starved: u64,
+    pub bad_descriptors: u64,
+    pub umem_total: u32,
+    pub umem_free: u32,
+    pub umem_in_fill: u32,
+    pub umem_in_tx: u32,
+    pub umem_balanced: bool,
+    pub tables_generation: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PortStats {
+    pub port: u16,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    /// (reason, count, help), non-zero only.
+    pub drops: Vec<(String, u64, String)>,
+    pub events: Vec<(String, u64)>,
+    /// XDP program exits, (name, count).
+    pub xdp: Vec<(String, u64)>,
+}
+
+fn worker_stats(w: &Worker, generation: u64) -> WorkerStats {
+    let a = w.account();
+    let mut ports = Vec::new();
+    for (port, c) in w.counters().iter() {
+        let e = &c.events;
+        let events: Vec<(String, u64)> = [
+            ("arp_replies", e.arp_replies),
+            ("partial_checksums_completed", e.partial_checksums_completed),
+            ("outer_partial_checksums", e.outer_partial_checksums),
+            ("encapsulated", e.encapsulated),
+            ("decapsulated", e.decapsulated),
+            ("icmp_time_exceeded_sent", e.icmp_time_exceeded_sent),
+        ]
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(k, n)| (k.to_string(), n))
+        .collect();
+        let xdp = match w.xdp_exits(port) {
+            Some(Ok(x)) => EXIT_NAMES.iter().zip(x).filter(|(_, n)| *n > 0).map(|(k, n)| (k.to_string(), n)).collect(),
+            _ => Vec::new(),
+        };
+        let drops = c.nonzero_drops().map(|(r, n)| (r.name().to_string(), n, r.help().to_string())).collect();
+        if c.rx_packets > 0 || !xdp.is_empty() || c.total_drops() > 0 {
+            ports.push(PortStats { port: port.0, rx_packets: c.rx_packets, rx_bytes: c.rx_bytes, drops, events, xdp });
+        }
+    }
+    WorkerStats {
+        ports,
+        tx_packets: w.io.tx_packets,
+        tx_bytes: w.io.tx_bytes,
+        fill_starved: w.io.fill_starved,
+        bad_descriptors: w.io.bad_descriptors,
+        umem_total: a.total,
+        umem_free: a.free,
+        umem_in_fill: a.in_fill,
+        umem_in_tx: a.in_tx,
+        umem_balanced: a.balanced(),
+        tables_generation: generation,
+    }
+}
+
+/// The worker thread's body: bind the uplink and host port, then poll until `stop`.
+#[allow(clippy::too_many_arguments)]
+fn worker_main(
+    cfg: WorkerConfig,
+    core: Option<usize>,
+    uplink: String,
+    host: Option<String>,
+    node_ip: [u8; 4],
+    vxlan_port: u16,
+    mut tables: Arc<Tables>,
+    commands: Receiver<Command>,
+    stop: Arc<AtomicBool>,
+    busy_poll: bool,
+    ready: Sender<Result<(), String>>,
+) {
+    if let Some(c) = core {
+        core_affinity::set_for_current(core_affinity::CoreId { id: c });
+    }
+    let mut w = match Worker::new(0, cfg) {
+        Ok(w) => w,
+        Err(e) => {
+            let _ = ready.send(Err(e.to_string()));
+            return;
+        }
+    };
+    if let Err(e) = w.add_port(UPLINK, &uplink, Mode::Uplink, node_ip, vxlan_port) {
+        let _ = ready.send(Err(format!("uplink {uplink}: {e}")));
+        return;
+    }
+    if let Some(h) = &host {
+        if let Err(e) = w.add_port(HOST, h, Mode::All, node_ip, vxlan_port) {
+            let _ = ready.send(Err(format!("host port {h}: {e}")));
+            return;
+        }
+        w.set_host_port(HOST);
+    }
+    let _ = ready.send(Ok(()));
+    let start = Instant::now();
+    let mut idle = 0u32;
+    while !stop.load(Ordering::Relaxed) {
+        while let Ok(cmd) = commands.try_recv() {
+            match cmd {
+                Command::Attach { port, ifname, tables: t, reply } => {
+                    let r = w.add_port(port, &ifname, Mode::All, node_ip, vxlan_port);
+                    if r.is_ok() {
+                        tables = t;
+                    }
+                    let _ = reply.send(r);
+                }
+                Command::Detach { port, tables: t, reply } => {
+                    tables = t;
+                    let r = if w.remove_port(port) { Ok(()) } else { Err(format!("port {} not bound", port.0)) };
+                    let _ = reply.send(r);
+                }
+                Command::Tables(t) => tables = t,
+                Command::Stats(reply) => {
+                    let _ = reply.send(worker_stats(&w, tables.generation));
+                }
+            }
+        }
+        if w.poll(&tables, start.elapsed().as_nanos() as u64) > 0 {
+            idle = 0;
+        } else {
+            idle = idle.saturating_add(1);
+            // Adaptive: spin while traffic flows, sleep on the ring fds once idle.
+            if !busy_poll && idle > 256 {
+                w.wait(5);
+            }
+        }
+    }
+}
+
+/// Removes what a killed vxnat may have left: XDP programs on the uplink and on the pods it
+/// had attached, the host port veth, the ctl socket.
+pub fn cleanup_leftovers(file: &NodeFile, pods: &[Pod]) {
+    for ifname in std::iter::once(&file.uplink).chain(pods.iter().map(|p| &p.ifname)) {
+        if let Ok(i) = netinfo::ifindex(ifname) {
+            XdpProgram::detach_any(i);
+        }
+    }
+    netinfo::delete_link(&file.host.ifname);
+    let _ = std::fs::remove_file(&file.socket);
+}
+
+pub fn pods_file(file: &NodeFile) -> std::path::PathBuf {
+    let mut p = file.socket.clone().into_os_string();
+    p.push(".pods.json");
+    p.into()
+}
+
+fn save_pods(file: &NodeFile, pods: &[Pod]) {
+    if let Ok(s) = serde_json::to_string_pretty(pods) {
+        let _ = std::fs::write(pods_file(file), s);
+    }
+}
+
+fn load_pods(file: &NodeFile) -> Vec<Pod> {
+    std::fs::read_to_string(pods_file(file)).ok().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default()
+}
+
+/// The running node: what the ctl server works on.
+#[derive(Debug)]
+pub struct Node {
+    pub facts: Facts,
+    pub pods: Vec<Pod>,
+    generation: u64,
+    commands: Sender<Command>,
+    pub started: Instant,
+}
+
+impl Node {
+    fn next_port(&self) -> u16 {
+        (FIRST_POD..).find(|p| !self.pods.iter().any(|q| q.port == *p)).unwrap_or(FIRST_POD)
+    }
+
+    fn compile(&mut self, pods: &[Pod]) -> Result<Arc<Tables>, String> {
+        self.generation += 1;
+        Ok(Arc::new(self.facts.tables(pods, self.generation)?))
+    }
+
+    pub fn attach(&mut self, ifname: &str, ip: Ipv4Addr, mac: Option<MacAddr>) -> Result<Pod, String> {
+        if !netinfo::exists(ifname) {
+            return Err(format!("ifname: {ifname} does not exist"));
+        }
+        if self.pods.iter().any(|p| p.ifname == ifname) {
+            return Err(format!("ifname: {ifname} is already attached"));
+        }
+        let mac = match mac {
+            Some(m) => m,
+            None => netinfo::veth_peer_mac(ifname)?,
+        };
+        let pod = Pod { ifname: ifname.to_string(), ip, mac: mac.to_string(), port: self.next_port() };
+        let mut pods = self.pods.clone();
+        pods.push(pod.clone());
+        let tables = self.compile(&pods)?;
+        let (tx, rx) = bounded(1);
+        self.commands
+            .send(Command::Attach { port: PortId(pod.port), ifname: ifname.to_string(), tables, reply: tx })
+            .map_err(|_| "worker stopped".to_string())?;
+        rx.recv_timeout(Duration::from_secs(10)).map_err(|_| "worker did not answer".to_string())??;
+        self.pods = pods;
+        save_pods(&self.facts.file, &self.pods);
+        Ok(pod)
+    }
+
+    pub fn detach(&mut self, ifname: &str) -> Result<Pod, String> {
+        let pod = self
+            .pods
+            .iter()
+            .find(|p| p.ifname == ifname)
+            .cloned()
+            .ok_or(format!("ifname: {ifname} is not attached"))?;
+        let pods: Vec<Pod> = self.pods.iter().filter(|p| p.ifname != ifname).cloned().collect();
+        let tables = self.compile(&pods)?;
+        let (tx, rx) = bounded(1);
+        self.commands
+            .send(Command::Detach { port: PortId(pod.port), tables, reply: tx })
+            .map_err(|_| "worker stopped".to_string())?;
+        rx.recv_timeout(Duration::from_secs(10)).map_err(|_| "worker did not answer".to_string())??;
+        self.pods = pods;
+        save_pods(&self.facts.file, &self.pods);
+        Ok(pod)
+    }
+
+    pub fn stats(&self) -> Result<WorkerStats, String> {
+        let (tx, rx) = bounded(1);
+        self.commands.send(Command::Stats(tx)).map_err(|_| "worker stopped".to_string())?;
+        rx.recv_timeout(Duration::from_secs(5)).map_err(|_| "worker did not answer".to_string())
+    }
+
+    /// Re-resolves underlay next hops; publishes new tables if any changed.
+    pub fn refresh_next_hops(&mut self) {
+        let mut changed = false;
+        for (r, hop) in &mut self.facts.remotes {
+            if let Ok(Some(m)) = netinfo::next_hop_mac(r.node_ip) {
+                if m != *hop {
+                    *hop = m;
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            let pods = self.pods.clone();
+            if let Ok(t) = self.compile(&pods) {
+                let _ = self.commands.send(Command::Tables(t));
+            }
+        }
+    }
+
+    /// Port names for reports.
+    pub fn port_name(&self, port: u16) -> String {
+        match port {
+            0 => format!("uplink {}", self.facts.file.uplink),
+            1 => format!("host {}", self.facts.file.host.ifname),
+            p => self
+                .pods
+                .iter()
+                .find(|q| q.port == p)
+                .map(|q| format!("pod {} {}", q.ifname, q.ip))
+                .unwrap_or(format!("port {p}")),
+        }
+    }
+}
+
+/// Runs the node until SIGTERM/SIGINT; cleans up on the way out.
+pub fn run(file: NodeFile) -> Result<(), String> {
+    let previous = load_pods(&file);
+    cleanup_leftovers(&file, &previous);
+    let mut facts = gather(&file)?;
+    if file.host.enabled {
+        let gw = facts.me.pod_cidr.first_host();
+        // The pods' MTU: what fits the underlay after VXLAN.
+        let mtu = facts.uplink_mtu.saturating_sub(50);
+        let stack = netinfo::create_host_port(&file.host.ifname, gw, mtu, &facts.cluster.network().to_string())?;
+        facts.host =
+            Some((file.host.ifname.clone(), netinfo::mac(&file.host.ifname)?, stack.clone(), netinfo::mac(&stack)?));
+    }
+    // Pods attached before a restart come back if their interface still exists.
+    let pods: Vec<Pod> = previous.into_iter().filter(|p| netinfo::exists(&p.ifname)).collect();
+    let tables = Arc::new(facts.tables(&pods, 1)?);
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone()).map_err(|e| format!("signal handler: {e}"))?;
+    }
+    let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
+    let (ready_tx, ready_rx) = bounded(1);
+    let cfg = WorkerConfig {
+        frames: file.umem.frames,
+        attach: if file.xdp_mode.as_deref() == Some("generic") { AttachMode::Generic } else { AttachMode::Native },
+        ..WorkerConfig::default()
+    };
+    let worker = {
+        let (uplink, host, stop) = (file.uplink.clone(), facts.host.as_ref().map(|h| h.0.clone()), stop.clone());
+        let (ip, port, busy, core, t) =
+            (facts.me.node_ip.octets(), file.vxlan.port, file.busy_poll, file.cores.first().copied(), tables.clone());
+        std::thread::Builder::new()
+            .name("vxnat-worker-0".into())
+            .spawn(move || worker_main(cfg, core, uplink, host, ip, port, t, cmd_rx, stop, busy, ready_tx))
+            .map_err(|e| format!("starting the worker: {e}"))?
+    };
+    let shutdown = |why: String| {
+        netinfo::delete_link(&file.host.ifname);
+        let _ = std::fs::remove_file(&file.socket);
+        why
+    };
+    match ready_rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            let _ = worker.join();
+            return Err(shutdown(e));
+        }
+        Err(_) => return Err(shutdown("the worker did not start".into())),
+    }
+    let mut node = Node { facts, pods: Vec::new(), generation: 1, commands: cmd_tx, started: Instant::now() };
+    for p in &pods {
+        let mac = p.mac.parse().ok();
+        match node.attach(&p.ifname, p.ip, mac) {
+            Ok(_) => eprintln!("vxnat: re-attached pod {} on {}", p.ip, p.ifname),
+            Err(e) => eprintln!("vxnat: could not re-attach pod {} on {}: {e}", p.ip, p.ifname),
+        }
+    }
+    let node = Arc::new(std::sync::Mutex::new(node));
+    let server = crate::ctl::serve(&file.socket, node.clone(), stop.clone()).map_err(&shutdown)?;
+    eprintln!(
+        "vxnat: node {} up: uplink {}, VXLAN {}:{} VNI {}, ctl {}",
+        file.node,
+        file.uplink,
+        node.lock().map(|n| n.facts.me.node_ip.to_string()).unwrap_or_default(),
+        file.vxlan.port,
+        file.vxlan.vni,
+        file.socket.display()
+    );
+    let mut last_refresh = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+        if last_refresh.elapsed() > Duration::from_secs(2) {
+            if let Ok(mut n) = node.lock() {
+                n.refresh_next_hops();
+            }
+            last_refresh = Instant::now();
+        }
+    }
+    eprintln!("vxnat: stopping");
+    let _ = worker.join();
+    let _ = server.join();
+    // Pods stay listed in the pods file so a restart re-attaches them.
+    shutdown(String::new());
+    Ok(())
+}
+
+/// Drop reason help, for reports.
+pub fn reason_help(name: &str) -> &'static str {
+    DropReason::from_name(name).map(|r| r.help()).unwrap_or("")
+}

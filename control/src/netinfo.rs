@@ -1,0 +1,139 @@
+//! Facts about the node's interfaces and underlay, read from the kernel: MACs and MTUs from
+//! sysfs; routes and neighbours from the kernel's tables through iproute2's JSON output
+//! (`ip -j`, which speaks rtnetlink); the host port veth; a pod's MAC from its veth peer.
+
+use core::net::Ipv4Addr;
+use dataplane::wire::MacAddr;
+use serde_json::Value;
+use std::process::Command;
+
+fn ip_json(args: &[&str]) -> Result<Value, String> {
+    let out = Command::new("ip").arg("-j").args(args).output().map_err(|e| format!("running ip {args:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    if out.stdout.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Value::Array(Vec::new()));
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| format!("ip {}: unreadable JSON: {e}", args.join(" ")))
+}
+
+pub fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip").args(args).output().map_err(|e| format!("running ip {args:?}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+fn sys(ifname: &str, what: &str) -> Result<String, String> {
+    let p = format!("/sys/class/net/{ifname}/{what}");
+    std::fs::read_to_string(&p).map(|s| s.trim().to_string()).map_err(|e| format!("interface {ifname}: {p}: {e}"))
+}
+
+pub fn exists(ifname: &str) -> bool {
+    std::path::Path::new(&format!("/sys/class/net/{ifname}")).exists()
+}
+
+pub fn mac(ifname: &str) -> Result<MacAddr, String> {
+    let s = sys(ifname, "address")?;
+    s.parse().map_err(|_| format!("interface {ifname}: address {s:?} is not a MAC"))
+}
+
+pub fn mtu(ifname: &str) -> Result<u16, String> {
+    let s = sys(ifname, "mtu")?;
+    s.parse().map_err(|_| format!("interface {ifname}: mtu {s:?}"))
+}
+
+pub fn ifindex(ifname: &str) -> Result<u32, String> {
+    let s = sys(ifname, "ifindex")?;
+    s.parse().map_err(|_| format!("interface {ifname}: ifindex {s:?}"))
+}
+
+/// The MAC of the next hop toward `dst` on the underlay: the gateway's if the route has one,
+/// else `dst`'s own. Resolves the neighbour if the kernel does not know it yet. `None` while
+/// unresolved (the pipeline counts `underlay_no_next_hop` meanwhile).
+pub fn next_hop_mac(dst: Ipv4Addr) -> Result<Option<MacAddr>, String> {
+    let route = ip_json(&["route", "get", &dst.to_string()])?;
+    let r = route.get(0).ok_or(format!("no route to {dst}"))?;
+    let dev = r.get("dev").and_then(Value::as_str).ok_or(format!("route to {dst}: no device"))?.to_string();
+    let hop = r.get("gateway").and_then(Value::as_str).unwrap_or(&dst.to_string()).to_string();
+    for attempt in 0..2 {
+        let neigh = ip_json(&["neigh", "show", "to", &hop, "dev", &dev])?;
+        for n in neigh.as_array().into_iter().flatten() {
+            let state: Vec<&str> =
+                n.get("state").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).collect();
+            if state.iter().any(|s| matches!(*s, "FAILED" | "INCOMPLETE")) {
+                continue;
+            }
+            if let Some(mac) = n.get("lladdr").and_then(Value::as_str).and_then(|m| m.parse().ok()) {
+                return Ok(Some(mac));
+            }
+        }
+        if attempt == 0 {
+            // Ask the kernel to resolve it (an ARP request on the underlay), then look again.
+            let _ = Command::new("ping").args(["-c", "1", "-W", "1", "-q", &hop]).output();
+        }
+    }
+    Ok(None)
+}
+
+/// Creates the host port: a veth pair `ifname` (vxnat's end) / `{ifname}h` (the node stack's),
+/// both up, the pod gateway `gateway/32` on the node end (the node owns it, as flannel's cni0
+/// does) and the cluster network routed over the link from that address (vxnat answers ARP
+/// for cluster addresses on it). Removes a leftover pair first.
+pub fn create_host_port(ifname: &str, gateway: Ipv4Addr, mtu: u16, cluster: &str) -> Result<String, String> {
+    let stack = format!("{ifname}h");
+    if exists(ifname) {
+        ip(&["link", "del", ifname])?;
+    }
+    ip(&["link", "add", ifname, "type", "veth", "peer", "name", &stack])?;
+    let mtu = mtu.to_string();
+    ip(&["link", "set", ifname, "mtu", &mtu, "up"])?;
+    ip(&["link", "set", &stack, "mtu", &mtu, "up"])?;
+    ip(&["addr", "add", &format!("{gateway}/32"), "dev", &stack])?;
+    ip(&["route", "replace", cluster, "dev", &stack, "scope", "link", "src", &gateway.to_string()])?;
+    Ok(stack)
+}
+
+pub fn delete_link(ifname: &str) {
+    if exists(ifname) {
+        let _ = ip(&["link", "del", ifname]);
+    }
+}
+
+/// The MAC of the other end of veth `ifname`: the peer is identified exactly by the veth's
+/// `link_netnsid` (mapped to a named namespace with `ip netns list-id`, where container
+/// runtimes and tests put pods) and its `link_index` there. Interface indexes repeat across
+/// namespaces, so both are needed.
+pub fn veth_peer_mac(ifname: &str) -> Result<MacAddr, String> {
+    let me = ip_json(&["-d", "link", "show", "dev", ifname])?;
+    let me = me.get(0).ok_or(format!("interface {ifname}: not found"))?;
+    let peer_index =
+        me.get("link_index").and_then(Value::as_u64).ok_or(format!("interface {ifname}: not a veth with a peer"))?;
+    let nsid = me
+        .get("link_netnsid")
+        .and_then(Value::as_u64)
+        .ok_or(format!("interface {ifname}: its peer is not in another namespace; give the pod's MAC with --mac"))?;
+    let ids = ip_json(&["netns", "list-id"])?;
+    let ns = ids
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e.get("nsid").and_then(Value::as_u64) == Some(nsid))
+        .and_then(|e| e.get("name").and_then(Value::as_str))
+        .ok_or(format!(
+            "interface {ifname}: its peer's namespace (nsid {nsid}) has no name; give the pod's MAC with --mac"
+        ))?
+        .to_string();
+    let links = ip_json(&["-n", &ns, "link", "show"])?;
+    links
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|l| l.get("ifindex").and_then(Value::as_u64) == Some(peer_index))
+        .and_then(|l| l.get("address").and_then(Value::as_str))
+        .and_then(|m| m.parse().ok())
+        .ok_or(format!("interface {ifname}: no peer with index {peer_index} in namespace {ns}"))
+}

@@ -1,0 +1,359 @@
+//! The `vxnat` daemon end to end, in network namespaces: two nodes (vxnat in each, started
+//! with `vxnat run`) joined by a veth underlay, two pods per node attached with `vxnat ctl
+//! attach` (MAC learned from the veth peer), pods keeping their default offloads. The state
+//! file is `configs/demo-cluster.yaml`, the one the demo uses.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use vxnat_tests::netns::{fnv1a, payload, require_root, send_raw, Netns, FNV_OFFSET};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vxnat");
+
+struct Pod {
+    ns: Netns,
+    ip: Ipv4Addr,
+    host_if: String,
+}
+
+struct NodeNs {
+    ns: Netns,
+    name: &'static str,
+    config: PathBuf,
+    socket: PathBuf,
+    log: PathBuf,
+    daemon: Option<Child>,
+}
+
+impl NodeNs {
+    fn start(&mut self) {
+        let log = std::fs::File::create(&self.log).expect("log file");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns.name, BIN, "run", "--config"])
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start vxnat");
+        self.daemon = Some(child);
+        let until = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < until {
+            if self.ctl(&["ports"]).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("vxnat on {} did not come up: {}", self.name, std::fs::read_to_string(&self.log).unwrap_or_default());
+    }
+
+    /// SIGTERM and wait.
+    fn stop(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            // `ip netns exec` execs vxnat, so the child pid is vxnat's.
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let until = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < until {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+            panic!("vxnat on {} did not stop on SIGTERM", self.name);
+        }
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn ctl(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(BIN)
+            .arg("ctl")
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).to_string())
+        }
+    }
+
+    fn stats_json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.ctl(&["--json", "stats"]).expect("stats")).expect("stats JSON")
+    }
+}
+
+impl Drop for NodeNs {
+    fn drop(&mut self) {
+        self.kill9();
+        let _ = std::fs::remove_file(&self.socket);
+        let mut pods = self.socket.clone().into_os_string();
+        pods.push(".pods.json");
+        let _ = std::fs::remove_file(PathBuf::from(pods));
+    }
+}
+
+struct Cluster {
+    // Pods first: dropped before the nodes.
+    pods: Vec<Pod>,
+    nodes: Vec<NodeNs>,
+    _dir: TempDir,
+}
+
+struct TempDir(PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn cluster() -> Cluster {
+    let dir = std::env::temp_dir().join(format!("vxnat-e2e-{}-{}", std::process::id(), rand_suffix()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let state = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../configs/demo-cluster.yaml")
+        .canonicalize()
+        .expect("demo state");
+    let a = Netns::new("nodea");
+    let b = Netns::new("nodeb");
+    a.ip(&["link", "add", "ul", "type", "veth", "peer", "name", "ul", "netns", &b.name]);
+    let mut nodes = Vec::new();
+    for (ns, name, ip) in [(a, "node-a", "192.168.77.1/24"), (b, "node-b", "192.168.77.2/24")] {
+        ns.ip(&["addr", "add", ip, "dev", "ul"]);
+        ns.ip(&["link", "set", "ul", "up"]);
+        let socket = dir.join(format!("{name}.sock"));
+        let config = dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "node = \"{name}\"\nuplink = \"ul\"\nstate = \"{}\"\nsocket = \"{}\"\n",
+                state.display(),
+                socket.display()
+            ),
+        )
+        .expect("config");
+        nodes.push(NodeNs { ns, name, config, socket, log: dir.join(format!("{name}.log")), daemon: None });
+    }
+    let mut pods = Vec::new();
+    for (node, n, last, host_if) in [(0, 0u8, 2u8, "vxa1"), (0, 0, 3, "vxa2"), (1, 1, 2, "vxb1"), (1, 1, 3, "vxb2")] {
+        let ns = Netns::new(host_if);
+        let node_ns = &nodes[node].ns;
+        node_ns.ip(&["link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name]);
+        node_ns.ip(&["link", "set", host_if, "mtu", "1450", "up"]);
+        let ip = Ipv4Addr::new(10, 244, n, last);
+        let gw = format!("10.244.{n}.1");
+        ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
+        ns.ip(&["link", "set", "eth0", "mtu", "1450", "up"]);
+        ns.ip(&["route", "add", &gw, "dev", "eth0", "scope", "link"]);
+        ns.ip(&["route", "add", "default", "via", &gw, "dev", "eth0"]);
+        pods.push(Pod { ns, ip, host_if: host_if.to_string() });
+    }
+    for n in &mut nodes {
+        n.start();
+    }
+    for (i, p) in pods.iter().enumerate() {
+        nodes[i / 2].ctl(&["attach", "--ifname", &p.host_if, "--ip", &p.ip.to_string()]).expect("attach pod");
+    }
+    Cluster { pods, nodes, _dir: TempDir(dir) }
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+        % 1_000_000
+}
+
+fn ping(from: &Netns, to: Ipv4Addr) -> bool {
+    from.exec(&["ping", "-c", "2", "-i", "0.2", "-W", "2", &to.to_string()]).status.success()
+}
+
+fn tcp(from: &Pod, to: &Pod, len: usize, port: u16) {
+    let to_ip = to.ip;
+    let server = to.ns.spawn(move || {
+        let l = TcpListener::bind((to_ip, port)).expect("listen");
+        let (mut c, _) = l.accept().expect("accept");
+        let (mut h, mut n, mut buf) = (FNV_OFFSET, 0usize, vec![0u8; 65536]);
+        while let Ok(k) = c.read(&mut buf) {
+            if k == 0 {
+                break;
+            }
+            h = fnv1a(&buf[..k], h);
+            n += k;
+        }
+        (n, h)
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let data = payload(u64::from(port), len);
+    let sent = fnv1a(&data, FNV_OFFSET);
+    from.ns
+        .spawn(move || {
+            let mut c = TcpStream::connect_timeout(&(to_ip, port).into(), Duration::from_secs(5)).expect("connect");
+            c.write_all(&data).expect("write");
+        })
+        .join()
+        .expect("client");
+    assert_eq!(server.join().expect("server"), (len, sent), "TCP {} -> {}", from.ip, to.ip);
+}
+
+fn udp(from: &Pod, to: &Pod, port: u16) -> usize {
+    let to_ip = to.ip;
+    let rx = to.ns.spawn(move || {
+        let u = UdpSocket::bind((to_ip, port)).expect("bind");
+        u.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+        let (mut got, mut buf) = (0, [0u8; 2048]);
+        while let Ok((k, _)) = u.recv_from(&mut buf) {
+            got += usize::from(k == 1000 && buf[..k] == payload(3, 1000)[..]);
+        }
+        got
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let from_ip = from.ip;
+    from.ns
+        .spawn(move || {
+            let u = UdpSocket::bind((from_ip, 0)).expect("bind");
+            for _ in 0..100 {
+                let _ = u.send_to(&payload(3, 1000), (to_ip, port));
+                std::thread::sleep(Duration::from_micros(500));
+            }
+        })
+        .join()
+        .expect("sender");
+    rx.join().expect("receiver")
+}
+
+fn drops(stats: &serde_json::Value) -> Vec<(String, u64)> {
+    let mut v = Vec::new();
+    for p in stats["worker"]["ports"].as_array().into_iter().flatten() {
+        for d in p["drops"].as_array().into_iter().flatten() {
+            v.push((d[0].as_str().unwrap_or("").to_string(), d[1].as_u64().unwrap_or(0)));
+        }
+    }
+    v
+}
+
+#[test]
+fn two_vxnat_nodes_carry_pod_and_node_traffic() {
+    if !require_root("two_vxnat_nodes_carry_pod_and_node_traffic") {
+        return;
+    }
+    let c = cluster();
+    let (a1, a2, b1, b2) = (&c.pods[0], &c.pods[1], &c.pods[2], &c.pods[3]);
+    assert!(ping(&a1.ns, b1.ip), "a1 -> b1");
+    assert!(ping(&a1.ns, a2.ip), "a1 -> a2 (same node)");
+    assert!(ping(&b2.ns, a2.ip), "b2 -> a2");
+    // The node's own stack reaches local and remote pods through the host port.
+    assert!(ping(&c.nodes[0].ns, a1.ip), "node A -> a1 via host port");
+    assert!(ping(&c.nodes[0].ns, b1.ip), "node A -> b1 via host port and VXLAN");
+    tcp(a1, b1, 64 << 20, 7000);
+    tcp(b2, a2, 8 << 20, 7100);
+    tcp(a2, a1, 8 << 20, 7200);
+    assert!(udp(a2, b2, 7300) >= 98, "UDP a2 -> b2");
+    std::thread::sleep(Duration::from_millis(300));
+    for n in &c.nodes {
+        let s = n.stats_json();
+        assert_eq!(s["worker"]["umem_balanced"], true, "{}: UMEM chunks unaccounted: {}", n.name, s["worker"]);
+        let unexpected: Vec<_> = drops(&s).into_iter().filter(|(r, _)| r != "ipv6_unsupported").collect();
+        assert!(unexpected.is_empty(), "{}: unexpected drops {unexpected:?}", n.name);
+        let text = n.ctl(&["stats"]).expect("stats");
+        assert!(text.contains("all accounted for"), "{text}");
+    }
+}
+
+#[test]
+fn restart_and_kill9_leave_nothing_behind_and_traffic_resumes() {
+    if !require_root("restart_and_kill9_leave_nothing_behind_and_traffic_resumes") {
+        return;
+    }
+    let mut c = cluster();
+    let (a1_ns, b1_ip) = (c.pods[0].ns.name.clone(), c.pods[2].ip);
+    let a1 = || Netns { name: a1_ns.clone() };
+    let check = |c: &Cluster| {
+        let p = a1();
+        let ok = ping(&p, b1_ip);
+        std::mem::forget(p);
+        assert!(
+            ok,
+            "a1 -> b1 after restart; node A log: {}",
+            std::fs::read_to_string(&c.nodes[0].log).unwrap_or_default()
+        );
+    };
+    check(&c);
+    c.nodes[0].stop();
+    let ul = String::from_utf8_lossy(&c.nodes[0].ns.ip(&["link", "show", "ul"]).stdout).to_string();
+    assert!(!ul.contains("xdp"), "XDP still attached after SIGTERM: {ul}");
+    let pod_if = String::from_utf8_lossy(&c.nodes[0].ns.ip(&["link", "show", "vxa1"]).stdout).to_string();
+    assert!(!pod_if.contains("xdp"), "XDP still on the pod port after SIGTERM: {pod_if}");
+    assert!(!c.nodes[0].ns.exec(&["ip", "link", "show", "vxnat0"]).status.success(), "host port left behind");
+    assert!(!c.nodes[0].socket.exists(), "ctl socket left behind");
+    c.nodes[0].start();
+    let ports = c.nodes[0].ctl(&["ports"]).expect("ports");
+    assert!(ports.contains("vxa1") && ports.contains("vxa2"), "pods not re-attached after restart: {ports}");
+    check(&c);
+    c.nodes[0].kill9();
+    c.nodes[0].start();
+    check(&c);
+}
+
+#[test]
+fn hostile_frames_are_named_in_ctl_stats() {
+    if !require_root("hostile_frames_are_named_in_ctl_stats") {
+        return;
+    }
+    let c = cluster();
+    let a1 = &c.pods[0];
+    let pod_mac: dataplane::wire::MacAddr = a1.ns.mac("eth0").parse().expect("mac");
+    let port_mac: dataplane::wire::MacAddr = c.nodes[0].ns.mac(&a1.host_if).parse().expect("mac");
+    use dataplane::testkit::{eth, ipv4, L4};
+    let good = ipv4(a1.ip, c.pods[2].ip, &L4::Udp { sport: 1, dport: 2, payload: b"x" });
+    let mut bad_ihl = good.clone();
+    bad_ihl[0] = 0x43;
+    let frames = vec![
+        eth(port_mac, pod_mac, 0x0800, &good[..12]), // ipv4_truncated
+        eth(port_mac, pod_mac, 0x0800, &bad_ihl),    // ipv4_bad_length
+        eth(
+            port_mac,
+            pod_mac,
+            0x0800,
+            &ipv4(Ipv4Addr::new(10, 244, 0, 66), c.pods[2].ip, &L4::Udp { sport: 1, dport: 2, payload: b"x" }),
+        ), // pod_spoofed_ip
+        eth(port_mac, dataplane::wire::MacAddr([2, 9, 9, 9, 9, 9]), 0x0800, &good), // pod_spoofed_mac
+    ];
+    a1.ns.spawn(move || send_raw("eth0", &frames)).join().expect("raw send");
+    // On the uplink: VXLAN from an address that is not a node, and with the wrong VNI.
+    let b = &c.nodes[1].ns;
+    b.ip(&["addr", "add", "192.168.77.9/24", "dev", "ul"]);
+    b.spawn(|| {
+        let mut vx = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
+        vx.extend_from_slice(&[0u8; 60]);
+        let stranger = UdpSocket::bind((Ipv4Addr::new(192, 168, 77, 9), 0)).expect("bind");
+        stranger.send_to(&vx, (Ipv4Addr::new(192, 168, 77, 1), 8472)).expect("send");
+        let mut wrong_vni = vx.clone();
+        wrong_vni[6] = 2;
+        let node_b = UdpSocket::bind((Ipv4Addr::new(192, 168, 77, 2), 0)).expect("bind");
+        node_b.send_to(&wrong_vni, (Ipv4Addr::new(192, 168, 77, 1), 8472)).expect("send");
+    })
+    .join()
+    .expect("uplink senders");
+    std::thread::sleep(Duration::from_millis(500));
+    let text = c.nodes[0].ctl(&["stats"]).expect("stats");
+    for name in [
+        "ipv4_truncated",
+        "ipv4_bad_length",
+        "pod_spoofed_ip",
+        "pod_spoofed_mac",
+        "vxlan_unknown_vtep",
+        "vxlan_wrong_vni",
+    ] {
+        assert!(text.contains(name), "ctl stats does not name {name}:\n{text}");
+    }
+    assert!(text.contains("VXLAN from an address that is not a known node"), "help lines missing:\n{text}");
+}
