@@ -17,7 +17,7 @@ fn default_port() -> u16 {
     8472
 }
 fn default_frames() -> u32 {
-    4096
+    16384
 }
 fn default_host_ifname() -> String {
     "vxnat0".to_string()

@@ -166,7 +166,33 @@ fn worker_stats(w: &Worker, generation: u64) -> WorkerStats {
             Some(Ok(x)) => EXIT_NAMES.iter().zip(x).filter(|(_, n)| *n > 0).map(|(k, n)| (k.to_string(), n)).collect(),
             _ => Vec::new(),
         };
-        let drops = c.nonzero_drops().map(|(r, n)| (r.name().to_string(), n, r.help().to_string())).collect();
+        let mut drops: Vec<(String, u64, String)> =
+            c.nonzero_drops().map(|(r, n)| (r.name().to_string(), n, r.help().to_string())).collect();
+        // What the kernel dropped after the XDP redirect, before vxnat saw it.
+        if let Some(k) = w.socket_stats(port) {
+            if k.rx_ring_full > 0 {
+                drops.push((
+                    "xsk_rx_ring_full".into(),
+                    k.rx_ring_full,
+                    "kernel dropped frames: vxnat's rx ring was full (the worker fell behind)".into(),
+                ));
+            }
+            let other = k.rx_dropped.saturating_sub(k.rx_ring_full);
+            if other > 0 {
+                drops.push((
+                    "xsk_rx_dropped".into(),
+                    other,
+                    "kernel dropped frames on the way into the socket (no free UMEM frame in the fill ring)".into(),
+                ));
+            }
+            if k.rx_invalid_descs + k.tx_invalid_descs > 0 {
+                drops.push((
+                    "xsk_invalid_descs".into(),
+                    k.rx_invalid_descs + k.tx_invalid_descs,
+                    "kernel rejected descriptors (a vxnat bug)".into(),
+                ));
+            }
+        }
         if c.rx_packets > 0 || !xdp.is_empty() || c.total_drops() > 0 {
             ports.push(PortStats { port: port.0, rx_packets: c.rx_packets, rx_bytes: c.rx_bytes, drops, events, xdp });
         }

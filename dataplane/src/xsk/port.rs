@@ -21,6 +21,36 @@ impl Default for PortConfig {
     }
 }
 
+/// The kernel's per-socket counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SocketStats {
+    /// Frames the kernel dropped on the way into the socket (includes `rx_ring_full`).
+    pub rx_dropped: u64,
+    pub rx_invalid_descs: u64,
+    pub tx_invalid_descs: u64,
+    /// Dropped because vxnat's rx ring was full (the worker fell behind).
+    pub rx_ring_full: u64,
+    /// Times the kernel found no free frame in the fill ring (UMEM starved).
+    pub rx_fill_ring_empty: u64,
+    pub tx_ring_empty: u64,
+}
+
+impl SocketStats {
+    /// Named, non-zero counters, for reports.
+    pub fn named(&self) -> Vec<(&'static str, u64)> {
+        [
+            ("xsk_rx_dropped", self.rx_dropped),
+            ("xsk_rx_ring_full", self.rx_ring_full),
+            ("xsk_rx_fill_ring_empty", self.rx_fill_ring_empty),
+            ("xsk_rx_invalid_descs", self.rx_invalid_descs),
+            ("xsk_tx_invalid_descs", self.tx_invalid_descs),
+        ]
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .collect()
+    }
+}
+
 pub struct XskPort {
     pub ifname: String,
     pub ifindex: u32,
@@ -111,6 +141,36 @@ impl XskPort {
 
     pub fn fd(&self) -> RawFd {
         self.fd
+    }
+
+    /// The kernel's own counters for this socket (`XDP_STATISTICS`): frames it dropped after
+    /// the XDP program redirected them (rx ring full, no fill ring entries), invalid
+    /// descriptors. What the pipeline cannot see, made visible.
+    pub fn kernel_stats(&self) -> Result<SocketStats, XskError> {
+        // SAFETY: a plain C struct of u64s; all-zero is valid.
+        let mut st: sys::xdp_statistics = unsafe { core::mem::zeroed() };
+        let mut len = core::mem::size_of::<sys::xdp_statistics>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `st`.
+        let rc = unsafe {
+            libc::getsockopt(
+                self.fd,
+                libc::SOL_XDP,
+                sys::XDP_STATISTICS as i32,
+                (&mut st as *mut sys::xdp_statistics).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(last_err(format!("XDP_STATISTICS on {}", self.ifname)));
+        }
+        Ok(SocketStats {
+            rx_dropped: st.rx_dropped,
+            rx_invalid_descs: st.rx_invalid_descs,
+            tx_invalid_descs: st.tx_invalid_descs,
+            rx_ring_full: st.rx_ring_full,
+            rx_fill_ring_empty: st.rx_fill_ring_empty_descs,
+            tx_ring_empty: st.tx_ring_empty_descs,
+        })
     }
 
     /// Kicks the kernel to transmit (copy mode transmits from sendto), if it asked for it.

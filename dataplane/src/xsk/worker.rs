@@ -14,6 +14,8 @@ use libxdp_sys as sys;
 
 /// Frames per rx batch.
 pub const BATCH: usize = 32;
+/// Batches taken from one port per pass over the ports.
+pub const RX_BATCHES_PER_PASS: usize = 4;
 
 /// Worker sizing.
 #[derive(Debug, Clone, Copy)]
@@ -29,7 +31,7 @@ pub struct WorkerConfig {
 
 impl Default for WorkerConfig {
     fn default() -> Self {
-        WorkerConfig { frames: 4096, ring_size: 2048, fill_per_port: 512, attach: AttachMode::Native }
+        WorkerConfig { frames: 16384, ring_size: 2048, fill_per_port: 2048, attach: AttachMode::Native }
     }
 }
 
@@ -159,6 +161,11 @@ impl Worker {
         self.ports.get(usize::from(id.0))?.as_ref().map(|p| p.prog.exits())
     }
 
+    /// The kernel's counters for the socket on port `id`.
+    pub fn socket_stats(&self, id: PortId) -> Option<super::port::SocketStats> {
+        self.ports.get(usize::from(id.0))?.as_ref().and_then(|p| p.xsk.kernel_stats().ok())
+    }
+
     /// The rx fds, for an idle poll(2).
     pub fn fds(&self) -> impl Iterator<Item = i32> + '_ {
         self.ports.iter().flatten().map(|p| p.xsk.fd())
@@ -171,9 +178,17 @@ impl Worker {
             if self.ports[i].is_none() {
                 continue;
             }
-            self.reclaim(i);
-            self.refill(i);
-            received += self.rx(i, tables, now);
+            // Up to RX_BATCHES_PER_PASS batches per port before moving on: enough to keep up
+            // with bursts, bounded so one busy port cannot starve the others.
+            for _ in 0..RX_BATCHES_PER_PASS {
+                self.reclaim(i);
+                self.refill(i);
+                let n = self.rx(i, tables, now);
+                received += n;
+                if n < BATCH {
+                    break;
+                }
+            }
         }
         self.flush_tx();
         received
