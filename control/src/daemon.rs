@@ -465,6 +465,12 @@ pub fn run(file: NodeFile) -> Result<(), String> {
         }
         Err(_) => return Err(shutdown("the worker did not start".into())),
     }
+    // Control (this thread: ctl, refreshes) on a core the worker does not use.
+    if let Some(worker_core) = file.cores.first() {
+        if let Some(c) = core_affinity::get_core_ids().unwrap_or_default().into_iter().find(|c| c.id != *worker_core) {
+            core_affinity::set_for_current(c);
+        }
+    }
     let mut node = Node { facts, pods: Vec::new(), generation: 1, commands: cmd_tx, started: Instant::now() };
     for p in &pods {
         let mac = p.mac.parse().ok();

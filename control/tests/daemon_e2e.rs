@@ -258,6 +258,20 @@ fn two_vxnat_nodes_carry_pod_and_node_traffic() {
     tcp(a2, a1, 8 << 20, 7200);
     assert!(udp(a2, b2, 7300) >= 98, "UDP a2 -> b2");
     std::thread::sleep(Duration::from_millis(300));
+    // The ctl socket is the operator's only: mode 0600.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&c.nodes[0].socket).expect("socket").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "ctl socket mode {mode:o}");
+    // Detach: the pod port is gone from `ports`, its XDP program removed, its traffic stops;
+    // the other pods are unaffected.
+    c.nodes[0].ctl(&["detach", "--ifname", "vxa2"]).expect("detach");
+    let ports = c.nodes[0].ctl(&["ports"]).expect("ports");
+    assert!(!ports.contains("vxa2") && ports.contains("vxa1"), "{ports}");
+    let link = String::from_utf8_lossy(&c.nodes[0].ns.ip(&["link", "show", "vxa2"]).stdout).to_string();
+    assert!(!link.contains("xdp"), "XDP left on a detached port: {link}");
+    assert!(!ping(&a2.ns, b1.ip), "a detached pod still reaches the cluster");
+    assert!(ping(&a1.ns, b1.ip), "a1 -> b1 after detaching a2");
+    assert!(c.nodes[0].ctl(&["detach", "--ifname", "vxa2"]).unwrap_err().contains("not attached"));
     for n in &c.nodes {
         let s = n.stats_json();
         assert_eq!(s["worker"]["umem_balanced"], true, "{}: UMEM chunks unaccounted: {}", n.name, s["worker"]);
