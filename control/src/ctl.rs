@@ -42,7 +42,26 @@ fn handle(node: &Mutex<Node>, req: Request) -> Result<Value, String> {
             for p in &n.pods {
                 ports.push(json!({"port": p.port, "kind": "pod", "ifname": p.ifname, "ip": p.ip, "mac": p.mac}));
             }
-            Ok(json!({"node": n.facts.file.node, "ports": ports}))
+            let remotes: Vec<Value> = n
+                .facts
+                .remotes
+                .iter()
+                .map(|(r, hop)| {
+                    json!({
+                        "node": r.name,
+                        "node_ip": r.node_ip,
+                        "pod_cidr": r.pod_cidr.to_string(),
+                        "vtep_mac": r.vtep_mac.map(|m| m.to_string()),
+                        "next_hop_mac": if *hop == dataplane::wire::MacAddr::ZERO { None } else { Some(hop.to_string()) },
+                    })
+                })
+                .collect();
+            Ok(json!({
+                "node": n.facts.file.node,
+                "uplink_mac": n.facts.uplink_mac.to_string(),
+                "ports": ports,
+                "remotes": remotes,
+            }))
         }
         Request::Stats => {
             let s = n.stats()?;

@@ -382,9 +382,18 @@ impl Node {
         rx.recv_timeout(Duration::from_secs(5)).map_err(|_| "worker did not answer".to_string())
     }
 
-    /// Re-resolves underlay next hops; publishes new tables if any changed.
-    pub fn refresh_next_hops(&mut self) {
+    /// Re-reads the uplink's MAC and MTU and re-resolves the underlay next hops; publishes new
+    /// tables if anything changed.
+    pub fn refresh_underlay(&mut self) {
         let mut changed = false;
+        let uplink = &self.facts.file.uplink;
+        if let (Ok(mac), Ok(mtu)) = (netinfo::mac(uplink), netinfo::mtu(uplink)) {
+            if (mac, mtu) != (self.facts.uplink_mac, self.facts.uplink_mtu) {
+                self.facts.uplink_mac = mac;
+                self.facts.uplink_mtu = mtu;
+                changed = true;
+            }
+        }
         for (r, hop) in &mut self.facts.remotes {
             if let Ok(Some(m)) = netinfo::next_hop_mac(r.node_ip) {
                 if m != *hop {
@@ -490,12 +499,21 @@ pub fn run(file: NodeFile) -> Result<(), String> {
         file.vxlan.vni,
         file.socket.display()
     );
+    // Underlay next hops: refreshed as soon as the kernel's neighbour or route tables change,
+    // and every 10 s regardless.
+    let dirty = Arc::new(AtomicBool::new(false));
+    {
+        let d = dirty.clone();
+        if let Err(e) = crate::rtnl::watch(move || d.store(true, Ordering::Relaxed)) {
+            eprintln!("vxnat: cannot watch route/neighbour changes ({e}); refreshing every 10 s only");
+        }
+    }
     let mut last_refresh = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
-        if last_refresh.elapsed() > Duration::from_secs(2) {
+        if dirty.swap(false, Ordering::Relaxed) || last_refresh.elapsed() > Duration::from_secs(10) {
             if let Ok(mut n) = node.lock() {
-                n.refresh_next_hops();
+                n.refresh_underlay();
             }
             last_refresh = Instant::now();
         }

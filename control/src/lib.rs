@@ -7,4 +7,5 @@ pub mod daemon;
 pub mod drops;
 pub mod json;
 pub mod netinfo;
+pub mod rtnl;
 pub mod state;

@@ -51,32 +51,11 @@ pub fn ifindex(ifname: &str) -> Result<u32, String> {
     s.parse().map_err(|_| format!("interface {ifname}: ifindex {s:?}"))
 }
 
-/// The MAC of the next hop toward `dst` on the underlay: the gateway's if the route has one,
-/// else `dst`'s own. Resolves the neighbour if the kernel does not know it yet. `None` while
+/// The MAC of the next hop toward `dst` on the underlay (the route's gateway, else `dst`
+/// itself), from the kernel's routing and neighbour tables over rtnetlink; `None` while
 /// unresolved (the pipeline counts `underlay_no_next_hop` meanwhile).
 pub fn next_hop_mac(dst: Ipv4Addr) -> Result<Option<MacAddr>, String> {
-    let route = ip_json(&["route", "get", &dst.to_string()])?;
-    let r = route.get(0).ok_or(format!("no route to {dst}"))?;
-    let dev = r.get("dev").and_then(Value::as_str).ok_or(format!("route to {dst}: no device"))?.to_string();
-    let hop = r.get("gateway").and_then(Value::as_str).unwrap_or(&dst.to_string()).to_string();
-    for attempt in 0..2 {
-        let neigh = ip_json(&["neigh", "show", "to", &hop, "dev", &dev])?;
-        for n in neigh.as_array().into_iter().flatten() {
-            let state: Vec<&str> =
-                n.get("state").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).collect();
-            if state.iter().any(|s| matches!(*s, "FAILED" | "INCOMPLETE")) {
-                continue;
-            }
-            if let Some(mac) = n.get("lladdr").and_then(Value::as_str).and_then(|m| m.parse().ok()) {
-                return Ok(Some(mac));
-            }
-        }
-        if attempt == 0 {
-            // Ask the kernel to resolve it (an ARP request on the underlay), then look again.
-            let _ = Command::new("ping").args(["-c", "1", "-W", "1", "-q", &hop]).output();
-        }
-    }
-    Ok(None)
+    crate::rtnl::next_hop_mac(dst).map_err(|e| format!("next hop toward {dst}: {e}"))
 }
 
 /// Creates the host port: a veth pair `ifname` (vxnat's end) / `{ifname}h` (the node stack's),

@@ -371,3 +371,35 @@ fn hostile_frames_are_named_in_ctl_stats() {
     }
     assert!(text.contains("VXLAN from an address that is not a known node"), "help lines missing:\n{text}");
 }
+
+#[test]
+fn underlay_changes_are_followed() {
+    if !require_root("underlay_changes_are_followed") {
+        return;
+    }
+    let c = cluster();
+    let (a1, b1) = (&c.pods[0], &c.pods[2]);
+    assert!(ping(&a1.ns, b1.ip), "a1 -> b1 before the change");
+    let ports = |n: usize| -> serde_json::Value {
+        serde_json::from_str(&c.nodes[n].ctl(&["ports"]).expect("ports")).expect("json")
+    };
+    // Node B's underlay NIC gets a new MAC; node A's kernel learns it (a neighbour update, as a
+    // gratuitous ARP would cause). Both vxnats must follow within the refresh triggered by the
+    // kernel's change notifications, well before the 10 s periodic refresh.
+    let new_mac = "02:77:00:00:00:02";
+    let start = Instant::now();
+    c.nodes[1].ns.ip(&["link", "set", "ul", "address", new_mac]);
+    c.nodes[0].ns.ip(&["neigh", "replace", "192.168.77.2", "lladdr", new_mac, "dev", "ul", "nud", "reachable"]);
+    let mut followed = false;
+    while start.elapsed() < Duration::from_secs(4) {
+        let a = ports(0);
+        let b = ports(1);
+        if a["remotes"][0]["next_hop_mac"] == new_mac && b["uplink_mac"] == new_mac {
+            followed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(followed, "not followed within 4 s: node A {} / node B {}", ports(0)["remotes"], ports(1)["uplink_mac"]);
+    assert!(ping(&a1.ns, b1.ip), "a1 -> b1 after the change");
+}
