@@ -1,0 +1,61 @@
+//! SNAT allocator operations near exhaustion, and Maglev build/lookup.
+
+use core::net::Ipv4Addr;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use dataplane::nat::maglev::{Maglev, DEFAULT_TABLE_SIZE};
+use dataplane::nat::snat::{Destination, SnatAllocator};
+use std::hint::black_box;
+
+fn snat(c: &mut Criterion) {
+    let mut g = c.benchmark_group("snat");
+    let d = Destination {
+        proto: 6,
+        snat_ip: Ipv4Addr::new(192, 168, 77, 1),
+        backend_ip: Ipv4Addr::new(10, 244, 1, 2),
+        backend_port: 8080,
+    };
+    // 28976 ports, all but 16 in use; each iteration releases the oldest and allocates one
+    // (whose hold has expired): the steady state of a busy backend near exhaustion.
+    let hold = 1_000;
+    let mut a = SnatAllocator::new(1024..=29999, hold, 1);
+    let mut live = std::collections::VecDeque::new();
+    let mut now = 0u64;
+    for _ in 0..(a.range_len() - 16) {
+        live.push_back(a.allocate(d, now).expect("fresh port"));
+    }
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("release_then_allocate_near_exhaustion", |b| {
+        b.iter(|| {
+            now += hold;
+            if let Some(p) = live.pop_front() {
+                a.release(d, p, now);
+            }
+            now += hold;
+            let p = a.allocate(black_box(d), now).expect("a port past its hold");
+            live.push_back(p);
+        })
+    });
+    g.finish();
+}
+
+fn maglev(c: &mut Criterion) {
+    let mut g = c.benchmark_group("maglev");
+    for n in [10usize, 100, 1000] {
+        let keys: Vec<String> = (0..n).map(|i| format!("10.244.{}.{}:8080", i / 200, i % 200 + 2)).collect();
+        g.bench_function(format!("build_{n}_backends"), |b| {
+            b.iter(|| Maglev::build(black_box(&keys), DEFAULT_TABLE_SIZE))
+        });
+        let t = Maglev::build(&keys, DEFAULT_TABLE_SIZE).expect("prime size");
+        let mut h = 0u64;
+        g.bench_function(format!("lookup_{n}_backends"), |b| {
+            b.iter(|| {
+                h = h.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                t.lookup(black_box(h))
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, snat, maglev);
+criterion_main!(benches);
