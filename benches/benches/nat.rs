@@ -57,5 +57,34 @@ fn maglev(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, snat, maglev);
+fn conntrack(c: &mut Criterion) {
+    use dataplane::conntrack::{ConnTrack, FlowKey, Timeouts};
+    let mut g = c.benchmark_group("conntrack");
+    g.throughput(Throughput::Elements(1));
+    for n in [1_000usize, 1_000_000] {
+        let key = |i: usize| FlowKey {
+            proto: 6,
+            src: Ipv4Addr::from(0x0af4_0000u32 + (i as u32 >> 8)),
+            dst: Ipv4Addr::new(10, 96, 0, 10),
+            sport: 1024 + (i & 0xff) as u16 * 7,
+            dport: 80,
+        };
+        let mut ct = ConnTrack::new(n, Timeouts::default());
+        for i in 0..n {
+            ct.insert(key(i), key(i).reversed(), 0, i as u64).expect("capacity");
+        }
+        // Probe keys in a scrambled order so the cache sees a realistic spread.
+        let mut i = 0usize;
+        g.bench_function(format!("lookup_hit_{n}_flows"), |b| {
+            b.iter(|| {
+                i = (i + 7919) % n;
+                ct.lookup(black_box(&key(i)), 1)
+            })
+        });
+    }
+    println!("conntrack: {} bytes per flow at capacity", ConnTrack::memory_per_flow());
+    g.finish();
+}
+
+criterion_group!(benches, snat, maglev, conntrack);
 criterion_main!(benches);

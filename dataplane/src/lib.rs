@@ -4,6 +4,7 @@
 //! tables and `now`, tested without sockets. The AF_XDP plumbing that feeds it lives in
 //! `xsk` (a later addition) and is the only place allowed `unsafe` code.
 
+pub mod conntrack;
 pub mod nat;
 pub mod pipeline;
 pub mod tables;

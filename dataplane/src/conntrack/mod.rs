@@ -1,0 +1,317 @@
+//! Connection tracking: flows keyed by 5-tuple in both directions, a TCP state machine after
+//! Linux nf_conntrack's (with its default timeouts), UDP and ICMP echo pseudo-states, expiry
+//! with `now` passed in, and a bounded table: when it is full a new flow is refused (the caller
+//! drops the packet with a named reason), never an existing one evicted.
+//!
+//! Storage: flows live in a slab of fixed capacity; a hash index maps each direction's key to
+//! its slot. Expired flows are removed lazily on lookup and by an incremental sweep, and handed
+//! back to the caller (so it can release their SNAT ports) through `take_expired`.
+
+mod tcp;
+
+pub use tcp::{TcpEvent, TcpState};
+
+use crate::wire::TcpFlags;
+use ahash::AHashMap;
+use core::net::Ipv4Addr;
+
+const S: u64 = 1_000_000_000;
+
+/// A flow key: protocol and both endpoints. For ICMP echo, `sport` is the echo identifier and
+/// `dport` is 0, in both directions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub proto: u8,
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+impl FlowKey {
+    /// The key of packets travelling the other way between the same endpoints.
+    pub fn reversed(&self) -> FlowKey {
+        if self.proto == 1 {
+            return FlowKey { proto: 1, src: self.dst, dst: self.src, sport: self.sport, dport: 0 };
+        }
+        FlowKey { proto: self.proto, src: self.dst, dst: self.src, sport: self.dport, dport: self.sport }
+    }
+}
+
+/// Direction of a packet relative to the flow's first packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dir {
+    Orig,
+    Reply,
+}
+
+impl Dir {
+    fn index(self) -> usize {
+        match self {
+            Dir::Orig => 0,
+            Dir::Reply => 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowState {
+    Tcp(TcpState),
+    /// UDP seen in one direction only.
+    UdpUnreplied,
+    /// UDP seen both ways.
+    UdpReplied,
+    /// ICMP echo request/reply, or any other protocol.
+    Other,
+}
+
+impl FlowState {
+    pub fn name(&self) -> &'static str {
+        match self {
+            FlowState::Tcp(t) => t.name(),
+            FlowState::UdpUnreplied => "UNREPLIED",
+            FlowState::UdpReplied => "ASSURED",
+            FlowState::Other => "-",
+        }
+    }
+}
+
+/// Timeouts, in nanoseconds; defaults are Linux nf_conntrack's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub tcp_syn_sent: u64,
+    pub tcp_syn_recv: u64,
+    pub tcp_established: u64,
+    pub tcp_fin_wait: u64,
+    pub tcp_close_wait: u64,
+    pub tcp_last_ack: u64,
+    pub tcp_time_wait: u64,
+    pub tcp_close: u64,
+    pub udp: u64,
+    pub udp_stream: u64,
+    pub other: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            tcp_syn_sent: 120 * S,
+            tcp_syn_recv: 60 * S,
+            tcp_established: 432_000 * S,
+            tcp_fin_wait: 120 * S,
+            tcp_close_wait: 60 * S,
+            tcp_last_ack: 30 * S,
+            tcp_time_wait: 120 * S,
+            tcp_close: 10 * S,
+            udp: 30 * S,
+            udp_stream: 120 * S,
+            other: 30 * S,
+        }
+    }
+}
+
+impl Timeouts {
+    fn of(&self, s: FlowState) -> u64 {
+        match s {
+            FlowState::Tcp(t) => match t {
+                TcpState::SynSent => self.tcp_syn_sent,
+                TcpState::SynRecv => self.tcp_syn_recv,
+                TcpState::Established => self.tcp_established,
+                TcpState::FinWait => self.tcp_fin_wait,
+                TcpState::CloseWait => self.tcp_close_wait,
+                TcpState::LastAck => self.tcp_last_ack,
+                TcpState::TimeWait => self.tcp_time_wait,
+                TcpState::Close => self.tcp_close,
+            },
+            FlowState::UdpUnreplied => self.udp,
+            FlowState::UdpReplied => self.udp_stream,
+            FlowState::Other => self.other,
+        }
+    }
+}
+
+/// One tracked connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Flow {
+    /// The key of the first packet (as it arrived, before NAT).
+    pub orig: FlowKey,
+    /// The key reply packets arrive with (after NAT: from the backend, to the SNAT address).
+    pub reply: FlowKey,
+    pub state: FlowState,
+    pub created: u64,
+    pub expires_at: u64,
+    /// Packets and bytes, original then reply direction.
+    pub packets: [u64; 2],
+    pub bytes: [u64; 2],
+    /// Opaque data of the caller's (its NAT decision, e.g. a backend and SNAT port).
+    pub tag: u64,
+}
+
+/// Identifies a flow while it lives (a slot; reused after removal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowId(u32);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CtError {
+    /// The table is at capacity: the new flow is refused.
+    Full,
+    /// One of the two keys is already tracked.
+    Exists,
+}
+
+#[derive(Debug)]
+pub struct ConnTrack {
+    slots: Vec<Option<Flow>>,
+    free: Vec<u32>,
+    index: AHashMap<FlowKey, (u32, Dir)>,
+    timeouts: Timeouts,
+    sweep_at: usize,
+    expired: Vec<Flow>,
+}
+
+impl ConnTrack {
+    /// A table for at most `capacity` flows (memory is reserved up front).
+    pub fn new(capacity: usize, timeouts: Timeouts) -> ConnTrack {
+        ConnTrack {
+            slots: (0..capacity).map(|_| None).collect(),
+            free: (0..capacity as u32).rev().collect(),
+            index: AHashMap::with_capacity(capacity * 2),
+            timeouts,
+            sweep_at: 0,
+            expired: Vec::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Bytes of memory per flow at capacity: its slot plus two index entries.
+    pub fn memory_per_flow() -> usize {
+        let slot = core::mem::size_of::<Option<Flow>>();
+        // hashbrown: key + value + one control byte per bucket, buckets at most 8/7 of entries.
+        let entry = core::mem::size_of::<(FlowKey, (u32, Dir))>() + 1;
+        slot + 2 * entry * 8 / 7
+    }
+
+    /// Starts tracking a flow whose first packet had key `orig` and whose replies will carry
+    /// `reply`.
+    pub fn insert(&mut self, orig: FlowKey, reply: FlowKey, now: u64, tag: u64) -> Result<FlowId, CtError> {
+        if self.index.contains_key(&orig) || self.index.contains_key(&reply) {
+            return Err(CtError::Exists);
+        }
+        let Some(slot) = self.free.pop() else {
+            return Err(CtError::Full);
+        };
+        let state = match orig.proto {
+            6 => FlowState::Tcp(TcpState::SynSent),
+            17 => FlowState::UdpUnreplied,
+            _ => FlowState::Other,
+        };
+        let expires_at = now.saturating_add(self.timeouts.of(state));
+        self.slots[slot as usize] =
+            Some(Flow { orig, reply, state, created: now, expires_at, packets: [0; 2], bytes: [0; 2], tag });
+        self.index.insert(orig, (slot, Dir::Orig));
+        self.index.insert(reply, (slot, Dir::Reply));
+        Ok(FlowId(slot))
+    }
+
+    /// The live flow a packet with `key` belongs to, and its direction. An expired flow is
+    /// removed here (and queued for `take_expired`) and `None` returned.
+    pub fn lookup(&mut self, key: &FlowKey, now: u64) -> Option<(FlowId, Dir)> {
+        let &(slot, dir) = self.index.get(key)?;
+        let expired = self.slots[slot as usize].as_ref().is_none_or(|f| f.expires_at <= now);
+        if expired {
+            self.remove_slot(slot, true);
+            return None;
+        }
+        Some((FlowId(slot), dir))
+    }
+
+    pub fn get(&self, id: FlowId) -> Option<&Flow> {
+        self.slots.get(id.0 as usize)?.as_ref()
+    }
+
+    pub fn get_mut(&mut self, id: FlowId) -> Option<&mut Flow> {
+        self.slots.get_mut(id.0 as usize)?.as_mut()
+    }
+
+    /// Accounts a packet of `len` bytes in direction `dir` (with its TCP flags for TCP),
+    /// advances the state and restarts the timer. Returns what the TCP state machine noticed.
+    pub fn update(&mut self, id: FlowId, dir: Dir, flags: TcpFlags, len: usize, now: u64) -> TcpEvent {
+        let timeouts = self.timeouts;
+        let Some(f) = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut) else {
+            return TcpEvent::None;
+        };
+        f.packets[dir.index()] += 1;
+        f.bytes[dir.index()] += len as u64;
+        let mut event = TcpEvent::None;
+        f.state = match f.state {
+            FlowState::Tcp(t) => {
+                let (next, ev) = t.next(dir, flags);
+                event = ev;
+                FlowState::Tcp(next)
+            }
+            FlowState::UdpUnreplied if dir == Dir::Reply => FlowState::UdpReplied,
+            s => s,
+        };
+        f.expires_at = now.saturating_add(timeouts.of(f.state));
+        event
+    }
+
+    /// Stops tracking a flow; returns it.
+    pub fn remove(&mut self, id: FlowId) -> Option<Flow> {
+        self.remove_slot(id.0, false)
+    }
+
+    fn remove_slot(&mut self, slot: u32, to_expired: bool) -> Option<Flow> {
+        let f = self.slots.get_mut(slot as usize)?.take()?;
+        self.index.remove(&f.orig);
+        self.index.remove(&f.reply);
+        self.free.push(slot);
+        if to_expired {
+            self.expired.push(f);
+            None
+        } else {
+            Some(f)
+        }
+    }
+
+    /// Examines up to `budget` slots from where the last sweep stopped and removes expired
+    /// flows (queued for `take_expired`). Call regularly off the per-packet path; a full pass
+    /// takes capacity / budget calls.
+    pub fn sweep(&mut self, now: u64, budget: usize) {
+        let n = self.slots.len();
+        if n == 0 {
+            return;
+        }
+        for _ in 0..budget.min(n) {
+            let i = self.sweep_at;
+            self.sweep_at = (self.sweep_at + 1) % n;
+            if self.slots[i].as_ref().is_some_and(|f| f.expires_at <= now) {
+                self.remove_slot(i as u32, true);
+            }
+        }
+    }
+
+    /// Flows removed because they expired since the last call (each exactly once).
+    pub fn take_expired(&mut self) -> Vec<Flow> {
+        core::mem::take(&mut self.expired)
+    }
+
+    /// Every live flow (for `vxnat ctl flows`).
+    pub fn iter(&self) -> impl Iterator<Item = &Flow> {
+        self.slots.iter().flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests;
