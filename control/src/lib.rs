@@ -8,4 +8,5 @@ pub mod drops;
 pub mod json;
 pub mod netinfo;
 pub mod rtnl;
+pub mod services;
 pub mod state;

@@ -2,4 +2,5 @@
 //! selection. (DNAT/SNAT rewriting in the pipeline and the Service tables build on these.)
 
 pub mod maglev;
+pub mod service;
 pub mod snat;

@@ -1,0 +1,249 @@
+//! Compiles Services and EndpointSlices into this node's `ServiceTable`, with kube-proxy's
+//! semantics: endpoint ports come from the EndpointSlice's ports matched by the Service port's
+//! name and protocol (so named targetPorts resolve as kube-proxy resolves them); conditions
+//! default as the API says (`ready` absent = true, `serving` absent = `ready`, `terminating`
+//! absent = false); an endpoint is local when its `nodeName` is this node.
+//!
+//! One broken Service does not take the others down: it is skipped and reported, by object and
+//! field.
+
+use crate::state::ClusterState;
+use core::net::Ipv4Addr;
+use dataplane::nat::service::{Endpoint, Frontend, FrontendKind, ServicePort, ServiceTable};
+use k8s_openapi::api::core::v1::Service;
+
+pub const DEFAULT_AFFINITY_S: i32 = 10800;
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+fn proto_num(p: Option<&str>) -> Option<u8> {
+    match p.unwrap_or("TCP") {
+        "TCP" => Some(6),
+        "UDP" => Some(17),
+        _ => None,
+    }
+}
+
+fn ip(s: &str, what: &str) -> Result<Ipv4Addr, String> {
+    s.parse().map_err(|_| format!("{what}: {s:?} is not an IPv4 address"))
+}
+
+/// The compiled table and what was skipped (each message names the object and field).
+pub fn compile(state: &ClusterState, node: &str, maglev_size: usize) -> (ServiceTable, Vec<String>) {
+    let mut table = ServiceTable::default();
+    let mut problems = Vec::new();
+    for svc in &state.services {
+        if let Err(e) = compile_service(state, svc, node, maglev_size, &mut table) {
+            problems.push(e);
+        }
+    }
+    (table, problems)
+}
+
+fn compile_service(
+    state: &ClusterState,
+    svc: &Service,
+    node: &str,
+    maglev_size: usize,
+    table: &mut ServiceTable,
+) -> Result<(), String> {
+    let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
+    let name = svc.metadata.name.as_deref().ok_or("Service: metadata.name: missing")?;
+    let what = format!("Service {ns}/{name}");
+    let Some(spec) = svc.spec.as_ref() else { return Ok(()) };
+    let kind = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if kind == "ExternalName" {
+        return Ok(());
+    }
+    let cluster_ip = match spec.cluster_ip.as_deref() {
+        None | Some("") | Some("None") => None, // headless: nothing to translate
+        Some(s) => Some(ip(s, &format!("{what}: spec.clusterIP"))?),
+    };
+    let external_ips: Vec<Ipv4Addr> = spec
+        .external_ips
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, s)| ip(s, &format!("{what}: spec.externalIPs[{i}]")))
+        .collect::<Result<_, _>>()?;
+    let lb_ips: Vec<Ipv4Addr> = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|l| l.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .filter_map(|(i, g)| g.ip.as_deref().map(|s| ip(s, &format!("{what}: status.loadBalancer.ingress[{i}].ip"))))
+        .collect::<Result<_, _>>()?;
+    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let affinity_ns = if spec.session_affinity.as_deref() == Some("ClientIP") {
+        let t = spec
+            .session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .unwrap_or(DEFAULT_AFFINITY_S);
+        Some(
+            u64::try_from(t).map_err(|_| format!("{what}: spec.sessionAffinityConfig.clientIP.timeoutSeconds: {t}"))?
+                * 1_000_000_000,
+        )
+    } else {
+        None
+    };
+    let slices: Vec<_> = state
+        .endpoint_slices
+        .iter()
+        .filter(|s| s.metadata.namespace.as_deref().unwrap_or("default") == ns)
+        .filter(|s| {
+            s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)).map(String::as_str) == Some(name)
+        })
+        .filter(|s| s.address_type == "IPv4")
+        .collect();
+    for (pi, sp) in spec.ports.iter().flatten().enumerate() {
+        let field = format!("{what}: spec.ports[{pi}]");
+        let Some(proto) = proto_num(sp.protocol.as_deref()) else {
+            continue; // SCTP: not handled by vxnat
+        };
+        let port = u16::try_from(sp.port).map_err(|_| format!("{field}.port: {}", sp.port))?;
+        let mut endpoints = Vec::new();
+        for s in &slices {
+            let Some(ep_port) = s
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.name == sp.name && proto_num(p.protocol.as_deref()) == Some(proto))
+                .and_then(|p| p.port)
+            else {
+                continue;
+            };
+            let Ok(ep_port) = u16::try_from(ep_port) else { continue };
+            for e in &s.endpoints {
+                let Some(addr) = e.addresses.first().and_then(|a| a.parse::<Ipv4Addr>().ok()) else { continue };
+                let c = e.conditions.as_ref();
+                let ready = c.and_then(|c| c.ready).unwrap_or(true);
+                let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+                let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+                let local = e.node_name.as_deref() == Some(node);
+                endpoints.push(Endpoint { ip: addr, port: ep_port, ready, serving, terminating, local });
+            }
+        }
+        // Deduplicate (an endpoint may appear in several slices during updates).
+        endpoints.sort_by_key(|e| (e.ip, e.port));
+        endpoints.dedup_by_key(|e| (e.ip, e.port));
+        let port_name = sp.name.clone().unwrap_or_else(|| port.to_string());
+        let idx = table.add_port(ServicePort::new(
+            format!("{ns}/{name}:{port_name}"),
+            &endpoints,
+            external_local,
+            internal_local,
+            affinity_ns,
+            maglev_size,
+        )?);
+        if let Some(cip) = cluster_ip {
+            table
+                .add_frontend(Frontend { proto, ip: cip, port }, FrontendKind::ClusterIp, idx)
+                .map_err(|e| format!("{field}: {e}"))?;
+        }
+        for eip in &external_ips {
+            table
+                .add_frontend(Frontend { proto, ip: *eip, port }, FrontendKind::ExternalIp, idx)
+                .map_err(|e| format!("{field}: {e}"))?;
+        }
+        for lip in &lb_ips {
+            table
+                .add_frontend(Frontend { proto, ip: *lip, port }, FrontendKind::LoadBalancer, idx)
+                .map_err(|e| format!("{field}: {e}"))?;
+        }
+        if matches!(kind, "NodePort" | "LoadBalancer") {
+            if let Some(np) = sp.node_port {
+                let np = u16::try_from(np).map_err(|_| format!("{field}.nodePort: {np}"))?;
+                table.add_node_port(proto, np, idx).map_err(|e| format!("{field}.nodePort: {e}"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STATE: &str = r#"
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Service
+  metadata: {name: web, namespace: shop}
+  spec:
+    type: NodePort
+    clusterIP: 10.96.0.20
+    externalIPs: [203.0.113.7]
+    externalTrafficPolicy: Local
+    sessionAffinity: ClientIP
+    ports:
+    - {name: http, port: 80, targetPort: http-alt, protocol: TCP, nodePort: 30080}
+    - {name: dns, port: 53, targetPort: 5353, protocol: UDP}
+  status:
+    loadBalancer:
+      ingress: [{ip: 198.51.100.9}]
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}
+  addressType: IPv4
+  ports: [{name: http, port: 8081, protocol: TCP}, {name: dns, port: 5353, protocol: UDP}]
+  endpoints:
+  - {addresses: [10.244.0.5], conditions: {ready: true}, nodeName: node-a}
+  - {addresses: [10.244.1.5], nodeName: node-b}
+  - {addresses: [10.244.1.6], conditions: {ready: false, serving: true, terminating: true}, nodeName: node-b}
+- apiVersion: v1
+  kind: Service
+  metadata: {name: broken, namespace: shop}
+  spec: {clusterIP: 10.96.0.300, ports: [{port: 80}]}
+- apiVersion: v1
+  kind: Service
+  metadata: {name: headless, namespace: shop}
+  spec: {clusterIP: None, ports: [{port: 80}]}
+"#;
+
+    fn table() -> (ServiceTable, Vec<String>) {
+        compile(&ClusterState::parse(STATE).unwrap(), "node-a", 16381)
+    }
+
+    #[test]
+    fn every_kind_of_frontend_resolves_to_the_named_endpoint_port() {
+        let (t, problems) = table();
+        assert_eq!(
+            problems,
+            vec!["Service shop/broken: spec.clusterIP: \"10.96.0.300\" is not an IPv4 address".to_string()]
+        );
+        let (p, k) = t.lookup(6, Ipv4Addr::new(10, 96, 0, 20), 80, false).unwrap();
+        assert_eq!((k, p.name.as_str()), (FrontendKind::ClusterIp, "shop/web:http"));
+        let c = p.choose(k, false, 12345).unwrap();
+        assert_eq!(c.endpoint.port, 8081, "named targetPort resolved through the slice's ports");
+        assert!(c.endpoint.ready);
+        assert_eq!(t.lookup(6, Ipv4Addr::new(203, 0, 113, 7), 80, false).unwrap().1, FrontendKind::ExternalIp);
+        assert_eq!(t.lookup(6, Ipv4Addr::new(198, 51, 100, 9), 80, false).unwrap().1, FrontendKind::LoadBalancer);
+        assert_eq!(t.lookup(6, Ipv4Addr::new(192, 168, 77, 1), 30080, true).unwrap().1, FrontendKind::NodePort);
+        let (udp, _) = t.lookup(17, Ipv4Addr::new(10, 96, 0, 20), 53, false).unwrap();
+        assert_eq!(udp.choose(FrontendKind::ClusterIp, false, 1).unwrap().endpoint.port, 5353);
+        assert!(t.lookup(6, Ipv4Addr::new(10, 96, 0, 20), 53, false).is_none());
+    }
+
+    #[test]
+    fn local_policy_and_affinity_come_through() {
+        let (t, _) = table();
+        let (p, _) = t.lookup(6, Ipv4Addr::new(192, 168, 77, 1), 30080, true).unwrap();
+        assert_eq!(p.affinity_ns, Some(10800 * 1_000_000_000));
+        for h in 0..100 {
+            let c = p.choose(FrontendKind::NodePort, true, h).unwrap();
+            assert_eq!(c.endpoint.ip, Ipv4Addr::new(10, 244, 0, 5), "Local: only node-a's endpoint");
+            assert!(c.preserve_client);
+        }
+        // From node-b's point of view only its ready endpoint is local.
+        let (tb, _) = compile(&ClusterState::parse(STATE).unwrap(), "node-b", 16381);
+        let (pb, _) = tb.lookup(6, Ipv4Addr::new(192, 168, 77, 2), 30080, true).unwrap();
+        assert_eq!(pb.choose(FrontendKind::NodePort, true, 3).unwrap().endpoint.ip, Ipv4Addr::new(10, 244, 1, 5));
+    }
+}

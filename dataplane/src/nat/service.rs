@@ -1,0 +1,311 @@
+//! The Service table the NAT stage reads: frontends (ClusterIP, NodePort, external IP, load
+//! balancer IP, each with protocol and port) to Services, and per Service port its endpoints
+//! with kube-proxy's rules for choosing among them.
+//!
+//! Choosing an endpoint for a new flow (kube-proxy's semantics):
+//! - among ready endpoints; if none is ready, among serving-but-terminating ones; if none of
+//!   those either, the connection is refused (TCP RST / ICMP port unreachable, counted);
+//! - with externalTrafficPolicy Local (traffic from outside to a NodePort, external or load
+//!   balancer IP) or internalTrafficPolicy Local (traffic from inside to the ClusterIP), only
+//!   endpoints on this node, and the client address is kept (no SNAT);
+//! - by Maglev over the candidate set, so every node picks the same endpoint for a flow.
+//!
+//! Existing flows keep their endpoint through conntrack, even once it is terminating.
+
+use super::maglev::Maglev;
+use ahash::AHashMap;
+use core::net::Ipv4Addr;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Frontend {
+    pub proto: u8,
+    pub ip: Ipv4Addr,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrontendKind {
+    ClusterIp,
+    NodePort,
+    ExternalIp,
+    LoadBalancer,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoint {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    /// On this node (eligible under a Local traffic policy).
+    pub local: bool,
+}
+
+/// The candidate sets of one Service port, each with its Maglev table.
+#[derive(Debug, Clone)]
+struct Candidates {
+    endpoints: Vec<Endpoint>,
+    table: Maglev,
+}
+
+impl Candidates {
+    fn build(eps: Vec<Endpoint>, size: usize) -> Result<Candidates, String> {
+        let keys: Vec<[u8; 6]> = eps
+            .iter()
+            .map(|e| {
+                let o = e.ip.octets();
+                let p = e.port.to_be_bytes();
+                [o[0], o[1], o[2], o[3], p[0], p[1]]
+            })
+            .collect();
+        // One table size for every set (the configured one): if M followed the endpoint count,
+        // adding or removing an endpoint would change M and reshuffle every flow.
+        Ok(Candidates { table: Maglev::build(&keys, size)?, endpoints: eps })
+    }
+    fn pick(&self, hash: u64) -> Option<Endpoint> {
+        self.table.lookup(hash).and_then(|i| self.endpoints.get(i as usize).copied())
+    }
+}
+
+/// One Service port.
+#[derive(Debug, Clone)]
+pub struct ServicePort {
+    /// `namespace/name:port-name` for reports.
+    pub name: String,
+    pub external_local: bool,
+    pub internal_local: bool,
+    /// ClientIP session affinity timeout, if enabled.
+    pub affinity_ns: Option<u64>,
+    ready: Option<Candidates>,
+    terminating: Option<Candidates>,
+    local_ready: Option<Candidates>,
+    local_terminating: Option<Candidates>,
+}
+
+/// Why no endpoint could be chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoEndpoint {
+    /// No ready or serving endpoint (cluster-wide or, under a Local policy, on this node).
+    None,
+}
+
+/// The choice for a new flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Choice {
+    pub endpoint: Endpoint,
+    /// Keep the client's address (Local policy) instead of SNAT to the node.
+    pub preserve_client: bool,
+}
+
+impl ServicePort {
+    pub fn new(
+        name: String,
+        endpoints: &[Endpoint],
+        external_local: bool,
+        internal_local: bool,
+        affinity_ns: Option<u64>,
+        table_size: usize,
+    ) -> Result<ServicePort, String> {
+        let set = |f: &dyn Fn(&Endpoint) -> bool| -> Result<Option<Candidates>, String> {
+            let v: Vec<Endpoint> = endpoints.iter().filter(|e| f(e)).copied().collect();
+            if v.is_empty() {
+                Ok(None)
+            } else {
+                Candidates::build(v, table_size).map(Some)
+            }
+        };
+        Ok(ServicePort {
+            ready: set(&|e| e.ready)?,
+            terminating: set(&|e| !e.ready && e.serving && e.terminating)?,
+            local_ready: set(&|e| e.local && e.ready)?,
+            local_terminating: set(&|e| e.local && !e.ready && e.serving && e.terminating)?,
+            name,
+            external_local,
+            internal_local,
+            affinity_ns,
+        })
+    }
+
+    /// The endpoint for a new flow arriving on a frontend of `kind` (`from_outside`: the client
+    /// is outside the cluster network), by `hash` (of the flow, or of the client address
+    /// under session affinity).
+    pub fn choose(&self, kind: FrontendKind, from_outside: bool, hash: u64) -> Result<Choice, NoEndpoint> {
+        let local = match kind {
+            FrontendKind::ClusterIp => self.internal_local,
+            _ => self.external_local && from_outside,
+        };
+        let (ready, terminating) =
+            if local { (&self.local_ready, &self.local_terminating) } else { (&self.ready, &self.terminating) };
+        let c = ready.as_ref().or(terminating.as_ref()).ok_or(NoEndpoint::None)?;
+        let endpoint = c.pick(hash).ok_or(NoEndpoint::None)?;
+        Ok(Choice { endpoint, preserve_client: local && kind != FrontendKind::ClusterIp })
+    }
+}
+
+/// Every Service frontend of the cluster, as seen from this node.
+#[derive(Debug, Clone, Default)]
+pub struct ServiceTable {
+    frontends: AHashMap<Frontend, (u32, FrontendKind)>,
+    /// NodePorts answer on every node address: (proto, port) -> port index.
+    node_ports: AHashMap<(u8, u16), u32>,
+    ports: Vec<ServicePort>,
+}
+
+impl ServiceTable {
+    pub fn add_port(&mut self, port: ServicePort) -> u32 {
+        self.ports.push(port);
+        (self.ports.len() - 1) as u32
+    }
+
+    /// Registers a frontend; an address/port claimed twice keeps the first claim and reports the
+    /// conflict.
+    pub fn add_frontend(&mut self, f: Frontend, kind: FrontendKind, port: u32) -> Result<(), String> {
+        if let Some((other, _)) = self.frontends.get(&f) {
+            return Err(format!("{}:{} ({}) is also {}", f.ip, f.port, f.proto, self.ports[*other as usize].name));
+        }
+        self.frontends.insert(f, (port, kind));
+        Ok(())
+    }
+
+    pub fn add_node_port(&mut self, proto: u8, node_port: u16, port: u32) -> Result<(), String> {
+        if let Some(other) = self.node_ports.get(&(proto, node_port)) {
+            return Err(format!("nodePort {node_port} is also {}", self.ports[*other as usize].name));
+        }
+        self.node_ports.insert((proto, node_port), port);
+        Ok(())
+    }
+
+    /// The Service port behind a destination, if any: `node_addr` says whether `ip` is one of
+    /// this node's addresses (where NodePorts answer).
+    #[inline]
+    pub fn lookup(&self, proto: u8, ip: Ipv4Addr, port: u16, node_addr: bool) -> Option<(&ServicePort, FrontendKind)> {
+        if let Some(&(i, kind)) = self.frontends.get(&Frontend { proto, ip, port }) {
+            return self.ports.get(i as usize).map(|p| (p, kind));
+        }
+        if node_addr {
+            if let Some(&i) = self.node_ports.get(&(proto, port)) {
+                return self.ports.get(i as usize).map(|p| (p, FrontendKind::NodePort));
+            }
+        }
+        None
+    }
+
+    pub fn port_count(&self) -> usize {
+        self.ports.len()
+    }
+
+    pub fn frontend_count(&self) -> usize {
+        self.frontends.len() + self.node_ports.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(last: u8, ready: bool, serving: bool, terminating: bool, local: bool) -> Endpoint {
+        Endpoint {
+            ip: Ipv4Addr::new(10, 244, if local { 0 } else { 1 }, last),
+            port: 8080,
+            ready,
+            serving,
+            terminating,
+            local,
+        }
+    }
+
+    fn port(eps: &[Endpoint], ext_local: bool, int_local: bool) -> ServicePort {
+        ServicePort::new("default/web:http".into(), eps, ext_local, int_local, None, 16381).unwrap()
+    }
+
+    #[test]
+    fn ready_endpoints_share_new_flows() {
+        let p = port(
+            &[ep(2, true, true, false, true), ep(3, true, true, false, false), ep(4, false, false, false, false)],
+            false,
+            false,
+        );
+        let mut seen = std::collections::BTreeSet::new();
+        for h in 0..1000u64 {
+            let c = p.choose(FrontendKind::ClusterIp, false, h.wrapping_mul(0x9e37_79b9_7f4a_7c15)).unwrap();
+            assert!(c.endpoint.ready);
+            assert!(!c.preserve_client);
+            seen.insert(c.endpoint.ip);
+        }
+        assert_eq!(seen.len(), 2, "both ready endpoints used, the unready one never");
+    }
+
+    #[test]
+    fn terminating_endpoints_only_when_none_is_ready() {
+        let p = port(&[ep(2, false, true, true, false), ep(3, false, false, true, false)], false, false);
+        let c = p.choose(FrontendKind::ClusterIp, false, 1).unwrap();
+        assert_eq!(c.endpoint.ip, Ipv4Addr::new(10, 244, 1, 2), "serving+terminating is used, non-serving is not");
+        let p = port(&[ep(2, false, true, true, false), ep(5, true, true, false, false)], false, false);
+        for h in 0..100 {
+            assert!(p.choose(FrontendKind::ClusterIp, false, h).unwrap().endpoint.ready);
+        }
+        assert_eq!(
+            port(&[ep(3, false, false, true, false)], false, false).choose(FrontendKind::ClusterIp, false, 1),
+            Err(NoEndpoint::None)
+        );
+        assert_eq!(port(&[], false, false).choose(FrontendKind::NodePort, true, 1), Err(NoEndpoint::None));
+    }
+
+    #[test]
+    fn external_traffic_policy_local_keeps_the_client_and_uses_local_endpoints() {
+        let p = port(&[ep(2, true, true, false, true), ep(3, true, true, false, false)], true, false);
+        for h in 0..200 {
+            let c = p.choose(FrontendKind::NodePort, true, h).unwrap();
+            assert!(c.endpoint.local && c.preserve_client);
+            // From inside the cluster the policy does not apply.
+            assert!(!p.choose(FrontendKind::ClusterIp, false, h).unwrap().preserve_client);
+        }
+        let remote_only = port(&[ep(3, true, true, false, false)], true, false);
+        assert_eq!(remote_only.choose(FrontendKind::LoadBalancer, true, 1), Err(NoEndpoint::None));
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_restricts_cluster_ip() {
+        let p = port(&[ep(2, true, true, false, true), ep(3, true, true, false, false)], false, true);
+        for h in 0..200 {
+            let c = p.choose(FrontendKind::ClusterIp, false, h).unwrap();
+            assert!(c.endpoint.local && !c.preserve_client);
+        }
+    }
+
+    #[test]
+    fn frontends_and_node_ports_resolve() {
+        let mut t = ServiceTable::default();
+        let i = t.add_port(port(&[ep(2, true, true, false, true)], false, false));
+        t.add_frontend(Frontend { proto: 6, ip: Ipv4Addr::new(10, 96, 0, 10), port: 80 }, FrontendKind::ClusterIp, i)
+            .unwrap();
+        t.add_node_port(6, 30080, i).unwrap();
+        assert!(t.lookup(6, Ipv4Addr::new(10, 96, 0, 10), 80, false).is_some());
+        assert!(t.lookup(17, Ipv4Addr::new(10, 96, 0, 10), 80, false).is_none());
+        assert_eq!(t.lookup(6, Ipv4Addr::new(192, 168, 77, 1), 30080, true).map(|x| x.1), Some(FrontendKind::NodePort));
+        assert!(
+            t.lookup(6, Ipv4Addr::new(192, 168, 77, 9), 30080, false).is_none(),
+            "NodePorts only on node addresses"
+        );
+        assert!(t.add_node_port(6, 30080, i).is_err());
+    }
+
+    #[test]
+    fn removing_an_endpoint_moves_only_its_flows_and_a_few_others() {
+        let all: Vec<Endpoint> = (2..12).map(|i| ep(i, true, true, false, false)).collect();
+        let before = port(&all, false, false);
+        let after = port(&all[1..], false, false);
+        let (mut moved, mut others) = (0, 0);
+        for h in 0..20_000u64 {
+            let h = h.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let a = before.choose(FrontendKind::ClusterIp, false, h).unwrap().endpoint;
+            let b = after.choose(FrontendKind::ClusterIp, false, h).unwrap().endpoint;
+            if a != all[0] {
+                others += 1;
+                moved += usize::from(a != b);
+            }
+        }
+        assert!((moved as f64) / (others as f64) < 0.05, "{moved}/{others} unaffected flows moved");
+    }
+}
