@@ -226,6 +226,8 @@ pub struct Tables {
     host_addrs: Vec<Ipv4Addr>,
     /// The pod gateway, cached (it is compared on every packet).
     gateway: Ipv4Addr,
+    /// Service frontends and their endpoints.
+    services: crate::nat::service::ServiceTable,
     /// Bumped by the control plane on every publish.
     pub generation: u64,
 }
@@ -287,6 +289,11 @@ impl Tables {
     pub fn vtep(&self, ip: Ipv4Addr) -> Option<u32> {
         self.vteps.get(&u32::from(ip)).copied()
     }
+    #[inline]
+    pub fn services(&self) -> &crate::nat::service::ServiceTable {
+        &self.services
+    }
+
     /// The pod gateway (first address of the pod CIDR).
     #[inline]
     pub fn gateway(&self) -> Ipv4Addr {
@@ -354,6 +361,7 @@ pub struct TablesBuilder {
     remotes: Vec<RemoteNode>,
     host_addrs: Vec<Ipv4Addr>,
     generation: u64,
+    services: crate::nat::service::ServiceTable,
 }
 
 impl TablesBuilder {
@@ -367,7 +375,14 @@ impl TablesBuilder {
             remotes: Vec::new(),
             host_addrs: Vec::new(),
             generation: 0,
+            services: crate::nat::service::ServiceTable::default(),
         }
+    }
+
+    /// The Service table (compiled by the control plane).
+    pub fn services(mut self, services: crate::nat::service::ServiceTable) -> Self {
+        self.services = services;
+        self
     }
 
     fn set_port(&mut self, id: PortId, entry: PortEntry) -> Result<(), TablesError> {
@@ -554,6 +569,7 @@ impl TablesBuilder {
             routes,
             host_addrs: self.host_addrs,
             gateway,
+            services: self.services,
             generation: self.generation,
         })
     }

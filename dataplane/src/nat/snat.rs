@@ -11,10 +11,12 @@
 //! - ports never used yet are handed out first, in a scrambled order (a stride co-prime to the
 //!   range from a per-destination start, like `--random-fully`), so the first use of a port is
 //!   never predictable and never a reuse;
-//! - released ports join a FIFO stamped `released_at + hold`. With a monotonic clock and one
-//!   hold time, the FIFO is ordered by availability, so its front answers "is a port free?":
-//!   allocation and release are O(1) (amortised: the FIFO's ring buffer grows at most to the
-//!   range).
+//! - released ports join a FIFO stamped `released_at + hold`. Released in time order, the FIFO
+//!   is ordered by availability, so its front answers "is a port free?": allocation and release
+//!   are O(1) (amortised: the FIFO's ring buffer grows at most to the range). Releases may come
+//!   slightly out of order (conntrack releases at each flow's expiry time, as it notices them);
+//!   that can only delay a port's reuse, never hasten it, since only the front is ever taken and
+//!   only once its own time has passed.
 //!
 //! Time is passed in (`now`, nanoseconds, monotonic), never read here.
 
@@ -214,6 +216,18 @@ mod tests {
         assert_eq!(a.allocate(dest(1), 130 * S), Ok(p));
         assert_ne!(p, q);
         assert_eq!(a.stats(130 * S).exhausted, 1);
+    }
+
+    #[test]
+    fn out_of_order_releases_never_hasten_reuse() {
+        let mut a = SnatAllocator::new(6000..=6001, 100 * S, 1);
+        let p = a.allocate(dest(1), 0).unwrap();
+        let q = a.allocate(dest(1), 0).unwrap();
+        a.release(dest(1), p, 50 * S); // available at 150 s
+        a.release(dest(1), q, 10 * S); // available at 110 s, but queued behind p
+        assert_eq!(a.allocate(dest(1), 120 * S), Err(SnatError::Exhausted), "q is free but p is not: waiting is safe");
+        assert_eq!(a.allocate(dest(1), 150 * S), Ok(p));
+        assert_eq!(a.allocate(dest(1), 150 * S), Ok(q));
     }
 
     #[test]

@@ -21,6 +21,12 @@ pub struct EventCounters {
     pub decapsulated: u64,
     /// ICMP time exceeded messages generated.
     pub icmp_time_exceeded_sent: u64,
+    /// New Service flows (DNAT to an endpoint).
+    pub service_flows: u64,
+    /// TCP resets sent to refuse a connection (no endpoint, SNAT exhausted).
+    pub tcp_resets_sent: u64,
+    /// SYNs answered by a bare ACK: the endpoint still holds the 5-tuple (incident 2).
+    pub bare_ack_to_syn: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -93,6 +93,11 @@ drop_reasons! {
     EncapMtuExceeded = "encap_mtu_exceeded": "packet does not fit the underlay MTU after 50 bytes of VXLAN (software segmentation not enabled)",
     NoHeadroom = "no_headroom": "frame buffer too small to push the VXLAN header or build a reply",
     UnderlayNoNextHop = "underlay_no_next_hop": "underlay next hop for the remote node not resolved yet",
+    // Services
+    ServiceNoEndpoint = "service_no_endpoint": "Service with no ready or serving endpoint (on this node, under a Local policy): refused with TCP RST / ICMP port unreachable",
+    SnatPortsExhausted = "snat_ports_exhausted": "no SNAT port toward the endpoint is free of its TIME_WAIT hold: refused with TCP RST",
+    ConntrackFull = "conntrack_full": "connection tracking table full: new flow refused",
+    ConntrackCollision = "conntrack_collision": "the translated flow's reply tuple is already tracked for another flow",
     // Transmit (counted against the egress port by the AF_XDP worker)
     TxRingFull = "tx_ring_full": "egress port's transmit ring full (its peer is not draining it fast enough)",
     EgressPortDown = "egress_port_down": "egress port has no AF_XDP socket (not attached, or being detached)",

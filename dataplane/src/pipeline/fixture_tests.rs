@@ -637,6 +637,11 @@ fn every_drop_reason_has_a_fixture() {
         DropReason::NoHeadroom,
         DropReason::TxRingFull,
         DropReason::EgressPortDown,
+        // Service NAT reasons: service_tests.rs.
+        DropReason::ServiceNoEndpoint,
+        DropReason::SnatPortsExhausted,
+        DropReason::ConntrackFull,
+        DropReason::ConntrackCollision,
     ];
     let _ = &tables;
     let missing: Vec<_> = DropReason::ALL.iter().filter(|r| !seen.contains(r) && !dedicated.contains(r)).collect();

@@ -15,9 +15,12 @@ mod drop;
 mod frame;
 mod overlay;
 mod reply;
+mod service_nat;
 
 #[cfg(test)]
 mod fixture_tests;
+#[cfg(test)]
+mod service_tests;
 
 pub use counters::{Counters, EventCounters, PortCounters};
 pub use drop::DropReason;
@@ -75,17 +78,33 @@ impl TokenBucket {
 }
 
 /// Per-worker mutable state: counters, the outer IPv4 ident counter, the ICMP limiter.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct WorkerState {
     pub counters: Counters,
     ident: u16,
     icmp_limit: TokenBucket,
+    /// This worker's tracked connections (Service NAT).
+    pub flows: crate::conntrack::ConnTrack,
+    /// SNAT ports, held after their flows end (incident 2).
+    pub snat: crate::nat::snat::SnatAllocator,
 }
+
+/// Default flows per worker (145 bytes each at capacity).
+pub const DEFAULT_FLOWS: usize = 65536;
 
 impl WorkerState {
     /// `worker` seeds the IPv4 ident sequence so workers do not emit the same idents in step.
     pub fn new(worker: u16) -> Self {
+        Self::with_flows(worker, DEFAULT_FLOWS)
+    }
+
+    /// A worker tracking at most `flows` connections.
+    pub fn with_flows(worker: u16, flows: usize) -> Self {
         WorkerState {
+            flows: crate::conntrack::ConnTrack::new(flows, crate::conntrack::Timeouts::default()),
+            snat: crate::nat::snat::SnatAllocator::with_defaults(
+                u64::from(worker).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5eed,
+            ),
             counters: Counters::default(),
             ident: worker.wrapping_mul(0x9e37),
             icmp_limit: TokenBucket::new(1000, 50),
@@ -114,7 +133,9 @@ pub fn process_batch(
     for f in frames[..n].iter() {
         bytes += f.len() as u64;
     }
-    let WorkerState { counters, ident, icmp_limit } = state;
+    let WorkerState { counters, ident, icmp_limit, flows, snat } = state;
+    // Expiry costs a few slots per batch: a full pass over the table every capacity/8 batches.
+    flows.sweep(now, 8);
     // Borrowed once per batch: per-packet counting is a plain add, no lookup.
     let port = counters.port_mut(ingress);
     port.rx(n as u64, bytes);
@@ -125,13 +146,24 @@ pub fn process_batch(
         port.drops[DropReason::PortUnknown.index()] += n as u64;
         return;
     };
-    let mut ctx = overlay::Ctx { tables, now, ingress, ident, icmp_limit, counters: port };
+    let mut ctx = overlay::Ctx { tables, now, ingress, ident, icmp_limit, counters: port, flows, snat };
+    release_expired(&mut ctx);
     for (frame, o) in frames[..n].iter_mut().zip(out[..n].iter_mut()) {
         let d = overlay::process_one(&mut ctx, &entry, frame);
         if let Disposition::Drop(r) = d {
             ctx.counters.drops[r.index()] += 1;
         }
         *o = d;
+    }
+    release_expired(&mut ctx);
+}
+
+/// Flows that expired (found by the sweep or on lookup) give back their SNAT ports, held from
+/// the moment each flow expired (not when it was noticed).
+fn release_expired(ctx: &mut overlay::Ctx<'_>) {
+    for f in ctx.flows.take_expired() {
+        let ended = f.expires_at;
+        service_nat::release_snat(ctx, &f, ended);
     }
 }
 

@@ -36,6 +36,8 @@ pub(crate) struct Ctx<'a> {
     pub(crate) icmp_limit: &'a mut TokenBucket,
     /// The ingress port's counters, borrowed for the whole batch.
     pub(crate) counters: &'a mut PortCounters,
+    pub(crate) flows: &'a mut crate::conntrack::ConnTrack,
+    pub(crate) snat: &'a mut crate::nat::snat::SnatAllocator,
 }
 
 impl Ctx<'_> {
@@ -147,7 +149,12 @@ fn from_local(
     if complete_partial_checksum(frame, &m).is_some() {
         ctx.events().partial_checksums_completed += 1;
     }
-    forward(ctx, frame, &m, if pod.is_some() { Origin::Pod } else { Origin::Host })
+    let mut m = m;
+    let origin = if pod.is_some() { Origin::Pod } else { Origin::Host };
+    if let Some(answer) = super::service_nat::apply(ctx, frame, &mut m, origin)? {
+        return Ok(answer);
+    }
+    forward(ctx, frame, &m, origin)
 }
 
 #[inline(always)]
@@ -172,6 +179,10 @@ fn from_uplink(ctx: &mut Ctx<'_>, frame: &mut FrameBuf<'_>) -> Result<Dispositio
         ctx.events().partial_checksums_completed += 1;
     }
     ctx.events().decapsulated += 1;
+    let mut m = m;
+    if let Some(answer) = super::service_nat::apply(ctx, frame, &mut m, Origin::Tunnel)? {
+        return Ok(answer);
+    }
     forward(ctx, frame, &m, Origin::Tunnel)
 }
 

@@ -71,8 +71,43 @@ pub(crate) fn time_exceeded(
     frame: &mut FrameBuf<'_>,
     m: &Ipv4Meta,
 ) -> Result<Disposition, DropReason> {
+    let from = ctx.tables.gateway();
+    icmp_error(
+        ctx,
+        frame,
+        m,
+        IcmpMessage::TimeExceeded { code: icmp::CODE_TTL_EXCEEDED },
+        from,
+        DropReason::TtlExpired,
+    )?;
+    ctx.events().icmp_time_exceeded_sent += 1;
+    route_back(ctx, frame, m.src)
+}
+
+/// ICMP port unreachable from `from` (the Service address) for a UDP datagram nobody serves.
+pub(crate) fn port_unreachable(
+    ctx: &mut Ctx<'_>,
+    frame: &mut FrameBuf<'_>,
+    m: &Ipv4Meta,
+    from: Ipv4Addr,
+) -> Result<Disposition, DropReason> {
+    let msg = IcmpMessage::DstUnreachable { code: icmp::CODE_PORT_UNREACHABLE, next_hop_mtu: 0 };
+    icmp_error(ctx, frame, m, msg, from, DropReason::ServiceNoEndpoint)?;
+    route_back(ctx, frame, m.src)
+}
+
+/// Rewrites the frame into an ICMP error about the packet `m` describes, from `from` back to
+/// its source. `refused` is the reason to report when no error may be sent.
+fn icmp_error(
+    ctx: &mut Ctx<'_>,
+    frame: &mut FrameBuf<'_>,
+    m: &Ipv4Meta,
+    message: IcmpMessage,
+    from: Ipv4Addr,
+    refused: DropReason,
+) -> Result<(), DropReason> {
     if m.frag_offset != 0 || m.icmp_error {
-        return Err(DropReason::TtlExpired);
+        return Err(refused);
     }
     if !ctx.icmp_limit.take(ctx.now) {
         return Err(DropReason::IcmpRateLimited);
@@ -86,12 +121,11 @@ pub(crate) fn time_exceeded(
     if !frame.set_len(icmp_start + icmp_len) {
         return Err(DropReason::NoHeadroom);
     }
-    let gateway = ctx.tables.gateway();
     let ident = ctx.next_ident();
     let d = frame.data_mut();
     d[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
     Ipv4Repr {
-        src_addr: gateway,
+        src_addr: from,
         dst_addr: m.src,
         protocol: IpProtocol::Icmp,
         payload_len: icmp_len as u16,
@@ -103,21 +137,71 @@ pub(crate) fn time_exceeded(
         frag_offset: 0,
     }
     .emit(&mut Ipv4Packet::new_unchecked(&mut d[ip_start..icmp_start]));
-    IcmpRepr { message: IcmpMessage::TimeExceeded { code: icmp::CODE_TTL_EXCEEDED }, data: &quote[..quoted] }
+    IcmpRepr { message, data: &quote[..quoted] }
         .emit(&mut IcmpPacket::new_unchecked(&mut d[icmp_start..icmp_start + icmp_len]));
-    ctx.events().icmp_time_exceeded_sent += 1;
-    let reply = Ipv4Meta {
-        src: gateway,
-        dst: m.src,
-        proto: 1,
-        header_len: ipv4::HEADER_LEN,
-        total_len: ipv4::HEADER_LEN + icmp_len,
-        ttl: 64,
-        frag_offset: 0,
-        is_fragment: false,
-        ports: 0,
-        icmp_error: true,
+    Ok(())
+}
+
+/// Routes a frame vxnat built back toward `to`.
+fn route_back(ctx: &mut Ctx<'_>, frame: &mut FrameBuf<'_>, to: Ipv4Addr) -> Result<Disposition, DropReason> {
+    let route = ctx.tables.route(to);
+    let hash = u32::from(to).wrapping_mul(0x9e37_79b9);
+    egress(ctx, frame, route, hash)
+}
+
+/// Refuses a TCP segment nobody serves with a reset from `from` (the Service address and
+/// port), as RFC 793 §3.4 says: to a segment with ACK, `<SEQ=SEG.ACK><CTL=RST>`; otherwise
+/// `<SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK>` (SYN and FIN count in SEG.LEN).
+pub(crate) fn tcp_reset(ctx: &mut Ctx<'_>, frame: &mut FrameBuf<'_>, m: &Ipv4Meta) -> Result<Disposition, DropReason> {
+    use crate::wire::{tcp, TcpFlags};
+    let l4 = ethernet::HEADER_LEN + m.header_len;
+    let (seq, ack, flags, seg_len) = {
+        let t = frame.data().get(l4..ethernet::HEADER_LEN + m.total_len).ok_or(DropReason::L4Truncated)?;
+        let p = crate::wire::TcpPacket::new_checked(t).map_err(|_| DropReason::L4Truncated)?;
+        let f = p.flags();
+        let len =
+            p.payload().len() as u32 + u32::from(f.contains(TcpFlags::SYN)) + u32::from(f.contains(TcpFlags::FIN));
+        (p.seq_number(), p.ack_number(), f, len)
     };
-    let route = ctx.tables.route(m.src);
-    egress(ctx, frame, route, reply.flow_hash())
+    if flags.contains(TcpFlags::RST) {
+        return Err(DropReason::ServiceNoEndpoint);
+    }
+    let (sport, dport) = ((m.ports >> 16) as u16, m.ports as u16);
+    let ip_start = ethernet::HEADER_LEN;
+    let tcp_start = ip_start + ipv4::HEADER_LEN;
+    if !frame.set_len(tcp_start + tcp::HEADER_LEN) {
+        return Err(DropReason::NoHeadroom);
+    }
+    let ident = ctx.next_ident();
+    let d = frame.data_mut();
+    Ipv4Repr {
+        src_addr: m.dst,
+        dst_addr: m.src,
+        protocol: IpProtocol::Tcp,
+        payload_len: tcp::HEADER_LEN as u16,
+        ttl: 64,
+        dscp_ecn: 0,
+        ident,
+        dont_frag: true,
+        more_frags: false,
+        frag_offset: 0,
+    }
+    .emit(&mut Ipv4Packet::new_unchecked(&mut d[ip_start..tcp_start]));
+    let mut t = crate::wire::TcpPacket::new_unchecked(&mut d[tcp_start..tcp_start + tcp::HEADER_LEN]);
+    t.set_src_port(dport);
+    t.set_dst_port(sport);
+    if flags.contains(TcpFlags::ACK) {
+        t.set_seq_number(ack);
+        t.set_ack_number(0);
+        t.set_header_len_flags(tcp::HEADER_LEN, TcpFlags::RST);
+    } else {
+        t.set_seq_number(0);
+        t.set_ack_number(seq.wrapping_add(seg_len));
+        t.set_header_len_flags(tcp::HEADER_LEN, TcpFlags::RST | TcpFlags::ACK);
+    }
+    t.set_window_len(0);
+    t.set_urgent_at(0);
+    t.fill_checksum(m.dst, m.src);
+    ctx.events().tcp_resets_sent += 1;
+    route_back(ctx, frame, m.src)
 }

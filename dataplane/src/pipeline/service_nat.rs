@@ -1,0 +1,176 @@
+//! The Service NAT stage, between validation and routing. A packet of a tracked flow is
+//! translated as its flow says; a new flow to a Service frontend gets an endpoint (kube-proxy's
+//! rules, Maglev) and is tracked; a new flow with no endpoint is refused (TCP RST / ICMP port
+//! unreachable). Everything else passes untouched.
+//!
+//! A flow's two keys carry its whole translation: the original key is what the client sent
+//! (client -> Service), the reply key what the endpoint answers with (endpoint -> client, or ->
+//! the SNAT address). Original-direction packets get the reply key's source as destination (and
+//! its destination as source when SNAT'd); reply packets get the original key's destination as
+//! source and its source as destination. Checksums are updated incrementally (RFC 1624).
+
+use super::overlay::{Ctx, Ipv4Meta, Origin};
+use super::reply;
+use super::{Disposition, DropReason, FrameBuf};
+use crate::conntrack::{CtError, Dir, FlowKey, TcpEvent};
+use crate::nat::snat::Destination;
+use crate::wire::checksum;
+use crate::wire::{ethernet, tcp, udp, TcpFlags};
+use core::net::Ipv4Addr;
+
+/// Applies Service NAT to the validated packet `m` describes. `Ok(Some(d))`: the packet was
+/// answered (refused) and `d` is where the answer goes.
+#[inline]
+pub(crate) fn apply(
+    ctx: &mut Ctx<'_>,
+    frame: &mut FrameBuf<'_>,
+    m: &mut Ipv4Meta,
+    _origin: Origin,
+) -> Result<Option<Disposition>, DropReason> {
+    if (m.proto != 6 && m.proto != 17) || m.is_fragment {
+        return Ok(None);
+    }
+    let (sport, dport) = ((m.ports >> 16) as u16, m.ports as u16);
+    let key = FlowKey { proto: m.proto, src: m.src, dst: m.dst, sport, dport };
+    let flags = if m.proto == 6 { tcp_flags(frame, m) } else { TcpFlags(0) };
+    if let Some((id, dir)) = ctx.flows.lookup(&key, ctx.now) {
+        match ctx.flows.update(id, dir, flags, m.total_len, ctx.now) {
+            TcpEvent::Reopened => {
+                // A new SYN on a closed flow: start over (and pick an endpoint afresh).
+                if let Some(f) = ctx.flows.remove(id) {
+                    release_snat(ctx, &f, ctx.now);
+                }
+                return new_flow(ctx, frame, m, key, flags);
+            }
+            TcpEvent::BareAckToSyn => ctx.events().bare_ack_to_syn += 1,
+            _ => {}
+        }
+        let Some(f) = ctx.flows.get(id) else { return Ok(None) };
+        let (src, dst) = match dir {
+            Dir::Orig => ((f.reply.dst, f.reply.dport), (f.reply.src, f.reply.sport)),
+            Dir::Reply => ((f.orig.dst, f.orig.dport), (f.orig.src, f.orig.sport)),
+        };
+        rewrite(frame, m, src, dst);
+        return Ok(None);
+    }
+    new_flow(ctx, frame, m, key, flags)
+}
+
+fn new_flow(
+    ctx: &mut Ctx<'_>,
+    frame: &mut FrameBuf<'_>,
+    m: &mut Ipv4Meta,
+    key: FlowKey,
+    flags: TcpFlags,
+) -> Result<Option<Disposition>, DropReason> {
+    let tables = ctx.tables;
+    let Some((sp, kind)) = tables.services().lookup(key.proto, key.dst, key.dport, tables.is_local_addr(key.dst))
+    else {
+        return Ok(None);
+    };
+    let from_outside = !tables.node.cluster_cidr.contains(key.src);
+    // ClientIP affinity: hash the client alone, so Maglev keeps it on one endpoint.
+    let hash = match sp.affinity_ns {
+        Some(_) => u64::from(u32::from(key.src)).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        None => u64::from(m.flow_hash()).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(m.flow_hash()),
+    };
+    let Ok(choice) = sp.choose(kind, from_outside, hash) else {
+        ctx.counters.drops[DropReason::ServiceNoEndpoint.index()] += 1;
+        let answer = if key.proto == 6 {
+            reply::tcp_reset(ctx, frame, m)
+        } else {
+            reply::port_unreachable(ctx, frame, m, key.dst)
+        };
+        return answer.map(Some);
+    };
+    let ep = choice.endpoint;
+    // Hairpin: a pod reaching itself through its Service must see another source, or its
+    // kernel drops the packet as a martian. SNAT to the pod gateway with a held-safe port.
+    let (snat_ip, snat_port) = if ep.ip == key.src {
+        let d = Destination { proto: key.proto, snat_ip: tables.gateway(), backend_ip: ep.ip, backend_port: ep.port };
+        match ctx.snat.allocate(d, ctx.now) {
+            Ok(p) => (tables.gateway(), p),
+            Err(_) => {
+                ctx.counters.drops[DropReason::SnatPortsExhausted.index()] += 1;
+                return if key.proto == 6 {
+                    reply::tcp_reset(ctx, frame, m).map(Some)
+                } else {
+                    Err(DropReason::SnatPortsExhausted)
+                };
+            }
+        }
+    } else {
+        (key.src, key.sport)
+    };
+    let reply_key = FlowKey { proto: key.proto, src: ep.ip, dst: snat_ip, sport: ep.port, dport: snat_port };
+    let id = match ctx.flows.insert(key, reply_key, ctx.now, 0) {
+        Ok(id) => id,
+        Err(e) => {
+            if snat_ip != key.src {
+                let d = Destination { proto: key.proto, snat_ip, backend_ip: ep.ip, backend_port: ep.port };
+                ctx.snat.release(d, snat_port, ctx.now);
+            }
+            return Err(match e {
+                CtError::Full => DropReason::ConntrackFull,
+                CtError::Exists => DropReason::ConntrackCollision,
+            });
+        }
+    };
+    ctx.flows.update(id, Dir::Orig, flags, m.total_len, ctx.now);
+    ctx.events().service_flows += 1;
+    rewrite(frame, m, (snat_ip, snat_port), (ep.ip, ep.port));
+    Ok(None)
+}
+
+/// Returns the SNAT port of a flow that ended (if it had one) to the allocator, which holds it.
+pub(crate) fn release_snat(ctx: &mut Ctx<'_>, f: &crate::conntrack::Flow, now: u64) {
+    if f.reply.dst != f.orig.src || f.reply.dport != f.orig.sport {
+        let d = Destination {
+            proto: f.orig.proto,
+            snat_ip: f.reply.dst,
+            backend_ip: f.reply.src,
+            backend_port: f.reply.sport,
+        };
+        ctx.snat.release(d, f.reply.dport, now);
+    }
+}
+
+fn tcp_flags(frame: &FrameBuf<'_>, m: &Ipv4Meta) -> TcpFlags {
+    let at = ethernet::HEADER_LEN + m.header_len + 12;
+    match frame.data().get(at..at + 2) {
+        Some(b) => TcpFlags(u16::from_be_bytes([b[0], b[1]]) & 0x01ff),
+        None => TcpFlags(0),
+    }
+}
+
+/// Rewrites source and destination address and port, with incremental checksum updates.
+fn rewrite(frame: &mut FrameBuf<'_>, m: &mut Ipv4Meta, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) {
+    let (old_sport, old_dport) = ((m.ports >> 16) as u16, m.ports as u16);
+    if (m.src, old_sport, m.dst, old_dport) == (src.0, src.1, dst.0, dst.1) {
+        return;
+    }
+    let ip = ethernet::HEADER_LEN;
+    let l4 = ip + m.header_len;
+    let (os, od, ns, nd) = (u32::from(m.src), u32::from(m.dst), u32::from(src.0), u32::from(dst.0));
+    let d = frame.data_mut();
+    let mut c = u16::from_be_bytes([d[ip + 10], d[ip + 11]]);
+    c = checksum::update32(checksum::update32(c, os, ns), od, nd);
+    d[ip + 10..ip + 12].copy_from_slice(&c.to_be_bytes());
+    d[ip + 12..ip + 16].copy_from_slice(&src.0.octets());
+    d[ip + 16..ip + 20].copy_from_slice(&dst.0.octets());
+    let field = l4 + if m.proto == 6 { tcp::CHECKSUM_OFFSET } else { udp::CHECKSUM_OFFSET };
+    let old = u16::from_be_bytes([d[field], d[field + 1]]);
+    if m.proto == 6 || old != 0 {
+        let mut c = checksum::update32(checksum::update32(old, os, ns), od, nd);
+        c = checksum::update16(checksum::update16(c, old_sport, src.1), old_dport, dst.1);
+        if m.proto == 17 && c == 0 {
+            c = 0xffff;
+        }
+        d[field..field + 2].copy_from_slice(&c.to_be_bytes());
+    }
+    d[l4..l4 + 2].copy_from_slice(&src.1.to_be_bytes());
+    d[l4 + 2..l4 + 4].copy_from_slice(&dst.1.to_be_bytes());
+    m.src = src.0;
+    m.dst = dst.0;
+    m.ports = (u32::from(src.1) << 16) | u32::from(dst.1);
+}

@@ -1,0 +1,244 @@
+//! The Service NAT stage: fixtures over node A's sample tables with a few Services.
+
+use super::*;
+use crate::nat::service::{Endpoint, Frontend, FrontendKind, ServicePort, ServiceTable};
+use crate::nat::snat::SnatAllocator;
+use crate::tables::{PortId, TablesBuilder};
+use crate::testkit::*;
+use crate::wire::{IcmpPacket, Ipv4Packet, TcpFlags, TcpPacket, UdpPacket};
+use core::net::Ipv4Addr;
+
+const VIP_WEB: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10); // TCP 80 -> pod2:8080 and remote pod B:8080
+const VIP_DNS: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11); // UDP 53 -> pod2:5353
+const VIP_EMPTY: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12); // TCP 80 and UDP 53, no endpoints
+const VIP_SELF: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 14); // TCP 80 -> pod1:8080 (hairpin)
+const VIP_POD2: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 15); // TCP 80 -> pod2:8080 only
+const S: u64 = 1_000_000_000;
+
+fn ep(ip: Ipv4Addr, port: u16, local: bool) -> Endpoint {
+    Endpoint { ip, port, ready: true, serving: true, terminating: false, local }
+}
+
+fn services() -> ServiceTable {
+    let mut t = ServiceTable::default();
+    let mut add = |vip: Ipv4Addr, proto: u8, port: u16, eps: &[Endpoint], name: &str| {
+        let i = t.add_port(ServicePort::new(name.into(), eps, false, false, None, 16381).unwrap());
+        t.add_frontend(Frontend { proto, ip: vip, port }, FrontendKind::ClusterIp, i).unwrap();
+    };
+    add(VIP_WEB, 6, 80, &[ep(POD2_IP, 8080, true), ep(REMOTE_POD_B, 8080, false)], "default/web:http");
+    add(VIP_DNS, 17, 53, &[ep(POD2_IP, 5353, true)], "kube-system/dns:dns");
+    add(VIP_EMPTY, 6, 80, &[], "default/empty:http");
+    add(VIP_EMPTY, 17, 53, &[], "default/empty:dns");
+    add(VIP_SELF, 6, 80, &[ep(POD1_IP, 8080, true)], "default/self:http");
+    add(VIP_POD2, 6, 80, &[ep(POD2_IP, 8080, true)], "default/pod2:http");
+    t
+}
+
+fn tables() -> Tables {
+    let cidr = |s: &str| s.parse().unwrap();
+    TablesBuilder::new(node_config())
+        .uplink(UPLINK)
+        .and_then(|b| b.host(HOST, HOST_PORT_MAC, HOST_STACK_MAC))
+        .and_then(|b| b.pod(POD1, POD1_PORT_MAC, POD1_IP, POD1_MAC))
+        .and_then(|b| b.pod(POD2, POD2_PORT_MAC, POD2_IP, POD2_MAC))
+        .and_then(|b| b.remote("node-b", NODE_B, VTEP_B, cidr("10.244.1.0/24"), NODE_B_UPLINK_MAC))
+        .map(|b| b.services(services()))
+        .and_then(|b| b.build())
+        .unwrap()
+}
+
+fn run(t: &Tables, st: &mut WorkerState, now: u64, port: PortId, input: &[u8]) -> (Disposition, Vec<u8>) {
+    let mut buf = umem(input);
+    let mut f = FrameBuf::new(&mut buf, HEADROOM, input.len()).unwrap();
+    let d = process_frame(t, st, now, port, &mut f);
+    (d, f.data().to_vec())
+}
+
+fn tcp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u16, seq: u32, ack: u32) -> Vec<u8> {
+    ipv4(src, dst, &L4::Tcp { sport, dport, seq, ack, flags, payload: b"" })
+}
+
+/// The IPv4 packet inside `out` (an Ethernet frame, or VXLAN when encapsulated), checked.
+fn inner_ip(out: &[u8], encapsulated: bool) -> Vec<u8> {
+    let ip = if encapsulated { &out[64..] } else { &out[14..] };
+    let p = Ipv4Packet::new_checked(ip).expect("valid IPv4");
+    assert!(p.verify_checksum(), "IPv4 header checksum");
+    ip[..usize::from(p.total_len())].to_vec()
+}
+
+fn tcp_view(ip: &[u8]) -> (Ipv4Addr, Ipv4Addr, u16, u16, TcpFlags, u32, u32) {
+    let p = Ipv4Packet::new_checked(ip).unwrap();
+    let t = TcpPacket::new_checked(p.payload()).unwrap();
+    assert!(t.verify_checksum(p.src_addr(), p.dst_addr()), "TCP checksum after NAT");
+    (p.src_addr(), p.dst_addr(), t.src_port(), t.dst_port(), t.flags(), t.seq_number(), t.ack_number())
+}
+
+/// A client source port whose flow Maglev sends to `want`.
+fn sport_toward(t: &Tables, want: Ipv4Addr) -> u16 {
+    (40000..41000)
+        .find(|&sp| {
+            let mut st = WorkerState::with_flows(0, 16);
+            let (_, out) = run(t, &mut st, 0, POD1, &from_pod1(&tcp(POD1_IP, VIP_WEB, sp, 80, 0x002, 1000, 0)));
+            let encapsulated =
+                out.len() > 70 && out[12..14] == [8, 0] && out[23] == 17 && out[36..38] == 8472u16.to_be_bytes();
+            tcp_view(&inner_ip(&out, encapsulated)).1 == want
+        })
+        .expect("Maglev uses both endpoints")
+}
+
+#[test]
+fn cluster_ip_to_a_local_endpoint_and_back() {
+    let t = tables();
+    let sp = sport_toward(&t, POD2_IP);
+    let mut st = WorkerState::with_flows(0, 16);
+    let (d, out) = run(&t, &mut st, 0, POD1, &from_pod1(&tcp(POD1_IP, VIP_WEB, sp, 80, 0x002, 1000, 0)));
+    assert_eq!(d, Disposition::Forward(POD2));
+    let (s, dst, ssp, dsp, ..) = tcp_view(&inner_ip(&out, false));
+    assert_eq!((s, dst, ssp, dsp), (POD1_IP, POD2_IP, sp, 8080), "DNAT to the endpoint, client kept");
+    assert_eq!(st.flows.len(), 1);
+    // The endpoint answers; the client sees the Service address.
+    let synack = eth(POD2_PORT_MAC, POD2_MAC, 0x0800, &tcp(POD2_IP, POD1_IP, 8080, sp, 0x012, 5000, 1001));
+    let (d, out) = run(&t, &mut st, S, POD2, &synack);
+    assert_eq!(d, Disposition::Forward(POD1));
+    let (s, dst, ssp, dsp, f, ..) = tcp_view(&inner_ip(&out, false));
+    assert_eq!((s, dst, ssp, dsp, f), (VIP_WEB, POD1_IP, 80, sp, TcpFlags(0x012)));
+    assert_eq!(st.counters.port(POD1).map(|c| c.events.service_flows), Some(1));
+}
+
+#[test]
+fn cluster_ip_to_a_remote_endpoint_and_the_reply_through_the_tunnel() {
+    let t = tables();
+    let sp = sport_toward(&t, REMOTE_POD_B);
+    let mut st = WorkerState::with_flows(0, 16);
+    let (d, out) = run(&t, &mut st, 0, POD1, &from_pod1(&tcp(POD1_IP, VIP_WEB, sp, 80, 0x002, 1000, 0)));
+    assert_eq!(d, Disposition::Forward(UPLINK));
+    let (s, dst, _, dsp, ..) = tcp_view(&inner_ip(&out, true));
+    assert_eq!((s, dst, dsp), (POD1_IP, REMOTE_POD_B, 8080));
+    let reply = vxlan_frame(
+        &Vxlan::b_to_a(),
+        &ipv4_with(
+            &Ip { ttl: 63, ..Ip::new(REMOTE_POD_B, POD1_IP) },
+            &L4::Tcp { sport: 8080, dport: sp, seq: 7, ack: 1001, flags: 0x012, payload: b"" },
+        ),
+    );
+    let (d, out) = run(&t, &mut st, S, UPLINK, &reply);
+    assert_eq!(d, Disposition::Forward(POD1));
+    let (s, _, ssp, ..) = tcp_view(&inner_ip(&out, false));
+    assert_eq!((s, ssp), (VIP_WEB, 80), "reverse NAT on the decapsulated reply");
+}
+
+#[test]
+fn udp_service_request_and_response() {
+    let t = tables();
+    let mut st = WorkerState::with_flows(0, 16);
+    let q = from_pod1(&ipv4(POD1_IP, VIP_DNS, &L4::Udp { sport: 33333, dport: 53, payload: b"query" }));
+    let (d, out) = run(&t, &mut st, 0, POD1, &q);
+    assert_eq!(d, Disposition::Forward(POD2));
+    let ip = inner_ip(&out, false);
+    let p = Ipv4Packet::new_checked(&ip[..]).unwrap();
+    let u = UdpPacket::new_checked(p.payload()).unwrap();
+    assert!(u.verify_checksum(p.src_addr(), p.dst_addr()));
+    assert_eq!((p.dst_addr(), u.dst_port()), (POD2_IP, 5353));
+    let a = eth(
+        POD2_PORT_MAC,
+        POD2_MAC,
+        0x0800,
+        &ipv4(POD2_IP, POD1_IP, &L4::Udp { sport: 5353, dport: 33333, payload: b"answer" }),
+    );
+    let (_, out) = run(&t, &mut st, S, POD2, &a);
+    let ip = inner_ip(&out, false);
+    let p = Ipv4Packet::new_checked(&ip[..]).unwrap();
+    let u = UdpPacket::new_checked(p.payload()).unwrap();
+    assert!(u.verify_checksum(p.src_addr(), p.dst_addr()));
+    assert_eq!((p.src_addr(), u.src_port(), u.payload()), (VIP_DNS, 53, &b"answer"[..]));
+}
+
+#[test]
+fn no_endpoint_is_refused_like_kube_proxy() {
+    let t = tables();
+    let mut st = WorkerState::with_flows(0, 16);
+    let (d, out) = run(&t, &mut st, 0, POD1, &from_pod1(&tcp(POD1_IP, VIP_EMPTY, 41000, 80, 0x002, 1000, 0)));
+    assert_eq!(d, Disposition::Forward(POD1));
+    let (s, dst, ssp, dsp, f, seq, ack) = tcp_view(&inner_ip(&out, false));
+    assert_eq!((s, dst, ssp, dsp), (VIP_EMPTY, POD1_IP, 80, 41000));
+    assert_eq!((f, seq, ack), (TcpFlags::RST | TcpFlags::ACK, 0, 1001), "RST|ACK acknowledging the SYN");
+    let udp = from_pod1(&ipv4(POD1_IP, VIP_EMPTY, &L4::Udp { sport: 1, dport: 53, payload: b"q" }));
+    let (d, out) = run(&t, &mut st, 0, POD1, &udp);
+    assert_eq!(d, Disposition::Forward(POD1));
+    let ip = inner_ip(&out, false);
+    let p = Ipv4Packet::new_checked(&ip[..]).unwrap();
+    let icmp = IcmpPacket::new_checked(p.payload()).unwrap();
+    assert_eq!((p.src_addr(), icmp.msg_type(), icmp.msg_code()), (VIP_EMPTY, 3, 3));
+    assert!(icmp.verify_checksum());
+    assert_eq!(st.counters.port(POD1).map(|c| c.drop_count(DropReason::ServiceNoEndpoint)), Some(2));
+    assert_eq!(st.flows.len(), 0);
+}
+
+#[test]
+fn hairpin_is_snatted_to_the_gateway() {
+    let t = tables();
+    let mut st = WorkerState::with_flows(0, 16);
+    let (d, out) = run(&t, &mut st, 0, POD1, &from_pod1(&tcp(POD1_IP, VIP_SELF, 42000, 80, 0x002, 1, 0)));
+    assert_eq!(d, Disposition::Forward(POD1));
+    let (s, dst, ssp, dsp, ..) = tcp_view(&inner_ip(&out, false));
+    assert_eq!((s, dst, dsp), (GATEWAY_A, POD1_IP, 8080));
+    assert!((1024..=29999).contains(&ssp), "SNAT port {ssp}");
+    let back = from_pod1(&tcp(POD1_IP, GATEWAY_A, 8080, ssp, 0x012, 9, 2));
+    let (d, out) = run(&t, &mut st, S, POD1, &back);
+    assert_eq!(d, Disposition::Forward(POD1));
+    let (s, dst, ssp2, dsp2, ..) = tcp_view(&inner_ip(&out, false));
+    assert_eq!((s, dst, ssp2, dsp2), (VIP_SELF, POD1_IP, 80, 42000));
+}
+
+#[test]
+fn a_full_flow_table_refuses_new_flows() {
+    let t = tables();
+    let mut st = WorkerState::with_flows(0, 1);
+    run(&t, &mut st, 0, POD1, &from_pod1(&tcp(POD1_IP, VIP_POD2, 43000, 80, 0x002, 1, 0)));
+    let (d, _) = run(&t, &mut st, 0, POD1, &from_pod1(&tcp(POD1_IP, VIP_POD2, 43001, 80, 0x002, 1, 0)));
+    assert_eq!(d, Disposition::Drop(DropReason::ConntrackFull));
+}
+
+#[test]
+fn a_reply_tuple_already_tracked_is_a_named_collision() {
+    let t = tables();
+    let sp = sport_toward(&t, POD2_IP);
+    let mut st = WorkerState::with_flows(0, 16);
+    run(&t, &mut st, 0, POD1, &from_pod1(&tcp(POD1_IP, VIP_WEB, sp, 80, 0x002, 1, 0)));
+    // Same client port to another Service with the same endpoint: same reply tuple.
+    let (d, _) = run(&t, &mut st, 0, POD1, &from_pod1(&tcp(POD1_IP, VIP_POD2, sp, 80, 0x002, 1, 0)));
+    assert_eq!(d, Disposition::Drop(DropReason::ConntrackCollision));
+}
+
+/// Incident 2 at the stage level: a hairpin flow closes (the endpoint holds TIME_WAIT); its
+/// SNAT port comes back only after the flow's TIME_WAIT timeout plus the hold; meanwhile a new
+/// connection that would need it is refused with a RST and counted, never given the tuple.
+#[test]
+fn a_closed_flows_snat_port_is_held_and_exhaustion_is_refused() {
+    let t = tables();
+    let mut st = WorkerState::with_flows(0, 16);
+    st.snat = SnatAllocator::new(2000..=2000, 120 * S, 1);
+    let c = |sp: u16, flags: u16| from_pod1(&tcp(POD1_IP, VIP_SELF, sp, 80, flags, 1, 1));
+    let e = |flags: u16| from_pod1(&tcp(POD1_IP, GATEWAY_A, 8080, 2000, flags, 1, 1));
+    run(&t, &mut st, 0, POD1, &c(44000, 0x002));
+    run(&t, &mut st, 0, POD1, &e(0x012));
+    run(&t, &mut st, 0, POD1, &c(44000, 0x010));
+    run(&t, &mut st, S, POD1, &e(0x011)); // the endpoint closes first
+    run(&t, &mut st, S, POD1, &c(44000, 0x011));
+    run(&t, &mut st, S, POD1, &e(0x010)); // TIME_WAIT, expires at 121 s
+    let (d, out) = run(&t, &mut st, 2 * S, POD1, &c(44001, 0x002));
+    assert_eq!(d, Disposition::Forward(POD1));
+    assert_eq!(
+        tcp_view(&inner_ip(&out, false)).4,
+        TcpFlags::RST | TcpFlags::ACK,
+        "refused while the only port is in use"
+    );
+    // The flow expires at 121 s (swept in the batch), its port is held until 241 s.
+    let (_, out) = run(&t, &mut st, 130 * S, POD1, &c(44002, 0x002));
+    assert_eq!(tcp_view(&inner_ip(&out, false)).4, TcpFlags::RST | TcpFlags::ACK, "refused while the port is held");
+    let (d, out) = run(&t, &mut st, 250 * S, POD1, &c(44003, 0x002));
+    assert_eq!(d, Disposition::Forward(POD1));
+    let (s, _, ssp, ..) = tcp_view(&inner_ip(&out, false));
+    assert_eq!((s, ssp), (GATEWAY_A, 2000), "the port after its hold");
+    assert_eq!(st.counters.port(POD1).map(|c| c.drop_count(DropReason::SnatPortsExhausted)), Some(2));
+}
