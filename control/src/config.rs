@@ -10,6 +10,12 @@ fn default_socket() -> PathBuf {
 fn default_cluster_cidr() -> String {
     "10.244.0.0/16".to_string()
 }
+fn default_service_cidr() -> String {
+    "10.96.0.0/12".to_string()
+}
+fn default_maglev() -> usize {
+    dataplane::nat::maglev::DEFAULT_TABLE_SIZE
+}
 fn default_vni() -> u32 {
     1
 }
@@ -41,6 +47,12 @@ pub struct NodeFile {
     /// The cluster's pod network (flannel's `Network`).
     #[serde(default = "default_cluster_cidr")]
     pub cluster_cidr: String,
+    /// The Service ClusterIP range (routed from the node stack into vxnat).
+    #[serde(default = "default_service_cidr")]
+    pub service_cidr: String,
+    /// Maglev table size per Service port (prime).
+    #[serde(default = "default_maglev")]
+    pub maglev_table_size: usize,
     /// Spin on the rings even when idle (lowest latency, one core at 100 %); otherwise poll
     /// adaptively: busy under load, sleep on the ring fds when idle.
     #[serde(default)]
@@ -118,6 +130,13 @@ impl NodeFile {
         }
         if f.cluster_cidr.parse::<dataplane::wire::Ipv4Cidr>().is_err() {
             return Err(format!("{}: cluster_cidr: {:?} is not an IPv4 CIDR", origin.display(), f.cluster_cidr));
+        }
+        if f.service_cidr.parse::<dataplane::wire::Ipv4Cidr>().is_err() {
+            return Err(format!("{}: service_cidr: {:?} is not an IPv4 CIDR", origin.display(), f.service_cidr));
+        }
+        let m = f.maglev_table_size;
+        if m < 7 || !(2..).take_while(|d| d * d <= m).all(|d| m % d != 0) {
+            return Err(format!("{}: maglev_table_size: {m} is not a prime of at least 7", origin.display()));
         }
         if f.vxlan.vni > 0x00ff_ffff {
             return Err(format!("{}: vxlan.vni: {} does not fit 24 bits", origin.display(), f.vxlan.vni));

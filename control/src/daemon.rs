@@ -45,6 +45,8 @@ pub struct Facts {
     pub host: Option<(String, MacAddr, String, MacAddr)>,
     /// Other nodes and the resolved MAC of the underlay next hop toward each.
     pub remotes: Vec<(NodeView, MacAddr)>,
+    /// The cluster state's Services and EndpointSlices.
+    pub state: ClusterState,
 }
 
 impl Facts {
@@ -73,7 +75,11 @@ impl Facts {
             let vtep = r.vtep_mac.unwrap_or_else(|| derived_vtep_mac(&r.name));
             b = b.remote(&r.name, r.node_ip, vtep, r.pod_cidr, *next_hop).map_err(|e| e.to_string())?;
         }
-        b.build().map_err(|e| e.to_string())
+        let (services, problems) = crate::services::compile(&self.state, &self.me.name, self.file.maglev_table_size);
+        for p in problems {
+            eprintln!("vxnat: skipped: {p}");
+        }
+        b.services(services).build().map_err(|e| e.to_string())
     }
 }
 
@@ -105,7 +111,7 @@ pub fn gather(file: &NodeFile) -> Result<Facts, String> {
         let hop = netinfo::next_hop_mac(o.node_ip)?.unwrap_or(MacAddr::ZERO);
         remotes.push((o, hop));
     }
-    Ok(Facts { file: file.clone(), me, vtep_mac, uplink_mac, uplink_mtu, cluster, host: None, remotes })
+    Ok(Facts { file: file.clone(), me, vtep_mac, uplink_mac, uplink_mtu, cluster, host: None, remotes, state })
 }
 
 /// Commands from the control thread to the worker.
@@ -157,6 +163,9 @@ fn worker_stats(w: &Worker, generation: u64) -> WorkerStats {
             ("encapsulated", e.encapsulated),
             ("decapsulated", e.decapsulated),
             ("icmp_time_exceeded_sent", e.icmp_time_exceeded_sent),
+            ("service_flows", e.service_flows),
+            ("tcp_resets_sent", e.tcp_resets_sent),
+            ("bare_ack_to_syn", e.bare_ack_to_syn),
         ]
         .into_iter()
         .filter(|(_, n)| *n > 0)
@@ -434,7 +443,17 @@ pub fn run(file: NodeFile) -> Result<(), String> {
         let gw = facts.me.pod_cidr.first_host();
         // The pods' MTU: what fits the underlay after VXLAN.
         let mtu = facts.uplink_mtu.saturating_sub(50);
-        let stack = netinfo::create_host_port(&file.host.ifname, gw, mtu, &facts.cluster.network().to_string())?;
+        let net = facts.me.pod_cidr.network().address();
+        let services =
+            file.service_cidr.parse::<Ipv4Cidr>().map_err(|_| "service_cidr".to_string())?.network().to_string();
+        let stack = netinfo::create_host_port(
+            &file.host.ifname,
+            gw,
+            net,
+            mtu,
+            &facts.cluster.network().to_string(),
+            &services,
+        )?;
         facts.host =
             Some((file.host.ifname.clone(), netinfo::mac(&file.host.ifname)?, stack.clone(), netinfo::mac(&stack)?));
     }

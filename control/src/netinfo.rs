@@ -62,7 +62,14 @@ pub fn next_hop_mac(dst: Ipv4Addr) -> Result<Option<MacAddr>, String> {
 /// both up, the pod gateway `gateway/32` on the node end (the node owns it, as flannel's cni0
 /// does) and the cluster network routed over the link from that address (vxnat answers ARP
 /// for cluster addresses on it). Removes a leftover pair first.
-pub fn create_host_port(ifname: &str, gateway: Ipv4Addr, mtu: u16, cluster: &str) -> Result<String, String> {
+pub fn create_host_port(
+    ifname: &str,
+    gateway: Ipv4Addr,
+    net: Ipv4Addr,
+    mtu: u16,
+    cluster: &str,
+    services: &str,
+) -> Result<String, String> {
     let stack = format!("{ifname}h");
     if exists(ifname) {
         ip(&["link", "del", ifname])?;
@@ -73,6 +80,8 @@ pub fn create_host_port(ifname: &str, gateway: Ipv4Addr, mtu: u16, cluster: &str
     ip(&["link", "set", &stack, "mtu", &mtu, "up"])?;
     ip(&["addr", "add", &format!("{gateway}/32"), "dev", &stack])?;
     ip(&["route", "replace", cluster, "dev", &stack, "scope", "link", "src", &gateway.to_string()])?;
+    // Service addresses: through vxnat too, via a cluster address it answers ARP for.
+    ip(&["route", "replace", services, "via", &net.to_string(), "dev", &stack, "onlink", "src", &gateway.to_string()])?;
     Ok(stack)
 }
 

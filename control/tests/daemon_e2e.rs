@@ -118,12 +118,21 @@ impl Drop for TempDir {
 }
 
 fn cluster() -> Cluster {
+    cluster_with("")
+}
+
+/// The demo cluster, with `extra` YAML documents (Services, EndpointSlices) appended to its state.
+fn cluster_with(extra: &str) -> Cluster {
     let dir = std::env::temp_dir().join(format!("vxnat-e2e-{}-{}", std::process::id(), rand_suffix()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let state = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../configs/demo-cluster.yaml")
-        .canonicalize()
-        .expect("demo state");
+    let demo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../configs/demo-cluster.yaml");
+    let state = dir.join("cluster.yaml");
+    let mut text = std::fs::read_to_string(&demo).expect("demo state");
+    if !extra.is_empty() {
+        text.push_str("\n---\n");
+        text.push_str(extra);
+    }
+    std::fs::write(&state, text).expect("state file");
     let a = Netns::new("nodea");
     let b = Netns::new("nodeb");
     a.ip(&["link", "add", "ul", "type", "veth", "peer", "name", "ul", "netns", &b.name]);
@@ -402,4 +411,148 @@ fn underlay_changes_are_followed() {
     }
     assert!(followed, "not followed within 4 s: node A {} / node B {}", ports(0)["remotes"], ports(1)["uplink_mac"]);
     assert!(ping(&a1.ns, b1.ip), "a1 -> b1 after the change");
+}
+
+const SERVICES: &str = r#"
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Service
+  metadata: {name: web, namespace: default}
+  spec:
+    clusterIP: 10.96.0.50
+    ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata: {name: web-x1, namespace: default, labels: {kubernetes.io/service-name: web}}
+  addressType: IPv4
+  ports: [{name: http, port: 8080, protocol: TCP}]
+  endpoints:
+  - {addresses: [10.244.0.3], conditions: {ready: true}, nodeName: node-a}
+  - {addresses: [10.244.1.2], conditions: {ready: true}, nodeName: node-b}
+- apiVersion: v1
+  kind: Service
+  metadata: {name: dns, namespace: default}
+  spec:
+    clusterIP: 10.96.0.53
+    ports: [{name: dns, port: 53, targetPort: 5353, protocol: UDP}]
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata: {name: dns-x1, namespace: default, labels: {kubernetes.io/service-name: dns}}
+  addressType: IPv4
+  ports: [{name: dns, port: 5353, protocol: UDP}]
+  endpoints:
+  - {addresses: [10.244.1.3], conditions: {ready: true}, nodeName: node-b}
+- apiVersion: v1
+  kind: Service
+  metadata: {name: empty, namespace: default}
+  spec:
+    clusterIP: 10.96.0.60
+    ports: [{name: http, port: 80, protocol: TCP}]
+"#;
+
+/// A TCP server in `pod` that answers each connection with `name` and closes, until `stop`.
+fn name_server(
+    pod: &Pod,
+    name: &'static str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<usize> {
+    let ip = pod.ip;
+    pod.ns.spawn(move || {
+        let l = TcpListener::bind((ip, 8080)).expect("listen");
+        l.set_nonblocking(true).expect("nonblocking");
+        let mut served = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            match l.accept() {
+                Ok((mut c, _)) => {
+                    let _ = c.set_nonblocking(false);
+                    let _ = c.write_all(name.as_bytes());
+                    served += 1;
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        served
+    })
+}
+
+fn fetch(from: &Netns, vip: Ipv4Addr, n: usize) -> Vec<Result<String, String>> {
+    let ns = Netns { name: from.name.clone() };
+    let h = ns.spawn(move || {
+        (0..n)
+            .map(|_| {
+                let mut c = TcpStream::connect_timeout(&(vip, 80).into(), Duration::from_secs(3))
+                    .map_err(|e| e.kind().to_string())?;
+                c.set_read_timeout(Some(Duration::from_secs(3))).map_err(|e| e.to_string())?;
+                let mut s = String::new();
+                c.read_to_string(&mut s).map_err(|e| e.to_string())?;
+                Ok(s)
+            })
+            .collect()
+    });
+    std::mem::forget(ns);
+    h.join().expect("client")
+}
+
+#[test]
+fn cluster_ip_services_reach_endpoints_on_both_nodes() {
+    if !require_root("cluster_ip_services_reach_endpoints_on_both_nodes") {
+        return;
+    }
+    let c = cluster_with(SERVICES);
+    let (a1, a2, b1, b2) = (&c.pods[0], &c.pods[1], &c.pods[2], &c.pods[3]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sa = name_server(a2, "a2", stop.clone());
+    let sb = name_server(b1, "b1", stop.clone());
+    let b2_ip = b2.ip;
+    let dns = b2.ns.spawn(move || {
+        let u = UdpSocket::bind((b2_ip, 5353)).expect("bind");
+        u.set_read_timeout(Some(Duration::from_secs(4))).expect("timeout");
+        let mut buf = [0u8; 512];
+        let mut answered = 0;
+        while let Ok((k, peer)) = u.recv_from(&mut buf) {
+            let mut a = b"answer:".to_vec();
+            a.extend_from_slice(&buf[..k]);
+            let _ = u.send_to(&a, peer);
+            answered += 1;
+        }
+        answered
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let vip = Ipv4Addr::new(10, 96, 0, 50);
+    let got = fetch(&a1.ns, vip, 40);
+    let from_node = fetch(&c.nodes[0].ns, vip, 6);
+    let refused = fetch(&a1.ns, Ipv4Addr::new(10, 96, 0, 60), 1);
+    let a1_ip = a1.ip;
+    let udp = a1
+        .ns
+        .spawn(move || {
+            let u = UdpSocket::bind((a1_ip, 0)).expect("bind");
+            u.connect((Ipv4Addr::new(10, 96, 0, 53), 53)).expect("connect"); // replies must come from the Service address
+            u.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+            u.send(b"ping").expect("send");
+            let mut buf = [0u8; 512];
+            u.recv(&mut buf).map(|k| String::from_utf8_lossy(&buf[..k]).to_string()).map_err(|e| e.to_string())
+        })
+        .join()
+        .expect("udp client");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (na, nb) = (sa.join().expect("a2 server"), sb.join().expect("b1 server"));
+    let _ = dns.join();
+    let ok: Vec<&String> = got.iter().filter_map(|r| r.as_ref().ok()).collect();
+    assert_eq!(ok.len(), 40, "every connection to the ClusterIP served: {got:?}");
+    assert!(
+        ok.iter().any(|s| *s == "a2") && ok.iter().any(|s| *s == "b1"),
+        "both endpoints used: {ok:?} (a2 {na}, b1 {nb})"
+    );
+    assert!(from_node.iter().all(|r| r.is_ok()), "the node reaches the ClusterIP through the host port: {from_node:?}");
+    assert_eq!(
+        refused[0].as_ref().err().map(String::as_str),
+        Some("connection refused"),
+        "no endpoint: refused at once with a RST"
+    );
+    assert_eq!(udp.as_deref(), Ok("answer:ping"), "UDP Service answer from the Service address");
+    let stats = c.nodes[0].ctl(&["stats"]).expect("stats");
+    assert!(stats.contains("service_no_endpoint") && stats.contains("service_flows"), "{stats}");
 }

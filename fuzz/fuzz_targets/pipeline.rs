@@ -21,7 +21,8 @@ fuzz_target!(|data: &[u8]| {
     buf[headroom..headroom + frame.len()].copy_from_slice(frame);
     let cap = buf.len();
     let Some(mut f) = FrameBuf::new(&mut buf, headroom, frame.len()) else { return };
-    let mut state = WorkerState::new(0);
+    // A small flow table: the fuzzer builds a fresh worker state per input.
+    let mut state = WorkerState::with_flows(0, 64);
     let d = process_frame(tables, &mut state, 0, port, &mut f);
     assert!(f.start() + f.len() <= cap);
     if let Disposition::Drop(r) = d {
