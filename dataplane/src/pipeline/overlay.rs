@@ -9,6 +9,7 @@
 //! hop here (decremented once) where flannel's bridge switches it.
 
 use super::reply;
+use super::service_nat::Nat;
 use super::{Disposition, DropReason, FrameBuf, Nanos, PortCounters, TokenBucket};
 use crate::tables::{LocalPod, PortEntry, PortId, PortKind, Route, Tables};
 use crate::vxlan::decap::OuterChecksum;
@@ -24,6 +25,8 @@ pub(crate) enum Origin {
     Pod,
     Host,
     Tunnel,
+    /// A client outside the cluster, through the uplink (NodePort, external and LB IPs).
+    Outside,
 }
 
 /// The per-packet context threaded through the stages.
@@ -151,14 +154,18 @@ fn from_local(
     }
     let mut m = m;
     let origin = if pod.is_some() { Origin::Pod } else { Origin::Host };
-    if let Some(answer) = super::service_nat::apply(ctx, frame, &mut m, origin)? {
-        return Ok(answer);
+    match super::service_nat::apply(ctx, frame, &mut m, origin, None)? {
+        Nat::Answered(d) => Ok(d),
+        Nat::Translated { uplink_return: Some(mac), .. } => to_outside(ctx, frame, &m, mac),
+        _ => forward(ctx, frame, &m, origin),
     }
-    forward(ctx, frame, &m, origin)
 }
 
 #[inline(always)]
 fn from_uplink(ctx: &mut Ctx<'_>, frame: &mut FrameBuf<'_>) -> Result<Disposition, DropReason> {
+    if let Some(client_mac) = service_candidate(ctx.tables, frame.data()) {
+        return from_outside(ctx, frame, client_mac);
+    }
     let d = decap::decap(ctx.tables, frame)?;
     let m = validate_ipv4(frame)?;
     // A veth underlay delivers what the sender left to offloads: complete the inner checksum,
@@ -180,10 +187,64 @@ fn from_uplink(ctx: &mut Ctx<'_>, frame: &mut FrameBuf<'_>) -> Result<Dispositio
     }
     ctx.events().decapsulated += 1;
     let mut m = m;
-    if let Some(answer) = super::service_nat::apply(ctx, frame, &mut m, Origin::Tunnel)? {
-        return Ok(answer);
+    match super::service_nat::apply(ctx, frame, &mut m, Origin::Tunnel, None)? {
+        Nat::Answered(d) => Ok(d),
+        Nat::Translated { uplink_return: Some(mac), .. } => to_outside(ctx, frame, &m, mac),
+        _ => forward(ctx, frame, &m, Origin::Tunnel),
     }
-    forward(ctx, frame, &m, Origin::Tunnel)
+}
+
+/// An untagged IPv4 TCP/UDP frame to our uplink MAC that is not VXLAN to this node: maybe a
+/// client outside the cluster reaching a NodePort, external or load balancer IP. Returns the
+/// client's (next hop's) MAC.
+fn service_candidate(tables: &Tables, d: &[u8]) -> Option<MacAddr> {
+    let e = d.first_chunk::<{ ethernet::HEADER_LEN }>()?;
+    if e[12..14] != [0x08, 0x00] || e[0..6] != tables.node.uplink_mac.0 {
+        return None;
+    }
+    let ip = d.get(ethernet::HEADER_LEN..)?.first_chunk::<{ ipv4::HEADER_LEN }>()?;
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let proto = ip[9];
+    if proto != 6 && proto != 17 {
+        return None;
+    }
+    if proto == 17 && ip[16..20] == tables.node.node_ip.octets() {
+        let at = ethernet::HEADER_LEN + ihl + 2;
+        if d.get(at..at + 2) == Some(&tables.node.vxlan_port.to_be_bytes()[..]) {
+            return None;
+        }
+    }
+    Some(MacAddr([e[6], e[7], e[8], e[9], e[10], e[11]]))
+}
+
+/// A client outside the cluster: only Service traffic is accepted.
+fn from_outside(ctx: &mut Ctx<'_>, frame: &mut FrameBuf<'_>, client_mac: MacAddr) -> Result<Disposition, DropReason> {
+    let mut m = validate_ipv4(frame)?;
+    match super::service_nat::apply(ctx, frame, &mut m, Origin::Outside, Some(client_mac))? {
+        Nat::Answered(d) => Ok(d),
+        Nat::Translated { .. } => forward(ctx, frame, &m, Origin::Outside),
+        Nat::Untouched => Err(if m.dst == ctx.tables.node.node_ip {
+            DropReason::UplinkNotVxlan
+        } else {
+            DropReason::UplinkNotForNode
+        }),
+    }
+}
+
+/// A translated reply to a client outside the cluster: straight back out of the uplink to the
+/// client's L2 next hop, as a router would (TTL decremented).
+fn to_outside(
+    ctx: &mut Ctx<'_>,
+    frame: &mut FrameBuf<'_>,
+    m: &Ipv4Meta,
+    mac: MacAddr,
+) -> Result<Disposition, DropReason> {
+    if m.ttl <= 1 {
+        return Err(DropReason::TtlExpired);
+    }
+    Ipv4Packet::new_unchecked(&mut frame.data_mut()[ethernet::HEADER_LEN..]).decrement_ttl();
+    set_macs(frame, mac, ctx.tables.node.uplink_mac);
+    Ok(Disposition::Forward(ctx.tables.uplink()))
 }
 
 /// Validates the IPv4 packet at offset 14 and trims Ethernet padding after it.
@@ -327,6 +388,7 @@ fn forward(
         (Route::NoNode, _) => Err(DropReason::NoRouteToNode),
         (Route::Host | Route::External, Origin::Host) => Err(DropReason::HostNotRoutable),
         (Route::Remote(_) | Route::External, Origin::Tunnel) => Err(DropReason::VxlanInnerNotLocal),
+        (Route::Host | Route::External, Origin::Outside) => Err(DropReason::UplinkNotForNode),
         // Into the node stack: local delivery for node addresses; for destinations outside
         // the cluster the node stack routes (and masquerades) as it does behind flannel.
         (Route::Host | Route::External, _) => deliver_host(ctx.tables, frame),

@@ -153,6 +153,26 @@ fn route_back(ctx: &mut Ctx<'_>, frame: &mut FrameBuf<'_>, to: Ipv4Addr) -> Resu
 /// port), as RFC 793 §3.4 says: to a segment with ACK, `<SEQ=SEG.ACK><CTL=RST>`; otherwise
 /// `<SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK>` (SYN and FIN count in SEG.LEN).
 pub(crate) fn tcp_reset(ctx: &mut Ctx<'_>, frame: &mut FrameBuf<'_>, m: &Ipv4Meta) -> Result<Disposition, DropReason> {
+    build_tcp_reset(ctx, frame, m)?;
+    route_back(ctx, frame, m.src)
+}
+
+/// The same reset, to a client outside the cluster: straight back out of the uplink to `mac`,
+/// the L2 next hop its segment came from.
+pub(crate) fn tcp_reset_outside(
+    ctx: &mut Ctx<'_>,
+    frame: &mut FrameBuf<'_>,
+    m: &Ipv4Meta,
+    mac: crate::wire::MacAddr,
+) -> Result<Disposition, DropReason> {
+    build_tcp_reset(ctx, frame, m)?;
+    let d = frame.data_mut();
+    d[0..6].copy_from_slice(&mac.0);
+    d[6..12].copy_from_slice(&ctx.tables.node.uplink_mac.0);
+    Ok(Disposition::Forward(ctx.tables.uplink()))
+}
+
+fn build_tcp_reset(ctx: &mut Ctx<'_>, frame: &mut FrameBuf<'_>, m: &Ipv4Meta) -> Result<(), DropReason> {
     use crate::wire::{tcp, TcpFlags};
     let l4 = ethernet::HEADER_LEN + m.header_len;
     let (seq, ack, flags, seg_len) = {
@@ -203,5 +223,5 @@ pub(crate) fn tcp_reset(ctx: &mut Ctx<'_>, frame: &mut FrameBuf<'_>, m: &Ipv4Met
     t.set_urgent_at(0);
     t.fill_checksum(m.dst, m.src);
     ctx.events().tcp_resets_sent += 1;
-    route_back(ctx, frame, m.src)
+    Ok(())
 }

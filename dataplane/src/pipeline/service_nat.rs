@@ -15,20 +15,44 @@ use super::{Disposition, DropReason, FrameBuf};
 use crate::conntrack::{CtError, Dir, FlowKey, TcpEvent};
 use crate::nat::snat::Destination;
 use crate::wire::checksum;
-use crate::wire::{ethernet, tcp, udp, TcpFlags};
+use crate::wire::{ethernet, tcp, udp, MacAddr, TcpFlags};
 use core::net::Ipv4Addr;
 
-/// Applies Service NAT to the validated packet `m` describes. `Ok(Some(d))`: the packet was
-/// answered (refused) and `d` is where the answer goes.
+/// Flows created from outside the cluster remember where their client is: the tag holds this
+/// flag and the source MAC of the client's frame (its L2 next hop on the uplink), so replies go
+/// straight back out of the uplink to it.
+const TAG_UPLINK_RETURN: u64 = 1 << 63;
+
+/// What the stage did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Nat {
+    /// Not a Service flow.
+    Untouched,
+    /// Translated; for a reply to a client outside the cluster, the MAC to send it to.
+    Translated { dir: Dir, uplink_return: Option<MacAddr> },
+    /// Refused; the answer (RST / ICMP) goes here.
+    Answered(Disposition),
+}
+
+fn uplink_return(tag: u64) -> Option<MacAddr> {
+    (tag & TAG_UPLINK_RETURN != 0).then(|| {
+        let b = tag.to_be_bytes();
+        MacAddr([b[2], b[3], b[4], b[5], b[6], b[7]])
+    })
+}
+
+/// Applies Service NAT to the validated packet `m` describes. `client_mac` is the source MAC of
+/// a frame that came from outside through the uplink.
 #[inline]
 pub(crate) fn apply(
     ctx: &mut Ctx<'_>,
     frame: &mut FrameBuf<'_>,
     m: &mut Ipv4Meta,
-    _origin: Origin,
-) -> Result<Option<Disposition>, DropReason> {
+    origin: Origin,
+    client_mac: Option<MacAddr>,
+) -> Result<Nat, DropReason> {
     if (m.proto != 6 && m.proto != 17) || m.is_fragment {
-        return Ok(None);
+        return Ok(Nat::Untouched);
     }
     let (sport, dport) = ((m.ports >> 16) as u16, m.ports as u16);
     let key = FlowKey { proto: m.proto, src: m.src, dst: m.dst, sport, dport };
@@ -40,20 +64,21 @@ pub(crate) fn apply(
                 if let Some(f) = ctx.flows.remove(id) {
                     release_snat(ctx, &f, ctx.now);
                 }
-                return new_flow(ctx, frame, m, key, flags);
+                return new_flow(ctx, frame, m, key, flags, origin, client_mac);
             }
             TcpEvent::BareAckToSyn => ctx.events().bare_ack_to_syn += 1,
             _ => {}
         }
-        let Some(f) = ctx.flows.get(id) else { return Ok(None) };
+        let Some(f) = ctx.flows.get(id) else { return Ok(Nat::Untouched) };
+        let ret = uplink_return(f.tag);
         let (src, dst) = match dir {
             Dir::Orig => ((f.reply.dst, f.reply.dport), (f.reply.src, f.reply.sport)),
             Dir::Reply => ((f.orig.dst, f.orig.dport), (f.orig.src, f.orig.sport)),
         };
         rewrite(frame, m, src, dst);
-        return Ok(None);
+        return Ok(Nat::Translated { dir, uplink_return: if dir == Dir::Reply { ret } else { None } });
     }
-    new_flow(ctx, frame, m, key, flags)
+    new_flow(ctx, frame, m, key, flags, origin, client_mac)
 }
 
 fn new_flow(
@@ -62,13 +87,15 @@ fn new_flow(
     m: &mut Ipv4Meta,
     key: FlowKey,
     flags: TcpFlags,
-) -> Result<Option<Disposition>, DropReason> {
+    origin: Origin,
+    client_mac: Option<MacAddr>,
+) -> Result<Nat, DropReason> {
     let tables = ctx.tables;
     let Some((sp, kind)) = tables.services().lookup(key.proto, key.dst, key.dport, tables.is_local_addr(key.dst))
     else {
-        return Ok(None);
+        return Ok(Nat::Untouched);
     };
-    let from_outside = !tables.node.cluster_cidr.contains(key.src);
+    let from_outside = origin == Origin::Outside || !tables.node.cluster_cidr.contains(key.src);
     // ClientIP affinity: hash the client alone, so Maglev keeps it on one endpoint.
     let hash = match sp.affinity_ns {
         Some(_) => u64::from(u32::from(key.src)).wrapping_mul(0x9e37_79b9_7f4a_7c15),
@@ -76,34 +103,54 @@ fn new_flow(
     };
     let Ok(choice) = sp.choose(kind, from_outside, hash) else {
         ctx.counters.drops[DropReason::ServiceNoEndpoint.index()] += 1;
-        let answer = if key.proto == 6 {
+        let answer = if let (Some(mac), 6) = (client_mac.filter(|_| origin == Origin::Outside), key.proto) {
+            reply::tcp_reset_outside(ctx, frame, m, mac)
+        } else if origin == Origin::Outside {
+            // UDP from outside: no route to the client is known here for an ICMP error.
+            ctx.counters.drops[DropReason::ServiceNoEndpoint.index()] -= 1;
+            return Err(DropReason::ServiceNoEndpoint);
+        } else if key.proto == 6 {
             reply::tcp_reset(ctx, frame, m)
         } else {
             reply::port_unreachable(ctx, frame, m, key.dst)
         };
-        return answer.map(Some);
+        return answer.map(Nat::Answered);
     };
     let ep = choice.endpoint;
-    // Hairpin: a pod reaching itself through its Service must see another source, or its
-    // kernel drops the packet as a martian. SNAT to the pod gateway with a held-safe port.
-    let (snat_ip, snat_port) = if ep.ip == key.src {
+    // SNAT when the endpoint could not answer the client directly:
+    // - hairpin: a pod reaching itself through its Service must see another source, or its
+    //   kernel drops the packet as a martian;
+    // - clients outside the cluster under externalTrafficPolicy Cluster: the endpoint, maybe on
+    //   another node, must answer through this node, which holds the flow.
+    // The SNAT address is this node's address on the pod network (its gateway, which every node
+    // routes here over VXLAN), with a TIME_WAIT-safe port.
+    let snat = ep.ip == key.src || (from_outside && !choice.preserve_client);
+    let (snat_ip, snat_port) = if snat {
         let d = Destination { proto: key.proto, snat_ip: tables.gateway(), backend_ip: ep.ip, backend_port: ep.port };
         match ctx.snat.allocate(d, ctx.now) {
             Ok(p) => (tables.gateway(), p),
+            Err(_) if key.proto != 6 => return Err(DropReason::SnatPortsExhausted),
             Err(_) => {
                 ctx.counters.drops[DropReason::SnatPortsExhausted.index()] += 1;
-                return if key.proto == 6 {
-                    reply::tcp_reset(ctx, frame, m).map(Some)
-                } else {
-                    Err(DropReason::SnatPortsExhausted)
+                let answer = match client_mac.filter(|_| origin == Origin::Outside) {
+                    Some(mac) => reply::tcp_reset_outside(ctx, frame, m, mac),
+                    None => reply::tcp_reset(ctx, frame, m),
                 };
+                return answer.map(Nat::Answered);
             }
         }
     } else {
         (key.src, key.sport)
     };
     let reply_key = FlowKey { proto: key.proto, src: ep.ip, dst: snat_ip, sport: ep.port, dport: snat_port };
-    let id = match ctx.flows.insert(key, reply_key, ctx.now, 0) {
+    let tag = match client_mac {
+        Some(mac) if origin == Origin::Outside => {
+            let b = mac.0;
+            TAG_UPLINK_RETURN | u64::from_be_bytes([0, 0, b[0], b[1], b[2], b[3], b[4], b[5]])
+        }
+        _ => 0,
+    };
+    let id = match ctx.flows.insert(key, reply_key, ctx.now, tag) {
         Ok(id) => id,
         Err(e) => {
             if snat_ip != key.src {
@@ -119,7 +166,7 @@ fn new_flow(
     ctx.flows.update(id, Dir::Orig, flags, m.total_len, ctx.now);
     ctx.events().service_flows += 1;
     rewrite(frame, m, (snat_ip, snat_port), (ep.ip, ep.port));
-    Ok(None)
+    Ok(Nat::Translated { dir: Dir::Orig, uplink_return: None })
 }
 
 /// Returns the SNAT port of a flow that ended (if it had one) to the allocator, which holds it.

@@ -31,7 +31,41 @@ fn services() -> ServiceTable {
     add(VIP_EMPTY, 17, 53, &[], "default/empty:dns");
     add(VIP_SELF, 6, 80, &[ep(POD1_IP, 8080, true)], "default/self:http");
     add(VIP_POD2, 6, 80, &[ep(POD2_IP, 8080, true)], "default/pod2:http");
+    // NodePorts: 30080 Cluster policy, 30081 Local policy, 30082 no endpoints.
+    let c = t.add_port(
+        ServicePort::new(
+            "default/np:http".into(),
+            &[ep(POD2_IP, 8080, true), ep(REMOTE_POD_B, 8080, false)],
+            false,
+            false,
+            None,
+            16381,
+        )
+        .unwrap(),
+    );
+    t.add_node_port(6, 30080, c).unwrap();
+    let l = t.add_port(
+        ServicePort::new(
+            "default/nplocal:http".into(),
+            &[ep(POD2_IP, 8080, true), ep(REMOTE_POD_B, 8080, false)],
+            true,
+            false,
+            None,
+            16381,
+        )
+        .unwrap(),
+    );
+    t.add_node_port(6, 30081, l).unwrap();
+    let e = t.add_port(ServicePort::new("default/npempty:http".into(), &[], false, false, None, 16381).unwrap());
+    t.add_node_port(6, 30082, e).unwrap();
     t
+}
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+const CLIENT_MAC: crate::wire::MacAddr = crate::wire::MacAddr([0x02, 0xcc, 0, 0, 0, 7]);
+
+fn from_client(sport: u16, node_port: u16, flags: u16) -> Vec<u8> {
+    eth(UPLINK_MAC, CLIENT_MAC, 0x0800, &tcp(CLIENT, NODE_A, sport, node_port, flags, 100, 0))
 }
 
 fn tables() -> Tables {
@@ -241,4 +275,87 @@ fn a_closed_flows_snat_port_is_held_and_exhaustion_is_refused() {
     let (s, _, ssp, ..) = tcp_view(&inner_ip(&out, false));
     assert_eq!((s, ssp), (GATEWAY_A, 2000), "the port after its hold");
     assert_eq!(st.counters.port(POD1).map(|c| c.drop_count(DropReason::SnatPortsExhausted)), Some(2));
+}
+
+/// The first client port whose NodePort flow Maglev sends to `want`, with the disposition.
+fn client_sport_toward(t: &Tables, node_port: u16, want: Ipv4Addr) -> u16 {
+    (50000..51000)
+        .find(|&sp| {
+            let mut st = WorkerState::with_flows(0, 16);
+            let (d, out) = run(t, &mut st, 0, UPLINK, &from_client(sp, node_port, 0x002));
+            let encapsulated = d == Disposition::Forward(UPLINK);
+            tcp_view(&inner_ip(&out, encapsulated)).1 == want
+        })
+        .expect("Maglev uses both endpoints")
+}
+
+#[test]
+fn node_port_cluster_policy_snats_and_replies_go_straight_back_by_the_uplink() {
+    let t = tables();
+    // Local endpoint.
+    let sp = client_sport_toward(&t, 30080, POD2_IP);
+    let mut st = WorkerState::with_flows(0, 16);
+    let (d, out) = run(&t, &mut st, 0, UPLINK, &from_client(sp, 30080, 0x002));
+    assert_eq!(d, Disposition::Forward(POD2));
+    let (s, dst, snat_port, dsp, ..) = tcp_view(&inner_ip(&out, false));
+    assert_eq!(
+        (s, dst, dsp),
+        (GATEWAY_A, POD2_IP, 8080),
+        "Cluster policy: the endpoint sees the node (its pod-network address)"
+    );
+    let reply = eth(POD2_PORT_MAC, POD2_MAC, 0x0800, &tcp(POD2_IP, GATEWAY_A, 8080, snat_port, 0x012, 1, 101));
+    let (d, out) = run(&t, &mut st, S, POD2, &reply);
+    assert_eq!(d, Disposition::Forward(UPLINK), "the reply leaves by the uplink");
+    assert_eq!((&out[0..6], &out[6..12]), (&CLIENT_MAC.0[..], &UPLINK_MAC.0[..]), "to the client's next hop");
+    let (s, dst, ssp, dsp, ..) = tcp_view(&inner_ip(&out, false));
+    assert_eq!((s, dst, ssp, dsp), (NODE_A, CLIENT, 30080, sp));
+    // Remote endpoint: encapsulated there, the reply comes back through the tunnel.
+    let sp = client_sport_toward(&t, 30080, REMOTE_POD_B);
+    let (d, out) = run(&t, &mut st, 2 * S, UPLINK, &from_client(sp, 30080, 0x002));
+    assert_eq!(d, Disposition::Forward(UPLINK));
+    let (s, dst, snat_port, ..) = tcp_view(&inner_ip(&out, true));
+    assert_eq!((s, dst), (GATEWAY_A, REMOTE_POD_B));
+    let back = vxlan_frame(
+        &Vxlan::b_to_a(),
+        &ipv4_with(
+            &Ip { ttl: 63, ..Ip::new(REMOTE_POD_B, GATEWAY_A) },
+            &L4::Tcp { sport: 8080, dport: snat_port, seq: 1, ack: 101, flags: 0x012, payload: b"" },
+        ),
+    );
+    let (d, out) = run(&t, &mut st, 3 * S, UPLINK, &back);
+    assert_eq!(d, Disposition::Forward(UPLINK));
+    assert_eq!(&out[0..6], &CLIENT_MAC.0[..]);
+    let (s, dst, ssp, dsp, ..) = tcp_view(&inner_ip(&out, false));
+    assert_eq!((s, dst, ssp, dsp), (NODE_A, CLIENT, 30080, sp));
+}
+
+#[test]
+fn node_port_local_policy_keeps_the_client_and_uses_local_endpoints() {
+    let t = tables();
+    let mut st = WorkerState::with_flows(0, 64);
+    for sp in 52000..52020 {
+        let (d, out) = run(&t, &mut st, 0, UPLINK, &from_client(sp, 30081, 0x002));
+        assert_eq!(d, Disposition::Forward(POD2), "Local: only this node's endpoint");
+        let (s, dst, ssp, ..) = tcp_view(&inner_ip(&out, false));
+        assert_eq!((s, dst, ssp), (CLIENT, POD2_IP, sp), "the client address is kept");
+    }
+    let reply = eth(POD2_PORT_MAC, POD2_MAC, 0x0800, &tcp(POD2_IP, CLIENT, 8080, 52000, 0x012, 1, 101));
+    let (d, out) = run(&t, &mut st, S, POD2, &reply);
+    assert_eq!(d, Disposition::Forward(UPLINK));
+    let (s, dst, ssp, ..) = tcp_view(&inner_ip(&out, false));
+    assert_eq!((s, dst, ssp), (NODE_A, CLIENT, 30081));
+}
+
+#[test]
+fn node_port_without_endpoints_resets_the_outside_client() {
+    let t = tables();
+    let mut st = WorkerState::with_flows(0, 16);
+    let (d, out) = run(&t, &mut st, 0, UPLINK, &from_client(53000, 30082, 0x002));
+    assert_eq!(d, Disposition::Forward(UPLINK));
+    assert_eq!(&out[0..6], &CLIENT_MAC.0[..]);
+    let (s, dst, ssp, dsp, f, ..) = tcp_view(&inner_ip(&out, false));
+    assert_eq!((s, dst, ssp, dsp, f), (NODE_A, CLIENT, 30082, 53000, TcpFlags::RST | TcpFlags::ACK));
+    // Not a NodePort: still the uplink's named drop.
+    let (d, _) = run(&t, &mut st, 0, UPLINK, &from_client(53001, 31999, 0x002));
+    assert_eq!(d, Disposition::Drop(DropReason::UplinkNotVxlan));
 }
