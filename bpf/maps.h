@@ -18,6 +18,14 @@ struct {
 	__type(value, struct vxnat_config);
 } config SEC(".maps");
 
+/* Service frontends the uplink redirects to vxnat (value unused). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, VXNAT_MAX_FRONTENDS);
+	__type(key, struct vxnat_frontend);
+	__type(value, __u8);
+} frontends SEC(".maps");
+
 /* enum vxnat_exit -> packets, per CPU. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

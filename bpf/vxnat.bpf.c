@@ -29,7 +29,8 @@ static __always_inline int redirect(struct xdp_md *ctx)
 	return count(VXNAT_EXIT_PASS_NO_SOCKET, XDP_PASS);
 }
 
-/* VXLAN to this node: untagged IPv4 to node_ip, not fragmented, UDP to vxlan_port. */
+/* On the uplink vxnat owns: VXLAN to this node (untagged IPv4 to node_ip, not fragmented, UDP
+ * to vxlan_port), and TCP/UDP to a Service frontend in the `frontends` map. */
 static __always_inline int is_ours_on_uplink(struct xdp_md *ctx, const struct vxnat_config *cfg)
 {
 	void *data = (void *)(long)ctx->data;
@@ -43,14 +44,18 @@ static __always_inline int is_ours_on_uplink(struct xdp_md *ctx, const struct vx
 	ip = (void *)(eth + 1);
 	if ((void *)(ip + 1) > end || ip->ihl < 5)
 		return 0;
-	if (ip->daddr != cfg->node_ip || ip->protocol != IPPROTO_UDP)
+	if (ip->protocol != IPPROTO_UDP && ip->protocol != IPPROTO_TCP)
 		return 0;
 	if (ip->frag_off & bpf_htons(0x3fff))
 		return 0;
+	/* TCP and UDP both start with source and destination ports. */
 	udp = (void *)ip + ip->ihl * 4;
 	if ((void *)(udp + 1) > end)
 		return 0;
-	return udp->dest == cfg->vxlan_port;
+	if (ip->protocol == IPPROTO_UDP && ip->daddr == cfg->node_ip && udp->dest == cfg->vxlan_port)
+		return 1;
+	struct vxnat_frontend key = { .addr = ip->daddr, .port = udp->dest, .proto = ip->protocol, .pad = 0 };
+	return bpf_map_lookup_elem(&frontends, &key) != 0;
 }
 
 SEC("xdp")

@@ -27,6 +27,16 @@ struct vxnat_config {
 	__u16 pad;
 };
 
+/* Key of the `frontends` map: a Service frontend reachable from outside through the uplink
+ * (NodePort on the node address, external IP, load balancer IP). Network byte order. */
+struct vxnat_frontend {
+	__u32 addr;
+	__u16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
 #define VXNAT_MAX_QUEUES 64
+#define VXNAT_MAX_FRONTENDS 65536
 
 #endif

@@ -260,7 +260,16 @@ fn worker_main(
     let _ = ready.send(Ok(()));
     let start = Instant::now();
     let mut idle = 0u32;
+    // The uplink's XDP program redirects exactly the Service frontends of the current tables.
+    let mut frontends_of = u64::MAX;
     while !stop.load(Ordering::Relaxed) {
+        if tables.generation != frontends_of {
+            let list = tables.services().uplink_frontends(std::net::Ipv4Addr::from(node_ip));
+            if let Err(e) = w.set_frontends(UPLINK, &list) {
+                eprintln!("vxnat: updating the uplink's Service frontends: {e}");
+            }
+            frontends_of = tables.generation;
+        }
         while let Ok(cmd) = commands.try_recv() {
             match cmd {
                 Command::Attach { port, ifname, tables: t, reply } => {

@@ -107,6 +107,8 @@ struct Cluster {
     // Pods first: dropped before the nodes.
     pods: Vec<Pod>,
     nodes: Vec<NodeNs>,
+    client: Netns,
+    _switch: Netns,
     _dir: TempDir,
 }
 
@@ -133,9 +135,19 @@ fn cluster_with(extra: &str) -> Cluster {
         text.push_str(extra);
     }
     std::fs::write(&state, text).expect("state file");
+    // The underlay: a switch (bridge) joining node A, node B and a client outside the cluster.
+    let switch = Netns::new("switch");
+    switch.ip(&["link", "add", "br0", "type", "bridge"]);
+    switch.ip(&["link", "set", "br0", "up"]);
     let a = Netns::new("nodea");
     let b = Netns::new("nodeb");
-    a.ip(&["link", "add", "ul", "type", "veth", "peer", "name", "ul", "netns", &b.name]);
+    let client = Netns::new("client");
+    for (ns, port, ifname) in [(&a, "pa", "ul"), (&b, "pb", "ul"), (&client, "pc", "eth0")] {
+        switch.ip(&["link", "add", port, "type", "veth", "peer", "name", ifname, "netns", &ns.name]);
+        switch.ip(&["link", "set", port, "master", "br0", "up"]);
+    }
+    client.ip(&["addr", "add", "192.168.77.100/24", "dev", "eth0"]);
+    client.ip(&["link", "set", "eth0", "up"]);
     let mut nodes = Vec::new();
     for (ns, name, ip) in [(a, "node-a", "192.168.77.1/24"), (b, "node-b", "192.168.77.2/24")] {
         ns.ip(&["addr", "add", ip, "dev", "ul"]);
@@ -173,7 +185,7 @@ fn cluster_with(extra: &str) -> Cluster {
     for (i, p) in pods.iter().enumerate() {
         nodes[i / 2].ctl(&["attach", "--ifname", &p.host_if, "--ip", &p.ip.to_string()]).expect("attach pod");
     }
-    Cluster { pods, nodes, _dir: TempDir(dir) }
+    Cluster { pods, nodes, client, _switch: switch, _dir: TempDir(dir) }
 }
 
 fn rand_suffix() -> u64 {
@@ -555,4 +567,121 @@ fn cluster_ip_services_reach_endpoints_on_both_nodes() {
     assert_eq!(udp.as_deref(), Ok("answer:ping"), "UDP Service answer from the Service address");
     let stats = c.nodes[0].ctl(&["stats"]).expect("stats");
     assert!(stats.contains("service_no_endpoint") && stats.contains("service_flows"), "{stats}");
+}
+
+const NODE_PORTS: &str = r#"
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Service
+  metadata: {name: np, namespace: default}
+  spec:
+    type: NodePort
+    clusterIP: 10.96.0.70
+    externalTrafficPolicy: Cluster
+    ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP, nodePort: 30080}]
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata: {name: np-x1, namespace: default, labels: {kubernetes.io/service-name: np}}
+  addressType: IPv4
+  ports: [{name: http, port: 8080, protocol: TCP}]
+  endpoints:
+  - {addresses: [10.244.0.3], conditions: {ready: true}, nodeName: node-a}
+  - {addresses: [10.244.1.2], conditions: {ready: true}, nodeName: node-b}
+- apiVersion: v1
+  kind: Service
+  metadata: {name: nplocal, namespace: default}
+  spec:
+    type: NodePort
+    clusterIP: 10.96.0.71
+    externalTrafficPolicy: Local
+    ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP, nodePort: 30081}]
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata: {name: nplocal-x1, namespace: default, labels: {kubernetes.io/service-name: nplocal}}
+  addressType: IPv4
+  ports: [{name: http, port: 8080, protocol: TCP}]
+  endpoints:
+  - {addresses: [10.244.0.3], conditions: {ready: true}, nodeName: node-a}
+  - {addresses: [10.244.1.2], conditions: {ready: true}, nodeName: node-b}
+"#;
+
+/// A TCP server in `pod` that answers each connection with "<name> <peer address it saw>".
+fn who_server(
+    pod: &Pod,
+    name: &'static str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    let ip = pod.ip;
+    pod.ns.spawn(move || {
+        let l = TcpListener::bind((ip, 8080)).expect("listen");
+        l.set_nonblocking(true).expect("nonblocking");
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            match l.accept() {
+                Ok((mut c, peer)) => {
+                    let _ = c.set_nonblocking(false);
+                    let _ = c.write_all(format!("{name} {}", peer.ip()).as_bytes());
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    })
+}
+
+fn fetch_port(from: &Netns, ip: Ipv4Addr, port: u16, n: usize) -> Vec<Result<String, String>> {
+    let ns = Netns { name: from.name.clone() };
+    let h = ns.spawn(move || {
+        (0..n)
+            .map(|_| {
+                let mut c = TcpStream::connect_timeout(&(ip, port).into(), Duration::from_secs(3))
+                    .map_err(|e| e.kind().to_string())?;
+                c.set_read_timeout(Some(Duration::from_secs(3))).map_err(|e| e.to_string())?;
+                let mut s = String::new();
+                c.read_to_string(&mut s).map_err(|e| e.to_string())?;
+                Ok(s)
+            })
+            .collect()
+    });
+    std::mem::forget(ns);
+    h.join().expect("client")
+}
+
+#[test]
+fn node_ports_from_a_client_outside_the_cluster() {
+    if !require_root("node_ports_from_a_client_outside_the_cluster") {
+        return;
+    }
+    let c = cluster_with(NODE_PORTS);
+    let (a2, b1) = (&c.pods[1], &c.pods[2]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sa = who_server(a2, "a2", stop.clone());
+    let sb = who_server(b1, "b1", stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    let node_a = Ipv4Addr::new(192, 168, 77, 1);
+    let node_b = Ipv4Addr::new(192, 168, 77, 2);
+    let cluster =
+        fetch_port(&c.client, node_a, 30080, if std::env::var_os("VXNAT_E2E_QUICK").is_some() { 2 } else { 30 });
+    let local_a = fetch_port(&c.client, node_a, 30081, 10);
+    let local_b = fetch_port(&c.client, node_b, 30081, 10);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = (sa.join(), sb.join());
+    let ok: Vec<&String> = cluster.iter().filter_map(|r| r.as_ref().ok()).collect();
+    assert_eq!(
+        ok.len(),
+        30,
+        "every NodePort connection served: {cluster:?}\n{}",
+        c.nodes[0].ctl(&["stats"]).unwrap_or_default()
+    );
+    assert!(
+        ok.iter().any(|s| s.starts_with("a2")) && ok.iter().any(|s| s.starts_with("b1")),
+        "Cluster policy spreads over both nodes: {ok:?}"
+    );
+    assert!(ok.iter().all(|s| s.ends_with(" 10.244.0.1")), "Cluster policy: endpoints see node A's address: {ok:?}");
+    for (r, want) in [(&local_a, "a2 192.168.77.100"), (&local_b, "b1 192.168.77.100")] {
+        assert!(
+            r.iter().all(|x| x.as_deref() == Ok(want)),
+            "Local policy: the local endpoint, which sees the client: {r:?}"
+        );
+    }
 }

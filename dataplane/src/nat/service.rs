@@ -191,6 +191,20 @@ impl ServiceTable {
         None
     }
 
+    /// The frontends clients outside the cluster reach through the uplink: external and load
+    /// balancer IPs, and NodePorts on `node_ip`. (address, port, protocol)
+    pub fn uplink_frontends(&self, node_ip: Ipv4Addr) -> Vec<(Ipv4Addr, u16, u8)> {
+        let mut v: Vec<(Ipv4Addr, u16, u8)> = self
+            .frontends
+            .iter()
+            .filter(|(_, (_, k))| matches!(k, FrontendKind::ExternalIp | FrontendKind::LoadBalancer))
+            .map(|(f, _)| (f.ip, f.port, f.proto))
+            .collect();
+        v.extend(self.node_ports.keys().map(|&(proto, port)| (node_ip, port, proto)));
+        v.sort_unstable();
+        v
+    }
+
     pub fn port_count(&self) -> usize {
         self.ports.len()
     }

@@ -220,6 +220,11 @@ fn service_candidate(tables: &Tables, d: &[u8]) -> Option<MacAddr> {
 /// A client outside the cluster: only Service traffic is accepted.
 fn from_outside(ctx: &mut Ctx<'_>, frame: &mut FrameBuf<'_>, client_mac: MacAddr) -> Result<Disposition, DropReason> {
     let mut m = validate_ipv4(frame)?;
+    // A veth underlay hands over what the sender left to offloads; NAT's incremental update
+    // needs a complete checksum to start from.
+    if complete_partial_checksum(frame, &m).is_some() {
+        ctx.events().partial_checksums_completed += 1;
+    }
     match super::service_nat::apply(ctx, frame, &mut m, Origin::Outside, Some(client_mac))? {
         Nat::Answered(d) => Ok(d),
         Nat::Translated { .. } => forward(ctx, frame, &m, Origin::Outside),

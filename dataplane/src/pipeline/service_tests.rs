@@ -329,6 +329,20 @@ fn node_port_cluster_policy_snats_and_replies_go_straight_back_by_the_uplink() {
     assert_eq!((s, dst, ssp, dsp), (NODE_A, CLIENT, 30080, sp));
 }
 
+/// Over a veth underlay the client's checksum arrives pseudo-header-only; it must be completed
+/// before NAT updates it, or the endpoint's kernel drops the segment.
+#[test]
+fn an_outside_clients_partial_checksum_is_completed_before_nat() {
+    let t = tables();
+    let sp = client_sport_toward(&t, 30080, POD2_IP);
+    let mut st = WorkerState::with_flows(0, 16);
+    let mut syn = from_client(sp, 30080, 0x002);
+    make_partial(&mut syn);
+    let (d, out) = run(&t, &mut st, 0, UPLINK, &syn);
+    assert_eq!(d, Disposition::Forward(POD2));
+    tcp_view(&inner_ip(&out, false)); // asserts the checksum verifies
+}
+
 #[test]
 fn node_port_local_policy_keeps_the_client_and_uses_local_endpoints() {
     let t = tables();

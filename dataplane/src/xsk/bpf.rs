@@ -92,6 +92,28 @@ impl XdpProgram {
             .map_err(|e| err("inserting the socket into the XSKMAP", e))
     }
 
+    /// Replaces the Service frontends the uplink program redirects: (address, port, protocol).
+    pub fn set_frontends(&self, list: &[(std::net::Ipv4Addr, u16, u8)]) -> Result<(), String> {
+        let map = Self::map(&self.object, "frontends")?;
+        let key = |ip: &std::net::Ipv4Addr, port: u16, proto: u8| -> [u8; 8] {
+            let o = ip.octets();
+            let p = port.to_be_bytes();
+            [o[0], o[1], o[2], o[3], p[0], p[1], proto, 0]
+        };
+        let wanted: std::collections::BTreeSet<[u8; 8]> =
+            list.iter().map(|(ip, port, proto)| key(ip, *port, *proto)).collect();
+        let present: Vec<Vec<u8>> = map.keys().collect();
+        for k in present {
+            if !wanted.iter().any(|w| w[..] == k[..]) {
+                let _ = map.delete(&k);
+            }
+        }
+        for k in &wanted {
+            map.update(k, &[1], MapFlags::ANY).map_err(|e| err("writing the frontends map", e))?;
+        }
+        Ok(())
+    }
+
     /// Exit counters summed over CPUs, in `EXIT_NAMES` order.
     pub fn exits(&self) -> Result<[u64; 4], String> {
         let map = Self::map(&self.object, "exits")?;

@@ -161,6 +161,14 @@ impl Worker {
         self.ports.get(usize::from(id.0))?.as_ref().map(|p| p.prog.exits())
     }
 
+    /// Replaces the Service frontends the XDP program on port `id` (the uplink) redirects.
+    pub fn set_frontends(&self, id: PortId, list: &[(std::net::Ipv4Addr, u16, u8)]) -> Result<(), String> {
+        match self.ports.get(usize::from(id.0)) {
+            Some(Some(p)) => p.prog.set_frontends(list),
+            _ => Err(format!("port {id} not bound")),
+        }
+    }
+
     /// The kernel's counters for the socket on port `id`.
     pub fn socket_stats(&self, id: PortId) -> Option<super::port::SocketStats> {
         self.ports.get(usize::from(id.0))?.as_ref().and_then(|p| p.xsk.kernel_stats().ok())
