@@ -66,6 +66,57 @@ pub struct NodeFile {
     pub host: HostSection,
     #[serde(default)]
     pub umem: UmemSection,
+    #[serde(default)]
+    pub nat: NatSection,
+}
+
+fn default_snat_ports() -> String {
+    "1024-29999".to_string()
+}
+fn default_hold() -> u64 {
+    120
+}
+fn default_flows() -> usize {
+    65536
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NatSection {
+    /// SNAT source ports, "LOW-HIGH"; must not overlap the NodePort range 30000-32767.
+    #[serde(default = "default_snat_ports")]
+    pub snat_ports: String,
+    /// Seconds a (SNAT address, port, backend) tuple is held after its flow ends.
+    #[serde(default = "default_hold")]
+    pub snat_hold_s: u64,
+    /// Connections tracked at most (per worker); a full table refuses new flows.
+    #[serde(default = "default_flows")]
+    pub max_flows: usize,
+}
+
+impl Default for NatSection {
+    fn default() -> Self {
+        NatSection { snat_ports: default_snat_ports(), snat_hold_s: default_hold(), max_flows: default_flows() }
+    }
+}
+
+impl NatSection {
+    /// The SNAT port range, validated.
+    pub fn ports(&self) -> Result<core::ops::RangeInclusive<u16>, String> {
+        let (a, b) =
+            self.snat_ports.split_once('-').ok_or(format!("nat.snat_ports: {:?} is not LOW-HIGH", self.snat_ports))?;
+        let (a, b): (u16, u16) = (
+            a.trim().parse().map_err(|_| format!("nat.snat_ports: {a:?} is not a port"))?,
+            b.trim().parse().map_err(|_| format!("nat.snat_ports: {b:?} is not a port"))?,
+        );
+        if a == 0 || a > b {
+            return Err(format!("nat.snat_ports: {a}-{b} is empty or starts at 0"));
+        }
+        if a <= 32767 && b >= 30000 {
+            return Err(format!("nat.snat_ports: {a}-{b} overlaps the NodePort range 30000-32767"));
+        }
+        Ok(a..=b)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -137,6 +188,10 @@ impl NodeFile {
         let m = f.maglev_table_size;
         if m < 7 || !(2..).take_while(|d| d * d <= m).all(|d| m % d != 0) {
             return Err(format!("{}: maglev_table_size: {m} is not a prime of at least 7", origin.display()));
+        }
+        f.nat.ports().map_err(|e| format!("{}: {e}", origin.display()))?;
+        if f.nat.max_flows == 0 {
+            return Err(format!("{}: nat.max_flows: must be at least 1", origin.display()));
         }
         if f.vxlan.vni > 0x00ff_ffff {
             return Err(format!("{}: vxlan.vni: {} does not fit 24 bits", origin.display(), f.vxlan.vni));
@@ -215,5 +270,7 @@ port = 8472
         assert!(e.contains("vxlan.vni"), "{e}");
         let e = NodeFile::parse("node = \"a\"\nuplink = \"e\"\n[umem]\nframes = 1000\n", p).unwrap_err();
         assert!(e.contains("umem.frames"), "{e}");
+        let e = NodeFile::parse("node = \"a\"\nuplink = \"e\"\n[nat]\nsnat_ports = \"29000-31000\"\n", p).unwrap_err();
+        assert!(e.contains("nat.snat_ports") && e.contains("NodePort"), "{e}");
     }
 }

@@ -194,6 +194,17 @@ pub fn render_stats(v: &Value) -> String {
         }
     }
     out.push_str(&format!(
+        "flows: {} of {}; SNAT tuples: {} in use, {} held after close\n",
+        w["flows"], w["flows_max"], w["snat_in_use"], w["snat_held"]
+    ));
+    for e in w["snat_exhausted"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "  snat ports exhausted toward {}: {} connections refused (every tuple in use or held for the backend's TIME_WAIT)\n",
+            e[0].as_str().unwrap_or("?"),
+            e[1]
+        ));
+    }
+    out.push_str(&format!(
         "tx: {} packets, {} bytes\numem: {} chunks: {} free, {} in fill rings, {} in tx rings ({}); fill starved {} times\n",
         w["tx_packets"],
         w["tx_bytes"],

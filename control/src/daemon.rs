@@ -137,6 +137,12 @@ pub struct WorkerStats {
     pub umem_in_tx: u32,
     pub umem_balanced: bool,
     pub tables_generation: u64,
+    pub flows: usize,
+    pub flows_max: usize,
+    pub snat_in_use: u64,
+    pub snat_held: u64,
+    /// (backend ip:port, refusals): `snat ports exhausted` per backend.
+    pub snat_exhausted: Vec<(String, u64)>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -151,7 +157,8 @@ pub struct PortStats {
     pub xdp: Vec<(String, u64)>,
 }
 
-fn worker_stats(w: &Worker, generation: u64) -> WorkerStats {
+fn worker_stats(w: &Worker, generation: u64, now: u64) -> WorkerStats {
+    let snat = w.state().snat.stats(now);
     let a = w.account();
     let mut ports = Vec::new();
     for (port, c) in w.counters().iter() {
@@ -218,6 +225,19 @@ fn worker_stats(w: &Worker, generation: u64) -> WorkerStats {
         umem_in_tx: a.in_tx,
         umem_balanced: a.balanced(),
         tables_generation: generation,
+        flows: w.state().flows.len(),
+        flows_max: w.state().flows.capacity(),
+        snat_in_use: snat.in_use,
+        snat_held: snat.held,
+        snat_exhausted: w
+            .state()
+            .snat
+            .exhausted_by_destination()
+            .into_iter()
+            .map(|(d, n)| {
+                (format!("{}:{}/{}", d.backend_ip, d.backend_port, if d.proto == 6 { "tcp" } else { "udp" }), n)
+            })
+            .collect(),
     }
 }
 
@@ -286,7 +306,7 @@ fn worker_main(
                 }
                 Command::Tables(t) => tables = t,
                 Command::Stats(reply) => {
-                    let _ = reply.send(worker_stats(&w, tables.generation));
+                    let _ = reply.send(worker_stats(&w, tables.generation, start.elapsed().as_nanos() as u64));
                 }
             }
         }
@@ -477,6 +497,9 @@ pub fn run(file: NodeFile) -> Result<(), String> {
     let (ready_tx, ready_rx) = bounded(1);
     let cfg = WorkerConfig {
         frames: file.umem.frames,
+        flows: file.nat.max_flows,
+        snat_ports: file.nat.ports()?,
+        snat_hold_ns: file.nat.snat_hold_s.saturating_mul(1_000_000_000),
         attach: if file.xdp_mode.as_deref() == Some("generic") { AttachMode::Generic } else { AttachMode::Native },
         ..WorkerConfig::default()
     };

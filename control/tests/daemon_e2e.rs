@@ -125,6 +125,11 @@ fn cluster() -> Cluster {
 
 /// The demo cluster, with `extra` YAML documents (Services, EndpointSlices) appended to its state.
 fn cluster_with(extra: &str) -> Cluster {
+    cluster_with_config(extra, "")
+}
+
+/// Also with `toml` lines appended to each node's configuration.
+fn cluster_with_config(extra: &str, toml: &str) -> Cluster {
     let dir = std::env::temp_dir().join(format!("vxnat-e2e-{}-{}", std::process::id(), rand_suffix()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let demo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../configs/demo-cluster.yaml");
@@ -157,7 +162,7 @@ fn cluster_with(extra: &str) -> Cluster {
         std::fs::write(
             &config,
             format!(
-                "node = \"{name}\"\nuplink = \"ul\"\nstate = \"{}\"\nsocket = \"{}\"\n",
+                "node = \"{name}\"\nuplink = \"ul\"\nstate = \"{}\"\nsocket = \"{}\"\n{toml}",
                 state.display(),
                 socket.display()
             ),
@@ -684,4 +689,75 @@ fn node_ports_from_a_client_outside_the_cluster() {
             "Local policy: the local endpoint, which sees the client: {r:?}"
         );
     }
+}
+
+const ONE_BACKEND: &str = r#"
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Service
+  metadata: {name: lb, namespace: default}
+  spec:
+    type: NodePort
+    clusterIP: 10.96.0.80
+    externalTrafficPolicy: Cluster
+    ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP, nodePort: 30090}]
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata: {name: lb-x1, namespace: default, labels: {kubernetes.io/service-name: lb}}
+  addressType: IPv4
+  ports: [{name: http, port: 8080, protocol: TCP}]
+  endpoints:
+  - {addresses: [10.244.0.3], conditions: {ready: true}, nodeName: node-a}
+"#;
+
+/// Incident 2 (shared/docs/incidents.md): a load balancer's short connections through a
+/// NodePort with externalTrafficPolicy Cluster; the backend closes first, so it holds each
+/// 5-tuple in TIME_WAIT; the SNAT range is tiny so ports must cycle. vxnat must never hand a
+/// tuple back while it may be in TIME_WAIT: no SYN reaching the backend may be answered by a
+/// bare ACK, and every connection that cannot get a tuple is refused visibly and counted.
+#[test]
+fn incident_2_snat_never_reuses_a_tuple_the_backend_holds_in_time_wait() {
+    if !require_root("incident_2_snat_never_reuses_a_tuple_the_backend_holds_in_time_wait") {
+        return;
+    }
+    let c = cluster_with_config(ONE_BACKEND, "[nat]\nsnat_ports = \"20000-20007\"\nsnat_hold_s = 120\n");
+    let a2 = &c.pods[1];
+    let pcap = c._dir.0.join("backend.pcap");
+    let mut dump = Command::new("ip")
+        .args(["netns", "exec", &a2.ns.name, "tcpdump", "-i", "eth0", "-nn", "-U", "-w"])
+        .arg(&pcap)
+        .args(["tcp", "port", "8080"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("tcpdump");
+    // The backend writes and closes first: it keeps every connection's tuple in TIME_WAIT.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let server = who_server(a2, "a2", stop.clone());
+    std::thread::sleep(Duration::from_millis(800));
+    let results = fetch_port(&c.client, Ipv4Addr::new(192, 168, 77, 1), 30090, 20);
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = server.join();
+    let _ = Command::new("kill").arg("-INT").arg(dump.id().to_string()).status();
+    let _ = dump.wait();
+    let count = |filter: &str| -> usize {
+        let out = Command::new("tcpdump").args(["-nn", "-r"]).arg(&pcap).arg(filter).output().expect("tcpdump -r");
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+    let syns = count("tcp[13] == 2");
+    let synacks = count("tcp[13] == 18");
+    let served = results.iter().filter(|r| r.is_ok()).count();
+    let refused = results.iter().filter(|r| r.as_ref().err().map(String::as_str) == Some("connection refused")).count();
+    let stats = c.nodes[0].ctl(&["stats"]).expect("stats");
+    assert!(
+        syns > 0 && syns == synacks,
+        "every SYN at the backend answered by SYN|ACK (no bare ACK): {syns} SYNs, {synacks} SYN|ACKs"
+    );
+    assert_eq!(served, 8, "one connection per SNAT port: {results:?}");
+    assert_eq!(refused, 12, "the rest refused visibly (RST), none silently dropped: {results:?}");
+    assert!(stats.contains("snat ports exhausted toward 10.244.0.3:8080/tcp: 12 connections refused"), "{stats}");
+    assert!(!stats.contains("bare_ack_to_syn"), "{stats}");
 }

@@ -53,6 +53,8 @@ struct Pool {
     /// Released ports and when each becomes available again, oldest first.
     held: VecDeque<(u16, u64)>,
     in_use: u32,
+    /// Allocations refused toward this destination.
+    exhausted: u64,
 }
 
 /// Allocator statistics.
@@ -121,8 +123,13 @@ impl SnatAllocator {
     pub fn allocate(&mut self, d: Destination, now: u64) -> Result<u16, SnatError> {
         let start = self.start_for(&d);
         let (span, stride, lo) = (self.span, self.stride, self.lo);
-        let pool =
-            self.pools.entry(d).or_insert_with(|| Pool { fresh_used: 0, start, held: VecDeque::new(), in_use: 0 });
+        let pool = self.pools.entry(d).or_insert_with(|| Pool {
+            fresh_used: 0,
+            start,
+            held: VecDeque::new(),
+            in_use: 0,
+            exhausted: 0,
+        });
         let port = if pool.fresh_used < span {
             let off = (u64::from(pool.start) + u64::from(pool.fresh_used) * u64::from(stride)) % u64::from(span);
             pool.fresh_used += 1;
@@ -135,6 +142,7 @@ impl SnatAllocator {
                 }
                 _ => {
                     self.exhausted += 1;
+                    pool.exhausted += 1;
                     return Err(SnatError::Exhausted);
                 }
             }
@@ -152,10 +160,18 @@ impl SnatAllocator {
         }
     }
 
+    /// Refusals per destination (backend), non-zero only: `snat ports exhausted` per backend.
+    pub fn exhausted_by_destination(&self) -> Vec<(Destination, u64)> {
+        let mut v: Vec<(Destination, u64)> =
+            self.pools.iter().filter(|(_, p)| p.exhausted > 0).map(|(d, p)| (*d, p.exhausted)).collect();
+        v.sort_unstable();
+        v
+    }
+
     /// Forgets destinations whose ports are all free and past their hold (bounded memory for
     /// backends that come and go). Call off the hot path.
     pub fn compact(&mut self, now: u64) {
-        self.pools.retain(|_, p| p.in_use > 0 || p.held.back().is_some_and(|&(_, t)| t > now));
+        self.pools.retain(|_, p| p.in_use > 0 || p.exhausted > 0 || p.held.back().is_some_and(|&(_, t)| t > now));
     }
 
     pub fn stats(&self, now: u64) -> SnatStats {
@@ -216,6 +232,7 @@ mod tests {
         assert_eq!(a.allocate(dest(1), 130 * S), Ok(p));
         assert_ne!(p, q);
         assert_eq!(a.stats(130 * S).exhausted, 1);
+        assert_eq!(a.exhausted_by_destination(), vec![(dest(1), 1)]);
     }
 
     #[test]

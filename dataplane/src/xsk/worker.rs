@@ -18,7 +18,7 @@ pub const BATCH: usize = 32;
 pub const RX_BATCHES_PER_PASS: usize = 4;
 
 /// Worker sizing.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct WorkerConfig {
     /// UMEM chunks (4 KiB each).
     pub frames: u32,
@@ -27,11 +27,24 @@ pub struct WorkerConfig {
     /// At most this many chunks in one port's fill ring, so one port cannot starve the rest.
     pub fill_per_port: u32,
     pub attach: AttachMode,
+    /// Connections tracked at most.
+    pub flows: usize,
+    /// SNAT source ports and how long a tuple is held after its flow ends.
+    pub snat_ports: core::ops::RangeInclusive<u16>,
+    pub snat_hold_ns: u64,
 }
 
 impl Default for WorkerConfig {
     fn default() -> Self {
-        WorkerConfig { frames: 16384, ring_size: 2048, fill_per_port: 2048, attach: AttachMode::Native }
+        WorkerConfig {
+            frames: 16384,
+            ring_size: 2048,
+            fill_per_port: 2048,
+            attach: AttachMode::Native,
+            flows: crate::pipeline::DEFAULT_FLOWS,
+            snat_ports: crate::nat::snat::DEFAULT_PORTS,
+            snat_hold_ns: crate::nat::snat::DEFAULT_HOLD_NS,
+        }
     }
 }
 
@@ -77,11 +90,14 @@ impl Worker {
     pub fn new(id: u16, cfg: WorkerConfig) -> Result<Worker, XskError> {
         let umem = Umem::new(cfg.frames, cfg.ring_size)?;
         let pool: Vec<u64> = umem.chunk_addrs().collect();
+        let mut state = WorkerState::with_flows(id, cfg.flows);
+        state.snat =
+            crate::nat::snat::SnatAllocator::new(cfg.snat_ports.clone(), cfg.snat_hold_ns, u64::from(id) ^ 0x5eed);
         Ok(Worker {
             ports: Vec::new(),
             umem,
             pool,
-            state: WorkerState::new(id),
+            state,
             staged: Vec::new(),
             host: None,
             cfg,
@@ -154,6 +170,11 @@ impl Worker {
 
     pub fn counters(&self) -> &Counters {
         &self.state.counters
+    }
+
+    /// The worker's pipeline state (flows, SNAT allocator), for reports.
+    pub fn state(&self) -> &WorkerState {
+        &self.state
     }
 
     /// XDP exit counters of the program on port `id`.
