@@ -127,6 +127,20 @@ impl ServicePort {
         })
     }
 
+    /// `e` if it is still a candidate for a new flow of this kind (ClientIP affinity keeps a
+    /// client on its endpoint only while that endpoint would still be chosen from).
+    pub fn still_usable(&self, kind: FrontendKind, from_outside: bool, e: (Ipv4Addr, u16)) -> Option<Choice> {
+        let local = match kind {
+            FrontendKind::ClusterIp => self.internal_local,
+            _ => self.external_local && from_outside,
+        };
+        let (ready, terminating) =
+            if local { (&self.local_ready, &self.local_terminating) } else { (&self.ready, &self.terminating) };
+        let c = ready.as_ref().or(terminating.as_ref())?;
+        let endpoint = *c.endpoints.iter().find(|x| (x.ip, x.port) == e)?;
+        Some(Choice { endpoint, preserve_client: local && kind != FrontendKind::ClusterIp })
+    }
+
     /// The endpoint for a new flow arriving on a frontend of `kind` (`from_outside`: the client
     /// is outside the cluster network), by `hash` (of the flow, or of the client address
     /// under session affinity).

@@ -87,7 +87,15 @@ pub struct WorkerState {
     pub flows: crate::conntrack::ConnTrack,
     /// SNAT ports, held after their flows end (incident 2).
     pub snat: crate::nat::snat::SnatAllocator,
+    /// ClientIP session affinity: (frontend, client) -> (endpoint, expiry).
+    pub affinity: ahash::AHashMap<AffinityKey, ((core::net::Ipv4Addr, u16), Nanos)>,
 }
+
+/// (protocol, frontend address, frontend port, client address).
+pub type AffinityKey = (u8, core::net::Ipv4Addr, u16, core::net::Ipv4Addr);
+
+/// Affinity entries kept before expired ones are purged.
+const AFFINITY_PURGE_AT: usize = 65536;
 
 /// Default flows per worker (145 bytes each at capacity).
 pub const DEFAULT_FLOWS: usize = 65536;
@@ -102,6 +110,7 @@ impl WorkerState {
     pub fn with_flows(worker: u16, flows: usize) -> Self {
         WorkerState {
             flows: crate::conntrack::ConnTrack::new(flows, crate::conntrack::Timeouts::default()),
+            affinity: ahash::AHashMap::new(),
             snat: crate::nat::snat::SnatAllocator::with_defaults(
                 u64::from(worker).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5eed,
             ),
@@ -133,7 +142,10 @@ pub fn process_batch(
     for f in frames[..n].iter() {
         bytes += f.len() as u64;
     }
-    let WorkerState { counters, ident, icmp_limit, flows, snat } = state;
+    let WorkerState { counters, ident, icmp_limit, flows, snat, affinity } = state;
+    if affinity.len() > AFFINITY_PURGE_AT {
+        affinity.retain(|_, (_, expires)| *expires > now);
+    }
     // Expiry costs a few slots per batch: a full pass over the table every capacity/8 batches.
     flows.sweep(now, 8);
     // Borrowed once per batch: per-packet counting is a plain add, no lookup.
@@ -146,7 +158,7 @@ pub fn process_batch(
         port.drops[DropReason::PortUnknown.index()] += n as u64;
         return;
     };
-    let mut ctx = overlay::Ctx { tables, now, ingress, ident, icmp_limit, counters: port, flows, snat };
+    let mut ctx = overlay::Ctx { tables, now, ingress, ident, icmp_limit, counters: port, flows, snat, affinity };
     release_expired(&mut ctx);
     for (frame, o) in frames[..n].iter_mut().zip(out[..n].iter_mut()) {
         let d = overlay::process_one(&mut ctx, &entry, frame);

@@ -41,6 +41,7 @@ pub(crate) struct Ctx<'a> {
     pub(crate) counters: &'a mut PortCounters,
     pub(crate) flows: &'a mut crate::conntrack::ConnTrack,
     pub(crate) snat: &'a mut crate::nat::snat::SnatAllocator,
+    pub(crate) affinity: &'a mut ahash::AHashMap<super::AffinityKey, ((Ipv4Addr, u16), Nanos)>,
 }
 
 impl Ctx<'_> {

@@ -101,7 +101,23 @@ fn new_flow(
         Some(_) => u64::from(u32::from(key.src)).wrapping_mul(0x9e37_79b9_7f4a_7c15),
         None => u64::from(m.flow_hash()).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(m.flow_hash()),
     };
-    let Ok(choice) = sp.choose(kind, from_outside, hash) else {
+    // ClientIP affinity: the client's last endpoint while within the timeout and still a
+    // candidate; otherwise a fresh choice, remembered.
+    let sticky = sp.affinity_ns.and_then(|_| {
+        let (e, expires) = *ctx.affinity.get(&(key.proto, key.dst, key.dport, key.src))?;
+        (expires > ctx.now).then_some(e).and_then(|e| sp.still_usable(kind, from_outside, e))
+    });
+    let chosen = match sticky {
+        Some(c) => Ok(c),
+        None => sp.choose(kind, from_outside, hash),
+    };
+    if let (Some(t), Ok(c)) = (sp.affinity_ns, &chosen) {
+        ctx.affinity.insert(
+            (key.proto, key.dst, key.dport, key.src),
+            ((c.endpoint.ip, c.endpoint.port), ctx.now.saturating_add(t)),
+        );
+    }
+    let Ok(choice) = chosen else {
         ctx.counters.drops[DropReason::ServiceNoEndpoint.index()] += 1;
         let answer = if let (Some(mac), 6) = (client_mac.filter(|_| origin == Origin::Outside), key.proto) {
             reply::tcp_reset_outside(ctx, frame, m, mac)

@@ -373,3 +373,91 @@ fn node_port_without_endpoints_resets_the_outside_client() {
     let (d, _) = run(&t, &mut st, 0, UPLINK, &from_client(53001, 31999, 0x002));
     assert_eq!(d, Disposition::Drop(DropReason::UplinkNotVxlan));
 }
+
+/// Tables where VIP_WEB's endpoints are `eps` (the rest as in `tables()`).
+fn tables_with_web(eps: &[Endpoint]) -> Tables {
+    let mut t = ServiceTable::default();
+    let i = t.add_port(ServicePort::new("default/web:http".into(), eps, false, false, None, 16381).unwrap());
+    t.add_frontend(Frontend { proto: 6, ip: VIP_WEB, port: 80 }, FrontendKind::ClusterIp, i).unwrap();
+    let cidr = |s: &str| s.parse().unwrap();
+    TablesBuilder::new(node_config())
+        .uplink(UPLINK)
+        .and_then(|b| b.host(HOST, HOST_PORT_MAC, HOST_STACK_MAC))
+        .and_then(|b| b.pod(POD1, POD1_PORT_MAC, POD1_IP, POD1_MAC))
+        .and_then(|b| b.pod(POD2, POD2_PORT_MAC, POD2_IP, POD2_MAC))
+        .and_then(|b| b.remote("node-b", NODE_B, VTEP_B, cidr("10.244.1.0/24"), NODE_B_UPLINK_MAC))
+        .map(|b| b.services(t))
+        .and_then(|b| b.build())
+        .unwrap()
+}
+
+#[test]
+fn endpoint_lifecycle_across_table_swaps() {
+    let pod2 = ep(POD2_IP, 8080, true);
+    let remote = ep(REMOTE_POD_B, 8080, false);
+    let terminating = |e: Endpoint| Endpoint { ready: false, serving: true, terminating: true, ..e };
+    let dst_of = |t: &Tables, st: &mut WorkerState, sp: u16, flags: u16| -> Ipv4Addr {
+        let (d, out) = run(t, st, 0, POD1, &from_pod1(&tcp(POD1_IP, VIP_WEB, sp, 80, flags, 1, 1)));
+        tcp_view(&inner_ip(&out, d == Disposition::Forward(UPLINK))).1
+    };
+    let mut st = WorkerState::with_flows(0, 256);
+    // v1: pod2 only. A flow is established to it.
+    let v1 = tables_with_web(&[pod2]);
+    assert_eq!(dst_of(&v1, &mut st, 45000, 0x002), POD2_IP);
+    // v2: pod2 terminating, the remote endpoint ready. The existing flow stays on pod2;
+    // every new flow goes to the ready endpoint.
+    let v2 = tables_with_web(&[terminating(pod2), remote]);
+    assert_eq!(dst_of(&v2, &mut st, 45000, 0x010), POD2_IP, "existing flow continues to the terminating endpoint");
+    for sp in 45001..45030 {
+        assert_eq!(dst_of(&v2, &mut st, sp, 0x002), REMOTE_POD_B, "new flows only to ready endpoints");
+    }
+    // v3: no ready endpoint, pod2 still serving while terminating: new flows go there.
+    let v3 = tables_with_web(&[terminating(pod2)]);
+    assert_eq!(dst_of(&v3, &mut st, 45100, 0x002), POD2_IP, "serving+terminating used when none is ready");
+    // v4: no endpoints: the existing flow still finishes; new connections are refused.
+    let v4 = tables_with_web(&[]);
+    assert_eq!(dst_of(&v4, &mut st, 45000, 0x010), POD2_IP, "the tracked flow still reaches its endpoint");
+    let (_, out) = run(&v4, &mut st, 0, POD1, &from_pod1(&tcp(POD1_IP, VIP_WEB, 45200, 80, 0x002, 1, 0)));
+    assert_eq!(tcp_view(&inner_ip(&out, false)).4, TcpFlags::RST | TcpFlags::ACK);
+}
+
+#[test]
+fn client_ip_affinity_holds_across_endpoint_changes_until_its_timeout() {
+    let mk = |eps: &[Endpoint]| {
+        let mut t = ServiceTable::default();
+        let i =
+            t.add_port(ServicePort::new("default/sticky:http".into(), eps, false, false, Some(10 * S), 16381).unwrap());
+        t.add_frontend(Frontend { proto: 6, ip: VIP_WEB, port: 80 }, FrontendKind::ClusterIp, i).unwrap();
+        let cidr = |s: &str| s.parse().unwrap();
+        TablesBuilder::new(node_config())
+            .uplink(UPLINK)
+            .and_then(|b| b.pod(POD1, POD1_PORT_MAC, POD1_IP, POD1_MAC))
+            .and_then(|b| b.pod(POD2, POD2_PORT_MAC, POD2_IP, POD2_MAC))
+            .and_then(|b| b.remote("node-b", NODE_B, VTEP_B, cidr("10.244.1.0/24"), NODE_B_UPLINK_MAC))
+            .map(|b| b.services(t))
+            .and_then(|b| b.build())
+            .unwrap()
+    };
+    let dst_of = |t: &Tables, st: &mut WorkerState, now: u64, sp: u16| -> Ipv4Addr {
+        let (d, out) = run(t, st, now, POD1, &from_pod1(&tcp(POD1_IP, VIP_WEB, sp, 80, 0x002, 1, 0)));
+        tcp_view(&inner_ip(&out, d == Disposition::Forward(UPLINK))).1
+    };
+    let mut st = WorkerState::with_flows(0, 256);
+    let one = mk(&[ep(POD2_IP, 8080, true)]);
+    assert_eq!(dst_of(&one, &mut st, 0, 46000), POD2_IP);
+    // More endpoints appear: the client stays on its endpoint for every new connection...
+    let many: Vec<Endpoint> = std::iter::once(ep(POD2_IP, 8080, true))
+        .chain((5..15).map(|i| ep(Ipv4Addr::new(10, 244, 1, i), 8080, false)))
+        .collect();
+    let t = mk(&many);
+    for (k, sp) in (46001..46020).enumerate() {
+        assert_eq!(dst_of(&t, &mut st, (k as u64 + 1) * S, sp), POD2_IP, "affinity within the timeout");
+    }
+    // ...and 10 s after its last new connection (at 19 s) it is chosen for afresh: where a
+    // client without history goes (Maglev on its address), which here is not its old endpoint.
+    let fresh = dst_of(&t, &mut WorkerState::with_flows(0, 16), 0, 46050);
+    assert_ne!(fresh, POD2_IP, "precondition: the fresh choice differs, so the test can tell");
+    assert_eq!(dst_of(&t, &mut st, 28 * S, 46100), POD2_IP, "9 s after the last connection: still sticky");
+    assert_eq!(dst_of(&t, &mut st, 37 * S, 46101), POD2_IP, "the 28 s connection refreshed the timeout (to 38 s)");
+    assert_eq!(dst_of(&t, &mut st, 50 * S, 46102), fresh, "idle past the timeout: chosen afresh");
+}
