@@ -51,6 +51,9 @@ pub(crate) fn apply(
     origin: Origin,
     client_mac: Option<MacAddr>,
 ) -> Result<Nat, DropReason> {
+    if m.proto == 1 && m.icmp_error && !m.is_fragment {
+        return Ok(icmp_error(ctx, frame, m));
+    }
     if (m.proto != 6 && m.proto != 17) || m.is_fragment {
         return Ok(Nat::Untouched);
     }
@@ -183,6 +186,87 @@ fn new_flow(
     ctx.events().service_flows += 1;
     rewrite(frame, m, (snat_ip, snat_port), (ep.ip, ep.port));
     Ok(Nat::Translated { dir: Dir::Orig, uplink_return: None })
+}
+
+/// An ICMP error about a packet of a translated flow (frag-needed for path MTU discovery, port
+/// unreachable, time exceeded): the quoted packet, as it travelled after translation, is the
+/// reverse of one of the flow's keys. Translate the quote back to what its sender sent, send
+/// the error to that sender, and if it came from the endpoint itself, from the Service address.
+fn icmp_error(ctx: &mut Ctx<'_>, frame: &mut FrameBuf<'_>, m: &mut Ipv4Meta) -> Nat {
+    let ip = ethernet::HEADER_LEN;
+    let icmp_at = ip + m.header_len;
+    let quote_at = icmp_at + crate::wire::icmp::HEADER_LEN;
+    let end = ip + m.total_len;
+    // The quoted header and its first 8 bytes of TCP/UDP.
+    let (qkey, qhl) = {
+        let Some(q) = frame.data().get(quote_at..end) else { return Nat::Untouched };
+        let Some(h) = q.first_chunk::<20>() else { return Nat::Untouched };
+        let qhl = usize::from(h[0] & 0x0f) * 4;
+        let proto = h[9];
+        if h[0] >> 4 != 4 || qhl < 20 || (proto != 6 && proto != 17) || q.len() < qhl + 8 {
+            return Nat::Untouched;
+        }
+        let l4 = &q[qhl..];
+        let key = FlowKey {
+            proto,
+            src: Ipv4Addr::new(h[12], h[13], h[14], h[15]),
+            dst: Ipv4Addr::new(h[16], h[17], h[18], h[19]),
+            sport: u16::from_be_bytes([l4[0], l4[1]]),
+            dport: u16::from_be_bytes([l4[2], l4[3]]),
+        };
+        (key, qhl)
+    };
+    let Some((id, dir)) = ctx.flows.lookup(&qkey.reversed(), ctx.now) else { return Nat::Untouched };
+    let Some(f) = ctx.flows.get(id) else { return Nat::Untouched };
+    // `dir` is the direction of the error itself; the quote travelled the other way.
+    let (quote_src, quote_dst, new_outer_dst, endpoint_side, service_side) = match dir {
+        // From the endpoint's side about a packet the client sent: the client sees its packet
+        // as sent (client -> Service) in an error from the Service address.
+        Dir::Reply => ((f.orig.src, f.orig.sport), (f.orig.dst, f.orig.dport), f.orig.src, f.reply.src, f.orig.dst),
+        // From the client's side about a reply: the endpoint sees its reply as it sent it.
+        Dir::Orig => ((f.reply.src, f.reply.sport), (f.reply.dst, f.reply.dport), f.reply.src, f.orig.dst, f.reply.dst),
+    };
+    let ret = if dir == Dir::Reply { uplink_return(f.tag) } else { None };
+    let d = frame.data_mut();
+    // The quote: addresses, ports, its header checksum, its UDP checksum when quoted.
+    let q = quote_at;
+    let (old_qs, old_qd) = (u32::from(qkey.src), u32::from(qkey.dst));
+    d[q + 12..q + 16].copy_from_slice(&quote_src.0.octets());
+    d[q + 16..q + 20].copy_from_slice(&quote_dst.0.octets());
+    d[q + 10..q + 12].copy_from_slice(&[0, 0]);
+    let c = checksum::checksum(&d[q..q + qhl]);
+    d[q + 10..q + 12].copy_from_slice(&c.to_be_bytes());
+    let l4 = q + qhl;
+    d[l4..l4 + 2].copy_from_slice(&quote_src.1.to_be_bytes());
+    d[l4 + 2..l4 + 4].copy_from_slice(&quote_dst.1.to_be_bytes());
+    let field = l4 + if qkey.proto == 6 { tcp::CHECKSUM_OFFSET } else { udp::CHECKSUM_OFFSET };
+    if field + 2 <= end {
+        let old = u16::from_be_bytes([d[field], d[field + 1]]);
+        if qkey.proto == 6 || old != 0 {
+            let mut c = checksum::update32(
+                checksum::update32(old, old_qs, u32::from(quote_src.0)),
+                old_qd,
+                u32::from(quote_dst.0),
+            );
+            c = checksum::update16(checksum::update16(c, qkey.sport, quote_src.1), qkey.dport, quote_dst.1);
+            d[field..field + 2].copy_from_slice(&c.to_be_bytes());
+        }
+    }
+    // The outer header: to the quoted packet's sender; from the Service address if the error
+    // came from the endpoint itself (a router in between keeps its own address).
+    let new_outer_src = if m.src == endpoint_side { service_side } else { m.src };
+    d[ip + 12..ip + 16].copy_from_slice(&new_outer_src.octets());
+    d[ip + 16..ip + 20].copy_from_slice(&new_outer_dst.octets());
+    d[ip + 10..ip + 12].copy_from_slice(&[0, 0]);
+    let c = checksum::checksum(&d[ip..ip + m.header_len]);
+    d[ip + 10..ip + 12].copy_from_slice(&c.to_be_bytes());
+    // The ICMP checksum covers the quote: recompute it.
+    d[icmp_at + 2..icmp_at + 4].copy_from_slice(&[0, 0]);
+    let c = checksum::checksum(&d[icmp_at..end]);
+    d[icmp_at + 2..icmp_at + 4].copy_from_slice(&c.to_be_bytes());
+    m.src = new_outer_src;
+    m.dst = new_outer_dst;
+    Nat::Translated { dir, uplink_return: ret }
 }
 
 /// Returns the SNAT port of a flow that ended (if it had one) to the allocator, which holds it.

@@ -461,3 +461,33 @@ fn client_ip_affinity_holds_across_endpoint_changes_until_its_timeout() {
     assert_eq!(dst_of(&t, &mut st, 37 * S, 46101), POD2_IP, "the 28 s connection refreshed the timeout (to 38 s)");
     assert_eq!(dst_of(&t, &mut st, 50 * S, 46102), fresh, "idle past the timeout: chosen afresh");
 }
+
+/// Path MTU discovery through a Service: the endpoint answers a too-big segment with ICMP
+/// fragmentation-needed; the client must receive it about the packet it sent (to the Service
+/// address), from the Service address, with every checksum valid.
+#[test]
+fn icmp_frag_needed_from_the_endpoint_is_translated_for_the_client() {
+    let t = tables();
+    let sp = sport_toward(&t, POD2_IP);
+    let mut st = WorkerState::with_flows(0, 16);
+    run(&t, &mut st, 0, POD1, &from_pod1(&tcp(POD1_IP, VIP_WEB, sp, 80, 0x002, 1000, 0)));
+    // What pod2 received (after DNAT) and quotes back: pod1:sp -> pod2:8080.
+    let seen = tcp(POD1_IP, POD2_IP, sp, 8080, 0x018, 1001, 1);
+    let mut body = vec![3, 4, 0, 0, 0, 0, 0x05, 0x78]; // frag needed, next-hop MTU 1400
+    body.extend_from_slice(&seen[..28]);
+    let c = crate::wire::checksum::checksum(&body);
+    body[2..4].copy_from_slice(&c.to_be_bytes());
+    let err = eth(POD2_PORT_MAC, POD2_MAC, 0x0800, &ipv4(POD2_IP, POD1_IP, &L4::Raw { proto: 1, bytes: &body }));
+    let (d, out) = run(&t, &mut st, S, POD2, &err);
+    assert_eq!(d, Disposition::Forward(POD1));
+    let ip = inner_ip(&out, false);
+    let p = Ipv4Packet::new_checked(&ip[..]).unwrap();
+    assert_eq!((p.src_addr(), p.dst_addr()), (VIP_WEB, POD1_IP), "from the Service address to the client");
+    let icmp = IcmpPacket::new_checked(p.payload()).unwrap();
+    assert!(icmp.verify_checksum());
+    assert_eq!((icmp.msg_type(), icmp.msg_code(), icmp.next_hop_mtu()), (3, 4, 1400));
+    let q = icmp.embedded_ipv4().unwrap();
+    assert!(q.verify_checksum(), "quoted header checksum");
+    assert_eq!((q.src_addr(), q.dst_addr()), (POD1_IP, VIP_WEB), "the quote is the packet as the client sent it");
+    assert_eq!(&q.payload()[..4], &[(sp >> 8) as u8, sp as u8, 0, 80]);
+}
