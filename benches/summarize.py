@@ -17,7 +17,7 @@ def median_ns(group, bench):
 
 print("| benchmark | frame | median ns/packet | minus re-arm |")
 print("|---|---|---|---|")
-for case in ["pod_to_encap", "pod_partial_csum_to_encap", "uplink_decap_to_pod"]:
+for case in ["pod_to_encap", "pod_partial_csum_to_encap", "uplink_decap_to_pod", "pod_to_service_hit_dnat_encap"]:
     for size in ["64B", "1400B"]:
         m = median_ns("pipeline", f"{case}_{size}")
         r = median_ns("pipeline", f"rearm_only_{size}")

@@ -37,6 +37,26 @@ fn bench(c: &mut Criterion) {
             });
         }
     }
+    // The full Service path: conntrack hit, DNAT, encap (the flow is created by the warm-up).
+    let service_tables = testkit::tables_with_service();
+    for len in [64usize, 1400] {
+        let mut batch = Batch::pod_to_service(len);
+        let mut state = WorkerState::new(0);
+        batch.rearm();
+        batch.run(&service_tables, &mut state, 0);
+        assert!(
+            batch.out.iter().all(|d| *d == Disposition::Forward(testkit::UPLINK)),
+            "service/{len}: {:?}",
+            batch.out[0]
+        );
+        g.bench_function(format!("pod_to_service_hit_dnat_encap/{len}B"), |b| {
+            b.iter(|| {
+                batch.rearm();
+                batch.run(black_box(&service_tables), &mut state, 1);
+                black_box(&batch.out);
+            })
+        });
+    }
     // The re-arm alone, to subtract: what the pipeline itself costs.
     for len in [64usize, 1400] {
         let mut batch = Batch::pod_to_remote(len);

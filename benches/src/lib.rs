@@ -52,6 +52,18 @@ impl Batch {
         Batch::new(testkit::UPLINK, testkit::vxlan_frame(&Vxlan::b_to_a(), &ip))
     }
 
+    /// `frame_len`-byte TCP segments (ACK) from pod 1 to the testkit's ClusterIP, whose endpoint
+    /// is on node B: conntrack hit, DNAT, encap.
+    pub fn pod_to_service(frame_len: usize) -> Batch {
+        let payload = vec![0x3cu8; frame_len.saturating_sub(54)];
+        let ip = testkit::ipv4(
+            testkit::POD1_IP,
+            testkit::SERVICE_VIP,
+            &L4::Tcp { sport: 40000, dport: 80, seq: 1, ack: 1, flags: 0x010, payload: &payload },
+        );
+        Batch::new(testkit::POD1, testkit::from_pod1(&ip))
+    }
+
     pub fn new(port: PortId, frame: Vec<u8>) -> Batch {
         let bufs = (0..BATCH).map(|_| testkit::umem(&frame)).collect();
         Batch { template: frame, bufs, port, out: vec![Disposition::ToHost; BATCH] }

@@ -77,6 +77,38 @@ pub fn tables() -> Tables {
     }
 }
 
+/// The ClusterIP used by [`tables_with_service`]: TCP 10.96.0.10:80 -> the pod on node B :8080.
+pub const SERVICE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+/// Node A's tables plus one ClusterIP Service whose only endpoint is on node B.
+pub fn tables_with_service() -> Tables {
+    use crate::nat::service::{Endpoint, Frontend, FrontendKind, ServicePort, ServiceTable};
+    let mut svc = ServiceTable::default();
+    let ep = Endpoint { ip: REMOTE_POD_B, port: 8080, ready: true, serving: true, terminating: false, local: false };
+    let built =
+        ServicePort::new("default/web:http".into(), &[ep], false, false, None, crate::nat::maglev::DEFAULT_TABLE_SIZE)
+            .map(|p| svc.add_port(p))
+            .and_then(|i| {
+                svc.add_frontend(Frontend { proto: 6, ip: SERVICE_VIP, port: 80 }, FrontendKind::ClusterIp, i)
+            });
+    if let Err(e) = built {
+        unreachable!("testkit service is valid: {e}");
+    }
+    let b = TablesBuilder::new(node_config());
+    let built = b
+        .uplink(UPLINK)
+        .and_then(|b| b.host(HOST, HOST_PORT_MAC, HOST_STACK_MAC))
+        .and_then(|b| b.pod(POD1, POD1_PORT_MAC, POD1_IP, POD1_MAC))
+        .and_then(|b| b.pod(POD2, POD2_PORT_MAC, POD2_IP, POD2_MAC))
+        .and_then(|b| b.remote("node-b", NODE_B, VTEP_B, cidr("10.244.1.0/24"), NODE_B_UPLINK_MAC))
+        .map(|b| b.services(svc))
+        .and_then(|b| b.build());
+    match built {
+        Ok(t) => t,
+        Err(e) => unreachable!("testkit tables are valid: {e}"),
+    }
+}
+
 /// A frame buffer holding `frame` after [`HEADROOM`] bytes.
 pub fn umem(frame: &[u8]) -> Vec<u8> {
     let mut v = vec![0u8; FRAME_SIZE.max(HEADROOM + frame.len())];
