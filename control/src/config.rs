@@ -53,6 +53,9 @@ pub struct NodeFile {
     /// Maglev table size per Service port (prime).
     #[serde(default = "default_maglev")]
     pub maglev_table_size: usize,
+    /// Masquerade pod traffic leaving the cluster network (flannel's ip-masq) with nftables.
+    #[serde(default = "yes")]
+    pub masquerade: bool,
     /// Spin on the rings even when idle (lowest latency, one core at 100 %); otherwise poll
     /// adaptively: busy under load, sleep on the ring fds when idle.
     #[serde(default)]

@@ -331,6 +331,7 @@ pub fn cleanup_leftovers(file: &NodeFile, pods: &[Pod]) {
         }
     }
     netinfo::delete_link(&file.host.ifname);
+    netinfo::remove_masquerade();
     let _ = std::fs::remove_file(&file.socket);
 }
 
@@ -486,6 +487,12 @@ pub fn run(file: NodeFile) -> Result<(), String> {
         facts.host =
             Some((file.host.ifname.clone(), netinfo::mac(&file.host.ifname)?, stack.clone(), netinfo::mac(&stack)?));
     }
+    if file.masquerade {
+        netinfo::install_masquerade(&facts.cluster.network().to_string())?;
+        if std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "0") {
+            eprintln!("vxnat: net.ipv4.ip_forward is 0: pod traffic leaving the cluster will not be forwarded by this node (set it to 1, as flannel nodes have it)");
+        }
+    }
     // Pods attached before a restart come back if their interface still exists.
     let pods: Vec<Pod> = previous.into_iter().filter(|p| netinfo::exists(&p.ifname)).collect();
     let tables = Arc::new(facts.tables(&pods, 1)?);
@@ -514,6 +521,7 @@ pub fn run(file: NodeFile) -> Result<(), String> {
     };
     let shutdown = |why: String| {
         netinfo::delete_link(&file.host.ifname);
+        netinfo::remove_masquerade();
         let _ = std::fs::remove_file(&file.socket);
         why
     };

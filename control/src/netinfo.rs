@@ -125,3 +125,45 @@ pub fn veth_peer_mac(ifname: &str) -> Result<MacAddr, String> {
         .and_then(|m| m.parse().ok())
         .ok_or(format!("interface {ifname}: no peer with index {peer_index} in namespace {ns}"))
 }
+
+/// The nftables table vxnat owns for pod egress masquerade.
+pub const NFT_TABLE: &str = "vxnat";
+
+/// Masquerades pod traffic leaving the cluster network through the node stack, as flannel's
+/// ip-masq rules do (`-s CLUSTER ! -d CLUSTER -j MASQUERADE --random-fully`). TCP/UDP ports are
+/// mapped into 32768-60999 only, so a masqueraded flow's return traffic never lands on a
+/// NodePort (30000-32767) that the uplink's XDP program hands to vxnat. Replaces a previous
+/// table.
+pub fn install_masquerade(cluster: &str) -> Result<(), String> {
+    remove_masquerade();
+    let rules = format!(
+        "table ip {NFT_TABLE} {{\n\
+           chain postrouting {{\n\
+             type nat hook postrouting priority srcnat; policy accept;\n\
+             ip saddr {cluster} ip daddr {cluster} return\n\
+             ip saddr {cluster} ip daddr 224.0.0.0/4 return\n\
+             ip saddr {cluster} meta l4proto {{ tcp, udp }} masquerade to :32768-60999 fully-random\n\
+             ip saddr {cluster} masquerade fully-random\n\
+           }}\n\
+         }}\n"
+    );
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("running nft (nftables): {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        use std::io::Write;
+        stdin.write_all(rules.as_bytes()).map_err(|e| format!("nft: {e}"))?;
+    }
+    let out = child.wait_with_output().map_err(|e| format!("nft: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("nft: masquerade rules: {}", String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    Ok(())
+}
+
+pub fn remove_masquerade() {
+    let _ = Command::new("nft").args(["delete", "table", "ip", NFT_TABLE]).output();
+}

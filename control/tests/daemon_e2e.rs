@@ -869,3 +869,31 @@ fn kernel_incident_2(dir: &std::path::Path) -> KernelOutcome {
         synacks: count("tcp[13] == 18"),
     }
 }
+
+/// Pod traffic leaving the cluster network is masqueraded to the node's address (flannel's
+/// ip-masq), and the rules go away with vxnat.
+#[test]
+fn pods_reach_outside_the_cluster_masqueraded() {
+    if !require_root("pods_reach_outside_the_cluster_masqueraded") {
+        return;
+    }
+    let mut c = cluster();
+    c.nodes[0].ns.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    let server = c.client.spawn(|| {
+        let l = TcpListener::bind((Ipv4Addr::new(192, 168, 77, 100), 9000)).expect("listen");
+        let (mut conn, peer) = l.accept().expect("accept");
+        let _ = conn.write_all(peer.ip().to_string().as_bytes());
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let got = fetch_port(&c.pods[0].ns, Ipv4Addr::new(192, 168, 77, 100), 9000, 1);
+    let _ = server.join();
+    assert_eq!(got[0].as_deref(), Ok("192.168.77.1"), "the outside sees node A's address");
+    let rules =
+        String::from_utf8_lossy(&c.nodes[0].ns.exec(&["nft", "list", "table", "ip", "vxnat"]).stdout).to_string();
+    assert!(rules.contains("masquerade"), "{rules}");
+    c.nodes[0].stop();
+    assert!(
+        !c.nodes[0].ns.exec(&["nft", "list", "table", "ip", "vxnat"]).status.success(),
+        "masquerade rules left behind"
+    );
+}
