@@ -91,6 +91,8 @@ class Topology:
             sock = os.path.join(self.work, f"node-{n}.sock")
             with open(cfg, "w") as f:
                 f.write(f'node = "node-{n}"\nuplink = "ul"\nstate = "{STATE}"\nsocket = "{sock}"\ncores = [{1 if n == "a" else 0}]\n')
+                if os.environ.get("VXNAT_BUSY_POLL"):
+                    f.write("busy_poll = true\n")
             log = open(os.path.join(self.work, f"node-{n}.log"), "w")
             self.procs.append(subprocess.Popen(["ip", "netns", "exec", ns, BIN, "run", "--config", cfg], stdout=subprocess.DEVNULL, stderr=log))
             for _ in range(200):
