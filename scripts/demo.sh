@@ -81,6 +81,11 @@ if command -v iperf3 >/dev/null; then
     echo "   TCP pod a1 -> pod b1 (across nodes): $r Gbit/s"
     r=$(ip netns exec "$TAG-a1" iperf3 -c 10.244.0.3 -t 3 -J 2>/dev/null | python3 -c 'import json,sys; print("%.2f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9))' || echo "failed")
     echo "   TCP pod a1 -> pod a2 (same node):    $r Gbit/s"
+    ip netns exec "$TAG-b1" iperf3 -s -1 -D -B 10.244.1.2 >/dev/null 2>&1
+    sleep 0.5
+    r=$(ip netns exec "$TAG-a1" iperf3 -c 10.96.0.100 -t 3 -J 2>/dev/null | python3 -c 'import json,sys; print("%.2f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9))' || echo "failed")
+    echo "   TCP pod a1 -> Service iperf (ClusterIP 10.96.0.100, endpoint b1): $r Gbit/s"
+    [ "$r" != "failed" ] || FAIL=1
 fi
 
 for n in a b; do

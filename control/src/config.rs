@@ -261,6 +261,19 @@ port = 8472
     }
 
     #[test]
+    fn the_shipped_example_configs_parse() {
+        for (name, text) in [
+            ("node-a", include_str!("../../configs/node-a.toml")),
+            ("node-b", include_str!("../../configs/node-b.toml")),
+        ] {
+            let f = NodeFile::parse(text, Path::new("/etc/vxnat/node.toml")).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(f.node, name);
+            assert_eq!(f.nat.ports().unwrap(), 1024..=29999);
+            assert!(f.masquerade);
+        }
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let p = Path::new("n.toml");
         let e = NodeFile::parse("node = \"a\"\nuplink = \"e\"\nvxlan = { vni = 1, prot = 8472 }\n", p).unwrap_err();

@@ -42,6 +42,36 @@ fn main() -> std::io::Result<()> {
             ),
         ),
     ];
+    let mut seeds = seeds;
+    // Service traffic: a SYN to the ClusterIP, the endpoint's reply through the tunnel, an ICMP
+    // error quoting a translated packet.
+    seeds.push((
+        POD1.0 as u8,
+        from_pod1(&ipv4(
+            POD1_IP,
+            SERVICE_VIP,
+            &L4::Tcp { sport: 40000, dport: 80, seq: 1, ack: 0, flags: 2, payload: b"" },
+        )),
+    ));
+    seeds.push((
+        UPLINK.0 as u8,
+        vxlan_frame(
+            &Vxlan::b_to_a(),
+            &ipv4(
+                REMOTE_POD_B,
+                POD1_IP,
+                &L4::Tcp { sport: 8080, dport: 40000, seq: 9, ack: 2, flags: 0x12, payload: b"" },
+            ),
+        ),
+    ));
+    let quoted =
+        ipv4(POD1_IP, REMOTE_POD_B, &L4::Tcp { sport: 40000, dport: 8080, seq: 1, ack: 0, flags: 2, payload: b"" });
+    let mut icmp = vec![3, 4, 0, 0, 0, 0, 5, 0x78];
+    icmp.extend_from_slice(&quoted[..28]);
+    seeds.push((
+        UPLINK.0 as u8,
+        vxlan_frame(&Vxlan::b_to_a(), &ipv4(REMOTE_POD_B, POD1_IP, &L4::Raw { proto: 1, bytes: &icmp })),
+    ));
     for (i, (port, frame)) in seeds.iter().enumerate() {
         let mut input = vec![*port, 64];
         input.extend_from_slice(frame);

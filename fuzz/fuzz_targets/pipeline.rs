@@ -1,5 +1,6 @@
 //! Fuzzes the pipeline entry: the first byte picks the ingress port (uplink, host, two pods,
-//! an unattached port), the second a headroom, the rest is the frame. Whatever comes in, the
+//! an unattached port), the second a headroom, the rest is the frame. The tables carry a
+//! ClusterIP Service, so conntrack, NAT and ICMP-error translation are fuzzed as well. Whatever comes in, the
 //! pipeline must not panic, must return a disposition, must count a drop exactly once, and a
 //! forwarded frame must stay inside its buffer.
 #![no_main]
@@ -14,7 +15,8 @@ static TABLES: OnceLock<dataplane::tables::Tables> = OnceLock::new();
 
 fuzz_target!(|data: &[u8]| {
     let [port, headroom, frame @ ..] = data else { return };
-    let tables = TABLES.get_or_init(testkit::tables);
+    // Node A with a ClusterIP Service: the Service NAT paths are exercised too.
+    let tables = TABLES.get_or_init(testkit::tables_with_service);
     let port = PortId(u16::from(*port % 5));
     let headroom = usize::from(*headroom);
     let mut buf = vec![0u8; headroom + frame.len() + 128];
