@@ -71,6 +71,64 @@ pub struct NodeFile {
     pub umem: UmemSection,
     #[serde(default)]
     pub nat: NatSection,
+    #[serde(default)]
+    pub conntrack: ConntrackSection,
+}
+
+/// Connection tracking timeouts in seconds; defaults are Linux nf_conntrack's.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConntrackSection {
+    pub tcp_syn_sent: u64,
+    pub tcp_syn_recv: u64,
+    pub tcp_established: u64,
+    pub tcp_fin_wait: u64,
+    pub tcp_close_wait: u64,
+    pub tcp_last_ack: u64,
+    pub tcp_time_wait: u64,
+    pub tcp_close: u64,
+    pub udp: u64,
+    pub udp_stream: u64,
+    pub icmp: u64,
+}
+
+impl Default for ConntrackSection {
+    fn default() -> Self {
+        let t = dataplane::conntrack::Timeouts::default();
+        let s = |ns: u64| ns / 1_000_000_000;
+        ConntrackSection {
+            tcp_syn_sent: s(t.tcp_syn_sent),
+            tcp_syn_recv: s(t.tcp_syn_recv),
+            tcp_established: s(t.tcp_established),
+            tcp_fin_wait: s(t.tcp_fin_wait),
+            tcp_close_wait: s(t.tcp_close_wait),
+            tcp_last_ack: s(t.tcp_last_ack),
+            tcp_time_wait: s(t.tcp_time_wait),
+            tcp_close: s(t.tcp_close),
+            udp: s(t.udp),
+            udp_stream: s(t.udp_stream),
+            icmp: s(t.other),
+        }
+    }
+}
+
+impl ConntrackSection {
+    pub fn timeouts(&self) -> dataplane::conntrack::Timeouts {
+        let ns = |s: u64| s.saturating_mul(1_000_000_000);
+        dataplane::conntrack::Timeouts {
+            tcp_syn_sent: ns(self.tcp_syn_sent),
+            tcp_syn_recv: ns(self.tcp_syn_recv),
+            tcp_established: ns(self.tcp_established),
+            tcp_fin_wait: ns(self.tcp_fin_wait),
+            tcp_close_wait: ns(self.tcp_close_wait),
+            tcp_last_ack: ns(self.tcp_last_ack),
+            tcp_time_wait: ns(self.tcp_time_wait),
+            tcp_close: ns(self.tcp_close),
+            udp: ns(self.udp),
+            udp_stream: ns(self.udp_stream),
+            other: ns(self.icmp),
+        }
+    }
 }
 
 fn default_snat_ports() -> String {
@@ -270,7 +328,12 @@ port = 8472
             assert_eq!(f.node, name);
             assert_eq!(f.nat.ports().unwrap(), 1024..=29999);
             assert!(f.masquerade);
+            assert_eq!(f.conntrack.timeouts(), dataplane::conntrack::Timeouts::default());
         }
+        let f = NodeFile::parse("node = \"a\"\nuplink = \"e\"\n[conntrack]\ntcp_time_wait = 30\n", Path::new("n.toml"))
+            .unwrap();
+        assert_eq!(f.conntrack.timeouts().tcp_time_wait, 30_000_000_000);
+        assert_eq!(f.conntrack.tcp_established, 432_000);
     }
 
     #[test]

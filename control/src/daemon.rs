@@ -507,6 +507,7 @@ pub fn run(file: NodeFile) -> Result<(), String> {
         flows: file.nat.max_flows,
         snat_ports: file.nat.ports()?,
         snat_hold_ns: file.nat.snat_hold_s.saturating_mul(1_000_000_000),
+        timeouts: file.conntrack.timeouts(),
         attach: if file.xdp_mode.as_deref() == Some("generic") { AttachMode::Generic } else { AttachMode::Native },
         ..WorkerConfig::default()
     };

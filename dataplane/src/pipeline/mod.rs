@@ -108,8 +108,13 @@ impl WorkerState {
 
     /// A worker tracking at most `flows` connections.
     pub fn with_flows(worker: u16, flows: usize) -> Self {
+        Self::with_flows_and_timeouts(worker, flows, crate::conntrack::Timeouts::default())
+    }
+
+    /// A worker tracking at most `flows` connections with these timeouts.
+    pub fn with_flows_and_timeouts(worker: u16, flows: usize, timeouts: crate::conntrack::Timeouts) -> Self {
         WorkerState {
-            flows: crate::conntrack::ConnTrack::new(flows, crate::conntrack::Timeouts::default()),
+            flows: crate::conntrack::ConnTrack::new(flows, timeouts),
             affinity: ahash::AHashMap::new(),
             snat: crate::nat::snat::SnatAllocator::with_defaults(
                 u64::from(worker).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5eed,

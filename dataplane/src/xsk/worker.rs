@@ -32,6 +32,7 @@ pub struct WorkerConfig {
     /// SNAT source ports and how long a tuple is held after its flow ends.
     pub snat_ports: core::ops::RangeInclusive<u16>,
     pub snat_hold_ns: u64,
+    pub timeouts: crate::conntrack::Timeouts,
 }
 
 impl Default for WorkerConfig {
@@ -44,6 +45,7 @@ impl Default for WorkerConfig {
             flows: crate::pipeline::DEFAULT_FLOWS,
             snat_ports: crate::nat::snat::DEFAULT_PORTS,
             snat_hold_ns: crate::nat::snat::DEFAULT_HOLD_NS,
+            timeouts: crate::conntrack::Timeouts::default(),
         }
     }
 }
@@ -90,7 +92,7 @@ impl Worker {
     pub fn new(id: u16, cfg: WorkerConfig) -> Result<Worker, XskError> {
         let umem = Umem::new(cfg.frames, cfg.ring_size)?;
         let pool: Vec<u64> = umem.chunk_addrs().collect();
-        let mut state = WorkerState::with_flows(id, cfg.flows);
+        let mut state = WorkerState::with_flows_and_timeouts(id, cfg.flows, cfg.timeouts);
         state.snat =
             crate::nat::snat::SnatAllocator::new(cfg.snat_ports.clone(), cfg.snat_hold_ns, u64::from(id) ^ 0x5eed);
         Ok(Worker {
