@@ -487,8 +487,20 @@ pub fn run(file: NodeFile) -> Result<(), String> {
         facts.host =
             Some((file.host.ifname.clone(), netinfo::mac(&file.host.ifname)?, stack.clone(), netinfo::mac(&stack)?));
     }
+    {
+        let services =
+            file.service_cidr.parse::<Ipv4Cidr>().map_err(|_| "service_cidr".to_string())?.network().to_string();
+        let node_ports = crate::services::node_port_redirects(&facts.state);
+        netinfo::install_node_rules(&netinfo::NodeRules {
+            cluster: &facts.cluster.network().to_string(),
+            services: &services,
+            host_stack_if: facts.host.as_ref().map(|h| h.2.as_str()),
+            gateway: facts.me.pod_cidr.first_host(),
+            masquerade: file.masquerade,
+            node_ports: &node_ports,
+        })?;
+    }
     if file.masquerade {
-        netinfo::install_masquerade(&facts.cluster.network().to_string())?;
         if std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "0") {
             eprintln!("vxnat: net.ipv4.ip_forward is 0: pod traffic leaving the cluster will not be forwarded by this node (set it to 1, as flannel nodes have it)");
         }

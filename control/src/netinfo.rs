@@ -129,24 +129,45 @@ pub fn veth_peer_mac(ifname: &str) -> Result<MacAddr, String> {
 /// The nftables table vxnat owns for pod egress masquerade.
 pub const NFT_TABLE: &str = "vxnat";
 
-/// Masquerades pod traffic leaving the cluster network through the node stack, as flannel's
-/// ip-masq rules do (`-s CLUSTER ! -d CLUSTER -j MASQUERADE --random-fully`). TCP/UDP ports are
-/// mapped into 32768-60999 only, so a masqueraded flow's return traffic never lands on a
-/// NodePort (30000-32767) that the uplink's XDP program hands to vxnat. Replaces a previous
-/// table.
-pub fn install_masquerade(cluster: &str) -> Result<(), String> {
+/// vxnat's rules in the node stack (nftables table `vxnat`, replaced whole):
+/// - NodePorts used from the node itself (kubelet, hostNetwork pods) are local deliveries that
+///   never reach vxnat: they are DNAT'd to the Service's ClusterIP, which routes into vxnat
+///   through the host port (kube-proxy does the same in its output chain);
+/// - Service traffic the node sends into vxnat gets the node's pod-network address (`gateway`)
+///   as source, so endpoints on other nodes answer over VXLAN;
+/// - with `masquerade`, pod traffic leaving the cluster network is masqueraded, as flannel's
+///   ip-masq rules do (`-s CLUSTER ! -d CLUSTER -j MASQUERADE --random-fully`), TCP/UDP into
+///   ports 32768-60999 only, so return traffic never lands on a NodePort (30000-32767) that the
+///   uplink's XDP program hands to vxnat.
+#[derive(Debug)]
+pub struct NodeRules<'a> {
+    pub cluster: &'a str,
+    pub services: &'a str,
+    pub host_stack_if: Option<&'a str>,
+    pub gateway: Ipv4Addr,
+    pub masquerade: bool,
+    /// (protocol, node port, ClusterIP, port)
+    pub node_ports: &'a [(&'static str, u16, Ipv4Addr, u16)],
+}
+
+pub fn install_node_rules(r: &NodeRules<'_>) -> Result<(), String> {
     remove_masquerade();
-    let rules = format!(
-        "table ip {NFT_TABLE} {{\n\
-           chain postrouting {{\n\
-             type nat hook postrouting priority srcnat; policy accept;\n\
-             ip saddr {cluster} ip daddr {cluster} return\n\
-             ip saddr {cluster} ip daddr 224.0.0.0/4 return\n\
-             ip saddr {cluster} meta l4proto {{ tcp, udp }} masquerade to :32768-60999 fully-random\n\
-             ip saddr {cluster} masquerade fully-random\n\
-           }}\n\
-         }}\n"
-    );
+    let (cluster, services, gw) = (r.cluster, r.services, r.gateway);
+    let mut out =
+        String::from("table ip vxnat {\n chain output {\n  type nat hook output priority -100; policy accept;\n");
+    for (proto, np, vip, port) in r.node_ports {
+        out.push_str(&format!("  fib daddr type local {proto} dport {np} dnat to {vip}:{port}\n"));
+    }
+    out.push_str(" }\n chain postrouting {\n  type nat hook postrouting priority srcnat; policy accept;\n");
+    if let Some(stack) = r.host_stack_if {
+        out.push_str(&format!("  oifname \"{stack}\" ip daddr {services} ip saddr != {cluster} snat to {gw}\n"));
+    }
+    if r.masquerade {
+        out.push_str(&format!(
+            "  ip saddr {cluster} ip daddr {cluster} return\n  ip saddr {cluster} ip daddr 224.0.0.0/4 return\n  ip saddr {cluster} meta l4proto {{ tcp, udp }} masquerade to :32768-60999 fully-random\n  ip saddr {cluster} masquerade fully-random\n"
+        ));
+    }
+    out.push_str(" }\n}\n");
     let mut child = Command::new("nft")
         .args(["-f", "-"])
         .stdin(std::process::Stdio::piped())
@@ -155,11 +176,11 @@ pub fn install_masquerade(cluster: &str) -> Result<(), String> {
         .map_err(|e| format!("running nft (nftables): {e}"))?;
     if let Some(mut stdin) = child.stdin.take() {
         use std::io::Write;
-        stdin.write_all(rules.as_bytes()).map_err(|e| format!("nft: {e}"))?;
+        stdin.write_all(out.as_bytes()).map_err(|e| format!("nft: {e}"))?;
     }
-    let out = child.wait_with_output().map_err(|e| format!("nft: {e}"))?;
-    if !out.status.success() {
-        return Err(format!("nft: masquerade rules: {}", String::from_utf8_lossy(&out.stderr).trim()));
+    let res = child.wait_with_output().map_err(|e| format!("nft: {e}"))?;
+    if !res.status.success() {
+        return Err(format!("nft: vxnat rules: {}", String::from_utf8_lossy(&res.stderr).trim()));
     }
     Ok(())
 }

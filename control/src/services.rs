@@ -27,6 +27,30 @@ fn ip(s: &str, what: &str) -> Result<Ipv4Addr, String> {
     s.parse().map_err(|_| format!("{what}: {s:?} is not an IPv4 address"))
 }
 
+/// NodePorts with the ClusterIP and port behind each, for node-local clients:
+/// (protocol name, node port, ClusterIP, port).
+pub fn node_port_redirects(state: &ClusterState) -> Vec<(&'static str, u16, Ipv4Addr, u16)> {
+    let mut v = Vec::new();
+    for svc in &state.services {
+        let Some(spec) = svc.spec.as_ref() else { continue };
+        if !matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer")) {
+            continue;
+        }
+        let Some(cip) = spec.cluster_ip.as_deref().and_then(|s| s.parse::<Ipv4Addr>().ok()) else { continue };
+        for p in spec.ports.iter().flatten() {
+            let proto = match p.protocol.as_deref().unwrap_or("TCP") {
+                "TCP" => "tcp",
+                "UDP" => "udp",
+                _ => continue,
+            };
+            if let (Some(np), Ok(port)) = (p.node_port.and_then(|n| u16::try_from(n).ok()), u16::try_from(p.port)) {
+                v.push((proto, np, cip, port));
+            }
+        }
+    }
+    v
+}
+
 /// The compiled table and what was skipped (each message names the object and field).
 pub fn compile(state: &ClusterState, node: &str, maglev_size: usize) -> (ServiceTable, Vec<String>) {
     let mut table = ServiceTable::default();

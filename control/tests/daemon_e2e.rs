@@ -467,6 +467,22 @@ items:
   spec:
     clusterIP: 10.96.0.60
     ports: [{name: http, port: 80, protocol: TCP}]
+- apiVersion: v1
+  kind: Service
+  metadata: {name: sticky, namespace: default}
+  spec:
+    clusterIP: 10.96.0.51
+    sessionAffinity: ClientIP
+    sessionAffinityConfig: {clientIP: {timeoutSeconds: 600}}
+    ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata: {name: sticky-x1, namespace: default, labels: {kubernetes.io/service-name: sticky}}
+  addressType: IPv4
+  ports: [{name: http, port: 8080, protocol: TCP}]
+  endpoints:
+  - {addresses: [10.244.0.3], conditions: {ready: true}, nodeName: node-a}
+  - {addresses: [10.244.1.2], conditions: {ready: true}, nodeName: node-b}
 "#;
 
 /// A TCP server in `pod` that answers each connection with `name` and closes, until `stop`.
@@ -539,6 +555,7 @@ fn cluster_ip_services_reach_endpoints_on_both_nodes() {
     std::thread::sleep(Duration::from_millis(300));
     let vip = Ipv4Addr::new(10, 96, 0, 50);
     let got = fetch(&a1.ns, vip, 40);
+    let sticky = fetch(&a1.ns, Ipv4Addr::new(10, 96, 0, 51), 20);
     let from_node = fetch(&c.nodes[0].ns, vip, 6);
     let refused = fetch(&a1.ns, Ipv4Addr::new(10, 96, 0, 60), 1);
     let a1_ip = a1.ip;
@@ -564,6 +581,9 @@ fn cluster_ip_services_reach_endpoints_on_both_nodes() {
         "both endpoints used: {ok:?} (a2 {na}, b1 {nb})"
     );
     assert!(from_node.iter().all(|r| r.is_ok()), "the node reaches the ClusterIP through the host port: {from_node:?}");
+    let sticky: std::collections::BTreeSet<&str> = sticky.iter().map(|r| r.as_deref().unwrap_or("failed")).collect();
+    assert_eq!(sticky.len(), 1, "ClientIP affinity: every connection of the client on one endpoint: {sticky:?}");
+    assert!(!sticky.contains("failed"), "{sticky:?}");
     assert_eq!(
         refused[0].as_ref().err().map(String::as_str),
         Some("connection refused"),
@@ -677,6 +697,8 @@ fn node_ports_from_a_client_outside_the_cluster() {
     let node_b = Ipv4Addr::new(192, 168, 77, 2);
     let cluster =
         fetch_port(&c.client, node_a, 30080, if std::env::var_os("VXNAT_E2E_QUICK").is_some() { 2 } else { 30 });
+    // The node itself (kubelet, hostNetwork pods) uses its NodePort too.
+    let from_node = fetch_port(&c.nodes[0].ns, node_a, 30080, 12);
     let local_a = fetch_port(&c.client, node_a, 30081, 10);
     let local_b = fetch_port(&c.client, node_b, 30081, 10);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -693,6 +715,12 @@ fn node_ports_from_a_client_outside_the_cluster() {
         "Cluster policy spreads over both nodes: {ok:?}"
     );
     assert!(ok.iter().all(|s| s.ends_with(" 10.244.0.1")), "Cluster policy: endpoints see node A's address: {ok:?}");
+    let from_node_ok: Vec<&String> = from_node.iter().filter_map(|r| r.as_ref().ok()).collect();
+    assert_eq!(from_node_ok.len(), 12, "NodePort from the node itself: {from_node:?}");
+    assert!(
+        from_node_ok.iter().any(|s| s.starts_with("b1")),
+        "from the node, also to the remote endpoint: {from_node_ok:?}"
+    );
     for (r, want) in [(&local_a, "a2 192.168.77.100"), (&local_b, "b1 192.168.77.100")] {
         assert!(
             r.iter().all(|x| x.as_deref() == Ok(want)),
