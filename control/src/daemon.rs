@@ -500,8 +500,8 @@ pub fn run(file: NodeFile) -> Result<(), String> {
             node_ports: &node_ports,
         })?;
     }
-    if file.masquerade {
-        if std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "0") {
+    if file.masquerade && std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "0") {
+        {
             eprintln!("vxnat: net.ipv4.ip_forward is 0: pod traffic leaving the cluster will not be forwarded by this node (set it to 1, as flannel nodes have it)");
         }
     }
