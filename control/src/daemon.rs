@@ -501,9 +501,7 @@ pub fn run(file: NodeFile) -> Result<(), String> {
         })?;
     }
     if file.masquerade && std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "0") {
-        {
-            eprintln!("vxnat: net.ipv4.ip_forward is 0: pod traffic leaving the cluster will not be forwarded by this node (set it to 1, as flannel nodes have it)");
-        }
+        eprintln!("vxnat: net.ipv4.ip_forward is 0: pod traffic leaving the cluster will not be forwarded by this node (set it to 1, as flannel nodes have it)");
     }
     // Pods attached before a restart come back if their interface still exists.
     let pods: Vec<Pod> = previous.into_iter().filter(|p| netinfo::exists(&p.ifname)).collect();
