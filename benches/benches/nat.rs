@@ -81,6 +81,24 @@ fn conntrack(c: &mut Criterion) {
                 ct.lookup(black_box(&key(i)), 1)
             })
         });
+        // As the pipeline does it: a batch of 32 is touched first, then looked up.
+        g.throughput(Throughput::Elements(32));
+        let mut j = 0usize;
+        g.bench_function(format!("lookup_batch32_prefetched_{n}_flows"), |b| {
+            b.iter(|| {
+                let mut keys = [key(0); 32];
+                for k in keys.iter_mut() {
+                    j = (j + 7919) % n;
+                    *k = key(j);
+                }
+                ct.prefetch_buckets(&keys);
+                ct.prefetch_flows(&keys);
+                for k in &keys {
+                    black_box(ct.lookup(k, 1));
+                }
+            })
+        });
+        g.throughput(Throughput::Elements(1));
     }
     println!("conntrack: {} bytes per flow at capacity", ConnTrack::memory_per_flow());
     g.finish();

@@ -7,12 +7,12 @@
 //! its slot. Expired flows are removed lazily on lookup and by an incremental sweep, and handed
 //! back to the caller (so it can release their SNAT ports) through `take_expired`.
 
+mod index;
 mod tcp;
 
 pub use tcp::{TcpEvent, TcpState};
 
 use crate::wire::TcpFlags;
-use ahash::AHashMap;
 use core::net::Ipv4Addr;
 
 const S: u64 = 1_000_000_000;
@@ -163,7 +163,7 @@ pub enum CtError {
 pub struct ConnTrack {
     slots: Vec<Option<Flow>>,
     free: Vec<u32>,
-    index: AHashMap<FlowKey, (u32, Dir)>,
+    index: index::Index,
     timeouts: Timeouts,
     sweep_at: usize,
     expired: Vec<Flow>,
@@ -172,10 +172,13 @@ pub struct ConnTrack {
 impl ConnTrack {
     /// A table for at most `capacity` flows (memory is reserved up front).
     pub fn new(capacity: usize, timeouts: Timeouts) -> ConnTrack {
+        let mut slots = Vec::with_capacity(capacity);
+        crate::xsk::advise_huge_pages(&slots);
+        slots.resize_with(capacity, || None);
         ConnTrack {
-            slots: (0..capacity).map(|_| None).collect(),
+            slots,
             free: (0..capacity as u32).rev().collect(),
-            index: AHashMap::with_capacity(capacity * 2),
+            index: index::Index::with_capacity(capacity * 2),
             timeouts,
             sweep_at: 0,
             expired: Vec::new(),
@@ -194,18 +197,37 @@ impl ConnTrack {
         self.slots.len()
     }
 
-    /// Bytes of memory per flow at capacity: its slot plus two index entries.
+    /// Bytes of memory per flow at capacity: its slot plus its index buckets (two keys per
+    /// flow, the index at most half full).
     pub fn memory_per_flow() -> usize {
-        let slot = core::mem::size_of::<Option<Flow>>();
-        // hashbrown: key + value + one control byte per bucket, buckets at most 8/7 of entries.
-        let entry = core::mem::size_of::<(FlowKey, (u32, Dir))>() + 1;
-        slot + 2 * entry * 8 / 7
+        core::mem::size_of::<Option<Flow>>() + 4 * index::Index::entry_size()
+    }
+
+    /// Batch prefetch, stage 1 (VPP style): the index bucket of each key. Non-blocking: the
+    /// misses of a whole batch overlap.
+    #[inline]
+    pub fn prefetch_buckets(&self, keys: &[FlowKey]) {
+        for k in keys {
+            self.index.prefetch(k);
+        }
+    }
+
+    /// Stage 2: read the (now cached) buckets and prefetch the flows they point to.
+    #[inline]
+    pub fn prefetch_flows(&self, keys: &[FlowKey]) {
+        for k in keys {
+            if let Some(slot) = self.index.home_slot(k) {
+                if let Some(f) = self.slots.get(slot as usize) {
+                    crate::xsk::prefetch(f);
+                }
+            }
+        }
     }
 
     /// Starts tracking a flow whose first packet had key `orig` and whose replies will carry
     /// `reply`.
     pub fn insert(&mut self, orig: FlowKey, reply: FlowKey, now: u64, tag: u64) -> Result<FlowId, CtError> {
-        if self.index.contains_key(&orig) || self.index.contains_key(&reply) {
+        if self.index.contains(&orig) || self.index.contains(&reply) || orig == reply {
             return Err(CtError::Exists);
         }
         let Some(slot) = self.free.pop() else {
@@ -219,15 +241,15 @@ impl ConnTrack {
         let expires_at = now.saturating_add(self.timeouts.of(state));
         self.slots[slot as usize] =
             Some(Flow { orig, reply, state, created: now, expires_at, packets: [0; 2], bytes: [0; 2], tag });
-        self.index.insert(orig, (slot, Dir::Orig));
-        self.index.insert(reply, (slot, Dir::Reply));
+        self.index.insert(orig, slot, Dir::Orig);
+        self.index.insert(reply, slot, Dir::Reply);
         Ok(FlowId(slot))
     }
 
     /// The live flow a packet with `key` belongs to, and its direction. An expired flow is
     /// removed here (and queued for `take_expired`) and `None` returned.
     pub fn lookup(&mut self, key: &FlowKey, now: u64) -> Option<(FlowId, Dir)> {
-        let &(slot, dir) = self.index.get(key)?;
+        let (slot, dir) = self.index.get(key)?;
         let expired = self.slots[slot as usize].as_ref().is_none_or(|f| f.expires_at <= now);
         if expired {
             self.remove_slot(slot, true);

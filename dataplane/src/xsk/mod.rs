@@ -40,3 +40,36 @@ pub(crate) fn os_err(what: impl Into<String>, negative_errno: i32) -> XskError {
 pub(crate) fn last_err(what: impl Into<String>) -> XskError {
     XskError { what: what.into(), source: std::io::Error::last_os_error() }
 }
+
+/// Asks the kernel to back `v`'s allocation (its whole capacity) with transparent huge pages,
+/// before it is first written: large tables (conntrack) otherwise pay a page walk on nearly
+/// every random access. Advisory: errors are ignored.
+pub fn advise_huge_pages<T>(v: &Vec<T>) {
+    let bytes = v.capacity() * core::mem::size_of::<T>();
+    const HUGE: usize = 2 << 20;
+    if bytes < HUGE {
+        return;
+    }
+    let start = v.as_ptr() as usize;
+    let aligned = (start + HUGE - 1) & !(HUGE - 1);
+    let end = (start + bytes) & !(HUGE - 1);
+    if end > aligned {
+        // SAFETY: madvise on a range inside this vector's own allocation; MADV_HUGEPAGE only
+        // changes how the kernel backs the pages, never their contents.
+        unsafe { libc::madvise(aligned as *mut libc::c_void, end - aligned, libc::MADV_HUGEPAGE) };
+    }
+}
+
+/// Hints the CPU to bring the cache line holding `*p` into L1 without waiting for it (a
+/// software prefetch: it retires at once, so many can be outstanding). A no-op elsewhere than
+/// x86_64.
+#[inline(always)]
+pub fn prefetch<T>(p: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetch is a hint; it never faults and reads nothing architecturally.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>((p as *const T).cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
