@@ -94,6 +94,9 @@ pub struct WorkerState {
 /// (protocol, frontend address, frontend port, client address).
 pub type AffinityKey = (u8, core::net::Ipv4Addr, u16, core::net::Ipv4Addr);
 
+/// Conntrack tables larger than this are prefetched batch by batch.
+const PREFETCH_FROM_FLOWS: usize = 4096;
+
 /// Affinity entries kept before expired ones are purged.
 const AFFINITY_PURGE_AT: usize = 65536;
 
@@ -164,8 +167,9 @@ pub fn process_batch(
         return;
     };
     // Prefetch stages (VPP style): each frame's conntrack bucket, then its flow, for the whole
-    // batch before any lookup; the misses overlap and the lookups below hit cache.
-    if !flows.is_empty() {
+    // batch before any lookup; the misses overlap and the lookups below hit cache. Only worth it
+    // once the table outgrows the caches.
+    if flows.len() > PREFETCH_FROM_FLOWS {
         let uplink = entry.kind == PortKind::Uplink;
         let mut keys =
             [crate::conntrack::FlowKey { proto: 0, src: [0; 4].into(), dst: [0; 4].into(), sport: 0, dport: 0 }; 64];
