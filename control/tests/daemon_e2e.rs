@@ -8,7 +8,7 @@ use std::net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use vxnat_tests::netns::{fnv1a, payload, require_root, send_raw, Netns, FNV_OFFSET};
+use vxnat_tests::netns::{require_root, send_raw, tcp_transfer, udp_datagrams, Netns};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vxnat");
 
@@ -203,57 +203,11 @@ fn ping(from: &Netns, to: Ipv4Addr) -> bool {
 }
 
 fn tcp(from: &Pod, to: &Pod, len: usize, port: u16) {
-    let to_ip = to.ip;
-    let server = to.ns.spawn(move || {
-        let l = TcpListener::bind((to_ip, port)).expect("listen");
-        let (mut c, _) = l.accept().expect("accept");
-        let (mut h, mut n, mut buf) = (FNV_OFFSET, 0usize, vec![0u8; 65536]);
-        while let Ok(k) = c.read(&mut buf) {
-            if k == 0 {
-                break;
-            }
-            h = fnv1a(&buf[..k], h);
-            n += k;
-        }
-        (n, h)
-    });
-    std::thread::sleep(Duration::from_millis(200));
-    let data = payload(u64::from(port), len);
-    let sent = fnv1a(&data, FNV_OFFSET);
-    from.ns
-        .spawn(move || {
-            let mut c = TcpStream::connect_timeout(&(to_ip, port).into(), Duration::from_secs(5)).expect("connect");
-            c.write_all(&data).expect("write");
-        })
-        .join()
-        .expect("client");
-    assert_eq!(server.join().expect("server"), (len, sent), "TCP {} -> {}", from.ip, to.ip);
+    tcp_transfer(&from.ns, &to.ns, to.ip, port, len).unwrap_or_else(|e| panic!("TCP {} -> {}: {e}", from.ip, to.ip));
 }
 
 fn udp(from: &Pod, to: &Pod, port: u16) -> usize {
-    let to_ip = to.ip;
-    let rx = to.ns.spawn(move || {
-        let u = UdpSocket::bind((to_ip, port)).expect("bind");
-        u.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
-        let (mut got, mut buf) = (0, [0u8; 2048]);
-        while let Ok((k, _)) = u.recv_from(&mut buf) {
-            got += usize::from(k == 1000 && buf[..k] == payload(3, 1000)[..]);
-        }
-        got
-    });
-    std::thread::sleep(Duration::from_millis(200));
-    let from_ip = from.ip;
-    from.ns
-        .spawn(move || {
-            let u = UdpSocket::bind((from_ip, 0)).expect("bind");
-            for _ in 0..100 {
-                let _ = u.send_to(&payload(3, 1000), (to_ip, port));
-                std::thread::sleep(Duration::from_micros(500));
-            }
-        })
-        .join()
-        .expect("sender");
-    rx.join().expect("receiver")
+    udp_datagrams(&from.ns, from.ip, &to.ns, to.ip, port, 100, 1000)
 }
 
 fn drops(stats: &serde_json::Value) -> Vec<(String, u64)> {
@@ -485,47 +439,8 @@ items:
   - {addresses: [10.244.1.2], conditions: {ready: true}, nodeName: node-b}
 "#;
 
-/// A TCP server in `pod` that answers each connection with `name` and closes, until `stop`.
-fn name_server(
-    pod: &Pod,
-    name: &'static str,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> std::thread::JoinHandle<usize> {
-    let ip = pod.ip;
-    pod.ns.spawn(move || {
-        let l = TcpListener::bind((ip, 8080)).expect("listen");
-        l.set_nonblocking(true).expect("nonblocking");
-        let mut served = 0;
-        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-            match l.accept() {
-                Ok((mut c, _)) => {
-                    let _ = c.set_nonblocking(false);
-                    let _ = c.write_all(name.as_bytes());
-                    served += 1;
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(5)),
-            }
-        }
-        served
-    })
-}
-
 fn fetch(from: &Netns, vip: Ipv4Addr, n: usize) -> Vec<Result<String, String>> {
-    let ns = Netns { name: from.name.clone() };
-    let h = ns.spawn(move || {
-        (0..n)
-            .map(|_| {
-                let mut c = TcpStream::connect_timeout(&(vip, 80).into(), Duration::from_secs(3))
-                    .map_err(|e| e.kind().to_string())?;
-                c.set_read_timeout(Some(Duration::from_secs(3))).map_err(|e| e.to_string())?;
-                let mut s = String::new();
-                c.read_to_string(&mut s).map_err(|e| e.to_string())?;
-                Ok(s)
-            })
-            .collect()
-    });
-    std::mem::forget(ns);
-    h.join().expect("client")
+    fetch_port(from, vip, 80, n)
 }
 
 #[test]
@@ -536,8 +451,8 @@ fn cluster_ip_services_reach_endpoints_on_both_nodes() {
     let c = cluster_with(SERVICES);
     let (a1, a2, b1, b2) = (&c.pods[0], &c.pods[1], &c.pods[2], &c.pods[3]);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sa = name_server(a2, "a2", stop.clone());
-    let sb = name_server(b1, "b1", stop.clone());
+    let sa = who_server(a2, "a2", false, stop.clone());
+    let sb = who_server(b1, "b1", false, stop.clone());
     let b2_ip = b2.ip;
     let dns = b2.ns.spawn(move || {
         let u = UdpSocket::bind((b2_ip, 5353)).expect("bind");
@@ -572,14 +487,11 @@ fn cluster_ip_services_reach_endpoints_on_both_nodes() {
         .join()
         .expect("udp client");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (na, nb) = (sa.join().expect("a2 server"), sb.join().expect("b1 server"));
+    let _ = (sa.join(), sb.join());
     let _ = dns.join();
     let ok: Vec<&String> = got.iter().filter_map(|r| r.as_ref().ok()).collect();
     assert_eq!(ok.len(), 40, "every connection to the ClusterIP served: {got:?}");
-    assert!(
-        ok.iter().any(|s| *s == "a2") && ok.iter().any(|s| *s == "b1"),
-        "both endpoints used: {ok:?} (a2 {na}, b1 {nb})"
-    );
+    assert!(ok.iter().any(|s| *s == "a2") && ok.iter().any(|s| *s == "b1"), "both endpoints used: {ok:?} ");
     assert!(from_node.iter().all(|r| r.is_ok()), "the node reaches the ClusterIP through the host port: {from_node:?}");
     let sticky: std::collections::BTreeSet<&str> = sticky.iter().map(|r| r.as_deref().unwrap_or("failed")).collect();
     assert_eq!(sticky.len(), 1, "ClientIP affinity: every connection of the client on one endpoint: {sticky:?}");
@@ -632,10 +544,12 @@ items:
   - {addresses: [10.244.1.2], conditions: {ready: true}, nodeName: node-b}
 "#;
 
-/// A TCP server in `pod` that answers each connection with "<name> <peer address it saw>".
+/// A TCP server in `pod` that answers each connection with `name` (and, with `report_peer`,
+/// " <peer address it saw>") and closes first, until `stop`.
 fn who_server(
     pod: &Pod,
     name: &'static str,
+    report_peer: bool,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> std::thread::JoinHandle<()> {
     let ip = pod.ip;
@@ -646,7 +560,8 @@ fn who_server(
             match l.accept() {
                 Ok((mut c, peer)) => {
                     let _ = c.set_nonblocking(false);
-                    let _ = c.write_all(format!("{name} {}", peer.ip()).as_bytes());
+                    let text = if report_peer { format!("{name} {}", peer.ip()) } else { name.to_string() };
+                    let _ = c.write_all(text.as_bytes());
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(5)),
             }
@@ -690,8 +605,8 @@ fn node_ports_from_a_client_outside_the_cluster() {
     let c = cluster_with(NODE_PORTS);
     let (a2, b1) = (&c.pods[1], &c.pods[2]);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sa = who_server(a2, "a2", stop.clone());
-    let sb = who_server(b1, "b1", stop.clone());
+    let sa = who_server(a2, "a2", true, stop.clone());
+    let sb = who_server(b1, "b1", true, stop.clone());
     std::thread::sleep(Duration::from_millis(300));
     let node_a = Ipv4Addr::new(192, 168, 77, 1);
     let node_b = Ipv4Addr::new(192, 168, 77, 2);
@@ -773,7 +688,7 @@ fn incident_2_snat_never_reuses_a_tuple_the_backend_holds_in_time_wait() {
         .expect("tcpdump");
     // The backend writes and closes first: it keeps every connection's tuple in TIME_WAIT.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let server = who_server(a2, "a2", stop.clone());
+    let server = who_server(a2, "a2", true, stop.clone());
     std::thread::sleep(Duration::from_millis(800));
     let results = fetch_port(&c.client, Ipv4Addr::new(192, 168, 77, 1), 30090, 20);
     std::thread::sleep(Duration::from_millis(300));
@@ -876,7 +791,7 @@ fn kernel_incident_2(dir: &std::path::Path) -> KernelOutcome {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let pod =
         Pod { ns: Netns { name: backend.name.clone() }, ip: Ipv4Addr::new(10, 244, 0, 3), host_if: "vethpod".into() };
-    let server = who_server(&pod, "kernel", stop.clone());
+    let server = who_server(&pod, "kernel", true, stop.clone());
     std::mem::forget(pod.ns);
     std::thread::sleep(Duration::from_millis(800));
     let results = fetch_port_timeout(&client, Ipv4Addr::new(192, 168, 77, 1), 30090, 20, Duration::from_millis(2500));

@@ -62,6 +62,11 @@ pub fn node_config() -> NodeConfig {
 
 /// Node A's tables.
 pub fn tables() -> Tables {
+    tables_with_services(crate::nat::service::ServiceTable::default())
+}
+
+/// Node A's tables with `services`.
+pub fn tables_with_services(services: crate::nat::service::ServiceTable) -> Tables {
     let b = TablesBuilder::new(node_config());
     let built = b
         .uplink(UPLINK)
@@ -70,6 +75,7 @@ pub fn tables() -> Tables {
         .and_then(|b| b.pod(POD2, POD2_PORT_MAC, POD2_IP, POD2_MAC))
         .and_then(|b| b.remote("node-b", NODE_B, VTEP_B, cidr("10.244.1.0/24"), NODE_B_UPLINK_MAC))
         .and_then(|b| b.remote("node-c", NODE_C, VTEP_C, cidr("10.244.2.0/24"), MacAddr::ZERO))
+        .map(|b| b.services(services))
         .and_then(|b| b.build());
     match built {
         Ok(t) => t,
@@ -94,19 +100,7 @@ pub fn tables_with_service() -> Tables {
     if let Err(e) = built {
         unreachable!("testkit service is valid: {e}");
     }
-    let b = TablesBuilder::new(node_config());
-    let built = b
-        .uplink(UPLINK)
-        .and_then(|b| b.host(HOST, HOST_PORT_MAC, HOST_STACK_MAC))
-        .and_then(|b| b.pod(POD1, POD1_PORT_MAC, POD1_IP, POD1_MAC))
-        .and_then(|b| b.pod(POD2, POD2_PORT_MAC, POD2_IP, POD2_MAC))
-        .and_then(|b| b.remote("node-b", NODE_B, VTEP_B, cidr("10.244.1.0/24"), NODE_B_UPLINK_MAC))
-        .map(|b| b.services(svc))
-        .and_then(|b| b.build());
-    match built {
-        Ok(t) => t,
-        Err(e) => unreachable!("testkit tables are valid: {e}"),
-    }
+    tables_with_services(svc)
 }
 
 /// A frame buffer holding `frame` after [`HEADROOM`] bytes.

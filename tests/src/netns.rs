@@ -156,3 +156,77 @@ pub fn send_raw(ifname: &str, frames: &[Vec<u8>]) {
         libc::close(fd);
     }
 }
+
+/// Streams `len` deterministic bytes over TCP from `from` to a listener on `to_ip:port` in
+/// `to`, and checks both ends: every byte arrived and the content hash matches.
+pub fn tcp_transfer(from: &Netns, to: &Netns, to_ip: std::net::Ipv4Addr, port: u16, len: usize) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let server = to.spawn(move || -> Result<(usize, u64), String> {
+        let l = std::net::TcpListener::bind((to_ip, port)).map_err(|e| format!("listen: {e}"))?;
+        let (mut c, _) = l.accept().map_err(|e| format!("accept: {e}"))?;
+        let (mut h, mut n, mut buf) = (FNV_OFFSET, 0usize, vec![0u8; 65536]);
+        loop {
+            match c.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => {
+                    h = fnv1a(&buf[..k], h);
+                    n += k;
+                }
+            }
+        }
+        Ok((n, h))
+    });
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let data = payload(u64::from(port), len);
+    let sent = fnv1a(&data, FNV_OFFSET);
+    let client = from.spawn(move || -> Result<(), String> {
+        let mut c = std::net::TcpStream::connect_timeout(&(to_ip, port).into(), std::time::Duration::from_secs(5))
+            .map_err(|e| format!("connect: {e}"))?;
+        c.set_write_timeout(Some(std::time::Duration::from_secs(20))).map_err(|e| e.to_string())?;
+        c.write_all(&data).map_err(|e| format!("write: {e}"))
+    });
+    let sent_ok = client.join().map_err(|_| "client panicked".to_string());
+    let got = server.join().map_err(|_| "server panicked".to_string())??;
+    sent_ok??;
+    if got != (len, sent) {
+        return Err(format!(
+            "TCP to {to_ip}:{port}: received {} of {len} bytes, hash {:#x} vs {sent:#x}",
+            got.0, got.1
+        ));
+    }
+    Ok(())
+}
+
+/// Sends `n` datagrams of `size` bytes from `from_ip` in `from` to `to_ip:port` in `to`, paced;
+/// returns how many arrived intact.
+pub fn udp_datagrams(
+    from: &Netns,
+    from_ip: std::net::Ipv4Addr,
+    to: &Netns,
+    to_ip: std::net::Ipv4Addr,
+    port: u16,
+    n: usize,
+    size: usize,
+) -> usize {
+    let rx = to.spawn(move || {
+        let u = std::net::UdpSocket::bind((to_ip, port)).expect("bind udp");
+        u.set_read_timeout(Some(std::time::Duration::from_secs(2))).expect("timeout");
+        let (mut got, mut buf, want) = (0, vec![0u8; size + 64], payload(size as u64, size));
+        while let Ok((k, _)) = u.recv_from(&mut buf) {
+            got += usize::from(buf[..k] == want[..]);
+        }
+        got
+    });
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    from.spawn(move || {
+        let u = std::net::UdpSocket::bind((from_ip, 0)).expect("bind udp");
+        let data = payload(size as u64, size);
+        for _ in 0..n {
+            let _ = u.send_to(&data, (to_ip, port));
+            std::thread::sleep(std::time::Duration::from_micros(500));
+        }
+    })
+    .join()
+    .expect("udp sender");
+    rx.join().expect("udp receiver")
+}

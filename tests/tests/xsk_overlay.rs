@@ -11,12 +11,11 @@ use dataplane::tables::{NodeConfig, PortId, Tables, TablesBuilder};
 use dataplane::wire::MacAddr;
 use dataplane::xsk::bpf::Mode;
 use dataplane::xsk::worker::{Worker, WorkerConfig};
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket};
+use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vxnat_tests::netns::{fnv1a, payload, require_root, Netns, FNV_OFFSET};
+use vxnat_tests::netns::{require_root, tcp_transfer, udp_datagrams, Netns};
 
 const UPLINK: PortId = PortId(0);
 const POD: PortId = PortId(2);
@@ -185,65 +184,8 @@ fn traffic(from: &Node, to: &Node, len: usize, port: u16) -> Result<(), String> 
     if !ping.status.success() {
         return Err(format!("ping {} -> {dst} failed: {}", from.pod_ip, String::from_utf8_lossy(&ping.stdout)));
     }
-    let to_ip = to.pod_ip;
-    let server = to.pod.spawn(move || {
-        let l = TcpListener::bind((to_ip, port)).expect("listen");
-        let (mut c, _) = l.accept().expect("accept");
-        let mut h = FNV_OFFSET;
-        let mut n = 0usize;
-        let mut buf = vec![0u8; 65536];
-        loop {
-            match c.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(k) => {
-                    h = fnv1a(&buf[..k], h);
-                    n += k;
-                }
-            }
-        }
-        (n, h)
-    });
-    std::thread::sleep(Duration::from_millis(200));
-    let data = payload(u64::from(port), len);
-    let sent = fnv1a(&data, FNV_OFFSET);
-    let client = from.pod.spawn(move || -> Result<(), String> {
-        let mut c = TcpStream::connect_timeout(&(to_ip, port).into(), Duration::from_secs(5))
-            .map_err(|e| format!("connect: {e}"))?;
-        c.set_write_timeout(Some(Duration::from_secs(20))).map_err(|e| e.to_string())?;
-        c.write_all(&data).map_err(|e| format!("write: {e}"))
-    });
-    let sent_ok = client.join().map_err(|_| "client panicked".to_string())?;
-    let (n, h) = server.join().map_err(|_| "server panicked".to_string())?;
-    sent_ok?;
-    if (n, h) != (len, sent) {
-        return Err(format!("TCP {} -> {dst}: received {n} of {len} bytes, hash {h:#x} vs {sent:#x}", from.pod_ip));
-    }
-    let udp_port = port + 1;
-    let rx = to.pod.spawn(move || {
-        let u = UdpSocket::bind((to_ip, udp_port)).expect("bind udp");
-        u.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
-        let mut got = 0;
-        let mut buf = [0u8; 2048];
-        while let Ok((k, _)) = u.recv_from(&mut buf) {
-            if k == 1200 && buf[..k] == payload(7, k)[..] {
-                got += 1;
-            }
-        }
-        got
-    });
-    std::thread::sleep(Duration::from_millis(200));
-    let from_ip = from.pod_ip;
-    from.pod
-        .spawn(move || {
-            let u = UdpSocket::bind((from_ip, 0)).expect("bind udp");
-            for _ in 0..100 {
-                let _ = u.send_to(&payload(7, 1200), (to_ip, udp_port));
-                std::thread::sleep(Duration::from_micros(500));
-            }
-        })
-        .join()
-        .map_err(|_| "udp sender panicked".to_string())?;
-    let got = rx.join().map_err(|_| "udp receiver panicked".to_string())?;
+    tcp_transfer(&from.pod, &to.pod, to.pod_ip, port, len)?;
+    let got = udp_datagrams(&from.pod, from.pod_ip, &to.pod, to.pod_ip, port + 1, 100, 1200);
     if got < 98 {
         return Err(format!("UDP {} -> {dst}: {got}/100 intact", from.pod_ip));
     }

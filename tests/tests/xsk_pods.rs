@@ -9,12 +9,11 @@ use dataplane::tables::{NodeConfig, PortId, Tables, TablesBuilder};
 use dataplane::wire::MacAddr;
 use dataplane::xsk::bpf::{AttachMode, Mode};
 use dataplane::xsk::worker::{Worker, WorkerConfig};
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket};
+use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vxnat_tests::netns::{fnv1a, payload, require_root, Netns, FNV_OFFSET};
+use vxnat_tests::netns::{require_root, tcp_transfer, udp_datagrams, Netns};
 
 const POD1: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
 const POD2: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 3);
@@ -129,65 +128,14 @@ fn pods_on_one_node_talk_through_vxnat_over_af_xdp() {
     let ping = s.pod1.exec(&["ping", "-c", "3", "-i", "0.2", "-W", "2", "10.244.0.3"]);
     let ping_ok = ping.status.success();
 
-    // 8 MiB of TCP, hashed at both ends.
-    const LEN: usize = 8 << 20;
-    let server = s.pod2.spawn(|| {
-        let l = TcpListener::bind((POD2, 5201)).expect("listen in pod2");
-        let (mut c, _) = l.accept().expect("accept");
-        let mut h = FNV_OFFSET;
-        let mut n = 0usize;
-        let mut buf = vec![0u8; 65536];
-        loop {
-            let k = c.read(&mut buf).expect("read");
-            if k == 0 {
-                break;
-            }
-            h = fnv1a(&buf[..k], h);
-            n += k;
-        }
-        (n, h)
-    });
-    std::thread::sleep(Duration::from_millis(200));
-    let data = payload(7, LEN);
-    let sent_hash = fnv1a(&data, FNV_OFFSET);
-    let client = s.pod1.spawn(move || {
-        let mut c =
-            TcpStream::connect_timeout(&(POD2, 5201).into(), Duration::from_secs(5)).expect("connect from pod1");
-        c.write_all(&data).expect("write");
-    });
-    client.join().expect("client thread");
-    let (got_len, got_hash) = server.join().expect("server thread");
-
-    // UDP: 200 datagrams, each must arrive intact (the kernel drops bad checksums).
-    let rx = s.pod2.spawn(|| {
-        let u = UdpSocket::bind((POD2, 5300)).expect("bind udp");
-        u.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
-        let mut got = 0;
-        let mut buf = [0u8; 2048];
-        while let Ok((k, _)) = u.recv_from(&mut buf) {
-            if k == 1000 && buf[..k] == payload(k as u64, k)[..] {
-                got += 1;
-            }
-        }
-        got
-    });
-    std::thread::sleep(Duration::from_millis(200));
-    s.pod1
-        .spawn(|| {
-            let u = UdpSocket::bind((POD1, 0)).expect("bind udp");
-            for _ in 0..200 {
-                u.send_to(&payload(1000, 1000), (POD2, 5300)).expect("send");
-                std::thread::sleep(Duration::from_micros(500));
-            }
-        })
-        .join()
-        .expect("udp sender");
-    let udp_got = rx.join().expect("udp receiver");
+    // 8 MiB of TCP, hashed at both ends; 200 UDP datagrams (the kernel drops bad checksums).
+    let tcp = tcp_transfer(&s.pod1, &s.pod2, POD2, 5201, 8 << 20);
+    let udp_got = udp_datagrams(&s.pod1, POD1, &s.pod2, POD2, 5300, 200, 1000);
 
     stop.store(true, Ordering::Relaxed);
     let r = worker.join().expect("worker thread");
     assert!(ping_ok, "ping pod1 -> pod2 failed: {}", String::from_utf8_lossy(&ping.stdout));
-    assert_eq!((got_len, got_hash), (LEN, sent_hash), "TCP stream corrupted or cut short");
+    tcp.expect("TCP stream");
     assert!(udp_got >= 195, "only {udp_got}/200 UDP datagrams arrived intact");
     assert!(r.completed > 0, "no CHECKSUM_PARTIAL completed: the pods' offload path was not exercised");
     assert!(r.redirected > 1000, "XDP redirected only {} frames", r.redirected);

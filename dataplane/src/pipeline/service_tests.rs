@@ -3,7 +3,7 @@
 use super::*;
 use crate::nat::service::{Endpoint, Frontend, FrontendKind, ServicePort, ServiceTable};
 use crate::nat::snat::SnatAllocator;
-use crate::tables::{PortId, TablesBuilder};
+use crate::tables::PortId;
 use crate::testkit::*;
 use crate::wire::{IcmpPacket, Ipv4Packet, TcpFlags, TcpPacket, UdpPacket};
 use core::net::Ipv4Addr;
@@ -69,16 +69,7 @@ fn from_client(sport: u16, node_port: u16, flags: u16) -> Vec<u8> {
 }
 
 fn tables() -> Tables {
-    let cidr = |s: &str| s.parse().unwrap();
-    TablesBuilder::new(node_config())
-        .uplink(UPLINK)
-        .and_then(|b| b.host(HOST, HOST_PORT_MAC, HOST_STACK_MAC))
-        .and_then(|b| b.pod(POD1, POD1_PORT_MAC, POD1_IP, POD1_MAC))
-        .and_then(|b| b.pod(POD2, POD2_PORT_MAC, POD2_IP, POD2_MAC))
-        .and_then(|b| b.remote("node-b", NODE_B, VTEP_B, cidr("10.244.1.0/24"), NODE_B_UPLINK_MAC))
-        .map(|b| b.services(services()))
-        .and_then(|b| b.build())
-        .unwrap()
+    tables_with_services(services())
 }
 
 fn run(t: &Tables, st: &mut WorkerState, now: u64, port: PortId, input: &[u8]) -> (Disposition, Vec<u8>) {
@@ -374,21 +365,12 @@ fn node_port_without_endpoints_resets_the_outside_client() {
     assert_eq!(d, Disposition::Drop(DropReason::UplinkNotVxlan));
 }
 
-/// Tables where VIP_WEB's endpoints are `eps` (the rest as in `tables()`).
-fn tables_with_web(eps: &[Endpoint]) -> Tables {
+/// Node A's tables where VIP_WEB's only Service port has endpoints `eps` and affinity `affinity`.
+fn tables_with_web(eps: &[Endpoint], affinity: Option<u64>) -> Tables {
     let mut t = ServiceTable::default();
-    let i = t.add_port(ServicePort::new("default/web:http".into(), eps, false, false, None, 16381).unwrap());
+    let i = t.add_port(ServicePort::new("default/web:http".into(), eps, false, false, affinity, 16381).unwrap());
     t.add_frontend(Frontend { proto: 6, ip: VIP_WEB, port: 80 }, FrontendKind::ClusterIp, i).unwrap();
-    let cidr = |s: &str| s.parse().unwrap();
-    TablesBuilder::new(node_config())
-        .uplink(UPLINK)
-        .and_then(|b| b.host(HOST, HOST_PORT_MAC, HOST_STACK_MAC))
-        .and_then(|b| b.pod(POD1, POD1_PORT_MAC, POD1_IP, POD1_MAC))
-        .and_then(|b| b.pod(POD2, POD2_PORT_MAC, POD2_IP, POD2_MAC))
-        .and_then(|b| b.remote("node-b", NODE_B, VTEP_B, cidr("10.244.1.0/24"), NODE_B_UPLINK_MAC))
-        .map(|b| b.services(t))
-        .and_then(|b| b.build())
-        .unwrap()
+    tables_with_services(t)
 }
 
 #[test]
@@ -402,20 +384,20 @@ fn endpoint_lifecycle_across_table_swaps() {
     };
     let mut st = WorkerState::with_flows(0, 256);
     // v1: pod2 only. A flow is established to it.
-    let v1 = tables_with_web(&[pod2]);
+    let v1 = tables_with_web(&[pod2], None);
     assert_eq!(dst_of(&v1, &mut st, 45000, 0x002), POD2_IP);
     // v2: pod2 terminating, the remote endpoint ready. The existing flow stays on pod2;
     // every new flow goes to the ready endpoint.
-    let v2 = tables_with_web(&[terminating(pod2), remote]);
+    let v2 = tables_with_web(&[terminating(pod2), remote], None);
     assert_eq!(dst_of(&v2, &mut st, 45000, 0x010), POD2_IP, "existing flow continues to the terminating endpoint");
     for sp in 45001..45030 {
         assert_eq!(dst_of(&v2, &mut st, sp, 0x002), REMOTE_POD_B, "new flows only to ready endpoints");
     }
     // v3: no ready endpoint, pod2 still serving while terminating: new flows go there.
-    let v3 = tables_with_web(&[terminating(pod2)]);
+    let v3 = tables_with_web(&[terminating(pod2)], None);
     assert_eq!(dst_of(&v3, &mut st, 45100, 0x002), POD2_IP, "serving+terminating used when none is ready");
     // v4: no endpoints: the existing flow still finishes; new connections are refused.
-    let v4 = tables_with_web(&[]);
+    let v4 = tables_with_web(&[], None);
     assert_eq!(dst_of(&v4, &mut st, 45000, 0x010), POD2_IP, "the tracked flow still reaches its endpoint");
     let (_, out) = run(&v4, &mut st, 0, POD1, &from_pod1(&tcp(POD1_IP, VIP_WEB, 45200, 80, 0x002, 1, 0)));
     assert_eq!(tcp_view(&inner_ip(&out, false)).4, TcpFlags::RST | TcpFlags::ACK);
@@ -423,21 +405,7 @@ fn endpoint_lifecycle_across_table_swaps() {
 
 #[test]
 fn client_ip_affinity_holds_across_endpoint_changes_until_its_timeout() {
-    let mk = |eps: &[Endpoint]| {
-        let mut t = ServiceTable::default();
-        let i =
-            t.add_port(ServicePort::new("default/sticky:http".into(), eps, false, false, Some(10 * S), 16381).unwrap());
-        t.add_frontend(Frontend { proto: 6, ip: VIP_WEB, port: 80 }, FrontendKind::ClusterIp, i).unwrap();
-        let cidr = |s: &str| s.parse().unwrap();
-        TablesBuilder::new(node_config())
-            .uplink(UPLINK)
-            .and_then(|b| b.pod(POD1, POD1_PORT_MAC, POD1_IP, POD1_MAC))
-            .and_then(|b| b.pod(POD2, POD2_PORT_MAC, POD2_IP, POD2_MAC))
-            .and_then(|b| b.remote("node-b", NODE_B, VTEP_B, cidr("10.244.1.0/24"), NODE_B_UPLINK_MAC))
-            .map(|b| b.services(t))
-            .and_then(|b| b.build())
-            .unwrap()
-    };
+    let mk = |eps: &[Endpoint]| tables_with_web(eps, Some(10 * S));
     let dst_of = |t: &Tables, st: &mut WorkerState, now: u64, sp: u16| -> Ipv4Addr {
         let (d, out) = run(t, st, now, POD1, &from_pod1(&tcp(POD1_IP, VIP_WEB, sp, 80, 0x002, 1, 0)));
         tcp_view(&inner_ip(&out, d == Disposition::Forward(UPLINK))).1
