@@ -1,3 +1,5 @@
 //! Helpers for vxnat's integration tests. Integration tests live in `tests/tests/`.
 
 pub mod netns;
+
+pub mod worker;

@@ -14,8 +14,8 @@ use dataplane::xsk::worker::{Worker, WorkerConfig};
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 use vxnat_tests::netns::{require_root, tcp_transfer, udp_datagrams, Netns};
+use vxnat_tests::worker::run_worker;
 
 const UPLINK: PortId = PortId(0);
 const POD: PortId = PortId(2);
@@ -144,24 +144,14 @@ struct Report {
 }
 
 fn run_vxnat(n: &Node, tables: Tables, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Report> {
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let ip = n.underlay_ip.octets();
-    let h = n.ns.spawn(move || {
+    let make = move || {
         let mut w = Worker::new(0, WorkerConfig::default()).expect("worker");
         w.add_port(UPLINK, "ul", Mode::Uplink, ip, 8472).expect("bind uplink");
         w.add_port(POD, "vxpod", Mode::All, ip, 8472).expect("bind pod port");
-        ready_tx.send(()).expect("test waiting");
-        let start = Instant::now();
-        while !stop.load(Ordering::Relaxed) {
-            if w.poll(&tables, start.elapsed().as_nanos() as u64) == 0 {
-                w.wait(1);
-            }
-        }
-        let until = Instant::now() + Duration::from_millis(300);
-        while Instant::now() < until {
-            w.poll(&tables, start.elapsed().as_nanos() as u64);
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        w
+    };
+    run_worker(&n.ns, tables, stop, make, |w| {
         let a = w.account();
         let mut drops = Vec::new();
         let (mut encapsulated, mut decapsulated) = (0, 0);
@@ -171,9 +161,7 @@ fn run_vxnat(n: &Node, tables: Tables, stop: Arc<AtomicBool>) -> std::thread::Jo
             drops.extend(c.nonzero_drops().map(|(r, k)| (port, r, k)));
         }
         Report { balanced: a.balanced(), account: format!("{a:?}"), encapsulated, decapsulated, drops }
-    });
-    ready_rx.recv_timeout(Duration::from_secs(10)).expect("vxnat bound its ports");
-    h
+    })
 }
 
 /// Ping, a TCP stream of `len` bytes from `from`'s pod to `to`'s pod (hash checked), and 100

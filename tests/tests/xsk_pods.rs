@@ -12,8 +12,8 @@ use dataplane::xsk::worker::{Worker, WorkerConfig};
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 use vxnat_tests::netns::{require_root, tcp_transfer, udp_datagrams, Netns};
+use vxnat_tests::worker::run_worker;
 
 const POD1: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
 const POD2: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 3);
@@ -75,30 +75,15 @@ struct Report {
 }
 
 /// Runs a worker in the node namespace until `stop`; then drains and reports.
-fn run_worker(
-    s: &Setup,
-    tables: Tables,
-    stop: Arc<AtomicBool>,
-    ready: std::sync::mpsc::Sender<()>,
-) -> std::thread::JoinHandle<Report> {
-    s.node.spawn(move || {
+fn run(s: &Setup, tables: Tables, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Report> {
+    let make = || {
         let mut w =
             Worker::new(0, WorkerConfig { attach: AttachMode::Native, ..WorkerConfig::default() }).expect("worker");
         w.add_port(P1, "vxp1", Mode::All, [0; 4], 8472).expect("bind vxp1");
         w.add_port(P2, "vxp2", Mode::All, [0; 4], 8472).expect("bind vxp2");
-        ready.send(()).expect("test thread waiting");
-        let start = Instant::now();
-        while !stop.load(Ordering::Relaxed) {
-            if w.poll(&tables, start.elapsed().as_nanos() as u64) == 0 {
-                w.wait(1);
-            }
-        }
-        // Drain: let the kernel complete what is in flight.
-        let until = Instant::now() + Duration::from_millis(300);
-        while Instant::now() < until {
-            w.poll(&tables, start.elapsed().as_nanos() as u64);
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        w
+    };
+    run_worker(&s.node, tables, stop, make, |w| {
         let a = w.account();
         let mut drops = Vec::new();
         for (port, c) in w.counters().iter() {
@@ -120,9 +105,7 @@ fn pods_on_one_node_talk_through_vxnat_over_af_xdp() {
     let s = setup();
     let t = tables(&s);
     let stop = Arc::new(AtomicBool::new(false));
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let worker = run_worker(&s, t, stop.clone(), ready_tx);
-    ready_rx.recv_timeout(Duration::from_secs(10)).expect("worker bound its ports");
+    let worker = run(&s, t, stop.clone());
 
     // Ping across (ARP for the gateway answered by vxnat, ICMP routed pod to pod).
     let ping = s.pod1.exec(&["ping", "-c", "3", "-i", "0.2", "-W", "2", "10.244.0.3"]);
