@@ -60,15 +60,23 @@ pub fn advise_huge_pages<T>(v: &Vec<T>) {
     }
 }
 
-/// Hints the CPU to bring the cache line holding `*p` into L1 without waiting for it (a
+/// Hints the CPU to bring the cache lines holding `*p` into L1 without waiting for it (a
 /// software prefetch: it retires at once, so many can be outstanding). A no-op elsewhere than
 /// x86_64.
 #[inline(always)]
 pub fn prefetch<T>(p: &T) {
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: prefetch is a hint; it never faults and reads nothing architecturally.
-    unsafe {
-        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>((p as *const T).cast());
+    {
+        // Every cache line `p` spans: a value straddling two lines would otherwise still miss
+        // on the second. The size is a constant, so this unrolls to one or two instructions.
+        let start = p as *const T as usize;
+        let last = start + core::mem::size_of::<T>().max(1) - 1;
+        let mut line = start & !63;
+        while line <= last {
+            // SAFETY: prefetch is a hint; it never faults and reads nothing architecturally.
+            unsafe { core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(line as *const i8) };
+            line += 64;
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = p;
