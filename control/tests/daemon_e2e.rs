@@ -304,8 +304,8 @@ fn hostile_frames_are_named_in_ctl_stats() {
     }
     let c = cluster();
     let a1 = &c.pods[0];
-    let pod_mac: dataplane::wire::MacAddr = a1.ns.mac("eth0").parse().expect("mac");
-    let port_mac: dataplane::wire::MacAddr = c.nodes[0].ns.mac(&a1.host_if).parse().expect("mac");
+    let pod_mac = a1.ns.mac("eth0");
+    let port_mac = c.nodes[0].ns.mac(&a1.host_if);
     use dataplane::testkit::{eth, ipv4, L4};
     let good = ipv4(a1.ip, c.pods[2].ip, &L4::Udp { sport: 1, dport: 2, payload: b"x" });
     let mut bad_ihl = good.clone();

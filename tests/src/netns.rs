@@ -58,13 +58,15 @@ impl Netns {
     }
 
     /// The MAC address of `ifname` in this namespace.
-    pub fn mac(&self, ifname: &str) -> String {
+    pub fn mac(&self, ifname: &str) -> dataplane::wire::MacAddr {
         let out = self.ip(&["-o", "link", "show", ifname]);
         let text = String::from_utf8_lossy(&out.stdout);
         let mut words = text.split_whitespace();
         while let Some(w) = words.next() {
             if w == "link/ether" {
-                return words.next().unwrap_or_default().to_string();
+                if let Some(mac) = words.next().and_then(|m| m.parse().ok()) {
+                    return mac;
+                }
             }
         }
         panic!("no MAC for {ifname} in {}: {text}", self.name)

@@ -111,7 +111,7 @@ fn flannel_node(n: &Node, peer: &Node, vtep: &str, peer_vtep: &str) {
 fn vxnat_tables(n: &Node, vtep: &str, peer: &Node, peer_vtep: &str) -> Tables {
     let node = NodeConfig {
         node_ip: n.underlay_ip,
-        uplink_mac: mac(&n.ns.mac("ul")),
+        uplink_mac: n.ns.mac("ul"),
         vtep_mac: mac(vtep),
         pod_cidr: format!("10.244.{}.0/24", n.n).parse().expect("cidr"),
         cluster_cidr: "10.244.0.0/16".parse().expect("cidr"),
@@ -121,14 +121,14 @@ fn vxnat_tables(n: &Node, vtep: &str, peer: &Node, peer_vtep: &str) -> Tables {
     };
     TablesBuilder::new(node)
         .uplink(UPLINK)
-        .and_then(|b| b.pod(POD, mac(&n.ns.mac("vxpod")), n.pod_ip, mac(&n.pod.mac("eth0"))))
+        .and_then(|b| b.pod(POD, n.ns.mac("vxpod"), n.pod_ip, n.pod.mac("eth0")))
         .and_then(|b| {
             b.remote(
                 "peer",
                 peer.underlay_ip,
                 mac(peer_vtep),
                 format!("10.244.{}.0/24", peer.n).parse().expect("cidr"),
-                mac(&peer.ns.mac("ul")),
+                peer.ns.mac("ul"),
             )
         })
         .and_then(|b| b.build())

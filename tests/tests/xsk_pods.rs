@@ -20,10 +20,6 @@ const POD2: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 3);
 const P1: PortId = PortId(2);
 const P2: PortId = PortId(3);
 
-fn mac(s: &str) -> MacAddr {
-    s.parse().expect("MAC from ip link")
-}
-
 struct Setup {
     node: Netns,
     pod1: Netns,
@@ -60,8 +56,8 @@ fn tables(s: &Setup) -> Tables {
     };
     TablesBuilder::new(node)
         .uplink(PortId(0))
-        .and_then(|b| b.pod(P1, mac(&s.node.mac("vxp1")), POD1, mac(&s.pod1.mac("eth0"))))
-        .and_then(|b| b.pod(P2, mac(&s.node.mac("vxp2")), POD2, mac(&s.pod2.mac("eth0"))))
+        .and_then(|b| b.pod(P1, s.node.mac("vxp1"), POD1, s.pod1.mac("eth0")))
+        .and_then(|b| b.pod(P2, s.node.mac("vxp2"), POD2, s.pod2.mac("eth0")))
         .and_then(|b| b.build())
         .expect("valid tables")
 }

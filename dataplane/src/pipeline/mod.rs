@@ -25,6 +25,7 @@ mod service_tests;
 pub use counters::{Counters, EventCounters, PortCounters};
 pub use drop::DropReason;
 pub use frame::FrameBuf;
+pub(crate) use overlay::check_ipv4_header;
 
 use crate::tables::{PortId, PortKind, Tables};
 

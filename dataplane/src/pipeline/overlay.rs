@@ -253,37 +253,46 @@ fn to_outside(
     Ok(Disposition::Forward(ctx.tables.uplink()))
 }
 
-/// Validates the IPv4 packet at offset 14 and trims Ethernet padding after it.
+/// The checks every IPv4 header gets, on the pod side and on the uplink alike: present,
+/// version 4, sane header and total lengths, wholly inside `ip`, correct header checksum.
+/// Returns the fixed header, the header length and the total length.
 ///
-/// Reads the fixed 20-byte header through one length check (`first_chunk`), so field reads
-/// carry no further bounds checks; only packets with options take the general checksum loop.
+/// One length check (`first_chunk`) covers every field read; only headers with options take
+/// the general checksum loop.
+#[inline(always)]
+pub(crate) fn check_ipv4_header(ip: &[u8]) -> Result<(&[u8; ipv4::HEADER_LEN], usize, usize), DropReason> {
+    let Some(h) = ip.first_chunk::<{ ipv4::HEADER_LEN }>() else {
+        return Err(DropReason::Ipv4Truncated);
+    };
+    let header_len = usize::from(h[0] & 0x0f) * 4;
+    let total_len = usize::from(u16::from_be_bytes([h[2], h[3]]));
+    if h[0] >> 4 != 4 {
+        return Err(DropReason::Ipv4BadVersion);
+    }
+    if header_len < ipv4::HEADER_LEN || total_len < header_len {
+        return Err(DropReason::Ipv4BadLength);
+    }
+    if total_len > ip.len() {
+        return Err(DropReason::Ipv4Truncated);
+    }
+    let sum_ok = if header_len == ipv4::HEADER_LEN {
+        checksum::sum_ipv4_header(h) == 0xffff
+    } else {
+        checksum::verify(&ip[..header_len])
+    };
+    if !sum_ok {
+        return Err(DropReason::Ipv4BadChecksum);
+    }
+    Ok((h, header_len, total_len))
+}
+
+/// Validates the IPv4 packet at offset 14 and trims Ethernet padding after it.
 #[inline(always)]
 pub(crate) fn validate_ipv4(frame: &mut FrameBuf<'_>) -> Result<Ipv4Meta, DropReason> {
     let m = {
         let d = frame.data();
         let ip = d.get(ethernet::HEADER_LEN..).unwrap_or_default();
-        let Some(h) = ip.first_chunk::<{ ipv4::HEADER_LEN }>() else {
-            return Err(DropReason::Ipv4Truncated);
-        };
-        let header_len = usize::from(h[0] & 0x0f) * 4;
-        let total_len = usize::from(u16::from_be_bytes([h[2], h[3]]));
-        if h[0] >> 4 != 4 {
-            return Err(DropReason::Ipv4BadVersion);
-        }
-        if header_len < ipv4::HEADER_LEN || total_len < header_len {
-            return Err(DropReason::Ipv4BadLength);
-        }
-        if total_len > ip.len() {
-            return Err(DropReason::Ipv4Truncated);
-        }
-        let sum_ok = if header_len == ipv4::HEADER_LEN {
-            checksum::sum_ipv4_header(h) == 0xffff
-        } else {
-            checksum::verify(&ip[..header_len])
-        };
-        if !sum_ok {
-            return Err(DropReason::Ipv4BadChecksum);
-        }
+        let (h, header_len, total_len) = check_ipv4_header(ip)?;
         let flags_offset = u16::from_be_bytes([h[6], h[7]]);
         if flags_offset & 0x8000 != 0 {
             return Err(DropReason::Ipv4ReservedFlag);

@@ -4,9 +4,9 @@
 //! flag, no reserved bits, our VNI; the inner frame is untagged IPv4 to our VTEP MAC.
 //! On success the frame is trimmed to the inner Ethernet frame.
 
-use crate::pipeline::{DropReason, FrameBuf};
+use crate::pipeline::{check_ipv4_header, DropReason, FrameBuf};
 use crate::tables::Tables;
-use crate::wire::{checksum, ethernet, ipv4, udp, vxlan};
+use crate::wire::{checksum, ethernet, udp, vxlan};
 use crate::wire::{EtherType, EthernetFrame};
 use core::net::Ipv4Addr;
 
@@ -63,25 +63,7 @@ pub fn decap(tables: &Tables, frame: &mut FrameBuf<'_>) -> Result<Decapped, Drop
             return Err(if e[0] & 1 == 1 { DropReason::L2Multicast } else { DropReason::DstMacNotOurs });
         }
         let ip = &d[ethernet::HEADER_LEN..];
-        let Some(h) = ip.first_chunk::<{ ipv4::HEADER_LEN }>() else {
-            return Err(DropReason::Ipv4Truncated);
-        };
-        let ihl = usize::from(h[0] & 0x0f) * 4;
-        let total = usize::from(u16::from_be_bytes([h[2], h[3]]));
-        if h[0] >> 4 != 4 {
-            return Err(DropReason::Ipv4BadVersion);
-        }
-        if ihl < ipv4::HEADER_LEN || total < ihl {
-            return Err(DropReason::Ipv4BadLength);
-        }
-        if total > ip.len() {
-            return Err(DropReason::Ipv4Truncated);
-        }
-        let sum_ok =
-            if ihl == ipv4::HEADER_LEN { checksum::sum_ipv4_header(h) == 0xffff } else { checksum::verify(&ip[..ihl]) };
-        if !sum_ok {
-            return Err(DropReason::Ipv4BadChecksum);
-        }
+        let (h, ihl, total) = check_ipv4_header(ip)?;
         if h[16..20] != node.node_ip.octets() {
             return Err(DropReason::UplinkNotForNode);
         }
