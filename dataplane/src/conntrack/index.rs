@@ -1,123 +1,151 @@
 //! The conntrack index: an open-addressing hash table (linear probing, backward-shift
-//! deletion, load at most 1/2) from a flow key to its slot and direction. Hand-written rather
-//! than hashbrown so a batch can *touch* each key's home bucket before looking any of them up:
-//! the touches are independent loads, which an out-of-order CPU overlaps, so at millions of
-//! flows a batch pays roughly one memory latency instead of one per packet.
+//! deletion, load at most 1/2) from a flow key to its slot and direction.
+//!
+//! Each bucket is 8 bytes: a 32-bit hash tag and the slot (with the direction in its low bit).
+//! Keys are not stored here: a tag match is confirmed against the key kept in the flow itself,
+//! which a lookup reads anyway (to check expiry). So a bucket line holds 8 buckets, the index
+//! costs 32 bytes per flow, and a lookup touches one index line and one flow line.
+//!
+//! Hand-written rather than hashbrown so a batch can *touch* each key's home bucket before
+//! looking any of them up: the touches are independent loads, which an out-of-order CPU
+//! overlaps, so at millions of flows a batch pays roughly one memory latency instead of one
+//! per packet.
 
 use super::{Dir, FlowKey};
 
-const EMPTY: u32 = u32::MAX;
+const EMPTY: u64 = u64::MAX;
 
-#[derive(Debug, Clone, Copy)]
-struct Entry {
-    key: FlowKey,
-    slot: u32,
-    dir: Dir,
+/// A key's 32-bit hash: its low bits pick the home bucket, all of it is the bucket's tag.
+/// Computed once per packet and handed to the prefetch stages and the lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyHash(u32);
+
+impl KeyHash {
+    #[inline]
+    pub fn of(k: &FlowKey) -> KeyHash {
+        let a = (u64::from(u32::from(k.src)) << 32) | u64::from(u32::from(k.dst));
+        let b = (u64::from(k.sport) << 24) | (u64::from(k.dport) << 8) | u64::from(k.proto);
+        let mut h = a ^ b.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        KeyHash((h ^ (h >> 33)) as u32)
+    }
+}
+
+#[inline]
+fn pack(h: KeyHash, slot: u32, dir: Dir) -> u64 {
+    (u64::from(h.0) << 32) | (u64::from(slot) << 1) | u64::from(dir == Dir::Reply)
+}
+
+#[inline]
+fn tag(e: u64) -> u32 {
+    (e >> 32) as u32
+}
+
+#[inline]
+fn unpack(e: u64) -> (u32, Dir) {
+    let low = e as u32;
+    (low >> 1, if low & 1 == 1 { Dir::Reply } else { Dir::Orig })
 }
 
 #[derive(Debug, Clone)]
 pub(super) struct Index {
-    entries: Vec<Entry>,
+    entries: Vec<u64>,
     mask: usize,
     len: usize,
 }
 
-fn hash(k: &FlowKey) -> u64 {
-    let a = (u64::from(u32::from(k.src)) << 32) | u64::from(u32::from(k.dst));
-    let b = (u64::from(k.sport) << 24) | (u64::from(k.dport) << 8) | u64::from(k.proto);
-    let mut h = a ^ b.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    h ^ (h >> 33)
-}
-
 impl Index {
+    /// The most slots an index can address (the slot shares 32 bits with the direction).
+    pub(super) const MAX_SLOTS: usize = (u32::MAX >> 1) as usize;
+
     /// Room for `keys` keys at load 1/2 at most.
     pub(super) fn with_capacity(keys: usize) -> Index {
         let n = (keys.max(1) * 2).next_power_of_two();
-        let blank = Entry {
-            key: FlowKey { proto: 0, src: [0; 4].into(), dst: [0; 4].into(), sport: 0, dport: 0 },
-            slot: EMPTY,
-            dir: Dir::Orig,
-        };
         let mut entries = Vec::with_capacity(n);
         crate::xsk::advise_huge_pages(&entries);
-        entries.resize(n, blank);
+        entries.resize(n, EMPTY);
         Index { entries, mask: n - 1, len: 0 }
     }
 
     #[inline]
-    fn home(&self, k: &FlowKey) -> usize {
-        (hash(k) as usize) & self.mask
+    fn home(&self, h: KeyHash) -> usize {
+        h.0 as usize & self.mask
     }
 
+    /// Where the entry for hash `h` is whose (slot, direction) satisfies `is`: `is` confirms
+    /// a tag match against the key stored with the flow.
     #[inline]
-    fn find(&self, k: &FlowKey) -> Option<usize> {
-        let mut i = self.home(k);
+    fn find(&self, h: KeyHash, mut is: impl FnMut(u32, Dir) -> bool) -> Option<usize> {
+        let mut i = self.home(h);
         loop {
-            let e = &self.entries[i];
-            if e.slot == EMPTY {
+            let e = self.entries[i];
+            if e == EMPTY {
                 return None;
             }
-            if e.key == *k {
-                return Some(i);
+            if tag(e) == h.0 {
+                let (slot, dir) = unpack(e);
+                if is(slot, dir) {
+                    return Some(i);
+                }
             }
             i = (i + 1) & self.mask;
         }
     }
 
     #[inline]
-    pub(super) fn get(&self, k: &FlowKey) -> Option<(u32, Dir)> {
-        self.find(k).map(|i| (self.entries[i].slot, self.entries[i].dir))
+    pub(super) fn get(&self, h: KeyHash, is: impl FnMut(u32, Dir) -> bool) -> Option<(u32, Dir)> {
+        self.find(h, is).map(|i| unpack(self.entries[i]))
     }
 
-    pub(super) fn contains(&self, k: &FlowKey) -> bool {
-        self.find(k).is_some()
-    }
-
-    /// Prefetches `k`'s home bucket.
+    /// Prefetches `h`'s home bucket.
     #[inline]
-    pub(super) fn prefetch(&self, k: &FlowKey) {
-        crate::xsk::prefetch(&self.entries[self.home(k)]);
+    pub(super) fn prefetch(&self, h: KeyHash) {
+        crate::xsk::prefetch(&self.entries[self.home(h)]);
     }
 
-    /// The slot in `k`'s home bucket if it holds `k` (the common case: a short probe run).
+    /// The slot in `h`'s home bucket if its tag matches (the common case: a short probe run).
+    /// Only a hint: the key is not confirmed.
     #[inline]
-    pub(super) fn home_slot(&self, k: &FlowKey) -> Option<u32> {
-        let e = &self.entries[self.home(k)];
-        (e.slot != EMPTY && e.key == *k).then_some(e.slot)
+    pub(super) fn home_slot(&self, h: KeyHash) -> Option<u32> {
+        let e = self.entries[self.home(h)];
+        (e != EMPTY && tag(e) == h.0).then_some(unpack(e).0)
     }
 
-    /// Inserts a key known to be absent. The caller keeps the load at 1/2 or below.
-    pub(super) fn insert(&mut self, k: FlowKey, slot: u32, dir: Dir) {
-        let mut i = self.home(&k);
-        while self.entries[i].slot != EMPTY {
+    /// Inserts an entry for a key known to be absent. The caller keeps the load at 1/2 or below.
+    pub(super) fn insert(&mut self, h: KeyHash, slot: u32, dir: Dir) {
+        let mut i = self.home(h);
+        while self.entries[i] != EMPTY {
             i = (i + 1) & self.mask;
         }
-        self.entries[i] = Entry { key: k, slot, dir };
+        self.entries[i] = pack(h, slot, dir);
         self.len += 1;
     }
 
-    /// Removes `k` if present; later entries of its probe run shift back (no tombstones).
-    pub(super) fn remove(&mut self, k: &FlowKey) {
-        let Some(mut hole) = self.find(k) else { return };
+    /// Removes the entry (`h`, `slot`, `dir`) if present; later entries of its probe run shift
+    /// back (no tombstones). No key is needed: the slot identifies the entry exactly.
+    pub(super) fn remove(&mut self, h: KeyHash, slot: u32, dir: Dir) {
+        let want = pack(h, slot, dir);
+        let Some(mut hole) = self.find(h, |s, d| s == slot && d == dir) else { return };
+        debug_assert_eq!(self.entries[hole], want);
         let mut j = hole;
         loop {
             j = (j + 1) & self.mask;
-            if self.entries[j].slot == EMPTY {
+            let e = self.entries[j];
+            if e == EMPTY {
                 break;
             }
-            let home = self.home(&self.entries[j].key);
+            let home = tag(e) as usize & self.mask;
             // Move entry j into the hole unless its home lies cyclically in (hole, j].
             let stays = if hole <= j { hole < home && home <= j } else { hole < home || home <= j };
             if !stays {
-                self.entries[hole] = self.entries[j];
+                self.entries[hole] = e;
                 hole = j;
             }
         }
-        self.entries[hole].slot = EMPTY;
+        self.entries[hole] = EMPTY;
         self.len -= 1;
     }
 
@@ -127,7 +155,7 @@ impl Index {
     }
 
     pub(super) fn entry_size() -> usize {
-        core::mem::size_of::<Entry>()
+        core::mem::size_of::<u64>()
     }
 }
 
@@ -147,7 +175,8 @@ mod tests {
     }
 
     /// Against std's HashMap: random inserts and removals in a small table (so probe runs wrap
-    /// and collide), every key's presence checked after every step.
+    /// and collide), every key's presence checked after every step. Keys live in a side array
+    /// indexed by slot, as flows hold them in the real table.
     #[test]
     fn agrees_with_a_hash_map_under_churn() {
         use proptest::prelude::*;
@@ -157,17 +186,33 @@ mod tests {
             for (ins, i) in ops {
                 let k = key(i);
                 if ins && !m.contains_key(&k) && m.len() < 32 {
-                    ix.insert(k, i, Dir::Orig);
+                    ix.insert(KeyHash::of(&k), i, Dir::Orig);
                     m.insert(k, i);
-                } else if !ins {
-                    ix.remove(&k);
-                    m.remove(&k);
+                } else if !ins && m.remove(&k).is_some() {
+                    ix.remove(KeyHash::of(&k), i, Dir::Orig);
                 }
                 prop_assert_eq!(ix.len(), m.len());
                 for j in 0..48 {
-                    prop_assert_eq!(ix.get(&key(j)).map(|(s, _)| s), m.get(&key(j)).copied(), "key {} after op on {}", j, i);
+                    let kj = key(j);
+                    let got = ix.get(KeyHash::of(&kj), |s, _| key(s) == kj).map(|(s, _)| s);
+                    prop_assert_eq!(got, m.get(&kj).copied(), "key {} after op on {}", j, i);
                 }
             }
         });
+    }
+
+    /// Tags that collide in full (forced here) are told apart by the key check.
+    #[test]
+    fn equal_tags_are_resolved_by_the_key() {
+        let mut ix = Index::with_capacity(8);
+        let h = KeyHash(7);
+        ix.insert(h, 1, Dir::Orig);
+        ix.insert(h, 2, Dir::Reply);
+        assert_eq!(ix.get(h, |s, _| s == 2), Some((2, Dir::Reply)));
+        assert_eq!(ix.get(h, |s, _| s == 1), Some((1, Dir::Orig)));
+        assert_eq!(ix.get(h, |_, _| false), None);
+        ix.remove(h, 1, Dir::Orig);
+        assert_eq!(ix.get(h, |s, _| s == 2), Some((2, Dir::Reply)));
+        assert_eq!(ix.get(h, |s, _| s == 1), None);
     }
 }

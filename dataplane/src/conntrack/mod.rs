@@ -10,6 +10,7 @@
 mod index;
 mod tcp;
 
+pub use index::KeyHash;
 pub use tcp::{TcpEvent, TcpState};
 
 use crate::wire::TcpFlags;
@@ -130,22 +131,40 @@ impl Timeouts {
     }
 }
 
-/// One tracked connection.
+/// One tracked connection. Laid out (C order) so that what a lookup and the per-packet
+/// update touch (both keys, state, expiry, tag, packet counts) fills the first cache line of
+/// its 64-byte aligned slot; byte counts and creation time are on the second.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[repr(C)]
 pub struct Flow {
     /// The key of the first packet (as it arrived, before NAT).
     pub orig: FlowKey,
     /// The key reply packets arrive with (after NAT: from the backend, to the SNAT address).
     pub reply: FlowKey,
     pub state: FlowState,
-    pub created: u64,
     pub expires_at: u64,
+    /// Opaque data of the caller's (its NAT decision, e.g. a backend and SNAT port).
+    pub tag: u64,
     /// Packets and bytes, original then reply direction.
     pub packets: [u64; 2],
     pub bytes: [u64; 2],
-    /// Opaque data of the caller's (its NAT decision, e.g. a backend and SNAT port).
-    pub tag: u64,
+    pub created: u64,
 }
+
+impl Flow {
+    #[inline]
+    fn key(&self, dir: Dir) -> &FlowKey {
+        match dir {
+            Dir::Orig => &self.orig,
+            Dir::Reply => &self.reply,
+        }
+    }
+}
+
+/// A flow's storage: cache-line aligned, so a flow spans exactly the lines prefetched for it.
+#[derive(Debug, Clone)]
+#[repr(C, align(64))]
+struct Slot(Option<Flow>);
 
 /// Identifies a flow while it lives (a slot; reused after removal).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -161,7 +180,7 @@ pub enum CtError {
 
 #[derive(Debug)]
 pub struct ConnTrack {
-    slots: Vec<Option<Flow>>,
+    slots: Vec<Slot>,
     free: Vec<u32>,
     index: index::Index,
     timeouts: Timeouts,
@@ -171,10 +190,12 @@ pub struct ConnTrack {
 
 impl ConnTrack {
     /// A table for at most `capacity` flows (memory is reserved up front).
+    /// Capacity is capped at what the index can address (2^31 - 1 flows).
     pub fn new(capacity: usize, timeouts: Timeouts) -> ConnTrack {
+        let capacity = capacity.min(index::Index::MAX_SLOTS);
         let mut slots = Vec::with_capacity(capacity);
         crate::xsk::advise_huge_pages(&slots);
-        slots.resize_with(capacity, || None);
+        slots.resize_with(capacity, || Slot(None));
         ConnTrack {
             slots,
             free: (0..capacity as u32).rev().collect(),
@@ -200,34 +221,42 @@ impl ConnTrack {
     /// Bytes of memory per flow at capacity: its slot plus its index buckets (two keys per
     /// flow, the index at most half full).
     pub fn memory_per_flow() -> usize {
-        core::mem::size_of::<Option<Flow>>() + 4 * index::Index::entry_size()
+        core::mem::size_of::<Slot>() + 4 * index::Index::entry_size()
     }
 
     /// Batch prefetch, stage 1 (VPP style): the index bucket of each key. Non-blocking: the
     /// misses of a whole batch overlap.
     #[inline]
-    pub fn prefetch_buckets(&self, keys: &[FlowKey]) {
-        for k in keys {
-            self.index.prefetch(k);
+    pub fn prefetch_buckets(&self, hashes: &[KeyHash]) {
+        for &h in hashes {
+            self.index.prefetch(h);
         }
     }
 
     /// Stage 2: read the (now cached) buckets and prefetch the flows they point to.
     #[inline]
-    pub fn prefetch_flows(&self, keys: &[FlowKey]) {
-        for k in keys {
-            if let Some(slot) = self.index.home_slot(k) {
+    pub fn prefetch_flows(&self, hashes: &[KeyHash]) {
+        for &h in hashes {
+            if let Some(slot) = self.index.home_slot(h) {
                 if let Some(f) = self.slots.get(slot as usize) {
-                    crate::xsk::prefetch(f);
+                    crate::xsk::prefetch_first_line(f);
                 }
             }
         }
     }
 
+    /// The index entry for `key`, confirmed against the key its flow holds.
+    #[inline]
+    fn find(&self, key: &FlowKey, h: KeyHash) -> Option<(u32, Dir)> {
+        let slots = &self.slots;
+        self.index.get(h, |s, d| slots.get(s as usize).and_then(|x| x.0.as_ref()).is_some_and(|f| f.key(d) == key))
+    }
+
     /// Starts tracking a flow whose first packet had key `orig` and whose replies will carry
     /// `reply`.
     pub fn insert(&mut self, orig: FlowKey, reply: FlowKey, now: u64, tag: u64) -> Result<FlowId, CtError> {
-        if self.index.contains(&orig) || self.index.contains(&reply) || orig == reply {
+        let (ho, hr) = (KeyHash::of(&orig), KeyHash::of(&reply));
+        if orig == reply || self.find(&orig, ho).is_some() || self.find(&reply, hr).is_some() {
             return Err(CtError::Exists);
         }
         let Some(slot) = self.free.pop() else {
@@ -240,17 +269,23 @@ impl ConnTrack {
         };
         let expires_at = now.saturating_add(self.timeouts.of(state));
         self.slots[slot as usize] =
-            Some(Flow { orig, reply, state, created: now, expires_at, packets: [0; 2], bytes: [0; 2], tag });
-        self.index.insert(orig, slot, Dir::Orig);
-        self.index.insert(reply, slot, Dir::Reply);
+            Slot(Some(Flow { orig, reply, state, created: now, expires_at, packets: [0; 2], bytes: [0; 2], tag }));
+        self.index.insert(ho, slot, Dir::Orig);
+        self.index.insert(hr, slot, Dir::Reply);
         Ok(FlowId(slot))
     }
 
     /// The live flow a packet with `key` belongs to, and its direction. An expired flow is
     /// removed here (and queued for `take_expired`) and `None` returned.
     pub fn lookup(&mut self, key: &FlowKey, now: u64) -> Option<(FlowId, Dir)> {
-        let (slot, dir) = self.index.get(key)?;
-        let expired = self.slots[slot as usize].as_ref().is_none_or(|f| f.expires_at <= now);
+        self.lookup_hashed(key, KeyHash::of(key), now)
+    }
+
+    /// `lookup` with the key's hash already computed (by the batch's prefetch pass).
+    #[inline]
+    pub fn lookup_hashed(&mut self, key: &FlowKey, h: KeyHash, now: u64) -> Option<(FlowId, Dir)> {
+        let (slot, dir) = self.find(key, h)?;
+        let expired = self.slots[slot as usize].0.as_ref().is_none_or(|f| f.expires_at <= now);
         if expired {
             self.remove_slot(slot, true);
             return None;
@@ -259,18 +294,18 @@ impl ConnTrack {
     }
 
     pub fn get(&self, id: FlowId) -> Option<&Flow> {
-        self.slots.get(id.0 as usize)?.as_ref()
+        self.slots.get(id.0 as usize)?.0.as_ref()
     }
 
     pub fn get_mut(&mut self, id: FlowId) -> Option<&mut Flow> {
-        self.slots.get_mut(id.0 as usize)?.as_mut()
+        self.slots.get_mut(id.0 as usize)?.0.as_mut()
     }
 
     /// Accounts a packet of `len` bytes in direction `dir` (with its TCP flags for TCP),
     /// advances the state and restarts the timer. Returns what the TCP state machine noticed.
     pub fn update(&mut self, id: FlowId, dir: Dir, flags: TcpFlags, len: usize, now: u64) -> TcpEvent {
         let timeouts = self.timeouts;
-        let Some(f) = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut) else {
+        let Some(f) = self.slots.get_mut(id.0 as usize).and_then(|s| s.0.as_mut()) else {
             return TcpEvent::None;
         };
         f.packets[dir.index()] += 1;
@@ -295,9 +330,9 @@ impl ConnTrack {
     }
 
     fn remove_slot(&mut self, slot: u32, to_expired: bool) -> Option<Flow> {
-        let f = self.slots.get_mut(slot as usize)?.take()?;
-        self.index.remove(&f.orig);
-        self.index.remove(&f.reply);
+        let f = self.slots.get_mut(slot as usize)?.0.take()?;
+        self.index.remove(KeyHash::of(&f.orig), slot, Dir::Orig);
+        self.index.remove(KeyHash::of(&f.reply), slot, Dir::Reply);
         self.free.push(slot);
         if to_expired {
             self.expired.push(f);
@@ -318,7 +353,7 @@ impl ConnTrack {
         for _ in 0..budget.min(n) {
             let i = self.sweep_at;
             self.sweep_at = (self.sweep_at + 1) % n;
-            if self.slots[i].as_ref().is_some_and(|f| f.expires_at <= now) {
+            if self.slots[i].0.as_ref().is_some_and(|f| f.expires_at <= now) {
                 self.remove_slot(i as u32, true);
             }
         }
@@ -331,7 +366,7 @@ impl ConnTrack {
 
     /// Every live flow (for `vxnat ctl flows`).
     pub fn iter(&self) -> impl Iterator<Item = &Flow> {
-        self.slots.iter().flatten()
+        self.slots.iter().filter_map(|s| s.0.as_ref())
     }
 }
 

@@ -27,6 +27,7 @@ pub use drop::DropReason;
 pub use frame::FrameBuf;
 pub(crate) use overlay::check_ipv4_header;
 
+use crate::conntrack::{FlowKey, KeyHash};
 use crate::tables::{PortId, PortKind, Tables};
 
 /// Monotonic time in nanoseconds, passed in by the caller (never read inside stages).
@@ -97,6 +98,8 @@ pub type AffinityKey = (u8, core::net::Ipv4Addr, u16, core::net::Ipv4Addr);
 
 /// Conntrack tables larger than this are prefetched batch by batch.
 const PREFETCH_FROM_FLOWS: usize = 4096;
+/// Frames of a batch that get a prefetch pass and a key hint.
+const HINTS: usize = 64;
 
 /// Affinity entries kept before expired ones are purged.
 const AFFINITY_PURGE_AT: usize = 65536;
@@ -170,23 +173,29 @@ pub fn process_batch(
     // Prefetch stages (VPP style): each frame's conntrack bucket, then its flow, for the whole
     // batch before any lookup; the misses overlap and the lookups below hit cache. Only worth it
     // once the table outgrows the caches.
+    const NO_HINT: Option<(FlowKey, KeyHash)> = None;
+    let mut hints = [NO_HINT; HINTS];
     if flows.len() > PREFETCH_FROM_FLOWS {
         let uplink = entry.kind == PortKind::Uplink;
-        let mut keys =
-            [crate::conntrack::FlowKey { proto: 0, src: [0; 4].into(), dst: [0; 4].into(), sport: 0, dport: 0 }; 64];
+        let mut hashes =
+            [KeyHash::of(&FlowKey { proto: 0, src: [0; 4].into(), dst: [0; 4].into(), sport: 0, dport: 0 }); HINTS];
         let mut k = 0;
-        for f in frames[..n.min(64)].iter() {
+        for (f, hint) in frames[..n.min(HINTS)].iter().zip(hints.iter_mut()) {
             if let Some(key) = peek_flow_key(f.data(), uplink) {
-                keys[k] = key;
+                let h = KeyHash::of(&key);
+                *hint = Some((key, h));
+                hashes[k] = h;
                 k += 1;
             }
         }
-        flows.prefetch_buckets(&keys[..k]);
-        flows.prefetch_flows(&keys[..k]);
+        flows.prefetch_buckets(&hashes[..k]);
+        flows.prefetch_flows(&hashes[..k]);
     }
-    let mut ctx = overlay::Ctx { tables, now, ingress, ident, icmp_limit, counters: port, flows, snat, affinity };
+    let mut ctx =
+        overlay::Ctx { tables, now, ingress, ident, icmp_limit, counters: port, flows, snat, affinity, hint: None };
     release_expired(&mut ctx);
-    for (frame, o) in frames[..n].iter_mut().zip(out[..n].iter_mut()) {
+    for (i, (frame, o)) in frames[..n].iter_mut().zip(out[..n].iter_mut()).enumerate() {
+        ctx.hint = hints.get(i).copied().flatten();
         let d = overlay::process_one(&mut ctx, &entry, frame);
         if let Disposition::Drop(r) = d {
             ctx.counters.drops[r.index()] += 1;

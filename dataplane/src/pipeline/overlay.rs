@@ -42,6 +42,9 @@ pub(crate) struct Ctx<'a> {
     pub(crate) flows: &'a mut crate::conntrack::ConnTrack,
     pub(crate) snat: &'a mut crate::nat::snat::SnatAllocator,
     pub(crate) affinity: &'a mut ahash::AHashMap<super::AffinityKey, ((Ipv4Addr, u16), Nanos)>,
+    /// The current frame's flow key as the batch's prefetch pass guessed it, with its hash
+    /// (so a lookup of that key does not hash it again).
+    pub(crate) hint: Option<(crate::conntrack::FlowKey, crate::conntrack::KeyHash)>,
 }
 
 impl Ctx<'_> {

@@ -12,7 +12,7 @@
 use super::overlay::{Ctx, Ipv4Meta, Origin};
 use super::reply;
 use super::{Disposition, DropReason, FrameBuf};
-use crate::conntrack::{CtError, Dir, FlowKey, TcpEvent};
+use crate::conntrack::{CtError, Dir, FlowKey, KeyHash, TcpEvent};
 use crate::nat::snat::Destination;
 use crate::wire::checksum;
 use crate::wire::{ethernet, tcp, udp, MacAddr, TcpFlags};
@@ -60,7 +60,11 @@ pub(crate) fn apply(
     let (sport, dport) = ((m.ports >> 16) as u16, m.ports as u16);
     let key = FlowKey { proto: m.proto, src: m.src, dst: m.dst, sport, dport };
     let flags = if m.proto == 6 { tcp_flags(frame, m) } else { TcpFlags(0) };
-    if let Some((id, dir)) = ctx.flows.lookup(&key, ctx.now) {
+    let hash = match ctx.hint {
+        Some((k, h)) if k == key => h,
+        _ => KeyHash::of(&key),
+    };
+    if let Some((id, dir)) = ctx.flows.lookup_hashed(&key, hash, ctx.now) {
         match ctx.flows.update(id, dir, flags, m.total_len, ctx.now) {
             TcpEvent::Reopened => {
                 // A new SYN on a closed flow: start over (and pick an endpoint afresh).
