@@ -247,7 +247,7 @@ impl NodeFile {
             return Err(format!("{}: service_cidr: {:?} is not an IPv4 CIDR", origin.display(), f.service_cidr));
         }
         let m = f.maglev_table_size;
-        if m < 7 || !(2..).take_while(|d| d * d <= m).all(|d| m % d != 0) {
+        if m < 7 || !(2..).take_while(|d| d * d <= m).all(|d| !m.is_multiple_of(d)) {
             return Err(format!("{}: maglev_table_size: {m} is not a prime of at least 7", origin.display()));
         }
         f.nat.ports().map_err(|e| format!("{}: {e}", origin.display()))?;

@@ -5,10 +5,13 @@
 //! `Arc<Tables>` is swapped in whole.
 
 use crate::config::NodeFile;
+use crate::model::{Model, Update};
 use crate::netinfo;
+use crate::services::Compiler;
 use crate::state::{derived_vtep_mac, ClusterState, NodeView};
 use core::net::Ipv4Addr;
 use crossbeam_channel::{bounded, Receiver, Sender};
+use dataplane::nat::service::ServiceTable;
 use dataplane::pipeline::DropReason;
 use dataplane::tables::{NodeConfig, PortId, Tables, TablesBuilder};
 use dataplane::wire::{Ipv4Cidr, MacAddr};
@@ -33,7 +36,7 @@ pub struct Pod {
 }
 
 /// Everything the tables are compiled from, apart from the pods.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Facts {
     pub file: NodeFile,
     pub me: NodeView,
@@ -45,8 +48,15 @@ pub struct Facts {
     pub host: Option<(String, MacAddr, String, MacAddr)>,
     /// Other nodes and the resolved MAC of the underlay next hop toward each.
     pub remotes: Vec<(NodeView, MacAddr)>,
-    /// The cluster state's Services and EndpointSlices.
-    pub state: ClusterState,
+    /// The cluster as the source reported it.
+    pub model: Model,
+    /// Per-Service compiled forms, and the Service table they make.
+    pub compiler: Compiler,
+    pub services: Arc<ServiceTable>,
+    /// NodePorts as the node-local nftables rules were last written.
+    pub node_ports: Vec<(&'static str, u16, Ipv4Addr, u16)>,
+    /// Problems last reported (so each is logged once, when it appears).
+    problems: Vec<String>,
 }
 
 impl Facts {
@@ -75,30 +85,71 @@ impl Facts {
             let vtep = r.vtep_mac.unwrap_or_else(|| derived_vtep_mac(&r.name));
             b = b.remote(&r.name, r.node_ip, vtep, r.pod_cidr, *next_hop).map_err(|e| e.to_string())?;
         }
-        let (services, problems) = crate::services::compile(&self.state, &self.me.name, self.file.maglev_table_size);
-        for p in problems {
+        b.services(self.services.clone()).build().map_err(|e| e.to_string())
+    }
+
+    /// Logs the problems not reported last time.
+    fn report(&mut self, problems: Vec<String>) {
+        for p in problems.iter().filter(|p| !self.problems.contains(p)) {
             eprintln!("vxnat: skipped: {p}");
         }
-        b.services(services).build().map_err(|e| e.to_string())
+        self.problems = problems;
+    }
+
+    /// Compiles the Services `dirty` names (all of them when `None`) and assembles the table.
+    fn compile_services(&mut self, dirty: Option<&std::collections::BTreeSet<crate::model::Key>>) {
+        match dirty {
+            None => self.compiler.compile_all(&self.model),
+            Some(d) => self.compiler.compile_changed(&self.model, d),
+        };
+        let (table, conflicts) = self.compiler.table();
+        let mut problems = self.compiler.problems();
+        problems.extend(conflicts);
+        self.report(problems);
+        self.services = Arc::new(table);
+    }
+
+    /// Applies the other Nodes of the model: new ones get their underlay next hop resolved,
+    /// known ones keep theirs. This node's own Node cannot change live (its pod CIDR and
+    /// address are wired into the host port and the XDP program): a change is reported.
+    fn update_remotes(&mut self) {
+        let mut remotes = Vec::new();
+        for n in self.model.nodes.values() {
+            let v = match NodeView::from_node(n) {
+                Ok(v) => v,
+                Err(e) => {
+                    eprintln!("vxnat: skipped: {e}");
+                    continue;
+                }
+            };
+            if v.name == self.me.name {
+                if v.pod_cidr != self.me.pod_cidr || v.node_ip != self.me.node_ip {
+                    eprintln!("vxnat: Node {}: podCIDR or address changed; restart vxnat to apply it", v.name);
+                }
+                continue;
+            }
+            let hop = self
+                .remotes
+                .iter()
+                .find(|(r, _)| r.node_ip == v.node_ip)
+                .map(|(_, h)| *h)
+                .or_else(|| netinfo::next_hop_mac(v.node_ip).ok().flatten())
+                .unwrap_or(MacAddr::ZERO);
+            remotes.push((v, hop));
+        }
+        self.remotes = remotes;
     }
 }
 
-/// Gathers the facts for `file`'s node: its Node object, the other nodes, the uplink.
-pub fn gather(file: &NodeFile) -> Result<Facts, String> {
-    let path =
-        file.state.as_ref().ok_or("state: the Kubernetes API source is not implemented yet; give a state file")?;
-    let state = ClusterState::load(path)?;
-    let mut me = None;
-    let mut others = Vec::new();
-    for n in &state.nodes {
-        let v = NodeView::from_node(n)?;
-        if v.name == file.node {
-            me = Some(v);
-        } else {
-            others.push(v);
-        }
-    }
-    let me = me.ok_or(format!("{}: no Node named {:?} (node in the config)", path.display(), file.node))?;
+/// Gathers the facts for `file`'s node from the cluster `model`: its Node object, the other
+/// nodes, the uplink; compiles every Service.
+pub fn gather(file: &NodeFile, model: Model) -> Result<Facts, String> {
+    let source = file.state.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "Kubernetes API".into());
+    let me = model
+        .nodes
+        .get(&file.node)
+        .ok_or(format!("{source}: no Node named {:?} (node in the config)", file.node))
+        .and_then(NodeView::from_node)?;
     if let Some(vni) = me.vni.filter(|v| *v != file.vxlan.vni) {
         return Err(format!("Node {}: backend-data VNI {vni} differs from vxlan.vni {}", me.name, file.vxlan.vni));
     }
@@ -106,12 +157,53 @@ pub fn gather(file: &NodeFile) -> Result<Facts, String> {
     let cluster: Ipv4Cidr = file.cluster_cidr.parse().map_err(|_| "cluster_cidr: not a CIDR".to_string())?;
     let uplink_mac = netinfo::mac(&file.uplink)?;
     let uplink_mtu = netinfo::mtu(&file.uplink)?;
-    let mut remotes = Vec::new();
-    for o in others {
-        let hop = netinfo::next_hop_mac(o.node_ip)?.unwrap_or(MacAddr::ZERO);
-        remotes.push((o, hop));
+    let mut facts = Facts {
+        file: file.clone(),
+        compiler: Compiler::new(&me.name, file.maglev_table_size),
+        me,
+        vtep_mac,
+        uplink_mac,
+        uplink_mtu,
+        cluster,
+        host: None,
+        remotes: Vec::new(),
+        model,
+        services: Arc::default(),
+        node_ports: Vec::new(),
+        problems: Vec::new(),
+    };
+    facts.update_remotes();
+    facts.compile_services(None);
+    facts.node_ports = crate::services::node_port_redirects(facts.model.services.values());
+    Ok(facts)
+}
+
+/// The first complete cluster state: the file, or the Kubernetes API's first list of every
+/// kind (waited for up to `timeout`).
+fn initial_model(
+    file: &NodeFile,
+    updates: &crossbeam_channel::Receiver<Update>,
+    timeout: Duration,
+) -> Result<Model, String> {
+    if let Some(path) = &file.state {
+        return Ok(Model::from_state(ClusterState::load(path)?));
     }
-    Ok(Facts { file: file.clone(), me, vtep_mac, uplink_mac, uplink_mtu, cluster, host: None, remotes, state })
+    let mut model = Model::default();
+    let mut listed = Vec::new();
+    let deadline = Instant::now() + timeout;
+    while listed.len() < 3 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let u = updates.recv_timeout(left).map_err(|_| {
+            format!("Kubernetes API: no complete list of Nodes, Services and EndpointSlices within {timeout:?}")
+        })?;
+        if let Update::Relisted(k, _) = &u {
+            if !listed.contains(k) {
+                listed.push(*k);
+            }
+        }
+        model.apply(u);
+    }
+    Ok(model)
 }
 
 /// Commands from the control thread to the worker.
@@ -449,6 +541,51 @@ impl Node {
         }
     }
 
+    /// Applies updates from the cluster source: the model says what changed, only those
+    /// Services are compiled again, and a new tables snapshot goes to the worker, which swaps
+    /// it in between two batches. Returns the new generation, if anything changed.
+    pub fn apply_updates(&mut self, updates: impl IntoIterator<Item = Update>) -> Option<u64> {
+        let t0 = Instant::now();
+        let mut dirty = crate::model::Dirty::default();
+        for u in updates {
+            dirty.merge(self.facts.model.apply(u));
+        }
+        if dirty.is_empty() {
+            return None;
+        }
+        if dirty.nodes {
+            self.facts.update_remotes();
+        }
+        if !dirty.services.is_empty() {
+            self.facts.compile_services(Some(&dirty.services));
+            let node_ports = crate::services::node_port_redirects(self.facts.model.services.values());
+            if node_ports != self.facts.node_ports {
+                self.facts.node_ports = node_ports;
+                if let Err(e) = install_rules(&self.facts) {
+                    eprintln!("vxnat: node-local NodePort rules: {e}");
+                }
+            }
+        }
+        let pods = self.pods.clone();
+        match self.compile(&pods) {
+            Ok(t) => {
+                let generation = t.generation;
+                let _ = self.commands.send(Command::Tables(t));
+                eprintln!(
+                    "vxnat: tables generation {generation}: {} Services changed{}, compiled in {:.1} ms",
+                    dirty.services.len(),
+                    if dirty.nodes { ", Nodes changed" } else { "" },
+                    t0.elapsed().as_secs_f64() * 1e3
+                );
+                Some(generation)
+            }
+            Err(e) => {
+                eprintln!("vxnat: new tables not built ({e}); the current ones stay");
+                None
+            }
+        }
+    }
+
     /// Port names for reports.
     pub fn port_name(&self, port: u16) -> String {
         match port {
@@ -464,11 +601,47 @@ impl Node {
     }
 }
 
+/// Writes vxnat's nftables table for this node (node-local NodePorts, host port SNAT, pod
+/// masquerade).
+fn install_rules(facts: &Facts) -> Result<(), String> {
+    let file = &facts.file;
+    let services = file.service_cidr.parse::<Ipv4Cidr>().map_err(|_| "service_cidr".to_string())?.network().to_string();
+    netinfo::install_node_rules(&netinfo::NodeRules {
+        cluster: &facts.cluster.network().to_string(),
+        services: &services,
+        host_stack_if: facts.host.as_ref().map(|h| h.2.as_str()),
+        gateway: facts.me.pod_cidr.first_host(),
+        masquerade: file.masquerade,
+        node_ports: &facts.node_ports,
+    })
+}
+
 /// Runs the node until SIGTERM/SIGINT; cleans up on the way out.
 pub fn run(file: NodeFile) -> Result<(), String> {
     let previous = load_pods(&file);
     cleanup_leftovers(&file, &previous);
-    let mut facts = gather(&file)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone()).map_err(|e| format!("signal handler: {e}"))?;
+    }
+    // The cluster source: the state file, followed for changes, or the Kubernetes API.
+    let (update_tx, updates) = crossbeam_channel::unbounded();
+    let (annotate_tx, annotate_rx) = crossbeam_channel::unbounded();
+    let _source = match &file.state {
+        Some(path) => crate::source::follow_file(path.clone(), update_tx, stop.clone(), None),
+        None => crate::source::KubeSource { config: None, node: file.node.clone() }.spawn(
+            update_tx,
+            annotate_rx,
+            stop.clone(),
+        ),
+    }
+    .map_err(|e| format!("starting the cluster source: {e}"))?;
+    let mut facts = gather(&file, initial_model(&file, &updates, Duration::from_secs(60))?)?;
+    if file.state.is_none() {
+        let mac = facts.vtep_mac.to_string();
+        let _ =
+            annotate_tx.send(crate::source::flannel_annotations(file.vxlan.vni, &mac, &facts.me.node_ip.to_string()));
+    }
     if file.host.enabled {
         let gw = facts.me.pod_cidr.first_host();
         // The pods' MTU: what fits the underlay after VXLAN.
@@ -487,29 +660,13 @@ pub fn run(file: NodeFile) -> Result<(), String> {
         facts.host =
             Some((file.host.ifname.clone(), netinfo::mac(&file.host.ifname)?, stack.clone(), netinfo::mac(&stack)?));
     }
-    {
-        let services =
-            file.service_cidr.parse::<Ipv4Cidr>().map_err(|_| "service_cidr".to_string())?.network().to_string();
-        let node_ports = crate::services::node_port_redirects(&facts.state);
-        netinfo::install_node_rules(&netinfo::NodeRules {
-            cluster: &facts.cluster.network().to_string(),
-            services: &services,
-            host_stack_if: facts.host.as_ref().map(|h| h.2.as_str()),
-            gateway: facts.me.pod_cidr.first_host(),
-            masquerade: file.masquerade,
-            node_ports: &node_ports,
-        })?;
-    }
+    install_rules(&facts)?;
     if file.masquerade && std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "0") {
         eprintln!("vxnat: net.ipv4.ip_forward is 0: pod traffic leaving the cluster will not be forwarded by this node (set it to 1, as flannel nodes have it)");
     }
     // Pods attached before a restart come back if their interface still exists.
     let pods: Vec<Pod> = previous.into_iter().filter(|p| netinfo::exists(&p.ifname)).collect();
     let tables = Arc::new(facts.tables(&pods, 1)?);
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, stop.clone()).map_err(|e| format!("signal handler: {e}"))?;
-    }
     let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
     let (ready_tx, ready_rx) = bounded(1);
     let cfg = WorkerConfig {
@@ -580,7 +737,13 @@ pub fn run(file: NodeFile) -> Result<(), String> {
     }
     let mut last_refresh = Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(100));
+        // Cluster changes: everything queued is applied as one new snapshot.
+        if let Ok(first) = updates.recv_timeout(Duration::from_millis(100)) {
+            let batch: Vec<Update> = std::iter::once(first).chain(updates.try_iter()).collect();
+            if let Ok(mut n) = node.lock() {
+                n.apply_updates(batch);
+            }
+        }
         if dirty.swap(false, Ordering::Relaxed) || last_refresh.elapsed() > Duration::from_secs(10) {
             if let Ok(mut n) = node.lock() {
                 n.refresh_underlay();

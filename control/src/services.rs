@@ -4,16 +4,24 @@
 //! default as the API says (`ready` absent = true, `serving` absent = `ready`, `terminating`
 //! absent = false); an endpoint is local when its `nodeName` is this node.
 //!
-//! One broken Service does not take the others down: it is skipped and reported, by object and
-//! field.
+//! One broken Service does not take the others down: it is reported by object and field, and
+//! its last good version (if it had one) keeps serving.
+//!
+//! Compilation is per Service and cached (`Compiler`): after a change only the Services it
+//! touched are compiled again, and the table is assembled from the cache by sharing each
+//! port's compiled form (Maglev tables included) rather than copying it. A full compile spreads
+//! the Services over the machine's cores.
 
+use crate::model::{Key, Model};
 use crate::state::ClusterState;
 use core::net::Ipv4Addr;
 use dataplane::nat::service::{Endpoint, Frontend, FrontendKind, ServicePort, ServiceTable};
 use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 pub const DEFAULT_AFFINITY_S: i32 = 10800;
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 fn proto_num(p: Option<&str>) -> Option<u8> {
     match p.unwrap_or("TCP") {
@@ -29,9 +37,11 @@ fn ip(s: &str, what: &str) -> Result<Ipv4Addr, String> {
 
 /// NodePorts with the ClusterIP and port behind each, for node-local clients:
 /// (protocol name, node port, ClusterIP, port).
-pub fn node_port_redirects(state: &ClusterState) -> Vec<(&'static str, u16, Ipv4Addr, u16)> {
+pub fn node_port_redirects<'a>(
+    services: impl IntoIterator<Item = &'a Service>,
+) -> Vec<(&'static str, u16, Ipv4Addr, u16)> {
     let mut v = Vec::new();
-    for svc in &state.services {
+    for svc in services {
         let Some(spec) = svc.spec.as_ref() else { continue };
         if !matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer")) {
             continue;
@@ -51,32 +61,159 @@ pub fn node_port_redirects(state: &ClusterState) -> Vec<(&'static str, u16, Ipv4
     v
 }
 
-/// The compiled table and what was skipped (each message names the object and field).
-pub fn compile(state: &ClusterState, node: &str, maglev_size: usize) -> (ServiceTable, Vec<String>) {
-    let mut table = ServiceTable::default();
-    let mut problems = Vec::new();
-    for svc in &state.services {
-        if let Err(e) = compile_service(state, svc, node, maglev_size, &mut table) {
-            problems.push(e);
-        }
+/// One Service port, compiled, with the frontends that lead to it.
+#[derive(Debug, Clone)]
+struct CompiledPort {
+    port: Arc<ServicePort>,
+    /// `Service ns/name: spec.ports[i]`, for conflict reports.
+    field: String,
+    frontends: Vec<(Frontend, FrontendKind)>,
+    node_ports: Vec<(u8, u16)>,
+}
+
+/// A compiled Service: its ports.
+#[derive(Debug, Clone, Default)]
+pub struct CompiledService {
+    ports: Vec<CompiledPort>,
+}
+
+/// The per-Service cache and the table it assembles.
+#[derive(Debug)]
+pub struct Compiler {
+    node: String,
+    maglev_size: usize,
+    cache: BTreeMap<Key, CompiledService>,
+    /// The current problem of each Service that has one.
+    problems: BTreeMap<Key, String>,
+}
+
+impl Compiler {
+    pub fn new(node: &str, maglev_size: usize) -> Compiler {
+        Compiler { node: node.to_string(), maglev_size, cache: BTreeMap::new(), problems: BTreeMap::new() }
     }
+
+    /// Every Service's current problem, in key order.
+    pub fn problems(&self) -> Vec<String> {
+        self.problems.values().cloned().collect()
+    }
+
+    /// Compiles every Service of `model`, on all cores. Returns the problems found.
+    pub fn compile_all(&mut self, model: &Model) -> Vec<String> {
+        self.cache.clear();
+        self.problems.clear();
+        let keys: Vec<&Key> = model.services.keys().collect();
+        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(keys.len().max(1));
+        let chunk = keys.len().div_ceil(threads).max(1);
+        let (node, size) = (&self.node, self.maglev_size);
+        let results: Vec<Vec<(Key, Result<CompiledService, String>)>> = std::thread::scope(|s| {
+            let handles: Vec<_> = keys
+                .chunks(chunk)
+                .map(|part| {
+                    s.spawn(move || {
+                        part.iter()
+                            .map(|k| {
+                                ((*k).clone(), compile_service(&model.services[*k], &model.slices_of(k), node, size))
+                            })
+                            .collect()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_default()).collect()
+        });
+        let mut problems = Vec::new();
+        for (k, r) in results.into_iter().flatten() {
+            match r {
+                Ok(c) => {
+                    self.cache.insert(k, c);
+                }
+                Err(e) => {
+                    self.problems.insert(k, e.clone());
+                    problems.push(e);
+                }
+            }
+        }
+        problems
+    }
+
+    /// Compiles the Services in `dirty` again (a Service gone from the model leaves the
+    /// cache). A Service that no longer compiles keeps its last good version. Returns the
+    /// problems found.
+    pub fn compile_changed<'a>(&mut self, model: &Model, dirty: impl IntoIterator<Item = &'a Key>) -> Vec<String> {
+        let mut problems = Vec::new();
+        for k in dirty {
+            self.problems.remove(k);
+            let Some(svc) = model.services.get(k) else {
+                self.cache.remove(k);
+                continue;
+            };
+            match compile_service(svc, &model.slices_of(k), &self.node, self.maglev_size) {
+                Ok(c) => {
+                    self.cache.insert(k.clone(), c);
+                }
+                Err(e) => {
+                    let e = if self.cache.contains_key(k) { format!("{e}; its last good version stays") } else { e };
+                    self.problems.insert(k.clone(), e.clone());
+                    problems.push(e);
+                }
+            }
+        }
+        problems
+    }
+
+    /// The table of every cached Service, in key order (so when two Services claim one
+    /// frontend, the same one wins on every node), and the conflicts found.
+    pub fn table(&self) -> (ServiceTable, Vec<String>) {
+        let mut table = ServiceTable::default();
+        let mut problems = Vec::new();
+        for c in self.cache.values() {
+            for p in &c.ports {
+                let idx = table.add_shared_port(p.port.clone());
+                for &(f, kind) in &p.frontends {
+                    if let Err(e) = table.add_frontend(f, kind, idx) {
+                        problems.push(format!("{}: {e}", p.field));
+                    }
+                }
+                for &(proto, np) in &p.node_ports {
+                    if let Err(e) = table.add_node_port(proto, np, idx) {
+                        problems.push(format!("{}.nodePort: {e}", p.field));
+                    }
+                }
+            }
+        }
+        (table, problems)
+    }
+
+    pub fn service_count(&self) -> usize {
+        self.cache.len()
+    }
+}
+
+/// The compiled table for a whole state, and what was skipped (each message names the object
+/// and field).
+pub fn compile(state: &ClusterState, node: &str, maglev_size: usize) -> (ServiceTable, Vec<String>) {
+    let model = Model::from_state(state.clone());
+    let mut c = Compiler::new(node, maglev_size);
+    let mut problems = c.compile_all(&model);
+    let (table, conflicts) = c.table();
+    problems.extend(conflicts);
     (table, problems)
 }
 
-fn compile_service(
-    state: &ClusterState,
+/// Compiles one Service with its EndpointSlices.
+pub fn compile_service(
     svc: &Service,
+    slices: &[&EndpointSlice],
     node: &str,
     maglev_size: usize,
-    table: &mut ServiceTable,
-) -> Result<(), String> {
+) -> Result<CompiledService, String> {
     let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
     let name = svc.metadata.name.as_deref().ok_or("Service: metadata.name: missing")?;
     let what = format!("Service {ns}/{name}");
-    let Some(spec) = svc.spec.as_ref() else { return Ok(()) };
+    let mut out = CompiledService::default();
+    let Some(spec) = svc.spec.as_ref() else { return Ok(out) };
     let kind = spec.type_.as_deref().unwrap_or("ClusterIP");
     if kind == "ExternalName" {
-        return Ok(());
+        return Ok(out);
     }
     let cluster_ip = match spec.cluster_ip.as_deref() {
         None | Some("") | Some("None") => None, // headless: nothing to translate
@@ -115,15 +252,7 @@ fn compile_service(
     } else {
         None
     };
-    let slices: Vec<_> = state
-        .endpoint_slices
-        .iter()
-        .filter(|s| s.metadata.namespace.as_deref().unwrap_or("default") == ns)
-        .filter(|s| {
-            s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)).map(String::as_str) == Some(name)
-        })
-        .filter(|s| s.address_type == "IPv4")
-        .collect();
+    let slices: Vec<&&EndpointSlice> = slices.iter().filter(|s| s.address_type == "IPv4").collect();
     for (pi, sp) in spec.ports.iter().flatten().enumerate() {
         let field = format!("{what}: spec.ports[{pi}]");
         let Some(proto) = proto_num(sp.protocol.as_deref()) else {
@@ -156,37 +285,29 @@ fn compile_service(
         endpoints.sort_by_key(|e| (e.ip, e.port));
         endpoints.dedup_by_key(|e| (e.ip, e.port));
         let port_name = sp.name.clone().unwrap_or_else(|| port.to_string());
-        let idx = table.add_port(ServicePort::new(
+        let compiled = ServicePort::new(
             format!("{ns}/{name}:{port_name}"),
             &endpoints,
             external_local,
             internal_local,
             affinity_ns,
             maglev_size,
-        )?);
+        )?;
+        let mut p = CompiledPort { port: Arc::new(compiled), field, frontends: Vec::new(), node_ports: Vec::new() };
         if let Some(cip) = cluster_ip {
-            table
-                .add_frontend(Frontend { proto, ip: cip, port }, FrontendKind::ClusterIp, idx)
-                .map_err(|e| format!("{field}: {e}"))?;
+            p.frontends.push((Frontend { proto, ip: cip, port }, FrontendKind::ClusterIp));
         }
-        for eip in &external_ips {
-            table
-                .add_frontend(Frontend { proto, ip: *eip, port }, FrontendKind::ExternalIp, idx)
-                .map_err(|e| format!("{field}: {e}"))?;
-        }
-        for lip in &lb_ips {
-            table
-                .add_frontend(Frontend { proto, ip: *lip, port }, FrontendKind::LoadBalancer, idx)
-                .map_err(|e| format!("{field}: {e}"))?;
-        }
+        p.frontends.extend(external_ips.iter().map(|&ip| (Frontend { proto, ip, port }, FrontendKind::ExternalIp)));
+        p.frontends.extend(lb_ips.iter().map(|&ip| (Frontend { proto, ip, port }, FrontendKind::LoadBalancer)));
         if matches!(kind, "NodePort" | "LoadBalancer") {
             if let Some(np) = sp.node_port {
-                let np = u16::try_from(np).map_err(|_| format!("{field}.nodePort: {np}"))?;
-                table.add_node_port(proto, np, idx).map_err(|e| format!("{field}.nodePort: {e}"))?;
+                let np = u16::try_from(np).map_err(|_| format!("{}.nodePort: {np}", p.field))?;
+                p.node_ports.push((proto, np));
             }
         }
+        out.ports.push(p);
     }
-    Ok(())
+    Ok(out)
 }
 
 #[cfg(test)]

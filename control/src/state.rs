@@ -33,6 +33,20 @@ fn describe(v: &serde_yaml_ng::Value, doc: usize) -> String {
     }
 }
 
+/// Deserializes one object into its k8s-openapi type; an error names the field by its path
+/// (`Service shop/web: spec.ports[0].port: invalid type: ...`).
+fn typed<T: serde::de::DeserializeOwned>(item: serde_yaml_ng::Value, what: &str) -> Result<T, String> {
+    serde_path_to_error::deserialize(item).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            format!("{what}: {inner}")
+        } else {
+            format!("{what}: {path}: {inner}")
+        }
+    })
+}
+
 impl ClusterState {
     pub fn parse(text: &str) -> Result<ClusterState, String> {
         let mut state = ClusterState::default();
@@ -55,15 +69,9 @@ impl ClusterState {
                 let what = describe(&item, doc + 1);
                 let kind = item.get("kind").and_then(|k| k.as_str()).map(str::to_string);
                 match kind.as_deref() {
-                    Some("Node") => {
-                        state.nodes.push(serde_yaml_ng::from_value(item).map_err(|e| format!("{what}: {e}"))?)
-                    }
-                    Some("Service") => {
-                        state.services.push(serde_yaml_ng::from_value(item).map_err(|e| format!("{what}: {e}"))?)
-                    }
-                    Some("EndpointSlice") => {
-                        state.endpoint_slices.push(serde_yaml_ng::from_value(item).map_err(|e| format!("{what}: {e}"))?)
-                    }
+                    Some("Node") => state.nodes.push(typed(item, &what)?),
+                    Some("Service") => state.services.push(typed(item, &what)?),
+                    Some("EndpointSlice") => state.endpoint_slices.push(typed(item, &what)?),
                     // Other kinds (Endpoints, Pods, ...) are not vxnat's business.
                     Some(_) => {}
                     None => return Err(format!("{what}: kind: missing")),

@@ -840,3 +840,135 @@ fn pods_reach_outside_the_cluster_masqueraded() {
         "masquerade rules left behind"
     );
 }
+
+/// The state file source, live: a Service added to the file answers within a second while a
+/// TCP stream through another Service runs on, intact; an endpoint removed from a slice stops
+/// getting new connections; a broken file is reported (object and field named) and the last
+/// good state keeps serving.
+#[test]
+fn state_file_changes_apply_live_without_disturbing_flows() {
+    if !require_root("state_file_changes_apply_live_without_disturbing_flows") {
+        return;
+    }
+    use vxnat_tests::netns::{fnv1a, payload};
+    const STREAM: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: stream, namespace: default}
+spec: {clusterIP: 10.96.0.80, ports: [{name: data, port: 9000, targetPort: 9000, protocol: TCP}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: stream-x1, namespace: default, labels: {kubernetes.io/service-name: stream}}
+addressType: IPv4
+ports: [{name: data, port: 9000, protocol: TCP}]
+endpoints:
+- {addresses: [10.244.1.2], conditions: {ready: true}, nodeName: node-b}
+"#;
+    const ADDED: &str = r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {name: added, namespace: default}
+spec: {clusterIP: 10.96.0.81, ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: added-x1, namespace: default, labels: {kubernetes.io/service-name: added}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- {addresses: [10.244.0.3], conditions: {ready: true}, nodeName: node-a}
+- {addresses: [10.244.1.3], conditions: {ready: true}, nodeName: node-b}
+"#;
+    let c = cluster_with(STREAM);
+    let state = c._dir.0.join("cluster.yaml");
+    let base = std::fs::read_to_string(&state).expect("state");
+    let (a1, a2, b1, b2) = (&c.pods[0], &c.pods[1], &c.pods[2], &c.pods[3]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sa = who_server(a2, "a2", false, stop.clone());
+    let sb = who_server(b2, "b2", false, stop.clone());
+    // The stream: ~3 s of paced writes through the first Service, hashed on both ends.
+    const LEN: usize = 24 << 20;
+    let data = payload(7, LEN);
+    let want = fnv1a(&data, 0);
+    let b1_ip = b1.ip;
+    let sink = b1.ns.spawn(move || {
+        let l = TcpListener::bind((b1_ip, 9000)).expect("listen");
+        let (mut s, _) = l.accept().expect("accept");
+        let mut buf = vec![0u8; 1 << 16];
+        let (mut n, mut h) = (0usize, 0u64);
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => {
+                    h = fnv1a(&buf[..k], h);
+                    n += k;
+                }
+            }
+        }
+        (n, h)
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let source = a1.ns.spawn(move || {
+        let mut s = TcpStream::connect_timeout(&(Ipv4Addr::new(10, 96, 0, 80), 9000).into(), Duration::from_secs(3))
+            .map_err(|e| e.to_string())?;
+        for chunk in data.chunks(64 << 10) {
+            s.write_all(chunk).map_err(|e| e.to_string())?;
+            std::thread::sleep(Duration::from_millis(8));
+        }
+        Ok::<(), String>(())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    // 1. A second Service appears in the file while the stream runs.
+    let generation = |n: &NodeNs| n.stats_json()["worker"]["tables_generation"].as_u64().unwrap_or(0);
+    let before = generation(&c.nodes[0]);
+    let t0 = Instant::now();
+    std::fs::write(&state, format!("{base}{ADDED}")).expect("write state");
+    let mut answered = None;
+    while t0.elapsed() < Duration::from_secs(3) {
+        if fetch_port_timeout(&a1.ns, Ipv4Addr::new(10, 96, 0, 81), 80, 1, Duration::from_millis(200))[0].is_ok() {
+            answered = Some(t0.elapsed());
+            break;
+        }
+    }
+    let answered = answered.expect("the added Service answers");
+    assert!(answered < Duration::from_secs(1), "the added Service answered after {answered:?}");
+    assert!(generation(&c.nodes[0]) > before, "a new tables generation is live");
+    let sent = source.join().expect("stream source");
+    let (n, h) = sink.join().expect("stream sink");
+    assert_eq!(sent, Ok(()));
+    assert_eq!((n, h), (LEN, want), "the stream through the unchanged Service lost nothing");
+    // 2. An endpoint removed from the slice gets no new connections.
+    std::fs::write(
+        &state,
+        format!(
+            "{base}{}",
+            ADDED.replace("- {addresses: [10.244.1.3], conditions: {ready: true}, nodeName: node-b}\n", "")
+        ),
+    )
+    .expect("write state");
+    std::thread::sleep(Duration::from_millis(600));
+    let got = fetch_port(&a1.ns, Ipv4Addr::new(10, 96, 0, 81), 80, 20);
+    assert!(got.iter().all(|r| r.as_deref() == Ok("a2")), "only the remaining endpoint: {got:?}");
+    // 3. A broken file: reported by object and field, the last good state still serves.
+    std::fs::write(
+        &state,
+        format!("{base}{ADDED}").replace(
+            "clusterIP: 10.96.0.81, ports: [{name: http, port: 80,",
+            "clusterIP: 10.96.0.81, ports: [{name: http, port: eighty,",
+        ),
+    )
+    .expect("write state");
+    std::thread::sleep(Duration::from_millis(600));
+    let got = fetch_port(&a1.ns, Ipv4Addr::new(10, 96, 0, 81), 80, 10);
+    assert!(got.iter().all(|r| r.as_deref() == Ok("a2")), "the last good state serves: {got:?}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = (sa.join(), sb.join());
+    let log = std::fs::read_to_string(&c.nodes[0].log).unwrap_or_default();
+    let line = log.lines().find(|l| l.contains("still serving the last good state")).unwrap_or_default();
+    assert!(
+        line.contains("Service default/added") && line.contains("spec.ports"),
+        "error names object and field: {log}"
+    );
+}

@@ -227,7 +227,7 @@ pub struct Tables {
     /// The pod gateway, cached (it is compared on every packet).
     gateway: Ipv4Addr,
     /// Service frontends and their endpoints.
-    services: crate::nat::service::ServiceTable,
+    services: std::sync::Arc<crate::nat::service::ServiceTable>,
     /// Bumped by the control plane on every publish.
     pub generation: u64,
 }
@@ -361,7 +361,7 @@ pub struct TablesBuilder {
     remotes: Vec<RemoteNode>,
     host_addrs: Vec<Ipv4Addr>,
     generation: u64,
-    services: crate::nat::service::ServiceTable,
+    services: std::sync::Arc<crate::nat::service::ServiceTable>,
 }
 
 impl TablesBuilder {
@@ -375,13 +375,14 @@ impl TablesBuilder {
             remotes: Vec::new(),
             host_addrs: Vec::new(),
             generation: 0,
-            services: crate::nat::service::ServiceTable::default(),
+            services: std::sync::Arc::default(),
         }
     }
 
     /// The Service table (compiled by the control plane).
-    pub fn services(mut self, services: crate::nat::service::ServiceTable) -> Self {
-        self.services = services;
+    /// The Service table (shared: tables rebuilt for a pod change reuse it as is).
+    pub fn services(mut self, services: impl Into<std::sync::Arc<crate::nat::service::ServiceTable>>) -> Self {
+        self.services = services.into();
         self
     }
 

@@ -10,6 +10,20 @@
 /// Default table size: a prime comfortably above 100x the backends of a large Service.
 pub const DEFAULT_TABLE_SIZE: usize = 16381;
 
+/// The primes table sizes are chosen from, each about twice the one before.
+pub const SIZE_LADDER: [usize; 9] = [251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521];
+
+/// The table size for `backends` backends: the smallest size of the ladder that is at least
+/// 100x the backends (the paper's bound for a balance within about 1%), at most `max` (itself
+/// used when no rung fits). Every node derives the same size from the same backend count, so
+/// they still agree; the size changes only when the count crosses a rung (3, 6, 11, 21, 41,
+/// 82, ... backends), and only then does a membership change reshuffle more than its share.
+/// This keeps tables small where most Services are (a few endpoints: 1021 slots, not 16381),
+/// which makes compiling 10,000 Services fast and their tables 16x smaller.
+pub fn size_for(backends: usize, max: usize) -> usize {
+    SIZE_LADDER.iter().copied().find(|&m| m >= backends.saturating_mul(100) && m <= max).unwrap_or(max)
+}
+
 fn hash64(key: &[u8], seed: u64) -> u64 {
     // FNV-1a then a murmur3 finalizer: stable across processes and versions (no random state).
     let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed;
@@ -25,7 +39,7 @@ fn hash64(key: &[u8], seed: u64) -> u64 {
 }
 
 fn is_prime(n: usize) -> bool {
-    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
+    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| !n.is_multiple_of(d))
 }
 
 /// A built lookup table: slot -> index into the backend list it was built from.
@@ -169,6 +183,24 @@ mod tests {
         // Only flows of the removed backend must move; Maglev moves a few percent of the rest.
         let frac = moved as f64 / kept_on_others as f64;
         assert!(frac < 0.05, "{:.1}% of unaffected flows moved", frac * 100.0);
+    }
+
+    #[test]
+    fn size_follows_the_ladder_within_the_maximum() {
+        assert!(SIZE_LADDER.iter().all(|&m| is_prime(m)));
+        assert_eq!(size_for(1, DEFAULT_TABLE_SIZE), 251);
+        assert_eq!(size_for(10, DEFAULT_TABLE_SIZE), 1021);
+        assert_eq!(size_for(11, DEFAULT_TABLE_SIZE), 2039);
+        assert_eq!(size_for(163, DEFAULT_TABLE_SIZE), 16381);
+        assert_eq!(size_for(500, DEFAULT_TABLE_SIZE), 16381, "capped at the maximum");
+        assert_eq!(size_for(1, 211), 211, "a maximum below the ladder is used as is");
+        // Balance at the chosen size stays within 2% of ideal across the ladder.
+        for n in [2usize, 5, 10, 20, 40, 81] {
+            let m = size_for(n, DEFAULT_TABLE_SIZE);
+            let shares = Maglev::build(&keys(n), m).unwrap().shares(n);
+            let ideal = m as f64 / n as f64;
+            assert!(shares.iter().all(|&s| (s as f64 - ideal).abs() / ideal < 0.05), "{n}: {shares:?} of {m}");
+        }
     }
 
     #[test]

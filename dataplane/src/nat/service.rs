@@ -15,6 +15,7 @@
 use super::maglev::Maglev;
 use ahash::AHashMap;
 use core::net::Ipv4Addr;
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Frontend {
@@ -59,9 +60,10 @@ impl Candidates {
                 [o[0], o[1], o[2], o[3], p[0], p[1]]
             })
             .collect();
-        // One table size for every set (the configured one): if M followed the endpoint count,
-        // adding or removing an endpoint would change M and reshuffle every flow.
-        Ok(Candidates { table: Maglev::build(&keys, size)?, endpoints: eps })
+        // M from the endpoint count on a ladder of primes (see `maglev::size_for`), capped at
+        // the configured size: M changes only when the count crosses a rung.
+        let m = super::maglev::size_for(eps.len(), size);
+        Ok(Candidates { table: Maglev::build(&keys, m)?, endpoints: eps })
     }
     fn pick(&self, hash: u64) -> Option<Endpoint> {
         self.table.lookup(hash).and_then(|i| self.endpoints.get(i as usize).copied())
@@ -127,6 +129,15 @@ impl ServicePort {
         })
     }
 
+    /// Bytes of this port's Maglev tables and endpoint lists.
+    pub fn table_bytes(&self) -> usize {
+        [&self.ready, &self.terminating, &self.local_ready, &self.local_terminating]
+            .into_iter()
+            .flatten()
+            .map(|c| c.table.size() * 4 + c.endpoints.len() * core::mem::size_of::<Endpoint>())
+            .sum()
+    }
+
     /// `e` if it is still a candidate for a new flow of this kind (ClientIP affinity keeps a
     /// client on its endpoint only while that endpoint would still be chosen from).
     pub fn still_usable(&self, kind: FrontendKind, from_outside: bool, e: (Ipv4Addr, u16)) -> Option<Choice> {
@@ -163,13 +174,24 @@ pub struct ServiceTable {
     frontends: AHashMap<Frontend, (u32, FrontendKind)>,
     /// NodePorts answer on every node address: (proto, port) -> port index.
     node_ports: AHashMap<(u8, u16), u32>,
-    ports: Vec<ServicePort>,
+    /// Shared with the control plane's per-Service cache: assembling a table after one
+    /// Service changed clones pointers, not Maglev tables.
+    ports: Vec<Arc<ServicePort>>,
 }
 
 impl ServiceTable {
     pub fn add_port(&mut self, port: ServicePort) -> u32 {
+        self.add_shared_port(Arc::new(port))
+    }
+
+    pub fn add_shared_port(&mut self, port: Arc<ServicePort>) -> u32 {
         self.ports.push(port);
         (self.ports.len() - 1) as u32
+    }
+
+    /// Bytes of Maglev tables and endpoint lists (for memory reports).
+    pub fn table_bytes(&self) -> usize {
+        self.ports.iter().map(|p| p.table_bytes()).sum()
     }
 
     /// Registers a frontend; an address/port claimed twice keeps the first claim and reports the
@@ -195,11 +217,11 @@ impl ServiceTable {
     #[inline]
     pub fn lookup(&self, proto: u8, ip: Ipv4Addr, port: u16, node_addr: bool) -> Option<(&ServicePort, FrontendKind)> {
         if let Some(&(i, kind)) = self.frontends.get(&Frontend { proto, ip, port }) {
-            return self.ports.get(i as usize).map(|p| (p, kind));
+            return self.ports.get(i as usize).map(|p| (&**p, kind));
         }
         if node_addr {
             if let Some(&i) = self.node_ports.get(&(proto, port)) {
-                return self.ports.get(i as usize).map(|p| (p, FrontendKind::NodePort));
+                return self.ports.get(i as usize).map(|p| (&**p, FrontendKind::NodePort));
             }
         }
         None

@@ -99,7 +99,7 @@ impl Umem {
     /// no other live reference to the same chunk may exist.
     #[inline]
     pub(crate) unsafe fn chunk_mut<'a>(&self, chunk: u64) -> &'a mut [u8] {
-        debug_assert!(chunk % u64::from(FRAME_SIZE) == 0 && (chunk as usize) < self.size);
+        debug_assert!(chunk.is_multiple_of(u64::from(FRAME_SIZE)) && (chunk as usize) < self.size);
         core::slice::from_raw_parts_mut(self.area.as_ptr().add(chunk as usize), FRAME_SIZE as usize)
     }
 

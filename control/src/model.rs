@@ -1,0 +1,295 @@
+//! The control plane's model of the cluster: Nodes, Services and EndpointSlices by key, fed by
+//! a source (the state file, or the Kubernetes API watch) as whole states, single changes or
+//! relists, and answering each update with what it touched, so the compiler redoes only that.
+//!
+//! Both sources produce the same k8s-openapi types; the model does not know which one it has.
+
+use crate::state::ClusterState;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// `(namespace, name)`; cluster-scoped objects (Nodes) have an empty namespace.
+pub type Key = (String, String);
+
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// One object of a kind the model follows.
+#[derive(Debug, Clone)]
+pub enum Object {
+    Node(Box<Node>),
+    Service(Box<Service>),
+    Slice(Box<EndpointSlice>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Node,
+    Service,
+    Slice,
+}
+
+/// What a source reports.
+#[derive(Debug, Clone)]
+pub enum Update {
+    /// The whole state (the file source, after each change of the file).
+    State(ClusterState),
+    /// An object was added or modified.
+    Apply(Object),
+    /// An object was deleted.
+    Delete(Object),
+    /// Every object of a kind, after a (re)list: objects not listed are gone.
+    Relisted(Kind, Vec<Object>),
+}
+
+/// What an update touched.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Dirty {
+    pub nodes: bool,
+    /// Services (by key) whose object or EndpointSlices changed.
+    pub services: BTreeSet<Key>,
+}
+
+impl Dirty {
+    pub fn is_empty(&self) -> bool {
+        !self.nodes && self.services.is_empty()
+    }
+    pub fn merge(&mut self, o: Dirty) {
+        self.nodes |= o.nodes;
+        self.services.extend(o.services);
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Model {
+    pub nodes: BTreeMap<String, Node>,
+    pub services: BTreeMap<Key, Service>,
+    pub slices: BTreeMap<Key, EndpointSlice>,
+    /// Service key -> keys of its EndpointSlices (by the `kubernetes.io/service-name` label).
+    slices_of: BTreeMap<Key, BTreeSet<Key>>,
+}
+
+fn meta_key(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, namespaced: bool) -> Key {
+    let ns = if namespaced { m.namespace.clone().unwrap_or_else(|| "default".into()) } else { String::new() };
+    (ns, m.name.clone().unwrap_or_default())
+}
+
+/// The Service an EndpointSlice belongs to.
+fn owner(s: &EndpointSlice) -> Option<Key> {
+    let name = s.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    Some((s.metadata.namespace.clone().unwrap_or_else(|| "default".into()), name.clone()))
+}
+
+impl Model {
+    pub fn from_state(state: ClusterState) -> Model {
+        let mut m = Model::default();
+        m.apply(Update::State(state));
+        m
+    }
+
+    /// The EndpointSlices of a Service.
+    pub fn slices_of(&self, service: &Key) -> Vec<&EndpointSlice> {
+        self.slices_of.get(service).into_iter().flatten().filter_map(|k| self.slices.get(k)).collect()
+    }
+
+    /// Applies an update; returns what changed (an object re-sent unchanged touches nothing).
+    pub fn apply(&mut self, u: Update) -> Dirty {
+        let mut d = Dirty::default();
+        match u {
+            Update::State(s) => {
+                d.merge(self.relist(Kind::Node, s.nodes.into_iter().map(|n| Object::Node(Box::new(n))).collect()));
+                d.merge(
+                    self.relist(Kind::Service, s.services.into_iter().map(|n| Object::Service(Box::new(n))).collect()),
+                );
+                d.merge(
+                    self.relist(
+                        Kind::Slice,
+                        s.endpoint_slices.into_iter().map(|n| Object::Slice(Box::new(n))).collect(),
+                    ),
+                );
+            }
+            Update::Apply(o) => self.upsert(o, &mut d),
+            Update::Delete(o) => self.delete(&o, &mut d),
+            Update::Relisted(kind, objs) => d = self.relist(kind, objs),
+        }
+        d
+    }
+
+    fn relist(&mut self, kind: Kind, objs: Vec<Object>) -> Dirty {
+        let mut d = Dirty::default();
+        let mut listed = BTreeSet::new();
+        for o in objs {
+            listed.insert(Self::key_of(&o));
+            self.upsert(o, &mut d);
+        }
+        let gone: Vec<Key> = match kind {
+            Kind::Node => {
+                self.nodes.keys().map(|n| (String::new(), n.clone())).filter(|k| !listed.contains(k)).collect()
+            }
+            Kind::Service => self.services.keys().filter(|k| !listed.contains(*k)).cloned().collect(),
+            Kind::Slice => self.slices.keys().filter(|k| !listed.contains(*k)).cloned().collect(),
+        };
+        for k in gone {
+            self.remove(kind, &k, &mut d);
+        }
+        d
+    }
+
+    fn key_of(o: &Object) -> Key {
+        match o {
+            Object::Node(n) => meta_key(&n.metadata, false),
+            Object::Service(s) => meta_key(&s.metadata, true),
+            Object::Slice(s) => meta_key(&s.metadata, true),
+        }
+    }
+
+    fn upsert(&mut self, o: Object, d: &mut Dirty) {
+        let key = Self::key_of(&o);
+        match o {
+            Object::Node(n) => {
+                if self.nodes.get(&key.1) != Some(&*n) {
+                    self.nodes.insert(key.1, *n);
+                    d.nodes = true;
+                }
+            }
+            Object::Service(s) => {
+                if self.services.get(&key) != Some(&*s) {
+                    self.services.insert(key.clone(), *s);
+                    d.services.insert(key);
+                }
+            }
+            Object::Slice(s) => {
+                if self.slices.get(&key) == Some(&*s) {
+                    return;
+                }
+                let new_owner = owner(&s);
+                if let Some(old) = self.slices.insert(key.clone(), *s) {
+                    if let Some(o) = owner(&old) {
+                        if Some(&o) != new_owner.as_ref() {
+                            self.unlink(&o, &key);
+                        }
+                        d.services.insert(o);
+                    }
+                }
+                if let Some(o) = new_owner {
+                    self.slices_of.entry(o.clone()).or_default().insert(key);
+                    d.services.insert(o);
+                }
+            }
+        }
+    }
+
+    fn unlink(&mut self, service: &Key, slice: &Key) {
+        if let Some(set) = self.slices_of.get_mut(service) {
+            set.remove(slice);
+            if set.is_empty() {
+                self.slices_of.remove(service);
+            }
+        }
+    }
+
+    fn delete(&mut self, o: &Object, d: &mut Dirty) {
+        let kind = match o {
+            Object::Node(_) => Kind::Node,
+            Object::Service(_) => Kind::Service,
+            Object::Slice(_) => Kind::Slice,
+        };
+        self.remove(kind, &Self::key_of(o), d);
+    }
+
+    fn remove(&mut self, kind: Kind, key: &Key, d: &mut Dirty) {
+        match kind {
+            Kind::Node => {
+                if self.nodes.remove(&key.1).is_some() {
+                    d.nodes = true;
+                }
+            }
+            Kind::Service => {
+                if self.services.remove(key).is_some() {
+                    d.services.insert(key.clone());
+                }
+            }
+            Kind::Slice => {
+                if let Some(old) = self.slices.remove(key) {
+                    if let Some(o) = owner(&old) {
+                        self.unlink(&o, key);
+                        d.services.insert(o);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(yaml: &str) -> ClusterState {
+        ClusterState::parse(yaml).expect("valid state")
+    }
+
+    const BASE: &str = r#"
+kind: List
+items:
+- {kind: Node, apiVersion: v1, metadata: {name: node-a}, spec: {podCIDR: 10.244.0.0/24}}
+- {kind: Service, apiVersion: v1, metadata: {name: web, namespace: shop}, spec: {clusterIP: 10.96.0.20, ports: [{port: 80}]}}
+- {kind: Service, apiVersion: v1, metadata: {name: db, namespace: shop}, spec: {clusterIP: 10.96.0.21, ports: [{port: 5432}]}}
+- kind: EndpointSlice
+  apiVersion: discovery.k8s.io/v1
+  metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}
+  addressType: IPv4
+  endpoints: [{addresses: [10.244.0.5]}]
+"#;
+
+    fn key(ns: &str, n: &str) -> Key {
+        (ns.into(), n.into())
+    }
+
+    #[test]
+    fn a_whole_state_diffs_to_the_services_it_touched() {
+        let mut m = Model::from_state(state(BASE));
+        assert_eq!(m.slices_of(&key("shop", "web")).len(), 1);
+        // Same state again: nothing.
+        assert!(m.apply(Update::State(state(BASE))).is_empty());
+        // One endpoint added to web's slice: web only.
+        let changed =
+            BASE.replace("[{addresses: [10.244.0.5]}]", "[{addresses: [10.244.0.5]}, {addresses: [10.244.1.5]}]");
+        let d = m.apply(Update::State(state(&changed)));
+        assert_eq!(d, Dirty { nodes: false, services: [key("shop", "web")].into() });
+        // db removed: db only; and it is gone from the model.
+        let without_db = changed.replace(
+            "- {kind: Service, apiVersion: v1, metadata: {name: db, namespace: shop}, spec: {clusterIP: 10.96.0.21, ports: [{port: 5432}]}}\n",
+            "",
+        );
+        let d = m.apply(Update::State(state(&without_db)));
+        assert_eq!(d.services, [key("shop", "db")].into());
+        assert!(!m.services.contains_key(&key("shop", "db")));
+    }
+
+    #[test]
+    fn slice_events_touch_their_service_and_relists_remove_what_is_gone() {
+        let mut m = Model::from_state(state(BASE));
+        let s = m.slices[&key("shop", "web-1")].clone();
+        // The slice moves to another Service (label changed): both are touched.
+        let mut moved = s.clone();
+        moved.metadata.labels.as_mut().map(|l| l.insert(SERVICE_NAME_LABEL.into(), "db".into()));
+        let d = m.apply(Update::Apply(Object::Slice(Box::new(moved.clone()))));
+        assert_eq!(d.services, [key("shop", "web"), key("shop", "db")].into());
+        assert!(m.slices_of(&key("shop", "web")).is_empty());
+        assert_eq!(m.slices_of(&key("shop", "db")).len(), 1);
+        let d = m.apply(Update::Delete(Object::Slice(Box::new(moved))));
+        assert_eq!(d.services, [key("shop", "db")].into());
+        assert!(m.slices.is_empty());
+        // A relist of Services that no longer lists db removes it.
+        let web = m.services[&key("shop", "web")].clone();
+        let d = m.apply(Update::Relisted(Kind::Service, vec![Object::Service(Box::new(web))]));
+        assert_eq!(d.services, [key("shop", "db")].into());
+        assert_eq!(m.services.len(), 1);
+        // A Node relist that drops nothing changes nothing; an empty one drops node-a.
+        let n = m.nodes["node-a"].clone();
+        assert!(m.apply(Update::Relisted(Kind::Node, vec![Object::Node(Box::new(n))])).is_empty());
+        assert!(m.apply(Update::Relisted(Kind::Node, vec![])).nodes);
+        assert!(m.nodes.is_empty());
+    }
+}
