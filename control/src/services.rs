@@ -391,4 +391,85 @@ items:
         let (pb, _) = tb.lookup(6, Ipv4Addr::new(192, 168, 77, 2), 30080, true).unwrap();
         assert_eq!(pb.choose(FrontendKind::NodePort, true, 3).unwrap().endpoint.ip, Ipv4Addr::new(10, 244, 1, 5));
     }
+
+    /// (protocol, address, port) probed, and the port name and endpoints chosen there.
+    type Resolved = (u8, Ipv4Addr, u16, Option<(String, Vec<Ipv4Addr>)>);
+
+    fn lookups(t: &ServiceTable) -> Vec<Resolved> {
+        let probes = [
+            (6u8, Ipv4Addr::new(10, 96, 0, 20), 80u16, false),
+            (17, Ipv4Addr::new(10, 96, 0, 20), 53, false),
+            (6, Ipv4Addr::new(10, 96, 0, 22), 80, false),
+            (6, Ipv4Addr::new(192, 168, 77, 1), 30080, true),
+        ];
+        probes
+            .iter()
+            .map(|&(proto, ip, port, node)| {
+                let r = t.lookup(proto, ip, port, node).map(|(p, k)| {
+                    let picks = (0..64u64)
+                        .filter_map(|h| p.choose(k, false, h.wrapping_mul(0x9e37_79b9_7f4a_7c15)).ok())
+                        .map(|c| c.endpoint.ip)
+                        .collect();
+                    (p.name.clone(), picks)
+                });
+                (proto, ip, port, r)
+            })
+            .collect()
+    }
+
+    /// Compiling only what changed gives the same table as compiling everything again.
+    #[test]
+    fn incremental_compile_matches_a_full_one() {
+        use crate::model::Update;
+        let mut model = Model::from_state(ClusterState::parse(STATE).unwrap());
+        let mut inc = Compiler::new("node-a", 16381);
+        inc.compile_all(&model);
+        let extra = r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: shop}
+spec: {clusterIP: 10.96.0.22, ports: [{name: http, port: 80, protocol: TCP}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: api-1, namespace: shop, labels: {kubernetes.io/service-name: api}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints: [{addresses: [10.244.1.9]}, {addresses: [10.244.0.9]}]
+"#;
+        // Add a Service, then take an endpoint out of web's slice.
+        for text in [
+            format!("{STATE}{extra}"),
+            format!("{STATE}{extra}").replace("  - {addresses: [10.244.1.5], nodeName: node-b}\n", ""),
+        ] {
+            let dirty = model.apply(Update::State(ClusterState::parse(&text).unwrap()));
+            assert!(!dirty.services.is_empty() && dirty.services.len() <= 2, "{dirty:?}");
+            inc.compile_changed(&model, &dirty.services);
+            let mut full = Compiler::new("node-a", 16381);
+            full.compile_all(&model);
+            assert_eq!(lookups(&inc.table().0), lookups(&full.table().0));
+            assert_eq!(inc.problems(), full.problems());
+        }
+        let web = lookups(&inc.table().0)[0].3.clone().unwrap();
+        assert!(!web.1.contains(&Ipv4Addr::new(10, 244, 1, 5)), "removed endpoint no longer chosen: {web:?}");
+    }
+
+    /// A Service that stops compiling keeps its last good version, and says so.
+    #[test]
+    fn a_broken_service_keeps_its_last_good_version() {
+        use crate::model::Update;
+        let mut model = Model::from_state(ClusterState::parse(STATE).unwrap());
+        let mut c = Compiler::new("node-a", 16381);
+        c.compile_all(&model);
+        let broken = STATE.replace("externalIPs: [203.0.113.7]", "externalIPs: [203.0.113.700]");
+        let dirty = model.apply(Update::State(ClusterState::parse(&broken).unwrap()));
+        let problems = c.compile_changed(&model, &dirty.services);
+        assert_eq!(
+            problems,
+            vec!["Service shop/web: spec.externalIPs[0]: \"203.0.113.700\" is not an IPv4 address; its last good version stays"]
+        );
+        assert!(c.table().0.lookup(6, Ipv4Addr::new(203, 0, 113, 7), 80, false).is_some(), "last good version serves");
+        assert_eq!(c.problems().len(), 2, "web's and broken's: {:?}", c.problems());
+    }
 }
