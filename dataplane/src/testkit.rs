@@ -66,7 +66,7 @@ pub fn tables() -> Tables {
 }
 
 /// Node A's tables with `services`.
-pub fn tables_with_services(services: crate::nat::service::ServiceTable) -> Tables {
+pub fn tables_with_services(services: impl Into<std::sync::Arc<crate::nat::service::ServiceTable>>) -> Tables {
     let b = TablesBuilder::new(node_config());
     let built = b
         .uplink(UPLINK)
