@@ -32,11 +32,14 @@ fn default_host_ifname() -> String {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct NodeFile {
-    /// This node's Node object in the cluster state.
+    /// This node's Node object in the cluster state; absent: the `NODE_NAME` environment
+    /// variable (a DaemonSet sets it from `spec.nodeName`).
+    #[serde(default)]
     pub node: String,
     /// Underlay interface (the node NIC).
     pub uplink: String,
-    /// Kubernetes-shaped YAML cluster state; absent means the Kubernetes API (later issue).
+    /// Kubernetes-shaped YAML cluster state, followed for changes; absent: the Kubernetes API
+    /// (in-cluster config, else `KUBECONFIG` / `~/.kube/config`).
     pub state: Option<PathBuf>,
     /// The ctl socket (mode 0600).
     #[serde(default = "default_socket")]
@@ -235,7 +238,13 @@ impl NodeFile {
         let mut f: NodeFile =
             toml::from_str(text).map_err(|e| format!("{}: {}", origin.display(), e.to_string().trim_end()))?;
         if f.node.is_empty() {
-            return Err(format!("{}: node: must not be empty", origin.display()));
+            f.node = std::env::var("NODE_NAME").unwrap_or_default();
+            if f.node.is_empty() {
+                return Err(format!(
+                    "{}: node: missing (set it, or NODE_NAME as a DaemonSet does from spec.nodeName)",
+                    origin.display()
+                ));
+            }
         }
         if f.uplink.is_empty() {
             return Err(format!("{}: uplink: must not be empty", origin.display()));
