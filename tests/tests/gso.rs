@@ -1,0 +1,140 @@
+//! Software segmentation and fragmentation judged by an independent parser (etherparse):
+//! segments reassemble to the original byte stream, each is valid (both checksums), none
+//! exceeds the MTU or the MSS, and the per-segment fields follow the kernel's GSO rules.
+
+use dataplane::gso::{fragment, segment_tcp, tcp_segment_payload, GsoError, VecSink};
+use etherparse::{IpNumber, Ipv4Header, Ipv4Options, TcpHeader, TcpOptionElement};
+use proptest::prelude::*;
+
+/// An IPv4/TCP packet with the timestamp option, `flags` (FIN|PSH|CWR|ACK mix), `len` payload
+/// bytes, and `partial` = only the pseudo-header sum in the TCP checksum (CHECKSUM_PARTIAL).
+fn tcp_packet(len: usize, seq: u32, ident: u16, fin: bool, psh: bool, cwr: bool, partial: bool) -> Vec<u8> {
+    let payload: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
+    let mut t = TcpHeader::new(40000, 8080, seq, 64240);
+    t.ack = true;
+    t.acknowledgment_number = 77;
+    t.fin = fin;
+    t.psh = psh;
+    t.cwr = cwr;
+    t.set_options(&[TcpOptionElement::Noop, TcpOptionElement::Noop, TcpOptionElement::Timestamp(123_456, 654_321)])
+        .expect("options fit");
+    let mut ip = Ipv4Header::new((t.header_len() + len) as u16, 64, IpNumber::TCP, [10, 244, 0, 2], [10, 244, 1, 2])
+        .expect("header");
+    ip.identification = ident;
+    ip.dont_fragment = true;
+    ip.header_checksum = ip.calc_header_checksum();
+    t.checksum = t.calc_checksum_ipv4(&ip, &payload).expect("checksum");
+    if partial {
+        // What a veth peer with tx checksum offload hands over: the pseudo-header sum only.
+        let l4_len = (t.header_len() + len) as u32;
+        let mut s: u32 = 0;
+        for w in [[10u8, 244], [0, 2], [10, 244], [1, 2]] {
+            s += u32::from(u16::from_be_bytes(w));
+        }
+        s += 6 + l4_len;
+        while s > 0xffff {
+            s = (s & 0xffff) + (s >> 16);
+        }
+        t.checksum = s as u16;
+    }
+    let mut out = Vec::new();
+    ip.write(&mut out).expect("ip");
+    t.write(&mut out).expect("tcp");
+    out.extend_from_slice(&payload);
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    #[test]
+    fn tcp_segments_reassemble_and_are_each_valid(
+        len in 0usize..20_000, mtu in 576usize..9001, mss in proptest::option::of(536u16..9000),
+        seq in any::<u32>(), ident in any::<u16>(), fin in any::<bool>(), psh in any::<bool>(), cwr in any::<bool>(),
+        partial in any::<bool>(),
+    ) {
+        let p = tcp_packet(len, seq, ident, fin, psh, cwr, partial);
+        let mut sink = VecSink::new(p.len() * 2);
+        let n = segment_tcp(&p, mtu, mss, &mut sink).expect("segments");
+        let seg = tcp_segment_payload(20, 32, mtu, mss);
+        prop_assert_eq!(n, len.div_ceil(seg).max(1));
+        let mut stream = Vec::new();
+        for i in 0..n {
+            let s = sink.packet(i);
+            prop_assert!(s.len() <= mtu, "segment {} is {} bytes > MTU {}", i, s.len(), mtu);
+            let (ip, rest) = Ipv4Header::from_slice(s).expect("IPv4 parses");
+            prop_assert_eq!(ip.header_checksum, ip.calc_header_checksum());
+            prop_assert_eq!(usize::from(ip.total_len), s.len());
+            prop_assert_eq!(ip.identification, ident.wrapping_add(i as u16));
+            prop_assert!(ip.dont_fragment);
+            let (t, payload) = TcpHeader::from_slice(rest).expect("TCP parses");
+            prop_assert_eq!(t.checksum, t.calc_checksum_ipv4(&ip, payload).expect("fits"), "TCP checksum of segment {}", i);
+            prop_assert!(payload.len() <= seg);
+            prop_assert_eq!(t.sequence_number, seq.wrapping_add(stream.len() as u32));
+            prop_assert_eq!(t.acknowledgment_number, 77);
+            prop_assert!(t.ack);
+            let last = i + 1 == n;
+            prop_assert_eq!(t.fin, fin && last);
+            prop_assert_eq!(t.psh, psh && last);
+            prop_assert_eq!(t.cwr, cwr && i == 0);
+            let opts: Vec<_> = t.options_iterator().collect::<Result<_, _>>().expect("options");
+            prop_assert_eq!(opts, vec![TcpOptionElement::Noop, TcpOptionElement::Noop, TcpOptionElement::Timestamp(123_456, 654_321)]);
+            stream.extend_from_slice(payload);
+        }
+        prop_assert_eq!(&stream[..], &p[52..], "the byte stream is intact");
+    }
+
+    #[test]
+    fn fragments_reassemble_and_are_each_valid(len in 0usize..20_000, mtu in 68usize..9001, ident in any::<u16>(), with_opts in any::<bool>()) {
+        let payload: Vec<u8> = (0..len).map(|i| (i * 13 + 1) as u8).collect();
+        let mut ip = Ipv4Header::new(len as u16, 64, IpNumber::UDP, [10, 244, 0, 2], [10, 244, 1, 2]).expect("header");
+        ip.identification = ident;
+        if with_opts {
+            // A copied option (0x94 router alert, copy bit set) and a non-copied one (0x07 record route, empty).
+            ip.options = Ipv4Options::try_from(&[0x94, 4, 0, 0, 0x07, 3, 4, 0][..]).expect("options");
+        }
+        ip.total_len = (ip.header_len() + len) as u16;
+        ip.header_checksum = ip.calc_header_checksum();
+        let mut p = Vec::new();
+        ip.write(&mut p).expect("ip");
+        p.extend_from_slice(&payload);
+        let mut sink = VecSink::new(p.len() * 2);
+        let n = fragment(&p, mtu, &mut sink).expect("fragments");
+        let mut data = vec![None; len];
+        for i in 0..n {
+            let f = sink.packet(i);
+            prop_assert!(f.len() <= mtu);
+            let (h, body) = Ipv4Header::from_slice(f).expect("fragment parses");
+            prop_assert_eq!(h.header_checksum, h.calc_header_checksum());
+            prop_assert_eq!(h.identification, ident);
+            prop_assert_eq!(h.more_fragments, i + 1 < n);
+            if i > 0 && with_opts {
+                prop_assert_eq!(h.options.as_slice(), &[0x94, 4, 0, 0][..], "only copied options repeat");
+            }
+            let off = usize::from(h.fragment_offset.value()) * 8;
+            if i + 1 < n {
+                prop_assert_eq!(body.len() % 8, 0);
+            }
+            for (k, b) in body.iter().enumerate() {
+                prop_assert!(data[off + k].is_none(), "overlap at {}", off + k);
+                data[off + k] = Some(*b);
+            }
+        }
+        let got: Vec<u8> = data.into_iter().map(|b| b.expect("hole")).collect();
+        prop_assert_eq!(got, payload);
+    }
+}
+
+#[test]
+fn exhaustion_and_impossible_mtus_are_reported() {
+    let p = tcp_packet(10_000, 1, 1, false, false, false, false);
+    let mut sink = VecSink::new(0);
+    sink.limit = 3;
+    assert_eq!(segment_tcp(&p, 1500, None, &mut sink), Err(GsoError::NoRoom(3)));
+    assert_eq!(segment_tcp(&p, 52, None, &mut VecSink::new(0)), Err(GsoError::MtuTooSmall));
+    assert_eq!(segment_tcp(&p[..30], 1500, None, &mut VecSink::new(0)), Err(GsoError::Malformed));
+    assert_eq!(fragment(&p, 27, &mut VecSink::new(0)), Err(GsoError::MtuTooSmall));
+    // The MSS the flow announced wins over a larger MTU (options counted against it).
+    let mut sink = VecSink::new(0);
+    assert_eq!(segment_tcp(&p, 9000, Some(1000), &mut sink), Ok(10_000usize.div_ceil(988)));
+}
