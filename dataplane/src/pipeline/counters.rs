@@ -27,6 +27,14 @@ pub struct EventCounters {
     pub tcp_resets_sent: u64,
     /// SYNs answered by a bare ACK: the endpoint still holds the 5-tuple (incident 2).
     pub bare_ack_to_syn: u64,
+    /// TCP frames larger than their egress, segmented in software, and the segments sent.
+    pub segmented: u64,
+    pub segments_sent: u64,
+    /// Non-TCP packets (DF clear) larger than their egress, fragmented, and the fragments.
+    pub fragmented: u64,
+    pub fragments_sent: u64,
+    /// ICMP fragmentation needed sent for oversized packets with DF set.
+    pub icmp_frag_needed_sent: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

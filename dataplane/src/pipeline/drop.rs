@@ -90,7 +90,8 @@ drop_reasons! {
     VxlanInnerNotIpv4 = "vxlan_inner_not_ipv4": "inner frame is not untagged IPv4",
     VxlanInnerNotLocal = "vxlan_inner_not_local": "decapsulated packet is not for a pod or address on this node",
     // Encapsulation
-    EncapMtuExceeded = "encap_mtu_exceeded": "packet does not fit the underlay MTU after 50 bytes of VXLAN (software segmentation not enabled)",
+    MtuExceeded = "mtu_exceeded": "packet larger than its egress MTU that could not be segmented or fragmented (DF set and no ICMP sent: the packet was an ICMP error or a non-first fragment; or headers alone exceed the MTU)",
+    SpillFull = "spill_full": "no room left for the segments or fragments of an oversized frame (this batch's spill area or the free UMEM chunks are exhausted); the whole frame is dropped",
     NoHeadroom = "no_headroom": "frame buffer too small to push the VXLAN header or build a reply",
     UnderlayNoNextHop = "underlay_no_next_hop": "underlay next hop for the remote node not resolved yet",
     // Services

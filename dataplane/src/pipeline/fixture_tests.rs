@@ -348,10 +348,13 @@ fn cases() -> Vec<Case> {
             R::UnderlayNoNextHop,
         ),
         drop_case(
-            "too big for the underlay after encapsulation (1451-byte packet, MTU 1500)",
+            "too big for the underlay, DF set, and an ICMP error itself: no fragmentation needed about it",
             POD1,
-            from_pod1(&udp(POD1_IP, REMOTE_POD_B, 64, &[0u8; 1451 - 28])),
-            R::EncapMtuExceeded,
+            from_pod1(&ipv4_with(
+                &Ip::new(POD1_IP, REMOTE_POD_B),
+                &L4::Raw { proto: 1, bytes: &[&[3u8, 3, 0, 0, 0, 0, 0, 0][..], &[0u8; 1451 - 28][..]].concat() },
+            )),
+            R::MtuExceeded,
         ),
         case(
             "largest packet that fits the underlay (1450 bytes)",
@@ -642,6 +645,8 @@ fn every_drop_reason_has_a_fixture() {
         DropReason::SnatPortsExhausted,
         DropReason::ConntrackFull,
         DropReason::ConntrackCollision,
+        // Segmentation: tests/tests/gso.rs fills the spill area.
+        DropReason::SpillFull,
     ];
     let _ = &tables;
     let missing: Vec<_> = DropReason::ALL.iter().filter(|r| !seen.contains(r) && !dedicated.contains(r)).collect();

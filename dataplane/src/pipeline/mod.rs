@@ -16,6 +16,7 @@ mod frame;
 mod overlay;
 mod reply;
 mod service_nat;
+mod spill;
 
 #[cfg(test)]
 mod fixture_tests;
@@ -26,6 +27,7 @@ pub use counters::{Counters, EventCounters, PortCounters};
 pub use drop::DropReason;
 pub use frame::FrameBuf;
 pub(crate) use overlay::check_ipv4_header;
+pub use spill::Spill;
 
 use crate::conntrack::{FlowKey, KeyHash};
 use crate::tables::{PortId, PortKind, Tables};
@@ -43,6 +45,10 @@ pub enum Disposition {
     ToHost,
     /// Drop, counted under this reason.
     Drop(DropReason),
+    /// The frame was too large for its egress and was replaced by segments or fragments, now
+    /// in the worker's spill area (`WorkerState::spill`) with their egress ports; the frame
+    /// itself is done with.
+    Spilled,
 }
 
 /// ICMP error generation limit, as Linux's `icmp_msgs_per_sec` / `icmp_msgs_burst`.
@@ -91,6 +97,8 @@ pub struct WorkerState {
     pub snat: crate::nat::snat::SnatAllocator,
     /// ClientIP session affinity: (frontend, client) -> (endpoint, expiry).
     pub affinity: ahash::AHashMap<AffinityKey, ((core::net::Ipv4Addr, u16), Nanos)>,
+    /// Segments and fragments of oversized frames, for the worker to send and clear.
+    pub spill: Spill,
 }
 
 /// (protocol, frontend address, frontend port, client address).
@@ -129,6 +137,7 @@ impl WorkerState {
             counters: Counters::default(),
             ident: worker.wrapping_mul(0x9e37),
             icmp_limit: TokenBucket::new(1000, 50),
+            spill: Spill::default(),
         }
     }
 
@@ -154,7 +163,7 @@ pub fn process_batch(
     for f in frames[..n].iter() {
         bytes += f.len() as u64;
     }
-    let WorkerState { counters, ident, icmp_limit, flows, snat, affinity } = state;
+    let WorkerState { counters, ident, icmp_limit, flows, snat, affinity, spill } = state;
     if affinity.len() > AFFINITY_PURGE_AT {
         affinity.retain(|_, (_, expires)| *expires > now);
     }
@@ -191,8 +200,19 @@ pub fn process_batch(
         flows.prefetch_buckets(&hashes[..k]);
         flows.prefetch_flows(&hashes[..k]);
     }
-    let mut ctx =
-        overlay::Ctx { tables, now, ingress, ident, icmp_limit, counters: port, flows, snat, affinity, hint: None };
+    let mut ctx = overlay::Ctx {
+        tables,
+        now,
+        ingress,
+        ident,
+        icmp_limit,
+        counters: port,
+        flows,
+        snat,
+        affinity,
+        spill,
+        hint: None,
+    };
     release_expired(&mut ctx);
     for (i, (frame, o)) in frames[..n].iter_mut().zip(out[..n].iter_mut()).enumerate() {
         ctx.hint = hints.get(i).copied().flatten();

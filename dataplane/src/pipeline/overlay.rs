@@ -45,6 +45,8 @@ pub(crate) struct Ctx<'a> {
     /// The current frame's flow key as the batch's prefetch pass guessed it, with its hash
     /// (so a lookup of that key does not hash it again).
     pub(crate) hint: Option<(crate::conntrack::FlowKey, crate::conntrack::KeyHash)>,
+    /// Where segments and fragments of oversized frames go.
+    pub(crate) spill: &'a mut super::Spill,
 }
 
 impl Ctx<'_> {
@@ -431,6 +433,11 @@ pub(crate) fn egress(
     route: Route,
     flow_hash: u32,
 ) -> Result<Disposition, DropReason> {
+    // Every egress carries IPv4 packets of at most the pod MTU (the tunnel: the underlay MTU
+    // less VXLAN; pods and the host port are configured with the same).
+    if frame.len() > ethernet::HEADER_LEN + ctx.tables.node.max_inner_ip_len() {
+        return oversize(ctx, frame, route, flow_hash);
+    }
     match route {
         Route::LocalPod(p) => deliver_pod(ctx.tables, frame, &p),
         Route::Host => deliver_host(ctx.tables, frame),
@@ -443,6 +450,113 @@ pub(crate) fn egress(
         }
         Route::NoSuchPod => Err(DropReason::NoSuchPod),
         Route::NoNode | Route::External => Err(DropReason::NoRouteToNode),
+    }
+}
+
+/// A frame larger than its egress allows (an aggregated GRO/LRO frame, or one from a jumbo
+/// pod): TCP is segmented, other IPv4 with DF clear fragmented, both into the spill area with
+/// their Ethernet (and, toward a remote node, VXLAN) headers; with DF set the sender gets ICMP
+/// fragmentation needed carrying the usable MTU.
+#[cold]
+#[inline(never)]
+fn oversize(
+    ctx: &mut Ctx<'_>,
+    frame: &mut FrameBuf<'_>,
+    route: Route,
+    flow_hash: u32,
+) -> Result<Disposition, DropReason> {
+    let tables = ctx.tables;
+    let mtu = tables.node.max_inner_ip_len();
+    let (port, prefix, remote) = match route {
+        Route::LocalPod(p) => {
+            deliver_pod(tables, frame, &p)?;
+            (p.port, ethernet::HEADER_LEN, None)
+        }
+        Route::Host => {
+            deliver_host(tables, frame)?;
+            (tables.host().map(|h| h.port).ok_or(DropReason::NoHostPort)?, ethernet::HEADER_LEN, None)
+        }
+        Route::Remote(idx) => {
+            let remote = tables.remote(idx).ok_or(DropReason::NoRouteToNode)?;
+            (tables.uplink(), crate::wire::vxlan::ENCAP_OVERHEAD + ethernet::HEADER_LEN, Some(remote))
+        }
+        Route::NoSuchPod => return Err(DropReason::NoSuchPod),
+        Route::NoNode | Route::External => return Err(DropReason::NoRouteToNode),
+    };
+    let Some(eth) = frame.data().first_chunk::<{ ethernet::HEADER_LEN }>().copied() else {
+        return Err(DropReason::Ipv4Truncated);
+    };
+    let ip = &frame.data()[ethernet::HEADER_LEN..];
+    let (proto, frag) = (ip[9], u16::from_be_bytes([ip[6], ip[7]]));
+    let (df, is_fragment) = (frag & 0x4000 != 0, frag & 0x3fff != 0);
+    let mark = ctx.spill.mark();
+    let result = if proto == 6 && !is_fragment {
+        crate::gso::segment_tcp(ip, mtu, None, &mut ctx.spill.sink(prefix, port))
+    } else if !df {
+        crate::gso::fragment(ip, mtu, &mut ctx.spill.sink(prefix, port))
+    } else {
+        let m = meta_of(ip);
+        return reply::frag_needed(ctx, frame, &m, mtu as u16);
+    };
+    let n = match result {
+        Ok(n) => n,
+        Err(crate::gso::GsoError::NoRoom(_)) => {
+            ctx.spill.rollback(mark);
+            return Err(DropReason::SpillFull);
+        }
+        Err(_) => {
+            ctx.spill.rollback(mark);
+            return Err(DropReason::MtuExceeded);
+        }
+    };
+    for i in mark.1..mark.1 + n {
+        let ident = if remote.is_some() { ctx.next_ident() } else { 0 };
+        let Some(region) = ctx.spill.region_mut(i) else { break };
+        let len = region.len();
+        region[prefix - ethernet::HEADER_LEN..prefix].copy_from_slice(&eth);
+        if let Some(remote) = remote {
+            let mut f = FrameBuf::new(region, prefix - ethernet::HEADER_LEN, len - (prefix - ethernet::HEADER_LEN))
+                .ok_or(DropReason::NoHeadroom)?;
+            if let Err(e) = encap::encap(&mut f, &tables.node, remote, ident, flow_hash) {
+                ctx.spill.rollback(mark);
+                return Err(e);
+            }
+        }
+    }
+    let ev = ctx.events();
+    if proto == 6 && !is_fragment {
+        ev.segmented += 1;
+        ev.segments_sent += n as u64;
+    } else {
+        ev.fragmented += 1;
+        ev.fragments_sent += n as u64;
+    }
+    if remote.is_some() {
+        ev.encapsulated += n as u64;
+    }
+    Ok(Disposition::Spilled)
+}
+
+/// What `check_ipv4_header` would say of an already validated IPv4 header.
+fn meta_of(ip: &[u8]) -> Ipv4Meta {
+    let header_len = usize::from(ip[0] & 0x0f) * 4;
+    let frag = u16::from_be_bytes([ip[6], ip[7]]);
+    let proto = ip[9];
+    let icmp_error = proto == 1
+        && ip
+            .get(header_len)
+            .is_some_and(|&t| matches!(t, icmp::TYPE_DST_UNREACHABLE | 4 | 5 | icmp::TYPE_TIME_EXCEEDED | 12));
+    Ipv4Meta {
+        src: Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+        dst: Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+        proto,
+        header_len,
+        total_len: usize::from(u16::from_be_bytes([ip[2], ip[3]])),
+        ttl: ip[8],
+        frag_offset: frag & 0x1fff,
+        is_fragment: frag & 0x3fff != 0,
+        ports: 0,
+        icmp_error,
     }
 }
 

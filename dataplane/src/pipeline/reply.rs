@@ -96,6 +96,22 @@ pub(crate) fn port_unreachable(
     route_back(ctx, frame, m.src)
 }
 
+/// ICMP fragmentation needed (RFC 1191) from the pod gateway to the source of a packet with DF
+/// set that is larger than its egress allows, carrying the usable MTU, so the sender's path MTU
+/// adapts.
+pub(crate) fn frag_needed(
+    ctx: &mut Ctx<'_>,
+    frame: &mut FrameBuf<'_>,
+    m: &Ipv4Meta,
+    mtu: u16,
+) -> Result<Disposition, DropReason> {
+    let msg = IcmpMessage::DstUnreachable { code: icmp::CODE_FRAG_NEEDED, next_hop_mtu: mtu };
+    let from = ctx.tables.gateway();
+    icmp_error(ctx, frame, m, msg, from, DropReason::MtuExceeded)?;
+    ctx.events().icmp_frag_needed_sent += 1;
+    route_back(ctx, frame, m.src)
+}
+
 /// Rewrites the frame into an ICMP error about the packet `m` describes, from `from` back to
 /// its source. `refused` is the reason to report when no error may be sent.
 fn icmp_error(

@@ -3,7 +3,7 @@
 //! outer Ethernet: our uplink MAC -> underlay next hop; outer IPv4: node IP -> remote node IP,
 //! TTL 64, DF clear, TOS 0; outer UDP: source port from a hash of the inner flow mapped into
 //! the ephemeral range 32768..=60999 as `udp_flow_src_port` does, destination 8472 (default),
-//! checksum zero (RFC 7348 allows it for IPv4; software checksum policy comes later);
+//! checksum zero (RFC 7348 allows it for IPv4);
 //! VXLAN: I flag, VNI; inner Ethernet: our VTEP MAC -> the remote's VtepMAC.
 //!
 //! Per remote node the 50 constant-ish bytes are built once ([`OuterTemplate`]); per packet we
@@ -80,8 +80,8 @@ pub fn encap(
 ) -> Result<(), DropReason> {
     let inner_len = frame.len();
     if inner_len.saturating_sub(ethernet::HEADER_LEN) > node.max_inner_ip_len() {
-        // The seam for software segmentation / fragmentation.
-        return Err(DropReason::EncapMtuExceeded);
+        // The pipeline segments or fragments oversized packets before they get here.
+        return Err(DropReason::MtuExceeded);
     }
     if remote.next_hop_mac == MacAddr::ZERO {
         return Err(DropReason::UnderlayNoNextHop);

@@ -335,7 +335,7 @@ impl Worker {
             let egress = match out[k] {
                 Disposition::Forward(port) => Some(port),
                 Disposition::ToHost => self.host,
-                Disposition::Drop(_) => None,
+                Disposition::Drop(_) | Disposition::Spilled => None,
             };
             let f = &frames[k];
             match egress.and_then(|e| self.staged.get_mut(usize::from(e.0)).map(|s| (e, s))) {
@@ -348,7 +348,37 @@ impl Worker {
                 }
             }
         }
+        if !self.state.spill.is_empty() {
+            self.send_spill();
+        }
         n
+    }
+
+    /// Copies the segments and fragments the pipeline spilled into free chunks and stages them
+    /// on their egress ports. No free chunk: counted as `spill_full` on that port.
+    #[cold]
+    fn send_spill(&mut self) {
+        let WorkerState { spill, counters, .. } = &mut self.state;
+        for (bytes, port) in spill.packets() {
+            let Some(staged) = self.staged.get_mut(usize::from(port.0)) else {
+                counters.port_mut(port).drops[DropReason::EgressPortDown.index()] += 1;
+                continue;
+            };
+            if bytes.len() > FRAME_SIZE as usize {
+                counters.port_mut(port).drops[DropReason::MtuExceeded.index()] += 1;
+                continue;
+            }
+            let Some(chunk) = self.pool.pop() else {
+                counters.port_mut(port).drops[DropReason::SpillFull.index()] += 1;
+                continue;
+            };
+            // SAFETY: the chunk came from the free pool, so nothing else references it until
+            // it is queued on the tx ring below.
+            let buf = unsafe { self.umem.chunk_mut(chunk) };
+            buf[..bytes.len()].copy_from_slice(bytes);
+            staged.push((chunk, bytes.len() as u32));
+        }
+        spill.clear();
     }
 
     fn flush_tx(&mut self) {
