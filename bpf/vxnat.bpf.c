@@ -58,7 +58,7 @@ static __always_inline int is_ours_on_uplink(struct xdp_md *ctx, const struct vx
 	return bpf_map_lookup_elem(&frontends, &key) != 0;
 }
 
-SEC("xdp")
+SEC("xdp.frags")
 int vxnat_xdp(struct xdp_md *ctx)
 {
 	__u32 zero = 0;

@@ -232,3 +232,47 @@ pub fn udp_datagrams(
     .expect("udp sender");
     rx.join().expect("udp receiver")
 }
+
+/// Path MTU discovery as a sender sees it, from the calling thread's namespace: a UDP socket
+/// with DF set (IP_PMTUDISC_DO) sends `len` bytes to `dst:port`, waits for any ICMP
+/// fragmentation needed, sends again, and reads the socket's path MTU. Returns (first send,
+/// second send as an errno, IP_MTU).
+#[allow(unsafe_code)]
+pub fn udp_df_probe(
+    dst: std::net::Ipv4Addr,
+    port: u16,
+    len: usize,
+) -> (Result<usize, String>, Result<usize, Option<i32>>, i32) {
+    use std::os::fd::AsRawFd;
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+    let on: libc::c_int = libc::IP_PMTUDISC_DO;
+    // SAFETY: setsockopt on our own socket with a valid int option.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        )
+    };
+    assert_eq!(rc, 0, "IP_MTU_DISCOVER");
+    s.connect((dst, port)).expect("connect");
+    let buf = vec![0u8; len];
+    let first = s.send(&buf).map_err(|e| e.to_string());
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let second = s.send(&buf).map_err(|e| e.raw_os_error());
+    let mut mtu: libc::c_int = 0;
+    let mut optlen = std::mem::size_of::<libc::c_int>() as u32;
+    // SAFETY: getsockopt into a local int of the stated size.
+    unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU,
+            (&mut mtu as *mut libc::c_int).cast(),
+            &mut optlen,
+        )
+    };
+    (first, second, mtu)
+}

@@ -61,11 +61,17 @@ fn underlay() -> (Node, Node) {
 
 /// A pod behind vxnat: a routed /32 endpoint on veth `vxpod`, MTU 1450.
 fn vxnat_pod(n: &Node) {
+    vxnat_pod_mtu(n, 1450);
+}
+
+/// A pod behind vxnat with its veth at `mtu` (9000: a jumbo pod behind a 1500-byte underlay).
+fn vxnat_pod_mtu(n: &Node, mtu: u32) {
+    let mtu = mtu.to_string();
     n.ns.ip(&["link", "add", "vxpod", "type", "veth", "peer", "name", "eth0", "netns", &n.pod.name]);
-    n.ns.ip(&["link", "set", "vxpod", "mtu", "1450", "up"]);
+    n.ns.ip(&["link", "set", "vxpod", "mtu", &mtu, "up"]);
     let gw = format!("10.244.{}.1", n.n);
     n.pod.ip(&["addr", "add", &format!("{}/32", n.pod_ip), "dev", "eth0"]);
-    n.pod.ip(&["link", "set", "eth0", "mtu", "1450", "up"]);
+    n.pod.ip(&["link", "set", "eth0", "mtu", &mtu, "up"]);
     n.pod.ip(&["route", "add", &gw, "dev", "eth0", "scope", "link"]);
     n.pod.ip(&["route", "add", "default", "via", &gw, "dev", "eth0"]);
 }
@@ -141,12 +147,25 @@ struct Report {
     encapsulated: u64,
     decapsulated: u64,
     drops: Vec<(PortId, DropReason, u64)>,
+    segmented: u64,
+    segments_sent: u64,
+    frag_needed_sent: u64,
+    multi_buffer_frames: u64,
 }
 
 fn run_vxnat(n: &Node, tables: Tables, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Report> {
+    run_vxnat_with(n, tables, stop, WorkerConfig::default())
+}
+
+fn run_vxnat_with(
+    n: &Node,
+    tables: Tables,
+    stop: Arc<AtomicBool>,
+    cfg: WorkerConfig,
+) -> std::thread::JoinHandle<Report> {
     let ip = n.underlay_ip.octets();
     let make = move || {
-        let mut w = Worker::new(0, WorkerConfig::default()).expect("worker");
+        let mut w = Worker::new(0, cfg).expect("worker");
         w.add_port(UPLINK, "ul", Mode::Uplink, ip, 8472).expect("bind uplink");
         w.add_port(POD, "vxpod", Mode::All, ip, 8472).expect("bind pod port");
         w
@@ -154,13 +173,27 @@ fn run_vxnat(n: &Node, tables: Tables, stop: Arc<AtomicBool>) -> std::thread::Jo
     run_worker(&n.ns, tables, stop, make, |w| {
         let a = w.account();
         let mut drops = Vec::new();
-        let (mut encapsulated, mut decapsulated) = (0, 0);
+        let (mut encapsulated, mut decapsulated, mut segmented, mut segments_sent, mut frag_needed_sent) =
+            (0, 0, 0, 0, 0);
         for (port, c) in w.counters().iter() {
             encapsulated += c.events.encapsulated;
             decapsulated += c.events.decapsulated;
+            segmented += c.events.segmented;
+            segments_sent += c.events.segments_sent;
+            frag_needed_sent += c.events.icmp_frag_needed_sent;
             drops.extend(c.nonzero_drops().map(|(r, k)| (port, r, k)));
         }
-        Report { balanced: a.balanced(), account: format!("{a:?}"), encapsulated, decapsulated, drops }
+        Report {
+            balanced: a.balanced(),
+            account: format!("{a:?}"),
+            encapsulated,
+            decapsulated,
+            drops,
+            segmented,
+            segments_sent,
+            frag_needed_sent,
+            multi_buffer_frames: w.io.multi_buffer_frames,
+        }
     })
 }
 
@@ -244,4 +277,79 @@ fn vxnat_node_interoperates_with_a_flannel_kernel_node() {
         let v: u64 = values.split_whitespace().nth(idx).and_then(|s| s.parse().ok()).expect("value");
         assert_eq!(v, 0, "the flannel node counted UDP checksum errors");
     }
+}
+
+/// A jumbo pod (MTU 9000) on each node, a 1500-byte underlay between: the pods' kernels send
+/// 9000-byte frames, which reach vxnat as multi-buffer AF_XDP chains and leave as segments that
+/// fit the tunnel; TCP completes both ways with every byte intact. UDP with DF set is answered
+/// with ICMP fragmentation needed, and the sender's kernel lowers its path MTU.
+#[test]
+fn jumbo_pods_talk_through_a_1500_byte_underlay() {
+    if !require_root("jumbo_pods_talk_through_a_1500_byte_underlay") {
+        return;
+    }
+    let (a, b) = underlay();
+    vxnat_pod_mtu(&a, 9000);
+    vxnat_pod_mtu(&b, 9000);
+    let stop = Arc::new(AtomicBool::new(false));
+    let wa = run_vxnat(&a, vxnat_tables(&a, VTEP_A, &b, VTEP_B), stop.clone());
+    let wb = run_vxnat(&b, vxnat_tables(&b, VTEP_B, &a, VTEP_A), stop.clone());
+    let ab = tcp_transfer(&a.pod, &b.pod, b.pod_ip, 6400, 16 << 20);
+    let ba = tcp_transfer(&b.pod, &a.pod, a.pod_ip, 6401, 8 << 20);
+    // UDP, DF set (IP_PMTUDISC_DO), 8000 bytes: fits the pod's MTU, not the tunnel.
+    let dst = b.pod_ip;
+    let pmtu = a.pod.spawn(move || vxnat_tests::netns::udp_df_probe(dst, 7000, 8000)).join().expect("udp");
+    stop.store(true, Ordering::Relaxed);
+    let (ra, rb) = (wa.join().expect("worker a"), wb.join().expect("worker b"));
+    ab.expect("jumbo pod A -> jumbo pod B");
+    ba.expect("jumbo pod B -> jumbo pod A");
+    assert!(ra.balanced && rb.balanced, "UMEM: {} / {}", ra.account, rb.account);
+    assert!(ra.multi_buffer_frames > 100, "9000-byte frames arrived as chains: {}", ra.multi_buffer_frames);
+    assert!(
+        ra.segmented > 100 && ra.segments_sent > 6 * ra.segmented - ra.segmented,
+        "segmented {} into {}",
+        ra.segmented,
+        ra.segments_sent
+    );
+    assert!(rb.segmented > 10, "B segmented too: {}", rb.segmented);
+    assert_eq!(pmtu.0, Ok(8000), "the first DF datagram leaves the pod");
+    assert_eq!(pmtu.1, Err(Some(libc::EMSGSIZE)), "path MTU lowered by vxnat's ICMP");
+    assert_eq!(pmtu.2, 1450, "the pod's path MTU toward the remote pod");
+    assert!(ra.frag_needed_sent >= 1);
+    let unexpected: Vec<_> =
+        ra.drops.iter().chain(&rb.drops).filter(|(_, d, _)| !matches!(d, DropReason::Ipv6Unsupported)).collect();
+    assert!(unexpected.is_empty(), "unexpected drops: {unexpected:?}");
+}
+
+/// Incident 5: aggregated frames on the uplink. Node A's underlay does GRO (as a NIC doing LRO
+/// would; a kernel VXLAN socket on 8472 lets GRO aggregate the tunnelled TCP), and vxnat's
+/// program runs in generic mode, after GRO, so frames of tens of KiB carrying many inner TCP
+/// segments reach vxnat. They used to be dropped; now they reach pod A (MTU 1450) as valid
+/// segments, and its kernel TCP gets the whole stream from a flannel node's pod.
+#[test]
+fn aggregated_frames_from_the_uplink_reach_the_pod_as_segments() {
+    if !require_root("aggregated_frames_from_the_uplink_reach_the_pod_as_segments") {
+        return;
+    }
+    let (a, b) = underlay();
+    vxnat_pod(&a);
+    flannel_node(&b, &a, VTEP_B, VTEP_A);
+    a.ns.exec(&["ethtool", "-K", "ul", "gro", "on"]);
+    a.ns.ip(&["link", "add", "vxgro", "type", "vxlan", "id", "99", "dstport", "8472", "dev", "ul", "nolearning"]);
+    a.ns.ip(&["link", "set", "vxgro", "up"]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let cfg = WorkerConfig { attach: dataplane::xsk::bpf::AttachMode::Generic, ..WorkerConfig::default() };
+    let wa = run_vxnat_with(&a, vxnat_tables(&a, VTEP_A, &b, VTEP_B), stop.clone(), cfg);
+    let ba = tcp_transfer(&b.pod, &a.pod, a.pod_ip, 6500, 32 << 20);
+    stop.store(true, Ordering::Relaxed);
+    let ra = wa.join().expect("worker a");
+    eprintln!(
+        "node A: multi-buffer frames {}, segmented {} into {}, drops {:?}",
+        ra.multi_buffer_frames, ra.segmented, ra.segments_sent, ra.drops
+    );
+    ba.expect("flannel pod -> vxnat pod, through aggregated frames");
+    assert!(ra.balanced, "UMEM: {}", ra.account);
+    assert!(ra.segmented > 10, "aggregated frames reached vxnat and were segmented: {}", ra.segmented);
+    let unexpected: Vec<_> = ra.drops.iter().filter(|(_, d, _)| !matches!(d, DropReason::Ipv6Unsupported)).collect();
+    assert!(unexpected.is_empty(), "unexpected drops: {unexpected:?}");
 }

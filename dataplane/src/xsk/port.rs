@@ -7,6 +7,11 @@ use libxdp_sys as sys;
 use std::ffi::CString;
 use std::os::fd::RawFd;
 
+/// Multi-buffer sockets (Linux 6.6+; not in libxdp-sys's headers yet): a frame larger than a
+/// chunk arrives as several descriptors, all but the last with `XDP_PKT_CONTD` in `options`.
+pub const XDP_USE_SG: u16 = 1 << 4;
+pub const XDP_PKT_CONTD: u32 = 1;
+
 /// How the socket binds.
 #[derive(Debug, Clone, Copy)]
 pub struct PortConfig {
@@ -65,6 +70,8 @@ pub struct XskPort {
     pub(crate) in_fill: u32,
     /// Chunks posted to this port's tx ring and not yet completed.
     pub(crate) in_tx: u32,
+    /// Bound with XDP_USE_SG: frames larger than a chunk come (and go) as descriptor chains.
+    pub sg: bool,
 }
 
 impl std::fmt::Debug for XskPort {
@@ -102,10 +109,58 @@ impl XskPort {
             .unwrap_or_else(|| (Box::new(unsafe { core::mem::zeroed() }), Box::new(unsafe { core::mem::zeroed() })));
         let mut rx: Box<sys::xsk_ring_cons> = Box::new(unsafe { core::mem::zeroed() });
         let mut tx: Box<sys::xsk_ring_prod> = Box::new(unsafe { core::mem::zeroed() });
-        let mut bind_flags = sys::XDP_USE_NEED_WAKEUP as u16;
+        let mut bind_flags = sys::XDP_USE_NEED_WAKEUP as u16 | XDP_USE_SG;
         if cfg.copy_mode {
             bind_flags |= sys::XDP_COPY as u16;
         }
+        // Multi-buffer first; a kernel without it refuses the flag, and the socket is bound
+        // without (frames larger than a chunk are then dropped by the kernel, in its counters).
+        match Self::create(umem, &name, ifname, cfg, bind_flags, &mut rx, &mut tx, &mut fill, &mut comp) {
+            Ok((raw, fd)) => Ok(XskPort::new(ifname, ifindex, raw, fd, rx, tx, fill, comp, true)),
+            Err(_) => {
+                let (raw, fd) = Self::create(
+                    umem,
+                    &name,
+                    ifname,
+                    cfg,
+                    bind_flags & !XDP_USE_SG,
+                    &mut rx,
+                    &mut tx,
+                    &mut fill,
+                    &mut comp,
+                )?;
+                Ok(XskPort::new(ifname, ifindex, raw, fd, rx, tx, fill, comp, false))
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        ifname: &str,
+        ifindex: u32,
+        raw: *mut sys::xsk_socket,
+        fd: RawFd,
+        rx: Box<sys::xsk_ring_cons>,
+        tx: Box<sys::xsk_ring_prod>,
+        fill: Box<sys::xsk_ring_prod>,
+        comp: Box<sys::xsk_ring_cons>,
+        sg: bool,
+    ) -> XskPort {
+        XskPort { ifname: ifname.to_string(), ifindex, queue: 0, raw, fd, rx, tx, fill, comp, in_fill: 0, in_tx: 0, sg }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn create(
+        umem: &mut Umem,
+        name: &CString,
+        ifname: &str,
+        cfg: PortConfig,
+        bind_flags: u16,
+        rx: &mut Box<sys::xsk_ring_cons>,
+        tx: &mut Box<sys::xsk_ring_prod>,
+        fill: &mut Box<sys::xsk_ring_prod>,
+        comp: &mut Box<sys::xsk_ring_cons>,
+    ) -> Result<(*mut sys::xsk_socket, RawFd), XskError> {
         let scfg = sys::xsk_socket_config {
             rx_size: cfg.ring_size,
             tx_size: cfg.ring_size,
@@ -124,10 +179,10 @@ impl XskPort {
                 name.as_ptr(),
                 0,
                 umem.raw,
-                &mut *rx,
-                &mut *tx,
-                &mut *fill,
-                &mut *comp,
+                &mut **rx,
+                &mut **tx,
+                &mut **fill,
+                &mut **comp,
                 &scfg,
             )
         };
@@ -136,7 +191,7 @@ impl XskPort {
         }
         // SAFETY: raw is the socket just created.
         let fd = unsafe { sys::xsk_socket__fd(raw) };
-        Ok(XskPort { ifname: ifname.to_string(), ifindex, queue: 0, raw, fd, rx, tx, fill, comp, in_fill: 0, in_tx: 0 })
+        Ok((raw, fd))
     }
 
     pub fn fd(&self) -> RawFd {

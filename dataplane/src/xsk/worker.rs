@@ -5,7 +5,7 @@
 //! wakeups the kernel asks for (need_wakeup) and the idle poll.
 
 use super::bpf::{AttachMode, Mode, XdpProgram};
-use super::port::{PortConfig, XskPort};
+use super::port::{PortConfig, XskPort, XDP_PKT_CONTD};
 use super::umem::{FrameAccount, Umem, FRAME_SIZE};
 use super::XskError;
 use crate::pipeline::{process_batch, Counters, Disposition, DropReason, FrameBuf, Nanos, WorkerState};
@@ -14,6 +14,14 @@ use libxdp_sys as sys;
 
 /// Frames per rx batch.
 pub const BATCH: usize = 32;
+/// Descriptors peeked per rx batch: a batch of single-chunk frames, or fewer frames when some
+/// arrive as chains.
+const RX_DESCS: usize = 64;
+/// Room for one frame that arrived as a descriptor chain, and headroom for VXLAN in front.
+const JUMBO_MAX: usize = 64 << 10;
+const JUMBO_HEADROOM: usize = 256;
+/// `chunks[k]` of a frame that lives in a jumbo buffer rather than a UMEM chunk.
+const JUMBO: u64 = u64::MAX;
 /// Batches taken from one port per pass over the ports.
 pub const RX_BATCHES_PER_PASS: usize = 4;
 
@@ -59,6 +67,8 @@ pub struct IoStats {
     pub bad_descriptors: u64,
     pub tx_packets: u64,
     pub tx_bytes: u64,
+    /// Frames received as descriptor chains (multi-buffer: larger than a chunk).
+    pub multi_buffer_frames: u64,
 }
 
 struct WorkerPort {
@@ -72,7 +82,12 @@ pub struct Worker {
     umem: Umem,
     pool: Vec<u64>,
     state: WorkerState,
-    staged: Vec<Vec<(u64, u32)>>,
+    /// Per egress port: (address, length, options) descriptors to transmit; a frame larger
+    /// than a chunk is a chain, all but its last descriptor with `XDP_PKT_CONTD`.
+    staged: Vec<Vec<(u64, u32, u32)>>,
+    /// Buffers for frames that arrived as descriptor chains (multi-buffer), one per batch slot:
+    /// the pipeline wants a frame in one piece.
+    jumbo: Vec<Vec<u8>>,
     host: Option<PortId>,
     cfg: WorkerConfig,
     pub io: IoStats,
@@ -101,6 +116,7 @@ impl Worker {
             pool,
             state,
             staged: Vec::new(),
+            jumbo: Vec::new(),
             host: None,
             cfg,
             io: IoStats::default(),
@@ -290,43 +306,120 @@ impl Worker {
         let Some(Some(p)) = self.ports.get_mut(i) else { return 0 };
         let mut idx = 0u32;
         // SAFETY: rx is this port's live rx ring.
-        let n = unsafe { sys::xsk_ring_cons__peek(&mut *p.xsk.rx, BATCH as u32, &mut idx) } as usize;
+        let n = unsafe { sys::xsk_ring_cons__peek(&mut *p.xsk.rx, RX_DESCS as u32, &mut idx) } as usize;
         if n == 0 {
             return 0;
         }
-        let mut descs = [(0u64, 0u32); BATCH];
+        let mut descs = [(0u64, 0u32, 0u32); RX_DESCS];
         for (k, d) in descs.iter_mut().enumerate().take(n) {
             // SAFETY: idx+k < idx+n are entries the peek handed us.
             let raw = unsafe { *sys::xsk_ring_cons__rx_desc(&*p.xsk.rx, idx + k as u32) };
-            *d = (raw.addr, raw.len);
+            *d = (raw.addr, raw.len, raw.options);
         }
-        // SAFETY: releasing exactly what we peeked; the descriptors are copied out.
-        unsafe { sys::xsk_ring_cons__release(&mut *p.xsk.rx, n as u32) };
-        p.xsk.in_fill = p.xsk.in_fill.saturating_sub(n as u32);
+        // Only whole frames: a chain cut by the end of the peek stays in the ring for the next
+        // call (a frame is at most 17 descriptors, the peek up to 64).
+        // At most BATCH frames per call: the end of the BATCH-th complete frame, or of the last.
+        let mut whole = 0;
+        let mut frames_seen = 0;
+        for (k, d) in descs[..n].iter().enumerate() {
+            if d.2 & XDP_PKT_CONTD == 0 {
+                whole = k + 1;
+                frames_seen += 1;
+                if frames_seen == BATCH {
+                    break;
+                }
+            }
+        }
+        if whole == 0 {
+            if n == RX_DESCS {
+                // A chain longer than the peek can hold: impossible for a 64 KiB frame; drop
+                // the descriptors rather than stall the ring.
+                self.io.bad_descriptors += n as u64;
+                for d in &descs[..n] {
+                    self.pool.push(Umem::chunk_of(d.0));
+                }
+                // SAFETY: releasing exactly what we peeked.
+                unsafe { sys::xsk_ring_cons__release(&mut *p.xsk.rx, n as u32) };
+                p.xsk.in_fill = p.xsk.in_fill.saturating_sub(n as u32);
+            } else {
+                // SAFETY: releasing nothing: the chain's rest is still to come.
+                unsafe { sys::xsk_ring_cons__cancel(&mut *p.xsk.rx, n as u32) };
+            }
+            return 0;
+        }
+        // SAFETY: releasing the whole frames we copied the descriptors of; the rest of a cut
+        // chain is handed back to be peeked again.
+        unsafe {
+            sys::xsk_ring_cons__cancel(&mut *p.xsk.rx, (n - whole) as u32);
+            sys::xsk_ring_cons__release(&mut *p.xsk.rx, whole as u32);
+        }
+        p.xsk.in_fill = p.xsk.in_fill.saturating_sub(whole as u32);
 
+        if self.jumbo.is_empty() {
+            self.jumbo = (0..BATCH).map(|_| vec![0u8; JUMBO_HEADROOM + JUMBO_MAX]).collect();
+        }
         let mut frames: [FrameBuf<'_>; BATCH] = core::array::from_fn(|_| FrameBuf::empty());
+        // The chunk each frame lives in; `JUMBO` for frames copied out of a chain.
         let mut chunks = [0u64; BATCH];
         let mut m = 0;
-        for &(addr, len) in &descs[..n] {
-            if !self.umem.valid_desc(addr, len) {
+        let mut jumbo = self.jumbo.iter_mut();
+        let mut k = 0;
+        while k < whole && m < BATCH {
+            let (addr, len, opts) = descs[k];
+            if opts & XDP_PKT_CONTD == 0 {
+                k += 1;
+                if !self.umem.valid_desc(addr, len) {
+                    self.io.bad_descriptors += 1;
+                    continue;
+                }
+                let chunk = Umem::chunk_of(addr);
+                // SAFETY: the kernel handed this chunk to us through the rx ring; each
+                // descriptor names a distinct chunk, so the slices do not alias, and they live
+                // only for this batch, before the chunk is queued anywhere again.
+                let buf = unsafe { self.umem.chunk_mut(chunk) };
+                match FrameBuf::new(buf, (addr - chunk) as usize, len as usize) {
+                    Some(f) => {
+                        frames[m] = f;
+                        chunks[m] = chunk;
+                        m += 1;
+                    }
+                    None => {
+                        self.io.bad_descriptors += 1;
+                        self.pool.push(chunk);
+                    }
+                }
+                continue;
+            }
+            // A chain: copy it into one buffer and give its chunks back at once.
+            let end = k + descs[k..whole].iter().position(|d| d.2 & XDP_PKT_CONTD == 0).unwrap_or(whole - k - 1) + 1;
+            let Some(buf) = jumbo.next() else { break };
+            let mut at = JUMBO_HEADROOM;
+            let mut ok = true;
+            for &(a, l, _) in &descs[k..end] {
+                let chunk = Umem::chunk_of(a);
+                if ok && self.umem.valid_desc(a, l) && at + l as usize <= buf.len() {
+                    // SAFETY: as above; the chunk is read here and returned to the pool after.
+                    let src = unsafe { self.umem.chunk_mut(chunk) };
+                    let off = (a - chunk) as usize;
+                    buf[at..at + l as usize].copy_from_slice(&src[off..off + l as usize]);
+                    at += l as usize;
+                } else {
+                    ok = false;
+                }
+                if self.umem.valid_desc(a, 0) {
+                    self.pool.push(chunk);
+                }
+            }
+            k = end;
+            self.io.multi_buffer_frames += 1;
+            if !ok {
                 self.io.bad_descriptors += 1;
                 continue;
             }
-            let chunk = Umem::chunk_of(addr);
-            // SAFETY: the kernel handed this chunk to us through the rx ring; each descriptor
-            // names a distinct chunk, so the slices do not alias, and they live only for this
-            // batch, before the chunk is queued anywhere again.
-            let buf = unsafe { self.umem.chunk_mut(chunk) };
-            match FrameBuf::new(buf, (addr - chunk) as usize, len as usize) {
-                Some(f) => {
-                    frames[m] = f;
-                    chunks[m] = chunk;
-                    m += 1;
-                }
-                None => {
-                    self.io.bad_descriptors += 1;
-                    self.pool.push(chunk);
-                }
+            if let Some(f) = FrameBuf::new(buf, JUMBO_HEADROOM, at - JUMBO_HEADROOM) {
+                frames[m] = f;
+                chunks[m] = JUMBO;
+                m += 1;
             }
         }
         let mut out = [Disposition::Drop(DropReason::PortUnknown); BATCH];
@@ -338,20 +431,39 @@ impl Worker {
                 Disposition::Drop(_) | Disposition::Spilled => None,
             };
             let f = &frames[k];
-            match egress.and_then(|e| self.staged.get_mut(usize::from(e.0)).map(|s| (e, s))) {
-                Some((_, staged)) => staged.push((chunks[k] + f.start() as u64, f.len() as u32)),
-                None => {
-                    if let Some(e) = egress {
-                        self.state.counters.port_mut(e).drops[DropReason::EgressPortDown.index()] += 1;
-                    }
+            let Some((e, staged)) = egress.and_then(|e| self.staged.get_mut(usize::from(e.0)).map(|s| (e, s))) else {
+                if let Some(e) = egress {
+                    self.state.counters.port_mut(e).drops[DropReason::EgressPortDown.index()] += 1;
+                }
+                if chunks[k] != JUMBO {
                     self.pool.push(chunks[k]);
                 }
+                continue;
+            };
+            if chunks[k] != JUMBO {
+                staged.push((chunks[k] + f.start() as u64, f.len() as u32, 0));
+                continue;
+            }
+            // A frame that arrived as a chain leaves as one: chunk-sized pieces.
+            let data = f.data();
+            let pieces = data.len().div_ceil(FRAME_SIZE as usize).max(1);
+            if self.pool.len() < pieces {
+                self.state.counters.port_mut(e).drops[DropReason::SpillFull.index()] += 1;
+                continue;
+            }
+            for (j, piece) in data.chunks(FRAME_SIZE as usize).enumerate() {
+                let Some(chunk) = self.pool.pop() else { break };
+                // SAFETY: a free chunk nothing else references until it is queued below.
+                let buf = unsafe { self.umem.chunk_mut(chunk) };
+                buf[..piece.len()].copy_from_slice(piece);
+                let opts = if j + 1 < pieces { XDP_PKT_CONTD } else { 0 };
+                staged.push((chunk, piece.len() as u32, opts));
             }
         }
         if !self.state.spill.is_empty() {
             self.send_spill();
         }
-        n
+        m
     }
 
     /// Copies the segments and fragments the pipeline spilled into free chunks and stages them
@@ -376,7 +488,7 @@ impl Worker {
             // it is queued on the tx ring below.
             let buf = unsafe { self.umem.chunk_mut(chunk) };
             buf[..bytes.len()].copy_from_slice(bytes);
-            staged.push((chunk, bytes.len() as u32));
+            staged.push((chunk, bytes.len() as u32, 0));
         }
         spill.clear();
     }
@@ -389,32 +501,42 @@ impl Worker {
             let Some(Some(p)) = self.ports.get_mut(e) else {
                 let lost = self.staged[e].len() as u64;
                 self.state.counters.port_mut(PortId(e as u16)).drops[DropReason::EgressPortDown.index()] += lost;
-                for (addr, _) in self.staged[e].drain(..) {
+                for (addr, _, _) in self.staged[e].drain(..) {
                     self.pool.push(Umem::chunk_of(addr));
                 }
                 continue;
             };
-            let want = self.staged[e].len() as u32;
-            let mut idx = 0u32;
+            // Whole frames only: a chain is reserved with all its descriptors or not at all.
+            let staged = &self.staged[e];
             // SAFETY: tx is this port's live tx ring.
-            let got = unsafe { sys::xsk_ring_prod__reserve(&mut *p.xsk.tx, want, &mut idx) };
-            for (k, &(addr, len)) in self.staged[e].iter().take(got as usize).enumerate() {
+            let free = unsafe { sys::xsk_prod_nb_free(&mut *p.xsk.tx, staged.len() as u32) } as usize;
+            let fits = if free >= staged.len() {
+                staged.len()
+            } else {
+                staged[..free].iter().rposition(|d| d.2 & XDP_PKT_CONTD == 0).map_or(0, |k| k + 1)
+            };
+            let mut idx = 0u32;
+            // SAFETY: tx is this port's live tx ring; `fits` slots are free.
+            let got = unsafe { sys::xsk_ring_prod__reserve(&mut *p.xsk.tx, fits as u32, &mut idx) } as usize;
+            for (k, &(addr, len, options)) in staged.iter().take(got).enumerate() {
                 // SAFETY: idx+k is a slot we reserved.
                 let d = unsafe { &mut *sys::xsk_ring_prod__tx_desc(&mut *p.xsk.tx, idx + k as u32) };
                 d.addr = addr;
                 d.len = len;
-                d.options = 0;
+                d.options = options;
                 self.io.tx_bytes += u64::from(len);
+                if options & XDP_PKT_CONTD == 0 {
+                    self.io.tx_packets += 1;
+                }
             }
             // SAFETY: submitting exactly what we reserved and wrote.
-            unsafe { sys::xsk_ring_prod__submit(&mut *p.xsk.tx, got) };
-            p.xsk.in_tx += got;
-            self.io.tx_packets += u64::from(got);
+            unsafe { sys::xsk_ring_prod__submit(&mut *p.xsk.tx, got as u32) };
+            p.xsk.in_tx += got as u32;
             p.xsk.kick_tx();
-            let full = want - got;
-            if full > 0 {
-                self.state.counters.port_mut(PortId(e as u16)).drops[DropReason::TxRingFull.index()] += u64::from(full);
-                for &(addr, _) in &self.staged[e][got as usize..] {
+            if got < staged.len() {
+                let full = staged[got..].iter().filter(|d| d.2 & XDP_PKT_CONTD == 0).count() as u64;
+                self.state.counters.port_mut(PortId(e as u16)).drops[DropReason::TxRingFull.index()] += full;
+                for &(addr, _, _) in &staged[got..] {
                     self.pool.push(Umem::chunk_of(addr));
                 }
             }
