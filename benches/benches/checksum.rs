@@ -36,5 +36,38 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// Software segmentation and fragmentation, bytes of input per second (criterion reports
+/// GiB/s; x 8.59 for Gbit/s): a 64 KiB aggregated TCP frame cut for a 1450-byte pod MTU (46
+/// segments, both checksums computed per segment), and a 64 KiB UDP datagram fragmented.
+fn gso(c: &mut Criterion) {
+    use dataplane::gso::{fragment, segment_tcp, VecSink};
+    use dataplane::testkit::{ipv4, ipv4_with, Ip, L4};
+    use std::net::Ipv4Addr;
+    let (src, dst) = (Ipv4Addr::new(10, 244, 0, 2), Ipv4Addr::new(10, 244, 1, 2));
+    let payload = vec![0x5au8; 65_000];
+    let tcp = ipv4(src, dst, &L4::Tcp { sport: 1, dport: 2, seq: 3, ack: 4, flags: 0x18, payload: &payload });
+    let udp = ipv4_with(
+        &Ip { dont_frag: false, ..Ip::new(src, dst) },
+        &L4::Udp { sport: 1, dport: 2, payload: &payload[..65_000 - 8] },
+    );
+    let mut sink = VecSink::new(80_000);
+    let mut g = c.benchmark_group("gso");
+    g.throughput(Throughput::Bytes(tcp.len() as u64));
+    g.bench_function("segment_tcp_64k_to_1450", |b| {
+        b.iter(|| {
+            sink.clear();
+            segment_tcp(black_box(&tcp), 1450, None, &mut sink)
+        })
+    });
+    g.throughput(Throughput::Bytes(udp.len() as u64));
+    g.bench_function("fragment_udp_64k_to_1450", |b| {
+        b.iter(|| {
+            sink.clear();
+            fragment(black_box(&udp), 1450, &mut sink)
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench, gso);
 criterion_main!(benches);

@@ -32,8 +32,9 @@ def sh(*args, check=True, **kw):
 
 
 class Topology:
-    def __init__(self, kind, tag):
+    def __init__(self, kind, tag, pod_mtu=1450):
         self.kind, self.tag, self.procs, self.nses = kind, tag, [], []
+        self.pod_mtu = str(pod_mtu)
         self.work = tempfile.mkdtemp(prefix="vxnat-rig-")
 
     def ns(self, name):
@@ -70,11 +71,11 @@ class Topology:
             sh("ip", "netns", "exec", ns, "bridge", "fdb", "append", VTEP[peer], "dev", "flannel.1", "dst", UNDERLAY[peer])
             self.ip(ns, "link", "add", "cni0", "type", "bridge")
             self.ip(ns, "addr", "add", f"10.244.{k}.1/24", "dev", "cni0")
-            self.ip(ns, "link", "set", "cni0", "mtu", "1450", "up")
+            self.ip(ns, "link", "set", "cni0", "mtu", self.pod_mtu, "up")
             self.ip(ns, "link", "add", "vethpod", "type", "veth", "peer", "name", "eth0", "netns", self.pod[n])
-            self.ip(ns, "link", "set", "vethpod", "master", "cni0", "mtu", "1450", "up")
+            self.ip(ns, "link", "set", "vethpod", "master", "cni0", "mtu", self.pod_mtu, "up")
             self.ip(self.pod[n], "addr", "add", f"{POD[n]}/24", "dev", "eth0")
-            self.ip(self.pod[n], "link", "set", "eth0", "mtu", "1450", "up")
+            self.ip(self.pod[n], "link", "set", "eth0", "mtu", self.pod_mtu, "up")
             self.ip(self.pod[n], "route", "add", "default", "via", f"10.244.{k}.1")
         self.gw_mac = self.mac(self.node["a"], "cni0")
 
@@ -82,9 +83,9 @@ class Topology:
         for n in "ab":
             ns, k = self.node[n], NET[n]
             self.ip(ns, "link", "add", "vxpod", "type", "veth", "peer", "name", "eth0", "netns", self.pod[n])
-            self.ip(ns, "link", "set", "vxpod", "mtu", "1450", "up")
+            self.ip(ns, "link", "set", "vxpod", "mtu", self.pod_mtu, "up")
             self.ip(self.pod[n], "addr", "add", f"{POD[n]}/32", "dev", "eth0")
-            self.ip(self.pod[n], "link", "set", "eth0", "mtu", "1450", "up")
+            self.ip(self.pod[n], "link", "set", "eth0", "mtu", self.pod_mtu, "up")
             self.ip(self.pod[n], "route", "add", f"10.244.{k}.1", "dev", "eth0", "scope", "link")
             self.ip(self.pod[n], "route", "add", "default", "via", f"10.244.{k}.1", "dev", "eth0")
             cfg = os.path.join(self.work, f"node-{n}.toml")

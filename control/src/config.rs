@@ -76,6 +76,51 @@ pub struct NodeFile {
     pub nat: NatSection,
     #[serde(default)]
     pub conntrack: ConntrackSection,
+    #[serde(default)]
+    pub checksum: ChecksumSection,
+}
+
+/// Checksum policies per port kind ("complete", "verify" or "trust") and the outer VXLAN UDP
+/// checksum on transmit ("zero" or "compute").
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChecksumSection {
+    pub pods: String,
+    pub host: String,
+    pub uplink: String,
+    pub outer_udp: String,
+}
+
+impl Default for ChecksumSection {
+    fn default() -> Self {
+        ChecksumSection {
+            pods: "complete".into(),
+            host: "complete".into(),
+            uplink: "complete".into(),
+            outer_udp: "zero".into(),
+        }
+    }
+}
+
+impl ChecksumSection {
+    /// (pods, host, uplink) policies, each error naming its key.
+    pub fn policies(
+        &self,
+    ) -> Result<
+        (dataplane::tables::ChecksumPolicy, dataplane::tables::ChecksumPolicy, dataplane::tables::ChecksumPolicy),
+        String,
+    > {
+        let p = |k: &str, v: &str| v.parse().map_err(|e| format!("checksum.{k}: {e}"));
+        Ok((p("pods", &self.pods)?, p("host", &self.host)?, p("uplink", &self.uplink)?))
+    }
+
+    pub fn outer_compute(&self) -> Result<bool, String> {
+        match self.outer_udp.as_str() {
+            "zero" => Ok(false),
+            "compute" => Ok(true),
+            other => Err(format!("checksum.outer_udp: {other:?} is not \"zero\" or \"compute\"")),
+        }
+    }
 }
 
 /// Connection tracking timeouts in seconds; defaults are Linux nf_conntrack's.
@@ -286,6 +331,8 @@ impl NodeFile {
                 return Err(format!("{}: xdp_mode: {other:?} is not \"native\" or \"generic\"", origin.display()))
             }
         }
+        f.checksum.policies().map_err(|e| format!("{}: {e}", origin.display()))?;
+        f.checksum.outer_compute().map_err(|e| format!("{}: {e}", origin.display()))?;
         // Relative state paths are relative to the config file.
         if let (Some(s), Some(dir)) = (&f.state, origin.parent()) {
             if s.is_relative() {
@@ -360,5 +407,26 @@ port = 8472
         assert!(e.contains("umem.frames"), "{e}");
         let e = NodeFile::parse("node = \"a\"\nuplink = \"e\"\n[nat]\nsnat_ports = \"29000-31000\"\n", p).unwrap_err();
         assert!(e.contains("nat.snat_ports") && e.contains("NodePort"), "{e}");
+    }
+
+    #[test]
+    fn checksum_policies_parse_and_errors_name_the_key() {
+        let f = NodeFile::parse(
+            "node = \"a\"\nuplink = \"e\"\n[checksum]\npods = \"verify\"\nouter_udp = \"compute\"\n",
+            Path::new("n.toml"),
+        )
+        .expect("valid");
+        assert_eq!(f.checksum.policies().expect("policies").0, dataplane::tables::ChecksumPolicy::Verify);
+        assert_eq!(f.checksum.outer_compute(), Ok(true));
+        let e =
+            NodeFile::parse("node = \"a\"\nuplink = \"e\"\n[checksum]\nuplink = \"paranoid\"\n", Path::new("n.toml"))
+                .expect_err("invalid");
+        assert!(e.contains("checksum.uplink") && e.contains("paranoid"), "{e}");
+        let e = NodeFile::parse(
+            "node = \"a\"\nuplink = \"e\"\n[checksum]\nouter_udp = \"sometimes\"\n",
+            Path::new("n.toml"),
+        )
+        .expect_err("invalid");
+        assert!(e.contains("checksum.outer_udp"), "{e}");
     }
 }

@@ -71,15 +71,27 @@ impl Facts {
             vni: self.file.vxlan.vni,
             vxlan_port: self.file.vxlan.port,
             underlay_mtu: self.uplink_mtu,
+            outer_udp_checksum: self.file.checksum.outer_compute()?,
         };
-        let mut b = TablesBuilder::new(node).uplink(UPLINK).map_err(|e| e.to_string())?.generation(generation);
+        let (pods_policy, host_policy, uplink_policy) = self.file.checksum.policies()?;
+        let mut b = TablesBuilder::new(node)
+            .uplink(UPLINK)
+            .and_then(|b| b.checksum_policy(UPLINK, uplink_policy))
+            .map_err(|e| e.to_string())?
+            .generation(generation);
         if let Some((_, mac, _, stack_mac)) = &self.host {
-            b = b.host(HOST, *mac, *stack_mac).map_err(|e| e.to_string())?;
+            b = b
+                .host(HOST, *mac, *stack_mac)
+                .and_then(|b| b.checksum_policy(HOST, host_policy))
+                .map_err(|e| e.to_string())?;
         }
         for p in pods {
             let port_mac = netinfo::mac(&p.ifname)?;
             let mac: MacAddr = p.mac.parse().map_err(|_| format!("pod {}: mac {:?}", p.ip, p.mac))?;
-            b = b.pod(PortId(p.port), port_mac, p.ip, mac).map_err(|e| e.to_string())?;
+            b = b
+                .pod(PortId(p.port), port_mac, p.ip, mac)
+                .and_then(|b| b.checksum_policy(PortId(p.port), pods_policy))
+                .map_err(|e| e.to_string())?;
         }
         for (r, next_hop) in &self.remotes {
             let vtep = r.vtep_mac.unwrap_or_else(|| derived_vtep_mac(&r.name));

@@ -41,6 +41,9 @@ pub struct NodeConfig {
     pub vxlan_port: u16,
     /// Underlay MTU; inner packets may use `underlay_mtu - 50`.
     pub underlay_mtu: u16,
+    /// Compute the outer VXLAN UDP checksum on transmit (otherwise zero, RFC 7348's default
+    /// and flannel's).
+    pub outer_udp_checksum: bool,
 }
 
 impl NodeConfig {
@@ -71,6 +74,36 @@ pub struct PortEntry {
     pub kind: PortKind,
     /// vxnat's own MAC on this link (the host end of the veth): the gateway MAC pods resolve.
     pub mac: MacAddr,
+    /// What vxnat does with the TCP/UDP checksums of packets received here (for the uplink:
+    /// of the decapsulated inner packets).
+    pub checksum: ChecksumPolicy,
+}
+
+/// A port's checksum policy (incident 1: a checksum left to an offload nobody performed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ChecksumPolicy {
+    /// Detect checksums holding only the pseudo-header sum (CHECKSUM_PARTIAL, what a veth
+    /// peer with tx offload hands over) and complete them; full checksums pass untouched.
+    #[default]
+    Complete,
+    /// Complete as above, and verify every full checksum: a bad one is dropped as
+    /// `l4_bad_checksum`.
+    Verify,
+    /// Look at nothing: for peers known to send full checksums (a NIC without tx offload).
+    /// A pseudo-header-only checksum would then leave vxnat as it came.
+    Trust,
+}
+
+impl core::str::FromStr for ChecksumPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "complete" => Ok(ChecksumPolicy::Complete),
+            "verify" => Ok(ChecksumPolicy::Verify),
+            "trust" => Ok(ChecksumPolicy::Trust),
+            other => Err(format!("{other:?} is not \"complete\", \"verify\" or \"trust\"")),
+        }
+    }
 }
 
 /// The node stack's end of the host port.
@@ -401,9 +434,20 @@ impl TablesBuilder {
         Ok(())
     }
 
+    /// Sets the checksum policy of an already added port.
+    pub fn checksum_policy(mut self, id: PortId, policy: ChecksumPolicy) -> Result<Self, TablesError> {
+        match self.ports.get_mut(usize::from(id.0)) {
+            Some(Some(e)) => {
+                e.checksum = policy;
+                Ok(self)
+            }
+            _ => err(format!("ports[{}].checksum", id.0), "no such port"),
+        }
+    }
+
     pub fn uplink(mut self, id: PortId) -> Result<Self, TablesError> {
         let mac = self.node.uplink_mac;
-        self.set_port(id, PortEntry { kind: PortKind::Uplink, mac })?;
+        self.set_port(id, PortEntry { kind: PortKind::Uplink, mac, checksum: ChecksumPolicy::Complete })?;
         self.uplink = Some(id);
         Ok(self)
     }
@@ -413,7 +457,7 @@ impl TablesBuilder {
         if !stack_mac.is_unicast() {
             return err("host.stack_mac", format!("{stack_mac} is not a unicast MAC"));
         }
-        self.set_port(id, PortEntry { kind: PortKind::Host, mac })?;
+        self.set_port(id, PortEntry { kind: PortKind::Host, mac, checksum: ChecksumPolicy::Complete })?;
         self.host = Some(HostPort { port: id, stack_mac });
         Ok(self)
     }
@@ -442,7 +486,10 @@ impl TablesBuilder {
         if self.pods.iter().any(|p| p.ip == ip) {
             return err(format!("{f}.ip"), "address attached twice");
         }
-        self.set_port(id, PortEntry { kind: PortKind::Pod { ip, mac }, mac: port_mac })?;
+        self.set_port(
+            id,
+            PortEntry { kind: PortKind::Pod { ip, mac }, mac: port_mac, checksum: ChecksumPolicy::Complete },
+        )?;
         self.pods.push(LocalPod { port: id, ip, mac });
         Ok(self)
     }

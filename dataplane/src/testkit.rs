@@ -57,6 +57,7 @@ pub fn node_config() -> NodeConfig {
         vni: 1,
         vxlan_port: 8472,
         underlay_mtu: 1500,
+        outer_udp_checksum: false,
     }
 }
 
@@ -67,20 +68,21 @@ pub fn tables() -> Tables {
 
 /// Node A's tables with `services`.
 pub fn tables_with_services(services: impl Into<std::sync::Arc<crate::nat::service::ServiceTable>>) -> Tables {
-    let b = TablesBuilder::new(node_config());
-    let built = b
+    match builder(node_config()).map(|b| b.services(services)).and_then(|b| b.build()) {
+        Ok(t) => t,
+        Err(e) => unreachable!("testkit tables are valid: {e}"),
+    }
+}
+
+/// Node A's ports and remotes on `node`, not built yet (tests adjust policies first).
+pub fn builder(node: NodeConfig) -> Result<TablesBuilder, crate::tables::TablesError> {
+    TablesBuilder::new(node)
         .uplink(UPLINK)
         .and_then(|b| b.host(HOST, HOST_PORT_MAC, HOST_STACK_MAC))
         .and_then(|b| b.pod(POD1, POD1_PORT_MAC, POD1_IP, POD1_MAC))
         .and_then(|b| b.pod(POD2, POD2_PORT_MAC, POD2_IP, POD2_MAC))
         .and_then(|b| b.remote("node-b", NODE_B, VTEP_B, cidr("10.244.1.0/24"), NODE_B_UPLINK_MAC))
         .and_then(|b| b.remote("node-c", NODE_C, VTEP_C, cidr("10.244.2.0/24"), MacAddr::ZERO))
-        .map(|b| b.services(services))
-        .and_then(|b| b.build());
-    match built {
-        Ok(t) => t,
-        Err(e) => unreachable!("testkit tables are valid: {e}"),
-    }
 }
 
 /// The ClusterIP used by [`tables_with_service`]: TCP 10.96.0.10:80 -> the pod on node B :8080.

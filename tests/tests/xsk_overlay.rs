@@ -115,6 +115,10 @@ fn flannel_node(n: &Node, peer: &Node, vtep: &str, peer_vtep: &str) {
 }
 
 fn vxnat_tables(n: &Node, vtep: &str, peer: &Node, peer_vtep: &str) -> Tables {
+    vxnat_tables_outer(n, vtep, peer, peer_vtep, false)
+}
+
+fn vxnat_tables_outer(n: &Node, vtep: &str, peer: &Node, peer_vtep: &str, outer_udp_checksum: bool) -> Tables {
     let node = NodeConfig {
         node_ip: n.underlay_ip,
         uplink_mac: n.ns.mac("ul"),
@@ -124,6 +128,7 @@ fn vxnat_tables(n: &Node, vtep: &str, peer: &Node, peer_vtep: &str) -> Tables {
         vni: 1,
         vxlan_port: 8472,
         underlay_mtu: 1500,
+        outer_udp_checksum,
     };
     TablesBuilder::new(node)
         .uplink(UPLINK)
@@ -352,4 +357,76 @@ fn aggregated_frames_from_the_uplink_reach_the_pod_as_segments() {
     assert!(ra.segmented > 10, "aggregated frames reached vxnat and were segmented: {}", ra.segmented);
     let unexpected: Vec<_> = ra.drops.iter().filter(|(_, d, _)| !matches!(d, DropReason::Ipv6Unsupported)).collect();
     assert!(unexpected.is_empty(), "unexpected drops: {unexpected:?}");
+}
+
+/// The kernel's checksum error counters in a namespace (TCP and UDP `InCsumErrors`).
+fn csum_errors(ns: &Netns) -> (u64, u64) {
+    let snmp = String::from_utf8_lossy(&ns.exec(&["cat", "/proc/net/snmp"]).stdout).to_string();
+    let get = |proto: &str| {
+        let lines: Vec<&str> = snmp.lines().filter(|l| l.starts_with(proto)).collect();
+        let idx = lines[0].split_whitespace().position(|n| n == "InCsumErrors").expect("column");
+        lines[1].split_whitespace().nth(idx).and_then(|v| v.parse().ok()).expect("value")
+    };
+    (get("Tcp:"), get("Udp:"))
+}
+
+/// Incident 1: checksums left to an offload nobody performed. Both nodes compute the outer
+/// VXLAN UDP checksum and verify the ones they receive; pods keep their default offloads
+/// (their checksums arrive pseudo-header-only and vxnat completes them). Traffic flows both
+/// ways, the pods' kernels count no checksum error, and a frame whose outer checksum was
+/// corrupted on the way is dropped under its own name.
+#[test]
+fn corrupted_outer_checksums_are_named_drops_and_pods_get_valid_checksums() {
+    if !require_root("corrupted_outer_checksums_are_named_drops_and_pods_get_valid_checksums") {
+        return;
+    }
+    let (a, b) = underlay();
+    vxnat_pod(&a);
+    vxnat_pod(&b);
+    let stop = Arc::new(AtomicBool::new(false));
+    let wa = run_vxnat(&a, vxnat_tables_outer(&a, VTEP_A, &b, VTEP_B, true), stop.clone());
+    let wb = run_vxnat(&b, vxnat_tables_outer(&b, VTEP_B, &a, VTEP_A, true), stop.clone());
+    let ab = traffic(&a, &b, 8 << 20, 6600);
+    let ba = traffic(&b, &a, 8 << 20, 6700);
+    // A VXLAN frame from node B to node A whose outer UDP checksum no longer matches.
+    let inner = dataplane::testkit::ipv4(
+        b.pod_ip,
+        a.pod_ip,
+        &dataplane::testkit::L4::Udp { sport: 9, dport: 9, payload: b"corrupted on the wire" },
+    );
+    let v = dataplane::testkit::Vxlan {
+        outer_src_mac: b.ns.mac("ul"),
+        outer_dst_mac: a.ns.mac("ul"),
+        src_ip: b.underlay_ip,
+        dst_ip: a.underlay_ip,
+        ident: 1,
+        sport: 40000,
+        dport: 8472,
+        vni: 1,
+        flags: 0x08,
+        inner_src_mac: mac(VTEP_B),
+        inner_dst_mac: mac(VTEP_A),
+        udp_checksum: true,
+    };
+    let mut frame = dataplane::testkit::vxlan_frame(&v, &inner);
+    frame[40] ^= 0x5a;
+    let bns = Netns { name: b.ns.name.clone() };
+    bns.spawn(move || vxnat_tests::netns::send_raw("ul", &[frame])).join().expect("inject");
+    std::mem::forget(bns);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let errors = (csum_errors(&a.pod), csum_errors(&b.pod));
+    stop.store(true, Ordering::Relaxed);
+    let (ra, rb) = (wa.join().expect("worker a"), wb.join().expect("worker b"));
+    ab.expect("pod A -> pod B, outer checksums computed and verified");
+    ba.expect("pod B -> pod A");
+    assert_eq!(errors, ((0, 0), (0, 0)), "the pods' kernels found no bad checksum");
+    let bad: u64 = ra.drops.iter().filter(|(_, d, _)| *d == DropReason::VxlanBadOuterChecksum).map(|x| x.2).sum();
+    assert_eq!(bad, 1, "the corrupted frame is dropped by name: {:?}", ra.drops);
+    let others: Vec<_> = ra
+        .drops
+        .iter()
+        .chain(&rb.drops)
+        .filter(|(_, d, _)| !matches!(d, DropReason::Ipv6Unsupported | DropReason::VxlanBadOuterChecksum))
+        .collect();
+    assert!(others.is_empty(), "unexpected drops: {others:?}");
 }

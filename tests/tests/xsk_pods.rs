@@ -53,6 +53,7 @@ fn tables(s: &Setup) -> Tables {
         vni: 1,
         vxlan_port: 8472,
         underlay_mtu: 1500,
+        outer_udp_checksum: false,
     };
     TablesBuilder::new(node)
         .uplink(PortId(0))

@@ -69,6 +69,7 @@ drop_reasons! {
     Ipv4DstMulticast = "ipv4_dst_multicast": "IPv4 destination is broadcast or multicast (not routed)",
     Ipv4TinyFragment = "ipv4_tiny_fragment": "first fragment too short to hold its TCP/UDP header",
     Ipv4FragmentOverflow = "ipv4_fragment_overflow": "fragment offset plus length beyond 65535 bytes",
+    L4BadChecksum = "l4_bad_checksum": "TCP/UDP checksum does not verify (the port's checksum policy is verify)",
     L4Truncated = "l4_truncated": "TCP/UDP header truncated or its length field inconsistent with IPv4",
     TtlExpired = "ttl_expired": "TTL reached zero; no ICMP sent (packet was an ICMP error, a fragment or from a non-unicast source)",
     IcmpRateLimited = "icmp_rate_limited": "TTL reached zero; ICMP time exceeded suppressed by the rate limit",

@@ -11,7 +11,7 @@
 use super::reply;
 use super::service_nat::Nat;
 use super::{Disposition, DropReason, FrameBuf, Nanos, PortCounters, TokenBucket};
-use crate::tables::{LocalPod, PortEntry, PortId, PortKind, Route, Tables};
+use crate::tables::{ChecksumPolicy, LocalPod, PortEntry, PortId, PortKind, Route, Tables};
 use crate::vxlan::decap::OuterChecksum;
 use crate::vxlan::{decap, encap};
 use crate::wire::checksum;
@@ -100,7 +100,7 @@ pub(crate) fn process_one(ctx: &mut Ctx<'_>, entry: &PortEntry, frame: &mut Fram
     let r = match entry.kind {
         PortKind::Pod { ip, mac } => from_local(ctx, entry, frame, Some((ip, mac))),
         PortKind::Host => from_local(ctx, entry, frame, None),
-        PortKind::Uplink => from_uplink(ctx, frame),
+        PortKind::Uplink => from_uplink(ctx, entry.checksum, frame),
     };
     r.unwrap_or_else(Disposition::Drop)
 }
@@ -155,7 +155,7 @@ fn from_local(
             return Err(DropReason::PodSpoofedIp);
         }
     }
-    if complete_partial_checksum(frame, &m).is_some() {
+    if l4_checksum(entry.checksum, frame, &m)?.is_some() {
         ctx.events().partial_checksums_completed += 1;
     }
     let mut m = m;
@@ -168,15 +168,15 @@ fn from_local(
 }
 
 #[inline(always)]
-fn from_uplink(ctx: &mut Ctx<'_>, frame: &mut FrameBuf<'_>) -> Result<Disposition, DropReason> {
+fn from_uplink(ctx: &mut Ctx<'_>, policy: ChecksumPolicy, frame: &mut FrameBuf<'_>) -> Result<Disposition, DropReason> {
     if let Some(client_mac) = service_candidate(ctx.tables, frame.data()) {
-        return from_outside(ctx, frame, client_mac);
+        return from_outside(ctx, policy, frame, client_mac);
     }
     let d = decap::decap(ctx.tables, frame)?;
     let m = validate_ipv4(frame)?;
     // A veth underlay delivers what the sender left to offloads: complete the inner checksum,
     // then judge the outer one (see `OuterChecksum`).
-    let completed = complete_partial_checksum(frame, &m);
+    let completed = l4_checksum(policy, frame, &m)?;
     match d.outer_checksum {
         OuterChecksum::Ok => {}
         OuterChecksum::Partial => ctx.events().outer_partial_checksums += 1,
@@ -224,11 +224,16 @@ fn service_candidate(tables: &Tables, d: &[u8]) -> Option<MacAddr> {
 }
 
 /// A client outside the cluster: only Service traffic is accepted.
-fn from_outside(ctx: &mut Ctx<'_>, frame: &mut FrameBuf<'_>, client_mac: MacAddr) -> Result<Disposition, DropReason> {
+fn from_outside(
+    ctx: &mut Ctx<'_>,
+    policy: ChecksumPolicy,
+    frame: &mut FrameBuf<'_>,
+    client_mac: MacAddr,
+) -> Result<Disposition, DropReason> {
     let mut m = validate_ipv4(frame)?;
     // A veth underlay hands over what the sender left to offloads; NAT's incremental update
     // needs a complete checksum to start from.
-    if complete_partial_checksum(frame, &m).is_some() {
+    if l4_checksum(policy, frame, &m)?.is_some() {
         ctx.events().partial_checksums_completed += 1;
     }
     match super::service_nat::apply(ctx, frame, &mut m, Origin::Outside, Some(client_mac))? {
@@ -353,6 +358,51 @@ pub(crate) fn validate_ipv4(frame: &mut FrameBuf<'_>) -> Result<Ipv4Meta, DropRe
     };
     frame.truncate(ethernet::HEADER_LEN + m.total_len);
     Ok(m)
+}
+
+/// Applies the ingress port's checksum policy to a validated packet. Returns the completed
+/// field's old and new values when a CHECKSUM_PARTIAL checksum was completed.
+#[inline(always)]
+fn l4_checksum(
+    policy: ChecksumPolicy,
+    frame: &mut FrameBuf<'_>,
+    m: &Ipv4Meta,
+) -> Result<Option<(u16, u16)>, DropReason> {
+    match policy {
+        ChecksumPolicy::Trust => Ok(None),
+        ChecksumPolicy::Complete => Ok(complete_partial_checksum(frame, m)),
+        ChecksumPolicy::Verify => {
+            let completed = complete_partial_checksum(frame, m);
+            if completed.is_none() && !verify_l4_checksum(frame, m) {
+                return Err(DropReason::L4BadChecksum);
+            }
+            Ok(completed)
+        }
+    }
+}
+
+/// Whether a TCP/UDP checksum verifies (fragments, other protocols and UDP without a checksum
+/// pass: there is nothing to verify here).
+#[cold]
+fn verify_l4_checksum(frame: &FrameBuf<'_>, m: &Ipv4Meta) -> bool {
+    if m.is_fragment || (m.proto != 6 && m.proto != 17) {
+        return true;
+    }
+    let start = ethernet::HEADER_LEN + m.header_len;
+    let Some(l4) = frame.data().get(start..ethernet::HEADER_LEN + m.total_len) else { return false };
+    let l4 = if m.proto == 17 {
+        let ulen = l4.get(4..6).map_or(0, |b| usize::from(u16::from_be_bytes([b[0], b[1]])));
+        if l4.get(6..8) == Some(&[0, 0][..]) {
+            return true;
+        }
+        match l4.get(..ulen) {
+            Some(u) => u,
+            None => return false,
+        }
+    } else {
+        l4
+    };
+    checksum::verify_l4(m.src, m.dst, m.proto, l4)
 }
 
 /// Completes a TCP/UDP checksum left as CHECKSUM_PARTIAL (pseudo-header sum only) by the

@@ -3,7 +3,7 @@
 //! outer Ethernet: our uplink MAC -> underlay next hop; outer IPv4: node IP -> remote node IP,
 //! TTL 64, DF clear, TOS 0; outer UDP: source port from a hash of the inner flow mapped into
 //! the ephemeral range 32768..=60999 as `udp_flow_src_port` does, destination 8472 (default),
-//! checksum zero (RFC 7348 allows it for IPv4);
+//! checksum zero (RFC 7348 allows it for IPv4) unless the node computes it (`outer_udp_checksum`);
 //! VXLAN: I flag, VNI; inner Ethernet: our VTEP MAC -> the remote's VtepMAC.
 //!
 //! Per remote node the 50 constant-ish bytes are built once ([`OuterTemplate`]); per packet we
@@ -107,7 +107,23 @@ pub fn encap(
     d[OFF_IP + 10..OFF_IP + 12].copy_from_slice(&csum.to_be_bytes());
     d[OFF_UDP..OFF_UDP + 2].copy_from_slice(&flow_src_port(flow_hash).to_be_bytes());
     d[OFF_UDP + 4..OFF_UDP + 6].copy_from_slice(&udp_len.to_be_bytes());
+    if node.outer_udp_checksum {
+        outer_checksum(frame.data_mut(), node.node_ip, remote.node_ip);
+    }
     Ok(())
+}
+
+/// Fills the outer UDP checksum of an encapsulated frame (over the whole datagram: the inner
+/// checksums are complete by now, so the sum is exact).
+#[cold]
+fn outer_checksum(d: &mut [u8], src: Ipv4Addr, dst: Ipv4Addr) {
+    let Some(udp) = d.get_mut(OFF_UDP..) else { return };
+    udp[6..8].copy_from_slice(&[0, 0]);
+    let mut c = checksum::l4_checksum(src, dst, 17, udp);
+    if c == 0 {
+        c = 0xffff;
+    }
+    udp[6..8].copy_from_slice(&c.to_be_bytes());
 }
 
 #[cfg(test)]
