@@ -5,6 +5,7 @@
 //! `xsk` (a later addition) and is the only place allowed `unsafe` code.
 
 pub mod conntrack;
+pub mod filter;
 pub mod gso;
 pub mod nat;
 pub mod pipeline;
