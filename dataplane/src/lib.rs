@@ -8,6 +8,7 @@ pub mod conntrack;
 pub mod filter;
 pub mod gso;
 pub mod nat;
+pub mod observe;
 pub mod pipeline;
 pub mod tables;
 pub mod testkit;

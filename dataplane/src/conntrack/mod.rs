@@ -314,7 +314,8 @@ impl ConnTrack {
         f.state = match f.state {
             FlowState::Tcp(t) => {
                 let (next, ev) = t.next(dir, flags);
-                event = ev;
+                // The flow's own first SYN is not a retransmission.
+                event = if ev == TcpEvent::SynRetransmit && f.packets[0] <= 1 { TcpEvent::None } else { ev };
                 FlowState::Tcp(next)
             }
             FlowState::UdpUnreplied if dir == Dir::Reply => FlowState::UdpReplied,

@@ -34,6 +34,11 @@ pub enum TcpEvent {
     Reopened,
     /// The handshake completed.
     Established,
+    /// The client sent its SYN again: no SYN|ACK yet (incidents 1, 3, 4: a backend that does
+    /// not answer).
+    SynRetransmit,
+    /// The backend answered the SYN with SYN|ACK.
+    SynAnswered,
 }
 
 impl TcpState {
@@ -60,8 +65,9 @@ impl TcpState {
             return (Close, TcpEvent::None);
         }
         match (self, dir) {
-            (SynSent, Dir::Reply) if syn && ack => (SynRecv, TcpEvent::None),
+            (SynSent, Dir::Reply) if syn && ack => (SynRecv, TcpEvent::SynAnswered),
             (SynSent, Dir::Reply) if ack && !syn => (SynSent, TcpEvent::BareAckToSyn),
+            (SynSent, Dir::Orig) if syn && !ack => (SynSent, TcpEvent::SynRetransmit),
             (SynSent, _) => (SynSent, TcpEvent::None),
             (SynRecv, Dir::Orig) if ack && !syn => (Established, TcpEvent::Established),
             (SynRecv, _) => (SynRecv, TcpEvent::None),

@@ -186,3 +186,15 @@ fn agrees_with_a_reference_model() {
         }
     });
 }
+
+#[test]
+fn handshake_events_name_retransmitted_and_answered_syns() {
+    let mut ct = ConnTrack::new(16, Timeouts::default());
+    let (o, r) = tcp_key(40001);
+    let id = ct.insert(o, r, 0, 0).unwrap();
+    assert_eq!(ct.update(id, Dir::Orig, SYN, 60, 0), TcpEvent::None, "the first SYN");
+    assert_eq!(ct.update(id, Dir::Orig, SYN, 60, S), TcpEvent::SynRetransmit);
+    assert_eq!(ct.update(id, Dir::Orig, SYN, 60, 3 * S), TcpEvent::SynRetransmit);
+    assert_eq!(ct.update(id, Dir::Reply, SYNACK, 60, 3 * S), TcpEvent::SynAnswered);
+    assert_eq!(ct.update(id, Dir::Orig, ACK, 52, 3 * S), TcpEvent::Established);
+}

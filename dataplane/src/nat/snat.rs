@@ -183,6 +183,21 @@ impl SnatAllocator {
         s
     }
 
+    /// Tuples released and still held, with the nanoseconds of hold left (for `vxnat ctl
+    /// flows`), at most `limit`.
+    pub fn held_tuples(&self, now: u64, limit: usize) -> Vec<(Destination, u16, u64)> {
+        let mut v = Vec::new();
+        for (d, p) in &self.pools {
+            for &(port, until) in p.held.iter().filter(|(_, t)| *t > now) {
+                if v.len() >= limit {
+                    return v;
+                }
+                v.push((*d, port, until - now));
+            }
+        }
+        v
+    }
+
     /// Ports of the range, for tests and reports.
     pub fn range_len(&self) -> u32 {
         self.span

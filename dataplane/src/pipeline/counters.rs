@@ -37,6 +37,22 @@ pub struct EventCounters {
     pub icmp_frag_needed_sent: u64,
 }
 
+/// What one Service endpoint did with the connections sent to it (for the handshake: the
+/// signals incidents 1-4 needed, per backend).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BackendCounters {
+    /// New TCP flows (SYNs) sent to it.
+    pub syns: u64,
+    /// SYNs the client had to send again before an answer.
+    pub syn_retransmits: u64,
+    /// SYNs answered with SYN|ACK.
+    pub syn_answered: u64,
+    /// Flows that expired with their SYN never answered.
+    pub syn_unanswered: u64,
+    /// SYNs answered by a bare ACK: it still held the 5-tuple (TIME_WAIT, incident 2).
+    pub bare_ack_to_syn: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortCounters {
     pub rx_packets: u64,

@@ -23,7 +23,7 @@ mod fixture_tests;
 #[cfg(test)]
 mod service_tests;
 
-pub use counters::{Counters, EventCounters, PortCounters};
+pub use counters::{BackendCounters, Counters, EventCounters, PortCounters};
 pub use drop::DropReason;
 pub use frame::FrameBuf;
 pub(crate) use overlay::check_ipv4_header;
@@ -99,6 +99,10 @@ pub struct WorkerState {
     pub affinity: ahash::AHashMap<AffinityKey, ((core::net::Ipv4Addr, u16), Nanos)>,
     /// Segments and fragments of oversized frames, for the worker to send and clear.
     pub spill: Spill,
+    /// A capture or trace in progress (`None`: the pipeline does not look).
+    pub observe: Option<Box<crate::observe::Observe>>,
+    /// Handshake outcomes per Service endpoint (touched on SYNs, SYN|ACKs and expiries only).
+    pub backends: ahash::AHashMap<(core::net::Ipv4Addr, u16), BackendCounters>,
 }
 
 /// (protocol, frontend address, frontend port, client address).
@@ -138,6 +142,8 @@ impl WorkerState {
             ident: worker.wrapping_mul(0x9e37),
             icmp_limit: TokenBucket::new(1000, 50),
             spill: Spill::default(),
+            observe: None,
+            backends: ahash::AHashMap::new(),
         }
     }
 
@@ -163,7 +169,10 @@ pub fn process_batch(
     for f in frames[..n].iter() {
         bytes += f.len() as u64;
     }
-    let WorkerState { counters, ident, icmp_limit, flows, snat, affinity, spill } = state;
+    let WorkerState { counters, ident, icmp_limit, flows, snat, affinity, spill, observe, backends } = state;
+    if let Some(o) = observe.as_deref_mut() {
+        o.before(ingress, frames[..n].iter().map(|f| f.data()));
+    }
     if affinity.len() > AFFINITY_PURGE_AT {
         affinity.retain(|_, (_, expires)| *expires > now);
     }
@@ -211,18 +220,49 @@ pub fn process_batch(
         snat,
         affinity,
         spill,
+        observe: observe.as_deref_mut(),
+        backends,
         hint: None,
     };
     release_expired(&mut ctx);
     for (i, (frame, o)) in frames[..n].iter_mut().zip(out[..n].iter_mut()).enumerate() {
         ctx.hint = hints.get(i).copied().flatten();
+        let spilled_from = ctx.spill.len();
+        if let Some(ob) = ctx.observe.as_deref_mut() {
+            ob.frame = i;
+        }
         let d = overlay::process_one(&mut ctx, &entry, frame);
         if let Disposition::Drop(r) = d {
             ctx.counters.drops[r.index()] += 1;
         }
+        if let Some(ob) = ctx.observe.as_deref_mut() {
+            observe_after(ob, tables, i, d, frame, ctx.spill, spilled_from);
+        }
         *o = d;
     }
     release_expired(&mut ctx);
+}
+
+/// Tells the observer what became of frame `i`: its verdict and what left where.
+#[cold]
+fn observe_after(
+    ob: &mut crate::observe::Observe,
+    tables: &Tables,
+    i: usize,
+    d: Disposition,
+    frame: &FrameBuf<'_>,
+    spill: &Spill,
+    spilled_from: usize,
+) {
+    match d {
+        Disposition::Forward(p) => ob.after(i, d, core::iter::once((p, frame.data()))),
+        Disposition::ToHost => match tables.host() {
+            Some(h) => ob.after(i, d, core::iter::once((h.port, frame.data()))),
+            None => ob.after(i, d, core::iter::empty()),
+        },
+        Disposition::Spilled => ob.after(i, d, spill.packets().skip(spilled_from).map(|(b, p)| (p, b))),
+        Disposition::Drop(_) => ob.after(i, d, core::iter::empty()),
+    }
 }
 
 /// A cheap guess at the conntrack key of a frame (TCP/UDP over untagged IPv4 at the usual
@@ -251,6 +291,9 @@ fn peek_flow_key(d: &[u8], uplink: bool) -> Option<crate::conntrack::FlowKey> {
 fn release_expired(ctx: &mut overlay::Ctx<'_>) {
     for f in ctx.flows.take_expired() {
         let ended = f.expires_at;
+        if f.state == crate::conntrack::FlowState::Tcp(crate::conntrack::TcpState::SynSent) {
+            ctx.backends.entry((f.reply.src, f.reply.sport)).or_default().syn_unanswered += 1;
+        }
         service_nat::release_snat(ctx, &f, ended);
     }
 }

@@ -73,7 +73,12 @@ pub(crate) fn apply(
                 }
                 return new_flow(ctx, frame, m, key, flags, origin, client_mac);
             }
-            TcpEvent::BareAckToSyn => ctx.events().bare_ack_to_syn += 1,
+            TcpEvent::BareAckToSyn => {
+                ctx.events().bare_ack_to_syn += 1;
+                backend_event(ctx, id, |b| b.bare_ack_to_syn += 1);
+            }
+            TcpEvent::SynRetransmit => backend_event(ctx, id, |b| b.syn_retransmits += 1),
+            TcpEvent::SynAnswered => backend_event(ctx, id, |b| b.syn_answered += 1),
             _ => {}
         }
         let Some(f) = ctx.flows.get(id) else { return Ok(Nat::Untouched) };
@@ -86,6 +91,14 @@ pub(crate) fn apply(
         return Ok(Nat::Translated { dir, uplink_return: if dir == Dir::Reply { ret } else { None } });
     }
     new_flow(ctx, frame, m, key, flags, origin, client_mac)
+}
+
+/// Counts a handshake event against the flow's endpoint.
+#[cold]
+fn backend_event(ctx: &mut Ctx<'_>, id: crate::conntrack::FlowId, f: impl FnOnce(&mut super::BackendCounters)) {
+    if let Some(flow) = ctx.flows.get(id) {
+        f(ctx.backends.entry((flow.reply.src, flow.reply.sport)).or_default());
+    }
 }
 
 fn new_flow(
@@ -188,6 +201,9 @@ fn new_flow(
     };
     ctx.flows.update(id, Dir::Orig, flags, m.total_len, ctx.now);
     ctx.events().service_flows += 1;
+    if key.proto == 6 && flags.contains(TcpFlags::SYN) {
+        ctx.backends.entry((ep.ip, ep.port)).or_default().syns += 1;
+    }
     rewrite(frame, m, (snat_ip, snat_port), (ep.ip, ep.port));
     Ok(Nat::Translated { dir: Dir::Orig, uplink_return: None })
 }
