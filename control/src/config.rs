@@ -78,6 +78,16 @@ pub struct NodeFile {
     pub conntrack: ConntrackSection,
     #[serde(default)]
     pub checksum: ChecksumSection,
+    /// Segment and fragment frames larger than their egress (incident 5).
+    #[serde(default = "yes")]
+    pub segmentation: bool,
+    /// Prometheus metrics listen address (`GET /metrics`); empty: off.
+    #[serde(default = "default_metrics")]
+    pub metrics: String,
+}
+
+fn default_metrics() -> String {
+    "127.0.0.1:9478".to_string()
 }
 
 /// Checksum policies per port kind ("complete", "verify" or "trust") and the outer VXLAN UDP
@@ -332,6 +342,13 @@ impl NodeFile {
             }
         }
         f.checksum.policies().map_err(|e| format!("{}: {e}", origin.display()))?;
+        if !f.metrics.is_empty() && f.metrics.parse::<std::net::SocketAddr>().is_err() {
+            return Err(format!(
+                "{}: metrics: {:?} is not an address:port (or \"\" for off)",
+                origin.display(),
+                f.metrics
+            ));
+        }
         f.checksum.outer_compute().map_err(|e| format!("{}: {e}", origin.display()))?;
         // Relative state paths are relative to the config file.
         if let (Some(s), Some(dir)) = (&f.state, origin.parent()) {

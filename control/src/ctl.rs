@@ -16,15 +16,153 @@ use std::time::Duration;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "cmd", rename_all = "lowercase")]
 pub enum Request {
-    Attach { ifname: String, ip: Ipv4Addr, mac: Option<String> },
-    Detach { ifname: String },
+    Attach {
+        ifname: String,
+        ip: Ipv4Addr,
+        mac: Option<String>,
+    },
+    Detach {
+        ifname: String,
+    },
     Ports,
     Stats,
+    Flows {
+        #[serde(default)]
+        filter: String,
+    },
+    Trace {
+        #[serde(default)]
+        filter: String,
+        count: usize,
+        timeout_ms: u64,
+    },
+    Capture {
+        /// `PORT[:rx|:tx]` (a port's interface name, `uplink`, `host`, or its number),
+        /// `pre-encap`, `post-decap`.
+        at: Vec<String>,
+        #[serde(default)]
+        filter: String,
+        count: usize,
+        timeout_ms: u64,
+    },
+}
+
+pub fn arp_conflicts(n: &Node) -> Vec<Value> {
+    n.arp
+        .iter()
+        .flat_map(|a| {
+            a.claims.conflicts().map(|c| {
+                json!({
+                    "ifname": a.claims.ifname,
+                    "ip": c.ip.to_string(),
+                    "macs": c.macs.iter().map(|m| m.to_string()).collect::<Vec<_>>(),
+                    "count": c.count,
+                })
+            })
+        })
+        .collect()
+}
+
+/// The port a name means: its number, an interface name, or `uplink` / `host`.
+fn port_by_name(n: &Node, name: &str) -> Result<u16, String> {
+    if let Ok(p) = name.parse::<u16>() {
+        return Ok(p);
+    }
+    if name == "uplink" || name == n.facts.file.uplink {
+        return Ok(0);
+    }
+    if name == "host" || n.facts.host.as_ref().is_some_and(|h| h.0 == name) {
+        return Ok(1);
+    }
+    n.pods.iter().find(|p| p.ifname == name).map(|p| p.port).ok_or(format!(
+        "at: {name:?} is not a port (use a port number, uplink, host, a pod's interface name, pre-encap or post-decap)"
+    ))
+}
+
+fn points(n: &Node, at: &[String]) -> Result<Vec<dataplane::observe::Point>, String> {
+    use dataplane::observe::Point;
+    use dataplane::tables::PortId;
+    let mut v = Vec::new();
+    for a in at {
+        match a.as_str() {
+            "pre-encap" => v.push(Point::PreEncap),
+            "post-decap" => v.push(Point::PostDecap),
+            _ => {
+                let (name, dir) = match a.rsplit_once(':') {
+                    Some((n, d @ ("rx" | "tx"))) => (n, Some(d)),
+                    _ => (a.as_str(), None),
+                };
+                let p = PortId(port_by_name(n, name)?);
+                if dir != Some("tx") {
+                    v.push(Point::Rx(p));
+                }
+                if dir != Some("rx") {
+                    v.push(Point::Tx(p));
+                }
+            }
+        }
+    }
+    if v.is_empty() {
+        return Err("at: name at least one capture point".into());
+    }
+    Ok(v)
+}
+
+fn filter(text: &str) -> Result<dataplane::filter::Filter, String> {
+    dataplane::filter::Filter::parse(text).map_err(|e| format!("filter: {e}"))
 }
 
 fn handle(node: &Mutex<Node>, req: Request) -> Result<Value, String> {
-    let mut n = node.lock().map_err(|_| "node state poisoned".to_string())?;
+    let lock = || node.lock().map_err(|_| "node state poisoned".to_string());
+    // Long requests take what they need from the node and let go of it while they wait.
     match req {
+        Request::Flows { filter: f } => {
+            let f = filter(&f)?;
+            let commands = lock()?.commands();
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            commands.send(crate::daemon::Command::Flows(f, tx)).map_err(|_| "worker stopped".to_string())?;
+            let r = rx.recv_timeout(Duration::from_secs(10)).map_err(|_| "worker did not answer".to_string())?;
+            return Ok(json!(r));
+        }
+        Request::Trace { filter: f, count, timeout_ms } => {
+            let f = filter(&f)?;
+            let (commands, names) = {
+                let n = lock()?;
+                (n.commands(), n.port_names())
+            };
+            let o = crate::daemon::observe(
+                &commands,
+                dataplane::observe::Observe::trace(f, count.max(1)),
+                Duration::from_millis(timeout_ms),
+            )?;
+            let name = |p: dataplane::tables::PortId| names.get(&p.0).cloned().unwrap_or(format!("port {}", p.0));
+            let reports: Vec<crate::observe::TraceReport> =
+                o.traces.iter().map(|t| crate::observe::explain(t, &name)).collect();
+            return Ok(json!({ "traces": reports }));
+        }
+        Request::Capture { at, filter: f, count, timeout_ms } => {
+            let f = filter(&f)?;
+            let (commands, pts) = {
+                let n = lock()?;
+                (n.commands(), points(&n, &at)?)
+            };
+            let o = crate::daemon::observe(
+                &commands,
+                dataplane::observe::Observe::capture(pts, f, count.max(1)),
+                Duration::from_millis(timeout_ms),
+            )?;
+            let packets: Vec<Value> = o
+                .captured
+                .iter()
+                .map(|c| json!({"wall_ns": c.wall_ns, "point": c.point.to_string(), "data": crate::observe::hex(&c.data)}))
+                .collect();
+            return Ok(json!({ "packets": packets }));
+        }
+        _ => {}
+    }
+    let mut n = lock()?;
+    match req {
+        Request::Flows { .. } | Request::Trace { .. } | Request::Capture { .. } => Err("handled above".into()),
         Request::Attach { ifname, ip, mac } => {
             let mac = match mac {
                 Some(m) => Some(m.parse().map_err(|_| format!("mac: {m:?} is not a MAC address"))?),
@@ -67,9 +205,13 @@ fn handle(node: &Mutex<Node>, req: Request) -> Result<Value, String> {
             let s = n.stats()?;
             let names: Vec<Value> =
                 s.ports.iter().map(|p| json!({"port": p.port, "name": n.port_name(p.port)})).collect();
-            Ok(
-                json!({"node": n.facts.file.node, "uptime_s": n.started.elapsed().as_secs(), "names": names, "worker": s}),
-            )
+            Ok(json!({
+                "node": n.facts.file.node,
+                "uptime_s": n.started.elapsed().as_secs(),
+                "names": names,
+                "worker": s,
+                "arp_conflicts": arp_conflicts(&n),
+            }))
         }
     }
 }
@@ -93,7 +235,14 @@ pub fn serve(
         .spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
-                    Ok((conn, _)) => serve_one(conn, &node),
+                    Ok((conn, _)) => {
+                        // A thread per connection: a capture waiting for packets does not hold
+                        // up `stats`.
+                        let node = node.clone();
+                        let _ = std::thread::Builder::new()
+                            .name("vxnat-ctl-conn".into())
+                            .spawn(move || serve_one(conn, &node));
+                    }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         std::thread::sleep(Duration::from_millis(20))
                     }
@@ -107,6 +256,7 @@ pub fn serve(
 fn serve_one(conn: UnixStream, node: &Mutex<Node>) {
     let _ = conn.set_nonblocking(false);
     let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = conn.set_write_timeout(Some(Duration::from_secs(5)));
     let mut line = String::new();
     let mut reader = BufReader::new(&conn);
     let resp = match reader.read_line(&mut line) {
@@ -126,7 +276,11 @@ fn serve_one(conn: UnixStream, node: &Mutex<Node>) {
 /// Sends one request; returns the `result` or the server's error.
 pub fn request(socket: &Path, req: &Request) -> Result<Value, String> {
     let mut conn = UnixStream::connect(socket).map_err(|e| format!("{}: {e} (is vxnat running?)", socket.display()))?;
-    conn.set_read_timeout(Some(Duration::from_secs(20))).map_err(|e| e.to_string())?;
+    let wait = match req {
+        Request::Trace { timeout_ms, .. } | Request::Capture { timeout_ms, .. } => timeout_ms / 1000 + 20,
+        _ => 20,
+    };
+    conn.set_read_timeout(Some(Duration::from_secs(wait))).map_err(|e| e.to_string())?;
     let line = serde_json::to_string(req).map_err(|e| e.to_string())?;
     writeln!(conn, "{line}").map_err(|e| format!("{}: {e}", socket.display()))?;
     let mut resp = String::new();
@@ -159,14 +313,19 @@ pub fn render_stats(v: &Value) -> String {
             .unwrap_or("?")
             .to_string()
     };
-    out.push_str(&format!("{:<4} {:<32} {:>12} {:>14}\n", "port", "name", "rx packets", "rx bytes"));
+    out.push_str(&format!(
+        "{:<4} {:<32} {:>12} {:>14} {:>12} {:>14}\n",
+        "port", "name", "rx packets", "rx bytes", "tx packets", "tx bytes"
+    ));
     for p in w["ports"].as_array().into_iter().flatten() {
         out.push_str(&format!(
-            "{:<4} {:<32} {:>12} {:>14}\n",
+            "{:<4} {:<32} {:>12} {:>14} {:>12} {:>14}\n",
             p["port"],
             name_of(&p["port"]),
             p["rx_packets"],
-            p["rx_bytes"]
+            p["rx_bytes"],
+            p["tx_packets"],
+            p["tx_bytes"]
         ));
         for e in p["events"].as_array().into_iter().flatten() {
             out.push_str(&format!("       {:<38} {:>10}\n", e[0].as_str().unwrap_or(""), e[1]));
@@ -202,6 +361,40 @@ pub fn render_stats(v: &Value) -> String {
             "  snat ports exhausted toward {}: {} connections refused (every tuple in use or held for the backend's TIME_WAIT)\n",
             e[0].as_str().unwrap_or("?"),
             e[1]
+        ));
+    }
+    for b in w["backends"].as_array().into_iter().flatten() {
+        let n = |k: &str| b[k].as_u64().unwrap_or(0);
+        let mut said = Vec::new();
+        if n("syn_unanswered") > 0 {
+            said.push(format!("{} SYNs never answered", n("syn_unanswered")));
+        }
+        if n("syn_retransmits") > 0 {
+            said.push(format!("{} SYNs retransmitted by clients waiting for an answer", n("syn_retransmits")));
+        }
+        if n("bare_ack_to_syn") > 0 {
+            said.push(format!(
+                "{} SYNs answered by a bare ACK instead of SYN-ACK (it still holds the 5-tuple in TIME_WAIT: a NAT in front reused a port too soon)",
+                n("bare_ack_to_syn")
+            ));
+        }
+        if !said.is_empty() {
+            out.push_str(&format!(
+                "backend {}: {} (of {} new connections, {} answered)\n",
+                b["endpoint"].as_str().unwrap_or("?"),
+                said.join("; "),
+                n("syns"),
+                n("syn_answered")
+            ));
+        }
+    }
+    for c in v["arp_conflicts"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "ARP conflict on {}: {} is claimed by {} ({} times; another host answers ARP for this address)\n",
+            c["ifname"].as_str().unwrap_or("?"),
+            c["ip"].as_str().unwrap_or("?"),
+            c["macs"].as_array().into_iter().flatten().filter_map(|m| m.as_str()).collect::<Vec<_>>().join(" and "),
+            c["count"]
         ));
     }
     out.push_str(&format!(

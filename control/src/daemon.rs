@@ -72,6 +72,7 @@ impl Facts {
             vxlan_port: self.file.vxlan.port,
             underlay_mtu: self.uplink_mtu,
             outer_udp_checksum: self.file.checksum.outer_compute()?,
+            segmentation: self.file.segmentation,
         };
         let (pods_policy, host_policy, uplink_policy) = self.file.checksum.policies()?;
         let mut b = TablesBuilder::new(node)
@@ -221,10 +222,26 @@ fn initial_model(
 /// Commands from the control thread to the worker.
 #[derive(Debug)]
 pub enum Command {
-    Attach { port: PortId, ifname: String, tables: Arc<Tables>, reply: Sender<Result<(), String>> },
-    Detach { port: PortId, tables: Arc<Tables>, reply: Sender<Result<(), String>> },
-    Tables(Arc<Tables>),
+    Attach {
+        port: PortId,
+        ifname: String,
+        tables: Arc<Tables>,
+        reply: Sender<Result<(), String>>,
+    },
+    Detach {
+        port: PortId,
+        tables: Arc<Tables>,
+        reply: Sender<Result<(), String>>,
+    },
+    /// New tables, and when the change they carry was noticed (for the swap latency).
+    Tables(Arc<Tables>, Instant),
     Stats(Sender<WorkerStats>),
+    /// Installs an observer (or none) and hands back the previous one with what it collected.
+    Observe(Option<Box<dataplane::observe::Observe>>, Sender<Option<Box<dataplane::observe::Observe>>>),
+    /// Whether the current observer has collected everything it asked for.
+    ObserveDone(Sender<bool>),
+    /// The flow table and held SNAT tuples matching a filter.
+    Flows(dataplane::filter::Filter, Sender<crate::observe::FlowsReport>),
 }
 
 /// What `vxnat ctl stats` shows from the worker.
@@ -247,6 +264,48 @@ pub struct WorkerStats {
     pub snat_held: u64,
     /// (backend ip:port, refusals): `snat ports exhausted` per backend.
     pub snat_exhausted: Vec<(String, u64)>,
+    /// Handshake outcomes per Service endpoint.
+    pub backends: Vec<BackendStats>,
+    pub multi_buffer_frames: u64,
+    #[serde(default)]
+    pub table_swaps: SwapHistogram,
+}
+
+/// Time from noticing a change to the worker using the tables that carry it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SwapHistogram {
+    /// Cumulative counts for the upper bounds in `SWAP_BUCKETS_S`.
+    pub buckets: Vec<u64>,
+    pub count: u64,
+    pub sum_s: f64,
+}
+
+pub const SWAP_BUCKETS_S: [f64; 10] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
+
+impl SwapHistogram {
+    fn observe(&mut self, d: Duration) {
+        if self.buckets.is_empty() {
+            self.buckets = vec![0; SWAP_BUCKETS_S.len()];
+        }
+        let s = d.as_secs_f64();
+        for (b, &le) in self.buckets.iter_mut().zip(SWAP_BUCKETS_S.iter()) {
+            if s <= le {
+                *b += 1;
+            }
+        }
+        self.count += 1;
+        self.sum_s += s;
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct BackendStats {
+    pub endpoint: String,
+    pub syns: u64,
+    pub syn_retransmits: u64,
+    pub syn_answered: u64,
+    pub syn_unanswered: u64,
+    pub bare_ack_to_syn: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -254,6 +313,8 @@ pub struct PortStats {
     pub port: u16,
     pub rx_packets: u64,
     pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
     /// (reason, count, help), non-zero only.
     pub drops: Vec<(String, u64, String)>,
     pub events: Vec<(String, u64)>,
@@ -277,6 +338,11 @@ fn worker_stats(w: &Worker, generation: u64, now: u64) -> WorkerStats {
             ("service_flows", e.service_flows),
             ("tcp_resets_sent", e.tcp_resets_sent),
             ("bare_ack_to_syn", e.bare_ack_to_syn),
+            ("segmented", e.segmented),
+            ("segments_sent", e.segments_sent),
+            ("fragmented", e.fragmented),
+            ("fragments_sent", e.fragments_sent),
+            ("icmp_frag_needed_sent", e.icmp_frag_needed_sent),
         ]
         .into_iter()
         .filter(|(_, n)| *n > 0)
@@ -313,8 +379,17 @@ fn worker_stats(w: &Worker, generation: u64, now: u64) -> WorkerStats {
                 ));
             }
         }
-        if c.rx_packets > 0 || !xdp.is_empty() || c.total_drops() > 0 {
-            ports.push(PortStats { port: port.0, rx_packets: c.rx_packets, rx_bytes: c.rx_bytes, drops, events, xdp });
+        if c.rx_packets > 0 || c.tx_packets > 0 || !xdp.is_empty() || c.total_drops() > 0 {
+            ports.push(PortStats {
+                port: port.0,
+                rx_packets: c.rx_packets,
+                rx_bytes: c.rx_bytes,
+                tx_packets: c.tx_packets,
+                tx_bytes: c.tx_bytes,
+                drops,
+                events,
+                xdp,
+            });
         }
     }
     WorkerStats {
@@ -342,6 +417,25 @@ fn worker_stats(w: &Worker, generation: u64, now: u64) -> WorkerStats {
                 (format!("{}:{}/{}", d.backend_ip, d.backend_port, if d.proto == 6 { "tcp" } else { "udp" }), n)
             })
             .collect(),
+        backends: {
+            let mut b: Vec<BackendStats> = w
+                .state()
+                .backends
+                .iter()
+                .map(|((ip, port), c)| BackendStats {
+                    endpoint: format!("{ip}:{port}"),
+                    syns: c.syns,
+                    syn_retransmits: c.syn_retransmits,
+                    syn_answered: c.syn_answered,
+                    syn_unanswered: c.syn_unanswered,
+                    bare_ack_to_syn: c.bare_ack_to_syn,
+                })
+                .collect();
+            b.sort_by(|x, y| x.endpoint.cmp(&y.endpoint));
+            b
+        },
+        multi_buffer_frames: w.io.multi_buffer_frames,
+        table_swaps: SwapHistogram::default(),
     }
 }
 
@@ -384,6 +478,7 @@ fn worker_main(
     let _ = ready.send(Ok(()));
     let start = Instant::now();
     let mut idle = 0u32;
+    let mut swaps = SwapHistogram::default();
     // The uplink's XDP program redirects exactly the Service frontends of the current tables.
     let mut frontends_of = u64::MAX;
     while !stop.load(Ordering::Relaxed) {
@@ -408,9 +503,25 @@ fn worker_main(
                     let r = if w.remove_port(port) { Ok(()) } else { Err(format!("port {} not bound", port.0)) };
                     let _ = reply.send(r);
                 }
-                Command::Tables(t) => tables = t,
+                Command::Tables(t, noticed) => {
+                    tables = t;
+                    swaps.observe(noticed.elapsed());
+                }
                 Command::Stats(reply) => {
-                    let _ = reply.send(worker_stats(&w, tables.generation, start.elapsed().as_nanos() as u64));
+                    let mut s = worker_stats(&w, tables.generation, start.elapsed().as_nanos() as u64);
+                    s.table_swaps = swaps.clone();
+                    let _ = reply.send(s);
+                }
+                Command::Observe(o, reply) => {
+                    let old = std::mem::replace(&mut w.state_mut().observe, o);
+                    let _ = reply.send(old);
+                }
+                Command::ObserveDone(reply) => {
+                    let _ = reply.send(w.state().observe.as_ref().is_none_or(|o| o.done()));
+                }
+                Command::Flows(filter, reply) => {
+                    let now = start.elapsed().as_nanos() as u64;
+                    let _ = reply.send(crate::observe::flows_report(w.state(), now, &filter, 100_000));
                 }
             }
         }
@@ -458,6 +569,8 @@ fn load_pods(file: &NodeFile) -> Vec<Pod> {
 /// The running node: what the ctl server works on.
 #[derive(Debug)]
 pub struct Node {
+    /// ARP claims on the uplink (incident 3), when the packet socket could be opened.
+    pub arp: Option<crate::arpwatch::ArpWatch>,
     pub facts: Facts,
     pub pods: Vec<Pod>,
     generation: u64,
@@ -519,6 +632,11 @@ impl Node {
         Ok(pod)
     }
 
+    /// The channel to the worker (for long requests that must not hold the node lock).
+    pub fn commands(&self) -> Sender<Command> {
+        self.commands.clone()
+    }
+
     pub fn stats(&self) -> Result<WorkerStats, String> {
         let (tx, rx) = bounded(1);
         self.commands.send(Command::Stats(tx)).map_err(|_| "worker stopped".to_string())?;
@@ -548,7 +666,7 @@ impl Node {
         if changed {
             let pods = self.pods.clone();
             if let Ok(t) = self.compile(&pods) {
-                let _ = self.commands.send(Command::Tables(t));
+                let _ = self.commands.send(Command::Tables(t, Instant::now()));
             }
         }
     }
@@ -582,7 +700,7 @@ impl Node {
         match self.compile(&pods) {
             Ok(t) => {
                 let generation = t.generation;
-                let _ = self.commands.send(Command::Tables(t));
+                let _ = self.commands.send(Command::Tables(t, t0));
                 eprintln!(
                     "vxnat: tables generation {generation}: {} Services changed{}, compiled in {:.1} ms",
                     dirty.services.len(),
@@ -596,6 +714,19 @@ impl Node {
                 None
             }
         }
+    }
+
+    /// Every port's name, by number.
+    pub fn port_names(&self) -> std::collections::BTreeMap<u16, String> {
+        let mut m = std::collections::BTreeMap::new();
+        m.insert(0, self.port_name(0));
+        if self.facts.host.is_some() {
+            m.insert(1, self.port_name(1));
+        }
+        for p in &self.pods {
+            m.insert(p.port, self.port_name(p.port));
+        }
+        m
     }
 
     /// Port names for reports.
@@ -719,7 +850,14 @@ pub fn run(file: NodeFile) -> Result<(), String> {
             core_affinity::set_for_current(c);
         }
     }
-    let mut node = Node { facts, pods: Vec::new(), generation: 1, commands: cmd_tx, started: Instant::now() };
+    let arp = match crate::arpwatch::ArpWatch::open(&file.uplink) {
+        Ok(a) => Some(a),
+        Err(e) => {
+            eprintln!("vxnat: {e}; ARP conflicts will not be detected");
+            None
+        }
+    };
+    let mut node = Node { arp, facts, pods: Vec::new(), generation: 1, commands: cmd_tx, started: Instant::now() };
     for p in &pods {
         let mac = p.mac.parse().ok();
         match node.attach(&p.ifname, p.ip, mac) {
@@ -729,6 +867,17 @@ pub fn run(file: NodeFile) -> Result<(), String> {
     }
     let node = Arc::new(std::sync::Mutex::new(node));
     let server = crate::ctl::serve(&file.socket, node.clone(), stop.clone()).map_err(&shutdown)?;
+    let metrics = if file.metrics.is_empty() {
+        None
+    } else {
+        match crate::metrics::serve(&file.metrics, node.clone(), stop.clone()) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                eprintln!("vxnat: {e}; no metrics");
+                None
+            }
+        }
+    };
     eprintln!(
         "vxnat: node {} up: uplink {}, VXLAN {}:{} VNI {}, ctl {}",
         file.node,
@@ -756,6 +905,13 @@ pub fn run(file: NodeFile) -> Result<(), String> {
                 n.apply_updates(batch);
             }
         }
+        if let Ok(mut n) = node.lock() {
+            if let Some(a) = n.arp.as_mut() {
+                for line in a.poll() {
+                    eprintln!("vxnat: {line}");
+                }
+            }
+        }
         if dirty.swap(false, Ordering::Relaxed) || last_refresh.elapsed() > Duration::from_secs(10) {
             if let Ok(mut n) = node.lock() {
                 n.refresh_underlay();
@@ -766,9 +922,39 @@ pub fn run(file: NodeFile) -> Result<(), String> {
     eprintln!("vxnat: stopping");
     let _ = worker.join();
     let _ = server.join();
+    if let Some(m) = metrics {
+        let _ = m.join();
+    }
     // Pods stay listed in the pods file so a restart re-attaches them.
     shutdown(String::new());
     Ok(())
+}
+
+/// Runs an observer in the worker until it has what it asked for or `timeout` passes, and
+/// returns it with what it collected.
+pub fn observe(
+    commands: &Sender<Command>,
+    o: dataplane::observe::Observe,
+    timeout: Duration,
+) -> Result<Box<dataplane::observe::Observe>, String> {
+    let ask = |cmd: Command| commands.send(cmd).map_err(|_| "worker stopped".to_string());
+    let (tx, rx) = bounded(1);
+    ask(Command::Observe(Some(Box::new(o)), tx))?;
+    rx.recv_timeout(Duration::from_secs(5)).map_err(|_| "worker did not answer".to_string())?;
+    let until = Instant::now() + timeout;
+    while Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+        let (tx, rx) = bounded(1);
+        ask(Command::ObserveDone(tx))?;
+        if rx.recv_timeout(Duration::from_secs(5)).unwrap_or(false) {
+            break;
+        }
+    }
+    let (tx, rx) = bounded(1);
+    ask(Command::Observe(None, tx))?;
+    rx.recv_timeout(Duration::from_secs(5))
+        .map_err(|_| "worker did not answer".to_string())?
+        .ok_or("the observer went missing".to_string())
 }
 
 /// Drop reason help, for reports.

@@ -62,6 +62,60 @@ enum CtlOp {
     Ports,
     /// Per-port counters and every non-zero drop reason with its help line.
     Stats,
+    /// The flow table (original and reply tuples, NAT, TCP state, time left, packets, bytes)
+    /// and the SNAT tuples held after close.
+    Flows {
+        /// tcpdump-style: host, net, port, proto, src/dst, and/or/not.
+        #[arg(long, default_value = "")]
+        filter: String,
+    },
+    /// Follow matching packets through the pipeline: each step and the verdict.
+    Trace {
+        #[arg(long, default_value = "")]
+        filter: String,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+    },
+    /// Write matching frames to a pcap file (tshark, Wireshark).
+    Capture {
+        /// PORT[:rx|:tx] (interface name, uplink, host or number), pre-encap, post-decap;
+        /// repeatable.
+        #[arg(long, required = true)]
+        at: Vec<String>,
+        #[arg(long, default_value = "")]
+        filter: String,
+        #[arg(long, default_value_t = 10)]
+        count: usize,
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+        /// The pcap file to write.
+        #[arg(short = 'w', long = "write")]
+        write: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum View {
+    Json,
+    Stats,
+    Flows,
+    Trace,
+    Capture,
+}
+
+/// Writes the captured frames of a `capture` answer as a pcap file; returns how many.
+fn write_capture(v: &serde_json::Value, path: Option<&std::path::Path>) -> Result<usize, String> {
+    let path = path.ok_or("-w: no file given")?;
+    let mut packets = Vec::new();
+    for p in v["packets"].as_array().into_iter().flatten() {
+        let data = vxnat_control::observe::unhex(p["data"].as_str().unwrap_or(""))?;
+        packets.push((p["wall_ns"].as_u64().unwrap_or(0), data));
+    }
+    std::fs::write(path, vxnat_control::observe::pcap(&packets)).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(packets.len())
 }
 
 fn main() {
@@ -78,15 +132,55 @@ fn main() {
             }
         },
         Command::Ctl { socket, json, op } => {
-            let (req, stats) = match op {
-                CtlOp::Attach { ifname, ip, mac } => (Request::Attach { ifname, ip, mac }, false),
-                CtlOp::Detach { ifname } => (Request::Detach { ifname }, false),
-                CtlOp::Ports => (Request::Ports, false),
-                CtlOp::Stats => (Request::Stats, true),
+            let mut pcap_path = None;
+            let (req, view) = match op {
+                CtlOp::Attach { ifname, ip, mac } => (Request::Attach { ifname, ip, mac }, View::Json),
+                CtlOp::Detach { ifname } => (Request::Detach { ifname }, View::Json),
+                CtlOp::Ports => (Request::Ports, View::Json),
+                CtlOp::Stats => (Request::Stats, View::Stats),
+                CtlOp::Flows { filter } => (Request::Flows { filter }, View::Flows),
+                CtlOp::Trace { filter, count, timeout } => {
+                    (Request::Trace { filter, count, timeout_ms: timeout * 1000 }, View::Trace)
+                }
+                CtlOp::Capture { at, filter, count, timeout, write } => {
+                    pcap_path = Some(write);
+                    (Request::Capture { at, filter, count, timeout_ms: timeout * 1000 }, View::Capture)
+                }
             };
             match request(&socket, &req) {
-                Ok(v) if stats && !json => {
+                Ok(v) if view == View::Capture => match write_capture(&v, pcap_path.as_deref()) {
+                    Ok(n) => {
+                        println!(
+                            "{n} packets written to {}",
+                            pcap_path.as_deref().map(|p| p.display().to_string()).unwrap_or_default()
+                        );
+                        0
+                    }
+                    Err(e) => {
+                        eprintln!("vxnat ctl capture: {e}");
+                        1
+                    }
+                },
+                Ok(v) if json => {
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                    0
+                }
+                Ok(v) if view == View::Stats => {
                     print!("{}", render_stats(&v));
+                    0
+                }
+                Ok(v) if view == View::Flows => {
+                    match serde_json::from_value::<vxnat_control::observe::FlowsReport>(v) {
+                        Ok(r) => print!("{}", vxnat_control::observe::render_flows(&r)),
+                        Err(e) => eprintln!("vxnat ctl flows: bad answer: {e}"),
+                    }
+                    0
+                }
+                Ok(v) if view == View::Trace => {
+                    match serde_json::from_value::<Vec<vxnat_control::observe::TraceReport>>(v["traces"].clone()) {
+                        Ok(t) => print!("{}", vxnat_control::observe::render_traces(&t)),
+                        Err(e) => eprintln!("vxnat ctl trace: bad answer: {e}"),
+                    }
                     0
                 }
                 Ok(v) => {

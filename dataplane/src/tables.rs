@@ -44,6 +44,9 @@ pub struct NodeConfig {
     /// Compute the outer VXLAN UDP checksum on transmit (otherwise zero, RFC 7348's default
     /// and flannel's).
     pub outer_udp_checksum: bool,
+    /// Segment and fragment frames larger than their egress (off: they are dropped as
+    /// `segmentation_disabled`, which is what incident 5 looked like).
+    pub segmentation: bool,
 }
 
 impl NodeConfig {

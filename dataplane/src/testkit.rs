@@ -58,6 +58,7 @@ pub fn node_config() -> NodeConfig {
         vxlan_port: 8472,
         underlay_mtu: 1500,
         outer_udp_checksum: false,
+        segmentation: true,
     }
 }
 

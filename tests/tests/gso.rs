@@ -286,3 +286,20 @@ fn a_full_spill_area_refuses_whole_frames() {
     assert_eq!(state.spill.len(), accepted * per_frame, "no partial frame left behind");
     assert_eq!(state.counters.port(POD1).expect("port").drops[DropReason::SpillFull.index()], 1);
 }
+
+#[test]
+fn with_segmentation_off_an_oversized_frame_is_a_named_drop() {
+    let data = payload(5000);
+    let l4 = L4::Tcp { sport: 40000, dport: 8080, seq: 1, ack: 1, flags: 0x010, payload: &data };
+    let frame = testkit::from_pod1(&testkit::ipv4(POD1_IP, REMOTE_POD_B, &l4));
+    let node = dataplane::tables::NodeConfig { segmentation: false, ..testkit::node_config() };
+    let tables = testkit::builder(node).and_then(|b| b.build()).expect("tables");
+    let mut state = WorkerState::new(0);
+    let mut buf = vec![0u8; 256 + frame.len()];
+    buf[256..].copy_from_slice(&frame);
+    let mut f = FrameBuf::new(&mut buf, 256, frame.len()).expect("fits");
+    assert_eq!(
+        process_frame(&tables, &mut state, 0, POD1, &mut f),
+        Disposition::Drop(DropReason::SegmentationDisabled)
+    );
+}

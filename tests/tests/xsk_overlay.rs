@@ -129,6 +129,7 @@ fn vxnat_tables_outer(n: &Node, vtep: &str, peer: &Node, peer_vtep: &str, outer_
         vxlan_port: 8472,
         underlay_mtu: 1500,
         outer_udp_checksum,
+        segmentation: true,
     };
     TablesBuilder::new(node)
         .uplink(UPLINK)

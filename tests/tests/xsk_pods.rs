@@ -54,6 +54,7 @@ fn tables(s: &Setup) -> Tables {
         vxlan_port: 8472,
         underlay_mtu: 1500,
         outer_udp_checksum: false,
+        segmentation: true,
     };
     TablesBuilder::new(node)
         .uplink(PortId(0))

@@ -57,6 +57,9 @@ pub struct BackendCounters {
 pub struct PortCounters {
     pub rx_packets: u64,
     pub rx_bytes: u64,
+    /// Transmitted on this port (counted by the AF_XDP worker when queued to the tx ring).
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
     /// Indexed by [`DropReason::index`].
     pub drops: [u64; DropReason::COUNT],
     pub events: EventCounters,
@@ -64,7 +67,14 @@ pub struct PortCounters {
 
 impl Default for PortCounters {
     fn default() -> Self {
-        PortCounters { rx_packets: 0, rx_bytes: 0, drops: [0; DropReason::COUNT], events: EventCounters::default() }
+        PortCounters {
+            rx_packets: 0,
+            rx_bytes: 0,
+            tx_packets: 0,
+            tx_bytes: 0,
+            drops: [0; DropReason::COUNT],
+            events: EventCounters::default(),
+        }
     }
 }
 

@@ -92,6 +92,7 @@ drop_reasons! {
     VxlanInnerNotLocal = "vxlan_inner_not_local": "decapsulated packet is not for a pod or address on this node",
     // Encapsulation
     MtuExceeded = "mtu_exceeded": "packet larger than its egress MTU that could not be segmented or fragmented (DF set and no ICMP sent: the packet was an ICMP error or a non-first fragment; or headers alone exceed the MTU)",
+    SegmentationDisabled = "segmentation_disabled": "frame larger than its egress MTU (an aggregated GRO/LRO frame, or a jumbo pod's) and software segmentation is off (incident 5): set segmentation = true, or turn LRO/GRO off upstream",
     SpillFull = "spill_full": "no room left for the segments or fragments of an oversized frame (this batch's spill area or the free UMEM chunks are exhausted); the whole frame is dropped",
     NoHeadroom = "no_headroom": "frame buffer too small to push the VXLAN header or build a reply",
     UnderlayNoNextHop = "underlay_no_next_hop": "underlay next hop for the remote node not resolved yet",

@@ -525,6 +525,9 @@ fn oversize(
     flow_hash: u32,
 ) -> Result<Disposition, DropReason> {
     let tables = ctx.tables;
+    if !tables.node.segmentation {
+        return Err(DropReason::SegmentationDisabled);
+    }
     let mtu = tables.node.max_inner_ip_len();
     let (port, prefix, remote) = match route {
         Route::LocalPod(p) => {

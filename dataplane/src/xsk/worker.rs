@@ -195,6 +195,11 @@ impl Worker {
         &self.state
     }
 
+    /// The pipeline state, to start or stop a capture or trace between polls.
+    pub fn state_mut(&mut self) -> &mut WorkerState {
+        &mut self.state
+    }
+
     /// XDP exit counters of the program on port `id`.
     pub fn xdp_exits(&self, id: PortId) -> Option<Result<[u64; 4], String>> {
         self.ports.get(usize::from(id.0))?.as_ref().map(|p| p.prog.exits())
@@ -518,6 +523,7 @@ impl Worker {
             let mut idx = 0u32;
             // SAFETY: tx is this port's live tx ring; `fits` slots are free.
             let got = unsafe { sys::xsk_ring_prod__reserve(&mut *p.xsk.tx, fits as u32, &mut idx) } as usize;
+            let pc = self.state.counters.port_mut(PortId(e as u16));
             for (k, &(addr, len, options)) in staged.iter().take(got).enumerate() {
                 // SAFETY: idx+k is a slot we reserved.
                 let d = unsafe { &mut *sys::xsk_ring_prod__tx_desc(&mut *p.xsk.tx, idx + k as u32) };
@@ -525,8 +531,10 @@ impl Worker {
                 d.len = len;
                 d.options = options;
                 self.io.tx_bytes += u64::from(len);
+                pc.tx_bytes += u64::from(len);
                 if options & XDP_PKT_CONTD == 0 {
                     self.io.tx_packets += 1;
+                    pc.tx_packets += 1;
                 }
             }
             // SAFETY: submitting exactly what we reserved and wrote.
