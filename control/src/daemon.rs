@@ -236,8 +236,10 @@ pub enum Command {
     /// New tables, and when the change they carry was noticed (for the swap latency).
     Tables(Arc<Tables>, Instant),
     Stats(Sender<WorkerStats>),
-    /// Installs an observer (or none) and hands back the previous one with what it collected.
-    Observe(Option<Box<dataplane::observe::Observe>>, Sender<Option<Box<dataplane::observe::Observe>>>),
+    /// Installs an observer; false if one is already running (one capture or trace at a time).
+    StartObserve(Box<dataplane::observe::Observe>, Sender<bool>),
+    /// Removes the observer and hands it back with what it collected.
+    StopObserve(Sender<Option<Box<dataplane::observe::Observe>>>),
     /// Whether the current observer has collected everything it asked for.
     ObserveDone(Sender<bool>),
     /// The flow table and held SNAT tuples matching a filter.
@@ -512,9 +514,16 @@ fn worker_main(
                     s.table_swaps = swaps.clone();
                     let _ = reply.send(s);
                 }
-                Command::Observe(o, reply) => {
-                    let old = std::mem::replace(&mut w.state_mut().observe, o);
-                    let _ = reply.send(old);
+                Command::StartObserve(o, reply) => {
+                    let slot = &mut w.state_mut().observe;
+                    let free = slot.is_none();
+                    if free {
+                        *slot = Some(o);
+                    }
+                    let _ = reply.send(free);
+                }
+                Command::StopObserve(reply) => {
+                    let _ = reply.send(w.state_mut().observe.take());
                 }
                 Command::ObserveDone(reply) => {
                     let _ = reply.send(w.state().observe.as_ref().is_none_or(|o| o.done()));
@@ -939,8 +948,10 @@ pub fn observe(
 ) -> Result<Box<dataplane::observe::Observe>, String> {
     let ask = |cmd: Command| commands.send(cmd).map_err(|_| "worker stopped".to_string());
     let (tx, rx) = bounded(1);
-    ask(Command::Observe(Some(Box::new(o)), tx))?;
-    rx.recv_timeout(Duration::from_secs(5)).map_err(|_| "worker did not answer".to_string())?;
+    ask(Command::StartObserve(Box::new(o), tx))?;
+    if !rx.recv_timeout(Duration::from_secs(5)).map_err(|_| "worker did not answer".to_string())? {
+        return Err("a capture or trace is already running on this node; try again when it ends".into());
+    }
     let until = Instant::now() + timeout;
     while Instant::now() < until {
         std::thread::sleep(Duration::from_millis(50));
@@ -951,7 +962,7 @@ pub fn observe(
         }
     }
     let (tx, rx) = bounded(1);
-    ask(Command::Observe(None, tx))?;
+    ask(Command::StopObserve(tx))?;
     rx.recv_timeout(Duration::from_secs(5))
         .map_err(|_| "worker did not answer".to_string())?
         .ok_or("the observer went missing".to_string())

@@ -972,3 +972,346 @@ endpoints:
         "error names object and field: {log}"
     );
 }
+
+// ---- Observability (issue 7): flows, trace, capture, metrics, and one scenario per incident,
+// each named by `vxnat ctl stats`.
+
+/// Runs `vxnat ctl` with `args` on a thread (for a capture or trace waiting for traffic).
+fn ctl_bg(n: &NodeNs, args: &[&str]) -> std::thread::JoinHandle<Result<String, String>> {
+    let socket = n.socket.clone();
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    std::thread::spawn(move || {
+        let out = Command::new(BIN)
+            .arg("ctl")
+            .arg("--socket")
+            .arg(&socket)
+            .args(&args)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).to_string())
+        }
+    })
+}
+
+/// `GET /metrics` from inside a node's namespace.
+fn scrape(n: &NodeNs) -> String {
+    let ns = Netns { name: n.ns.name.clone() };
+    let h = ns.spawn(|| {
+        let mut c = TcpStream::connect_timeout(&"127.0.0.1:9478".parse().expect("addr"), Duration::from_secs(3))
+            .expect("connect");
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n").expect("send");
+        let mut s = String::new();
+        let _ = c.read_to_string(&mut s);
+        s
+    });
+    std::mem::forget(ns);
+    h.join().expect("scrape")
+}
+
+#[test]
+fn flows_trace_capture_and_metrics_explain_service_traffic() {
+    if !require_root("flows_trace_capture_and_metrics_explain_service_traffic") {
+        return;
+    }
+    let c = cluster_with(SERVICES);
+    let (a1, b1) = (&c.pods[0], &c.pods[2]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sb = who_server(b1, "b1", false, stop.clone());
+    let sa = who_server(&c.pods[1], "a2", false, stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    let dir = c._dir.0.clone();
+    let pcap = dir.join("svc.pcap");
+    let cap = ctl_bg(
+        &c.nodes[0],
+        &[
+            "capture",
+            "--at",
+            "vxa1",
+            "--filter",
+            "tcp and port 80",
+            "--count",
+            "6",
+            "--timeout",
+            "8",
+            "-w",
+            pcap.to_str().expect("path"),
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(400));
+    let got = fetch(&a1.ns, Ipv4Addr::new(10, 96, 0, 50), 6);
+    assert!(got.iter().all(|r| r.is_ok()), "{got:?}");
+    let cap = cap
+        .join()
+        .expect("capture")
+        .unwrap_or_else(|e| panic!("capture: {e}\n{}", std::fs::read_to_string(&c.nodes[0].log).unwrap_or_default()));
+    // Just before encapsulation: the DNAT'd packets toward node B's endpoint.
+    let pre = dir.join("pre.pcap");
+    let cap2 = ctl_bg(
+        &c.nodes[0],
+        &[
+            "capture",
+            "--at",
+            "pre-encap",
+            "--filter",
+            "tcp",
+            "--count",
+            "3",
+            "--timeout",
+            "8",
+            "-w",
+            pre.to_str().expect("path"),
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = fetch(&a1.ns, Ipv4Addr::new(10, 96, 0, 50), 12);
+    assert!(cap2.join().expect("capture").expect("capture ok").contains("3 packets written"));
+    // One capture or trace at a time: a second one is refused while the first runs.
+    let busy =
+        ctl_bg(&c.nodes[0], &["capture", "--at", "uplink", "--count", "1000", "--timeout", "3", "-w", "/dev/null"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let refused = c.nodes[0].ctl(&["trace", "--count", "1", "--timeout", "1"]);
+    assert!(refused.as_ref().is_err_and(|e| e.contains("already running")), "{refused:?}");
+    let _ = busy.join();
+    let trace = ctl_bg(
+        &c.nodes[0],
+        &["trace", "--filter", "tcp and dst port 80 and src host 10.244.0.2", "--count", "1", "--timeout", "8"],
+    );
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(fetch(&a1.ns, Ipv4Addr::new(10, 96, 0, 50), 1)[0].is_ok());
+    let trace = trace.join().expect("trace").expect("trace ok");
+    let flows = c.nodes[0].ctl(&["flows", "--filter", "port 80"]).expect("flows");
+    let metrics = scrape(&c.nodes[0]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = (sa.join(), sb.join());
+    // The capture opens in tshark, with the pod's packets to the ClusterIP.
+    assert!(cap.contains("6 packets written"), "{cap}");
+    let ts = Command::new("tshark")
+        .args(["-r"])
+        .arg(&pcap)
+        .args(["-T", "fields", "-e", "ip.src", "-e", "ip.dst", "-e", "tcp.dstport"])
+        .output()
+        .expect("tshark");
+    let text = String::from_utf8_lossy(&ts.stdout).to_string();
+    assert!(ts.status.success(), "tshark: {}", String::from_utf8_lossy(&ts.stderr));
+    assert_eq!(text.lines().count(), 6, "{text}");
+    assert!(text.lines().any(|l| l.starts_with("10.244.0.2\t10.96.0.50\t80")), "as the pod sent it: {text}");
+    let ts = Command::new("tshark")
+        .args(["-r"])
+        .arg(&pre)
+        .args(["-T", "fields", "-e", "ip.src", "-e", "ip.dst", "-e", "tcp.dstport"])
+        .output()
+        .expect("tshark");
+    let pre_text = String::from_utf8_lossy(&ts.stdout).to_string();
+    assert!(
+        pre_text.lines().count() == 3 && pre_text.lines().all(|l| l == "10.244.0.2\t10.244.1.2\t8080"),
+        "after DNAT, before encapsulation: {pre_text}"
+    );
+    // The trace names the stages.
+    assert!(trace.contains("in  pod vxa1 10.244.0.2: TCP 10.244.0.2:"), "{trace}");
+    assert!(trace.contains("service NAT: destination 10.96.0.50:80 -> 10.244."), "{trace}");
+    assert!(trace.contains("=> out "), "{trace}");
+    // Flows: the connections with their NAT mapping.
+    assert!(flows.contains("-> 10.96.0.50:80") && flows.contains("DNAT to 10.244."), "{flows}");
+    // Metrics parse as the Prometheus text format and carry what was asked.
+    let body = metrics.split("\r\n\r\n").nth(1).unwrap_or("");
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    let mut names = std::collections::BTreeSet::new();
+    for line in body.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad line {line:?}"));
+        assert!(value.parse::<f64>().is_ok(), "value in {line:?}");
+        let name = series.split('{').next().unwrap_or("");
+        assert!(name.starts_with("vxnat_") && name.chars().all(|c| c.is_ascii_lowercase() || c == '_'), "{line}");
+        names.insert(name.to_string());
+    }
+    for want in [
+        "vxnat_port_packets_total",
+        "vxnat_port_bytes_total",
+        "vxnat_flows",
+        "vxnat_snat_tuples",
+        "vxnat_table_swap_seconds_count",
+        "vxnat_backend_syns_total",
+    ] {
+        assert!(names.contains(want), "{want} missing from {names:?}");
+    }
+    assert!(body.contains("direction=\"tx\""), "{body}");
+}
+
+/// A node's VtepMAC in the demo state (its flannel annotation, else the derived one).
+fn vtep_of(node: &str) -> dataplane::wire::MacAddr {
+    let demo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../configs/demo-cluster.yaml");
+    let state = vxnat_control::state::ClusterState::load(&demo).expect("demo state");
+    let n = state.nodes.iter().find(|n| n.metadata.name.as_deref() == Some(node)).expect("node");
+    let v = vxnat_control::state::NodeView::from_node(n).expect("node view");
+    v.vtep_mac.unwrap_or_else(|| vxnat_control::state::derived_vtep_mac(node))
+}
+
+#[test]
+fn incident_1_a_corrupted_outer_checksum_is_named() {
+    if !require_root("incident_1_a_corrupted_outer_checksum_is_named") {
+        return;
+    }
+    let c = cluster();
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+    let inner = dataplane::testkit::ipv4(
+        Ipv4Addr::new(10, 244, 1, 2),
+        Ipv4Addr::new(10, 244, 0, 2),
+        &dataplane::testkit::L4::Udp { sport: 9, dport: 9, payload: b"checksum left to an offload" },
+    );
+    let v = dataplane::testkit::Vxlan {
+        outer_src_mac: b.ns.mac("ul"),
+        outer_dst_mac: a.ns.mac("ul"),
+        src_ip: Ipv4Addr::new(192, 168, 77, 2),
+        dst_ip: Ipv4Addr::new(192, 168, 77, 1),
+        ident: 7,
+        sport: 40000,
+        dport: 8472,
+        vni: 1,
+        flags: 0x08,
+        inner_src_mac: vtep_of("node-b"),
+        inner_dst_mac: vtep_of("node-a"),
+        udp_checksum: true,
+    };
+    let mut frame = dataplane::testkit::vxlan_frame(&v, &inner);
+    frame[40] ^= 0xff; // the outer checksum no longer matches
+    let bns = Netns { name: b.ns.name.clone() };
+    bns.spawn(move || send_raw("ul", &[frame])).join().expect("inject");
+    std::mem::forget(bns);
+    std::thread::sleep(Duration::from_millis(300));
+    let stats = a.ctl(&["stats"]).expect("stats");
+    assert!(
+        stats.contains("vxlan_bad_outer_checksum") && stats.contains("incident 1: a broken checksum offload upstream"),
+        "{stats}"
+    );
+}
+
+#[test]
+fn incident_3_another_host_answering_arp_for_a_node_is_named() {
+    if !require_root("incident_3_another_host_answering_arp_for_a_node_is_named") {
+        return;
+    }
+    let c = cluster();
+    // A rogue machine on the underlay claims node B's address (kube-ipvs0 did this).
+    let rogue = Netns::new("rogue");
+    c._switch.ip(&["link", "add", "pr", "type", "veth", "peer", "name", "eth0", "netns", &rogue.name]);
+    c._switch.ip(&["link", "set", "pr", "master", "br0", "up"]);
+    rogue.ip(&["addr", "add", "192.168.77.2/24", "dev", "eth0"]);
+    rogue.ip(&["link", "set", "eth0", "up"]);
+    let rogue_mac = rogue.mac("eth0");
+    std::thread::sleep(Duration::from_millis(300));
+    let a = &c.nodes[0];
+    a.ns.ip(&["neigh", "flush", "dev", "ul"]);
+    a.ns.exec(&["ping", "-c", "2", "-W", "1", "192.168.77.2"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let stats = a.ctl(&["stats"]).expect("stats");
+    let line =
+        stats.lines().find(|l| l.starts_with("ARP conflict on ul: 192.168.77.2 is claimed by")).unwrap_or_default();
+    assert!(line.contains(&c.nodes[1].ns.mac("ul").to_string()) && line.contains(&rogue_mac.to_string()), "{stats}");
+    let log = std::fs::read_to_string(&a.log).unwrap_or_default();
+    assert!(log.contains("ARP conflict on ul: 192.168.77.2"), "{log}");
+}
+
+#[test]
+fn incident_4_syns_a_backend_never_answers_are_named_per_backend() {
+    if !require_root("incident_4_syns_a_backend_never_answers_are_named_per_backend") {
+        return;
+    }
+    const ONE: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: silent, namespace: default}
+spec: {clusterIP: 10.96.0.90, ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: silent-x1, namespace: default, labels: {kubernetes.io/service-name: silent}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- {addresses: [10.244.1.2], conditions: {ready: true}, nodeName: node-b}
+"#;
+    let c = cluster_with_config(ONE, "[conntrack]\ntcp_syn_sent = 2\n");
+    let (a1, b1) = (&c.pods[0], &c.pods[2]);
+    // The backend drops every SYN (as a full accept queue, a firewall or tw_recycle did).
+    let nft = Command::new("ip")
+        .args(["netns", "exec", &b1.ns.name, "nft", "add table inet vxt; add chain inet vxt in { type filter hook input priority 0 ; } ; add rule inet vxt in tcp flags syn drop"])
+        .output()
+        .expect("nft");
+    assert!(nft.status.success(), "nft: {}", String::from_utf8_lossy(&nft.stderr));
+    let got = fetch_port_timeout(&a1.ns, Ipv4Addr::new(10, 96, 0, 90), 80, 1, Duration::from_millis(3500));
+    assert!(got[0].is_err(), "the backend must not answer: {got:?}");
+    std::thread::sleep(Duration::from_secs(4)); // past the 2 s SYN_SENT timeout
+    let stats = c.nodes[0].ctl(&["stats"]).expect("stats");
+    let line = stats.lines().find(|l| l.starts_with("backend 10.244.1.2:8080:")).unwrap_or_default();
+    assert!(
+        line.contains("SYNs never answered") && line.contains("SYNs retransmitted by clients waiting for an answer"),
+        "{stats}"
+    );
+}
+
+#[test]
+fn incident_5_an_oversized_frame_with_segmentation_off_is_named() {
+    if !require_root("incident_5_an_oversized_frame_with_segmentation_off_is_named") {
+        return;
+    }
+    let c = cluster_with_config("", "segmentation = false\n");
+    let a1 = &c.pods[0];
+    // A jumbo pod (its frames go through vxnat as multi-buffer chains).
+    c.nodes[0].ns.ip(&["link", "set", "vxa1", "mtu", "9000"]);
+    a1.ns.ip(&["link", "set", "eth0", "mtu", "9000"]);
+    let got = udp_datagrams(&a1.ns, a1.ip, &c.pods[2].ns, c.pods[2].ip, 7100, 3, 4000);
+    assert_eq!(got, 0, "nothing oversized gets through with segmentation off");
+    let stats = c.nodes[0].ctl(&["stats"]).expect("stats");
+    assert!(stats.contains("segmentation_disabled") && stats.contains("(incident 5)"), "{stats}");
+}
+
+/// Incident 2 from the backend's side: a NAT device in front of the node reuses a client port
+/// while the backend still holds the old connection in TIME_WAIT; the new SYN (with a lower
+/// sequence number) is answered by a bare ACK and the handshake dies. vxnat names it, per
+/// backend.
+#[test]
+fn incident_2_a_syn_answered_by_a_bare_ack_is_named() {
+    if !require_root("incident_2_a_syn_answered_by_a_bare_ack_is_named") {
+        return;
+    }
+    use std::net::SocketAddrV4;
+    let c = cluster_with(NODE_PORTS);
+    let b1 = &c.pods[2];
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sb = who_server(b1, "b1", true, stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    // externalTrafficPolicy Local on node B: the client address reaches the backend as is.
+    let (client, node_b) = (
+        SocketAddrV4::new(Ipv4Addr::new(192, 168, 77, 100), 45000),
+        SocketAddrV4::new(Ipv4Addr::new(192, 168, 77, 2), 30081),
+    );
+    let first = c.client.spawn(move || vxnat_tests::netns::tcp_fetch_from(client, node_b)).join().expect("client");
+    assert_eq!(first.as_deref(), Ok("b1 192.168.77.100"), "the first connection, client address preserved");
+    std::thread::sleep(Duration::from_millis(200));
+    // The same 5-tuple again at once, as a NAT reusing the port would send it: a SYN with a
+    // sequence number below the old connection's.
+    let syn = dataplane::testkit::eth(
+        c.nodes[1].ns.mac("ul"),
+        c.client.mac("eth0"),
+        0x0800,
+        &dataplane::testkit::ipv4(
+            *client.ip(),
+            *node_b.ip(),
+            &dataplane::testkit::L4::Tcp { sport: 45000, dport: 30081, seq: 1, ack: 0, flags: 0x002, payload: &[] },
+        ),
+    );
+    let cns = Netns { name: c.client.name.clone() };
+    cns.spawn(move || send_raw("eth0", &[syn])).join().expect("inject");
+    std::mem::forget(cns);
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = sb.join();
+    let stats = c.nodes[1].ctl(&["stats"]).expect("stats");
+    let line = stats.lines().find(|l| l.starts_with("backend 10.244.1.2:8080:")).unwrap_or_default();
+    assert!(
+        line.contains("1 SYNs answered by a bare ACK instead of SYN-ACK (it still holds the 5-tuple in TIME_WAIT"),
+        "{stats}"
+    );
+}

@@ -276,3 +276,44 @@ pub fn udp_df_probe(
     };
     (first, second, mtu)
 }
+
+/// A TCP connection from a chosen source address and port (SO_REUSEADDR), from the calling
+/// thread's namespace; reads what the server sends until it closes.
+#[allow(unsafe_code)]
+pub fn tcp_fetch_from(src: std::net::SocketAddrV4, dst: std::net::SocketAddrV4) -> Result<String, String> {
+    use std::io::Read;
+    use std::os::fd::FromRawFd;
+    let sa = |a: std::net::SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from(*a.ip()).to_be() },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: socket calls on our own fd with valid, initialised arguments; the fd is owned
+    // by the TcpStream from then on.
+    let mut stream = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error().to_string());
+        }
+        let s = std::net::TcpStream::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, (&one as *const libc::c_int).cast(), 4);
+        let a = sa(src);
+        if libc::bind(fd, (&a as *const libc::sockaddr_in).cast(), std::mem::size_of::<libc::sockaddr_in>() as u32) != 0
+        {
+            return Err(format!("bind {src}: {}", std::io::Error::last_os_error()));
+        }
+        let d = sa(dst);
+        if libc::connect(fd, (&d as *const libc::sockaddr_in).cast(), std::mem::size_of::<libc::sockaddr_in>() as u32)
+            != 0
+        {
+            return Err(format!("connect {dst}: {}", std::io::Error::last_os_error()));
+        }
+        s
+    };
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(3))).map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    stream.read_to_string(&mut out).map_err(|e| e.to_string())?;
+    Ok(out)
+}

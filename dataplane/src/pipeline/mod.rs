@@ -298,6 +298,31 @@ fn release_expired(ctx: &mut overlay::Ctx<'_>) {
     }
 }
 
+/// Housekeeping between batches (the worker calls it every pass, busy or idle): expires up to
+/// `budget` flow slots, releasing their SNAT ports and counting SYNs that were never answered,
+/// so flows expire on time even when no traffic arrives to sweep them.
+pub fn maintain(tables: &Tables, state: &mut WorkerState, now: Nanos, budget: usize) {
+    let WorkerState { counters, ident, icmp_limit, flows, snat, affinity, spill, backends, .. } = state;
+    flows.sweep(now, budget);
+    let ingress = tables.uplink();
+    let mut ctx = overlay::Ctx {
+        tables,
+        now,
+        ingress,
+        ident,
+        icmp_limit,
+        counters: counters.port_mut(ingress),
+        flows,
+        snat,
+        affinity,
+        spill,
+        observe: None,
+        backends,
+        hint: None,
+    };
+    release_expired(&mut ctx);
+}
+
 /// Convenience for one frame (tests, tools); the batch function is the hot path.
 pub fn process_frame(
     tables: &Tables,

@@ -22,6 +22,8 @@ const JUMBO_MAX: usize = 64 << 10;
 const JUMBO_HEADROOM: usize = 256;
 /// `chunks[k]` of a frame that lives in a jumbo buffer rather than a UMEM chunk.
 const JUMBO: u64 = u64::MAX;
+/// Flow slots examined for expiry per poll pass (busy or idle).
+const MAINTAIN_SLOTS: usize = 64;
 /// Batches taken from one port per pass over the ports.
 pub const RX_BATCHES_PER_PASS: usize = 4;
 
@@ -243,6 +245,7 @@ impl Worker {
             }
         }
         self.flush_tx();
+        crate::pipeline::maintain(tables, &mut self.state, now, MAINTAIN_SLOTS);
         received
     }
 
