@@ -1,9 +1,12 @@
 //! Looking at packets on their way: capture (copies of frames at a point, for a pcap file) and
 //! trace (what went in, what came out, where, and the verdict with its drop reason).
 //!
-//! Off by default: the pipeline then pays one branch per batch and one per encapsulated or
-//! decapsulated frame. On, it copies matching frames (bounded by the count asked for) and
-//! nothing else changes.
+//! Off by default: the pipeline then pays one branch per batch and nothing per packet. The
+//! points inside the pipeline need no hook: encapsulation only pushes headers in front of the
+//! inner frame and decapsulation only pulls them off, so the frame just before encapsulation is
+//! what follows the VXLAN header of an output, and the frame just after decapsulation is what
+//! follows it in the input (before any rewrite). On, matching frames are copied (bounded by the
+//! count asked for) and nothing else changes.
 
 use crate::filter::{frame_matches, Filter};
 use crate::pipeline::{Disposition, DropReason};
@@ -78,8 +81,27 @@ pub struct Observe {
     pub traces: Vec<TraceRecord>,
     /// Per frame of the current batch: index into `traces` when it is traced.
     current: Vec<Option<usize>>,
+    /// Per frame of the current batch: its inner frame if it arrived as VXLAN.
+    inner_in: Vec<Option<Vec<u8>>>,
     /// The frame being processed (its batch index).
     pub(crate) frame: usize,
+}
+
+/// The inner frame of a VXLAN frame (untagged IPv4 outer, UDP to 8472 or 4789).
+fn vxlan_inner(frame: &[u8]) -> Option<&[u8]> {
+    if frame.get(12..14)? != [0x08, 0x00] {
+        return None;
+    }
+    let ip = &frame[14..];
+    let hl = usize::from(ip.first()? & 0x0f) * 4;
+    if *ip.get(9)? != 17 {
+        return None;
+    }
+    let dport = u16::from_be_bytes([*ip.get(hl + 2)?, *ip.get(hl + 3)?]);
+    if dport != 8472 && dport != 4789 {
+        return None;
+    }
+    frame.get(14 + hl + 8 + 8..).filter(|f| f.len() >= 14)
 }
 
 fn wall_ns() -> u64 {
@@ -127,9 +149,11 @@ impl Observe {
     /// A batch received on `ingress`, before processing.
     pub(crate) fn before<'a>(&mut self, ingress: PortId, frames: impl Iterator<Item = &'a [u8]>) {
         self.current.clear();
+        self.inner_in.clear();
         for (i, data) in frames.enumerate() {
             self.frame = i;
             self.at(Point::Rx(ingress), data);
+            self.inner_in.push(vxlan_inner(data).map(<[u8]>::to_vec));
             let traced = match &self.trace {
                 Some((filter, n)) if self.traces.len() < *n && frame_matches(filter, data) => {
                     self.traces.push(TraceRecord {
@@ -152,12 +176,20 @@ impl Observe {
 
     /// Frame `i` of the batch came out as `d`, leaving as `outputs` (on their ports).
     pub(crate) fn after<'a>(&mut self, i: usize, d: Disposition, outputs: impl Iterator<Item = (PortId, &'a [u8])>) {
+        self.frame = i;
         let trace = self.current.get(i).copied().flatten();
         if let Some(r) = trace.and_then(|t| self.traces.get_mut(t)) {
             r.verdict = d;
         }
+        // Decapsulated unless it was refused before or at decapsulation.
+        let decapsulated = !matches!(d, Disposition::Drop(r) if r.name().starts_with("vxlan_") || r.name().starts_with("uplink_") || r.name().starts_with("eth") || r.name() == "port_unknown");
+        if let Some(inner) = self.inner_in.get_mut(i).and_then(Option::take).filter(|_| decapsulated) {
+            self.at(Point::PostDecap, &inner);
+        }
         for (port, data) in outputs {
-            self.frame = i;
+            if let Some(inner) = vxlan_inner(data) {
+                self.at(Point::PreEncap, inner);
+            }
             self.at(Point::Tx(port), data);
             if let Some(r) = trace.and_then(|t| self.traces.get_mut(t)) {
                 r.output_count += 1;

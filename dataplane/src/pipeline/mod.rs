@@ -225,22 +225,31 @@ pub fn process_batch(
         hint: None,
     };
     release_expired(&mut ctx);
+    let observing = ctx.observe.is_some();
     for (i, (frame, o)) in frames[..n].iter_mut().zip(out[..n].iter_mut()).enumerate() {
         ctx.hint = hints.get(i).copied().flatten();
-        let spilled_from = ctx.spill.len();
-        if let Some(ob) = ctx.observe.as_deref_mut() {
-            ob.frame = i;
-        }
+        let spilled_from = if observing { observe_before(&mut ctx, i) } else { 0 };
         let d = overlay::process_one(&mut ctx, &entry, frame);
         if let Disposition::Drop(r) = d {
             ctx.counters.drops[r.index()] += 1;
         }
-        if let Some(ob) = ctx.observe.as_deref_mut() {
-            observe_after(ob, tables, i, d, frame, ctx.spill, spilled_from);
+        if observing {
+            if let Some(ob) = ctx.observe.as_deref_mut() {
+                observe_after(ob, tables, i, d, frame, ctx.spill, spilled_from);
+            }
         }
         *o = d;
     }
     release_expired(&mut ctx);
+}
+
+/// Tells the observer which frame comes next; returns where its spilled packets will start.
+#[cold]
+fn observe_before(ctx: &mut overlay::Ctx<'_>, i: usize) -> usize {
+    if let Some(ob) = ctx.observe.as_deref_mut() {
+        ob.frame = i;
+    }
+    ctx.spill.len()
 }
 
 /// Tells the observer what became of frame `i`: its verdict and what left where.

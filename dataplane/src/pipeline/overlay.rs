@@ -176,9 +176,6 @@ fn from_uplink(ctx: &mut Ctx<'_>, policy: ChecksumPolicy, frame: &mut FrameBuf<'
         return from_outside(ctx, policy, frame, client_mac);
     }
     let d = decap::decap(ctx.tables, frame)?;
-    if let Some(o) = ctx.observe.as_deref_mut() {
-        o.at(crate::observe::Point::PostDecap, frame.data());
-    }
     let m = validate_ipv4(frame)?;
     // A veth underlay delivers what the sender left to offloads: complete the inner checksum,
     // then judge the outer one (see `OuterChecksum`).
@@ -499,9 +496,6 @@ pub(crate) fn egress(
         Route::Host => deliver_host(ctx.tables, frame),
         Route::Remote(idx) => {
             let remote = ctx.tables.remote(idx).ok_or(DropReason::NoRouteToNode)?;
-            if let Some(o) = ctx.observe.as_deref_mut() {
-                o.at(crate::observe::Point::PreEncap, frame.data());
-            }
             let ident = ctx.next_ident();
             encap::encap(frame, &ctx.tables.node, remote, ident, flow_hash)?;
             ctx.events().encapsulated += 1;
@@ -540,9 +534,6 @@ fn oversize(
         }
         Route::Remote(idx) => {
             let remote = tables.remote(idx).ok_or(DropReason::NoRouteToNode)?;
-            if let Some(o) = ctx.observe.as_deref_mut() {
-                o.at(crate::observe::Point::PreEncap, frame.data());
-            }
             (tables.uplink(), crate::wire::vxlan::ENCAP_OVERHEAD + ethernet::HEADER_LEN, Some(remote))
         }
         Route::NoSuchPod => return Err(DropReason::NoSuchPod),
