@@ -196,6 +196,9 @@ fn handle(node: &Mutex<Node>, req: Request) -> Result<Value, String> {
                 .collect();
             Ok(json!({
                 "node": n.facts.file.node,
+                "pod_cidr": n.facts.me.pod_cidr.to_string(),
+                "gateway": n.facts.me.pod_cidr.first_host().to_string(),
+                "pod_mtu": n.facts.uplink_mtu.saturating_sub(50),
                 "uplink_mac": n.facts.uplink_mac.to_string(),
                 "ports": ports,
                 "remotes": remotes,

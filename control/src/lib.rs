@@ -2,6 +2,7 @@
 //! its compilation into dataplane tables, the node daemon, the ctl API and the reports.
 
 pub mod arpwatch;
+pub mod cni;
 pub mod config;
 pub mod ctl;
 pub mod daemon;

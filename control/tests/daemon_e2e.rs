@@ -1315,3 +1315,149 @@ fn incident_2_a_syn_answered_by_a_bare_ack_is_named() {
         "{stats}"
     );
 }
+
+// ---- The CNI plugin (issue 8), called the way a container runtime calls it.
+
+const CNI_BIN: &str = env!("CARGO_BIN_EXE_vxnat-cni");
+
+/// Runs a CNI plugin in `node`'s namespace (where the runtime would run it) with the spec's
+/// environment and `conf` on stdin; returns the exit code and the JSON it printed.
+fn cni_call(
+    node: &NodeNs,
+    plugin: &str,
+    cmd: &str,
+    container: &str,
+    netns: &str,
+    conf: &str,
+) -> (i32, serde_json::Value) {
+    let dir = PathBuf::from(CNI_BIN).parent().expect("bin dir").to_path_buf();
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &node.ns.name, plugin])
+        .env("CNI_COMMAND", cmd)
+        .env("CNI_CONTAINERID", container)
+        .env("CNI_NETNS", netns)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=cni-test")
+        .env("CNI_PATH", format!("/usr/lib/cni:{}", dir.display()))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("plugin");
+    child.stdin.take().expect("stdin").write_all(conf.as_bytes()).expect("write conf");
+    let out = child.wait_with_output().expect("plugin output");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let v = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+    (out.status.code().unwrap_or(-1), v)
+}
+
+fn cni_conf(name: &str, socket: &std::path::Path, data_dir: &std::path::Path) -> serde_json::Value {
+    serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": name,
+        "type": "vxnat-cni",
+        "socket": socket,
+        "ipam": {
+            "type": "host-local",
+            "ranges": [[{"subnet": "10.244.0.0/24", "rangeStart": "10.244.0.10", "rangeEnd": "10.244.0.50"}]],
+            "dataDir": data_dir,
+        },
+        "dns": {"nameservers": ["10.96.0.10"], "search": ["default.svc.cluster.local"]},
+    })
+}
+
+#[test]
+fn the_cni_plugin_works_as_a_runtime_calls_it() {
+    if !require_root("the_cni_plugin_works_as_a_runtime_calls_it") {
+        return;
+    }
+    let mut c = cluster_with(SERVICES);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sb = who_server(&c.pods[2], "b1", false, stop.clone());
+    let sa = who_server(&c.pods[1], "a2", false, stop.clone());
+    let data = c._dir.0.join("ipam");
+    let name = format!("vxnat-e2e-{}", rand_suffix());
+    let conf = cni_conf(&name, &c.nodes[0].socket, &data);
+    let pod = Netns::new("cnipod");
+    let netns = format!("/var/run/netns/{}", pod.name);
+    // ADD: the Result in the spec's shape.
+    let (code, r) = cni_call(&c.nodes[0], CNI_BIN, "ADD", "c1", &netns, &conf.to_string());
+    assert_eq!(code, 0, "ADD: {r}");
+    assert_eq!(r["cniVersion"], "1.0.0");
+    let ifs = r["interfaces"].as_array().expect("interfaces");
+    assert_eq!(ifs.len(), 2, "{r}");
+    let host = ifs[0]["name"].as_str().expect("host name").to_string();
+    assert!(host.starts_with("vx") && ifs[0]["mac"].as_str().is_some_and(|m| m.len() == 17), "{r}");
+    assert_eq!((ifs[1]["name"].as_str(), ifs[1]["sandbox"].as_str()), (Some("eth0"), Some(netns.as_str())), "{r}");
+    assert_eq!(r["ips"][0]["address"], "10.244.0.10/24", "{r}");
+    assert_eq!(r["ips"][0]["gateway"], "10.244.0.1");
+    assert_eq!(r["ips"][0]["interface"], 1, "the index of the pod's interface");
+    assert!(r["routes"].as_array().expect("routes").iter().any(|x| x["dst"] == "0.0.0.0/0" && x["gw"] == "10.244.0.1"));
+    assert_eq!(r["dns"]["nameservers"][0], "10.96.0.10");
+    assert_eq!(pod.exec(&["cat", "/sys/class/net/eth0/mtu"]).stdout, b"1450\n", "pod MTU = uplink MTU - 50");
+    // The pod reaches a pod on the other node and a Service.
+    assert!(ping(&pod, Ipv4Addr::new(10, 244, 1, 2)), "pod -> pod on node B");
+    let got = fetch(&pod, Ipv4Addr::new(10, 96, 0, 50), 4);
+    assert!(got.iter().all(|x| x.is_ok()), "pod -> ClusterIP: {got:?}");
+    // Chaining: portmap follows vxnat with vxnat's Result as prevResult.
+    let mut pm = serde_json::json!({
+        "cniVersion": "1.0.0", "name": name, "type": "portmap",
+        "capabilities": {"portMappings": true},
+        "runtimeConfig": {"portMappings": [{"hostPort": 18080, "containerPort": 8080, "protocol": "tcp"}]},
+        "prevResult": r,
+    });
+    let (code, out) = cni_call(&c.nodes[0], "/usr/lib/cni/portmap", "ADD", "c1", &netns, &pm.to_string());
+    assert_eq!(code, 0, "portmap after vxnat: {out}");
+    pm["prevResult"] = out;
+    let (code, out) = cni_call(&c.nodes[0], "/usr/lib/cni/portmap", "DEL", "c1", &netns, &pm.to_string());
+    assert_eq!(code, 0, "portmap DEL: {out}");
+    // CHECK what ADD set up.
+    let mut checked = conf.clone();
+    checked["prevResult"] = r.clone();
+    let (code, out) = cni_call(&c.nodes[0], CNI_BIN, "CHECK", "c1", &netns, &checked.to_string());
+    assert_eq!(code, 0, "CHECK: {out}");
+    // A vxnat restart keeps the pod attached and reachable, without the runtime.
+    c.nodes[0].stop();
+    c.nodes[0].start();
+    let mut reached = false;
+    for _ in 0..20 {
+        if ping(&pod, Ipv4Addr::new(10, 244, 1, 2)) {
+            reached = true;
+            break;
+        }
+    }
+    assert!(reached, "the pod is reachable after a vxnat restart");
+    // DEL: the address goes back to host-local, the port away; DEL again is fine.
+    let lease = data.join(&name).join("10.244.0.10");
+    assert!(lease.exists(), "host-local holds the address");
+    let (code, out) = cni_call(&c.nodes[0], CNI_BIN, "DEL", "c1", &netns, &conf.to_string());
+    assert_eq!(code, 0, "DEL: {out}");
+    assert!(!lease.exists(), "DEL released the address in host-local's store");
+    assert!(!c.nodes[0].ctl(&["ports"]).expect("ports").contains(&host), "the port is gone");
+    let (code, out) = cni_call(&c.nodes[0], CNI_BIN, "DEL", "c1", &netns, &conf.to_string());
+    assert_eq!(code, 0, "a second DEL: {out}");
+    // CHECK fails once the veth is deleted by hand.
+    let (code, r2) = cni_call(&c.nodes[0], CNI_BIN, "ADD", "c2", &netns, &conf.to_string());
+    assert_eq!(code, 0, "{r2}");
+    let host2 = r2["interfaces"][0]["name"].as_str().expect("name").to_string();
+    c.nodes[0].ns.ip(&["link", "del", &host2]);
+    let mut checked = conf.clone();
+    checked["prevResult"] = r2;
+    let (code, e) = cni_call(&c.nodes[0], CNI_BIN, "CHECK", "c2", &netns, &checked.to_string());
+    assert_ne!(code, 0);
+    assert!(e["msg"].as_str().is_some_and(|m| m.contains("does not exist")), "{e}");
+    let _ = cni_call(&c.nodes[0], CNI_BIN, "DEL", "c2", &netns, &conf.to_string());
+    // Errors with the spec's codes.
+    let (code, e) = cni_call(&c.nodes[0], CNI_BIN, "ADD", "c3", &netns, "{ this is not json");
+    assert_eq!((code, e["code"].as_u64()), (1, Some(6)), "{e}");
+    let mut bad = conf.clone();
+    bad.as_object_mut().expect("object").remove("ipam");
+    let (_, e) = cni_call(&c.nodes[0], CNI_BIN, "ADD", "c3", &netns, &bad.to_string());
+    assert_eq!(e["code"].as_u64(), Some(7), "invalid network config: {e}");
+    assert!(e["msg"].as_str().is_some_and(|m| m.starts_with("ipam.type")), "{e}");
+    let stopped = cni_conf(&name, std::path::Path::new("/run/vxnat/no-such.sock"), &data);
+    let (_, e) = cni_call(&c.nodes[0], CNI_BIN, "ADD", "c3", &netns, &stopped.to_string());
+    assert_eq!(e["code"].as_u64(), Some(11), "vxnat not running: try again later: {e}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = (sa.join(), sb.join());
+}

@@ -68,3 +68,18 @@ fn example_state_files_load() {
         assert!(t.port_count() > 0);
     }
 }
+
+#[test]
+fn the_example_conflist_chains_vxnat_then_portmap() {
+    let text = std::fs::read_to_string(configs().join("10-vxnat.conflist")).expect("conflist");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(v["cniVersion"], "1.0.0");
+    let plugins = v["plugins"].as_array().expect("plugins");
+    assert_eq!(plugins.iter().map(|p| p["type"].as_str().unwrap_or("")).collect::<Vec<_>>(), ["vxnat-cni", "portmap"]);
+    // The runtime hands each plugin its entry with the list's name and version.
+    let mut first = plugins[0].clone();
+    first["cniVersion"] = v["cniVersion"].clone();
+    first["name"] = v["name"].clone();
+    let conf = vxnat_control::cni::parse_conf(&first.to_string()).expect("vxnat's entry is a valid network config");
+    assert_eq!(conf.ipam_type, "host-local");
+}
