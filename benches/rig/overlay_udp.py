@@ -94,6 +94,7 @@ class Topology:
                 f.write(f'node = "node-{n}"\nuplink = "ul"\nstate = "{STATE}"\nsocket = "{sock}"\ncores = [{1 if n == "a" else 0}]\n')
                 if os.environ.get("VXNAT_BUSY_POLL"):
                     f.write("busy_poll = true\n")
+                f.write(getattr(self, "extra_config", ""))
             log = open(os.path.join(self.work, f"node-{n}.log"), "w")
             self.procs.append(subprocess.Popen(["ip", "netns", "exec", ns, BIN, "run", "--config", cfg], stdout=subprocess.DEVNULL, stderr=log))
             for _ in range(200):
