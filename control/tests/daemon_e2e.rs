@@ -1232,7 +1232,7 @@ ports: [{name: http, port: 8080, protocol: TCP}]
 endpoints:
 - {addresses: [10.244.1.2], conditions: {ready: true}, nodeName: node-b}
 "#;
-    let c = cluster_with_config(ONE, "[conntrack]\ntcp_syn_sent = 2\n");
+    let c = cluster_with_config(ONE, "[nat]\nmax_flows = 1024\n[conntrack]\ntcp_syn_sent = 2\n");
     let (a1, b1) = (&c.pods[0], &c.pods[2]);
     // The backend drops every SYN (as a full accept queue, a firewall or tw_recycle did).
     let nft = Command::new("ip")
@@ -1242,8 +1242,16 @@ endpoints:
     assert!(nft.status.success(), "nft: {}", String::from_utf8_lossy(&nft.stderr));
     let got = fetch_port_timeout(&a1.ns, Ipv4Addr::new(10, 96, 0, 90), 80, 1, Duration::from_millis(3500));
     assert!(got[0].is_err(), "the backend must not answer: {got:?}");
-    std::thread::sleep(Duration::from_secs(4)); // past the 2 s SYN_SENT timeout
-    let stats = c.nodes[0].ctl(&["stats"]).expect("stats");
+    // Past the 2 s SYN_SENT timeout (counted from the last retransmission), and the idle sweep.
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut stats = String::new();
+    while Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(500));
+        stats = c.nodes[0].ctl(&["stats"]).expect("stats");
+        if stats.contains("SYNs never answered") {
+            break;
+        }
+    }
     let line = stats.lines().find(|l| l.starts_with("backend 10.244.1.2:8080:")).unwrap_or_default();
     assert!(
         line.contains("SYNs never answered") && line.contains("SYNs retransmitted by clients waiting for an answer"),
@@ -1287,11 +1295,35 @@ fn incident_2_a_syn_answered_by_a_bare_ack_is_named() {
         SocketAddrV4::new(Ipv4Addr::new(192, 168, 77, 100), 45000),
         SocketAddrV4::new(Ipv4Addr::new(192, 168, 77, 2), 30081),
     );
+    // vxnat's own capture records the first SYN, for its initial sequence number.
+    let pcap = c._dir.0.join("first-syn.pcap");
+    let cap = ctl_bg(
+        &c.nodes[1],
+        &[
+            "capture",
+            "--at",
+            "uplink:rx",
+            "--filter",
+            "tcp and port 45000",
+            "--count",
+            "1",
+            "--timeout",
+            "5",
+            "-w",
+            pcap.to_str().expect("path"),
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(300));
     let first = c.client.spawn(move || vxnat_tests::netns::tcp_fetch_from(client, node_b)).join().expect("client");
+    cap.join().expect("capture").expect("capture ok");
+    let bytes = std::fs::read(&pcap).expect("pcap");
+    // pcap header 24 + record header 16 + Ethernet 14 + IPv4 20, then TCP: seq at offset 4.
+    let at = 24 + 16 + 14 + 20 + 4;
+    let isn = u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
     assert_eq!(first.as_deref(), Ok("b1 192.168.77.100"), "the first connection, client address preserved");
     std::thread::sleep(Duration::from_millis(200));
-    // The same 5-tuple again at once, as a NAT reusing the port would send it: a SYN with a
-    // sequence number below the old connection's.
+    // The same 5-tuple again at once, as a NAT reusing the port would send it: a SYN whose
+    // sequence number is not after what the backend's TIME_WAIT socket expects (the old ISN).
     let syn = dataplane::testkit::eth(
         c.nodes[1].ns.mac("ul"),
         c.client.mac("eth0"),
@@ -1299,20 +1331,24 @@ fn incident_2_a_syn_answered_by_a_bare_ack_is_named() {
         &dataplane::testkit::ipv4(
             *client.ip(),
             *node_b.ip(),
-            &dataplane::testkit::L4::Tcp { sport: 45000, dport: 30081, seq: 1, ack: 0, flags: 0x002, payload: &[] },
+            &dataplane::testkit::L4::Tcp { sport: 45000, dport: 30081, seq: isn, ack: 0, flags: 0x002, payload: &[] },
         ),
     );
+    // What happens to it, for the failure message.
+    let trace =
+        ctl_bg(&c.nodes[1], &["trace", "--filter", "port 45000 or port 8080", "--count", "4", "--timeout", "2"]);
+    std::thread::sleep(Duration::from_millis(300));
     let cns = Netns { name: c.client.name.clone() };
     cns.spawn(move || send_raw("eth0", &[syn])).join().expect("inject");
     std::mem::forget(cns);
-    std::thread::sleep(Duration::from_millis(500));
+    let trace = trace.join().expect("trace").unwrap_or_else(|e| e);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = sb.join();
     let stats = c.nodes[1].ctl(&["stats"]).expect("stats");
     let line = stats.lines().find(|l| l.starts_with("backend 10.244.1.2:8080:")).unwrap_or_default();
     assert!(
         line.contains("1 SYNs answered by a bare ACK instead of SYN-ACK (it still holds the 5-tuple in TIME_WAIT"),
-        "{stats}"
+        "{stats}\n{trace}"
     );
 }
 

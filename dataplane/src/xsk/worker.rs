@@ -24,6 +24,7 @@ const JUMBO_HEADROOM: usize = 256;
 const JUMBO: u64 = u64::MAX;
 /// Flow slots examined for expiry per poll pass (busy or idle).
 const MAINTAIN_SLOTS: usize = 64;
+const MAINTAIN_SLOTS_IDLE: usize = 1024;
 /// Batches taken from one port per pass over the ports.
 pub const RX_BATCHES_PER_PASS: usize = 4;
 
@@ -245,7 +246,9 @@ impl Worker {
             }
         }
         self.flush_tx();
-        crate::pipeline::maintain(tables, &mut self.state, now, MAINTAIN_SLOTS);
+        // Idle passes can afford a longer look: a full pass over 64 Ki flows takes 64 of them.
+        let budget = if received == 0 { MAINTAIN_SLOTS_IDLE } else { MAINTAIN_SLOTS };
+        crate::pipeline::maintain(tables, &mut self.state, now, budget);
         received
     }
 
