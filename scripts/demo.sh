@@ -47,7 +47,7 @@ pod "$TAG-b" "$TAG-b2" vxb2 10.244.1.3 10.244.1.1
 
 for n in a b; do
     sed -e "s|^state = .*|state = \"$STATE\"|" -e "s|^socket = .*|socket = \"$WORK/node-$n.sock\"|" \
-        -e 's|^uplink = .*|uplink = "ul"|' -e "s|^cores = .*|cores = []|" "configs/node-$n.toml" > "$WORK/node-$n.toml"
+        -e '0,/^uplink = /s|^uplink = .*|uplink = "ul"|' -e "s|^cores = .*|cores = []|" "configs/node-$n.toml" > "$WORK/node-$n.toml"
     ip netns exec "$TAG-$n" "$BIN" run --config "$WORK/node-$n.toml" 2> "$WORK/node-$n.log" &
     PIDS+=($!)
 done

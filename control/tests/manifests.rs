@@ -83,3 +83,12 @@ fn the_example_conflist_chains_vxnat_then_portmap() {
     let conf = vxnat_control::cni::parse_conf(&first.to_string()).expect("vxnat's entry is a valid network config");
     assert_eq!(conf.ipam_type, "host-local");
 }
+
+#[test]
+fn the_demo_node_configurations_load() {
+    for n in ["node-a.toml", "node-b.toml"] {
+        let f = NodeFile::load(&configs().join(n)).unwrap_or_else(|e| panic!("{n}: {e}"));
+        assert_eq!(f.uplink, "eth0", "{n}: the first `uplink` key is the NIC (scripts/demo.sh rewrites only that one)");
+        f.checksum.policies().expect("checksum policies");
+    }
+}
