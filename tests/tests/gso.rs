@@ -303,3 +303,71 @@ fn with_segmentation_off_an_oversized_frame_is_a_named_drop() {
         Disposition::Drop(DropReason::SegmentationDisabled)
     );
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    /// Hostile input never panics: arbitrary bytes, and valid packets with any byte changed.
+    #[test]
+    fn arbitrary_input_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..3000), mtu in 0usize..2000, mss in proptest::option::of(any::<u16>())) {
+        let mut sink = VecSink::new(0);
+        sink.limit = 64;
+        let _ = segment_tcp(&bytes, mtu, mss, &mut sink);
+        sink.clear();
+        let _ = fragment(&bytes, mtu, &mut sink);
+    }
+
+    #[test]
+    fn mutated_packets_never_panic(len in 0usize..4000, at in any::<usize>(), byte in any::<u8>(), mtu in 20usize..2000) {
+        let mut p = tcp_packet(len, 1, 1, true, true, true, false);
+        let i = at % p.len();
+        p[i] = byte;
+        let mut sink = VecSink::new(0);
+        sink.limit = 512;
+        let _ = segment_tcp(&p, mtu, None, &mut sink);
+        sink.clear();
+        let _ = fragment(&p, mtu, &mut sink);
+    }
+}
+
+#[test]
+fn filters_parse_any_text_without_panicking() {
+    use dataplane::filter::Filter;
+    use proptest::test_runner::TestRunner;
+    let words = prop::collection::vec(
+        prop::sample::select(vec![
+            "host",
+            "net",
+            "port",
+            "src",
+            "dst",
+            "tcp",
+            "udp",
+            "icmp",
+            "proto",
+            "and",
+            "or",
+            "not",
+            "(",
+            ")",
+            "!",
+            "&&",
+            "||",
+            "10.0.0.1",
+            "10.0.0.0/8",
+            "80",
+            "x",
+            "300",
+            "/",
+            "",
+        ]),
+        0..12,
+    );
+    TestRunner::default()
+        .run(&words, |w| {
+            let _ = Filter::parse(&w.join(" "));
+            let _ = Filter::parse(&w.concat());
+            Ok(())
+        })
+        .expect("no panic");
+}
