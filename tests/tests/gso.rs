@@ -371,3 +371,57 @@ fn filters_parse_any_text_without_panicking() {
         })
         .expect("no panic");
 }
+
+/// An IPv4/TCP packet with an MSS option (as SYNs carry), valid checksums.
+fn tcp_mss(
+    src: std::net::Ipv4Addr,
+    dst: std::net::Ipv4Addr,
+    ports: (u16, u16),
+    flags: u8,
+    mss: Option<u16>,
+    payload: &[u8],
+) -> Vec<u8> {
+    let opts: Vec<u8> = mss.map(|m| vec![2, 4, (m >> 8) as u8, m as u8]).unwrap_or_default();
+    let thl = 20 + opts.len();
+    let mut t = Vec::new();
+    t.extend_from_slice(&ports.0.to_be_bytes());
+    t.extend_from_slice(&ports.1.to_be_bytes());
+    t.extend_from_slice(&100u32.to_be_bytes());
+    t.extend_from_slice(&200u32.to_be_bytes());
+    t.extend_from_slice(&[((thl / 4) as u8) << 4, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    t.extend_from_slice(&opts);
+    t.extend_from_slice(payload);
+    let c = dataplane::wire::checksum::l4_checksum(src, dst, 6, &t);
+    t[16..18].copy_from_slice(&c.to_be_bytes());
+    testkit::ipv4(src, dst, &L4::Raw { proto: 6, bytes: &t })
+}
+
+/// Segments toward a Service endpoint respect the MSS the endpoint announced in its SYN|ACK
+/// (500 here), not only the MTU.
+#[test]
+fn segments_respect_the_mss_the_receiver_announced() {
+    use testkit::SERVICE_VIP;
+    let tables = testkit::tables_with_service();
+    let mut state = WorkerState::new(0);
+    let mut run = |port, frame: Vec<u8>, state: &mut WorkerState| {
+        let mut buf = vec![0u8; 256 + frame.len()];
+        buf[256..].copy_from_slice(&frame);
+        let mut f = FrameBuf::new(&mut buf, 256, frame.len()).expect("fits");
+        process_frame(&tables, state, 0, port, &mut f)
+    };
+    // SYN from the pod (MSS 1410), SYN|ACK from the endpoint on node B (MSS 500), ACK.
+    let syn = testkit::from_pod1(&tcp_mss(POD1_IP, SERVICE_VIP, (40000, 80), 0x02, Some(1410), &[]));
+    assert_eq!(run(POD1, syn, &mut state), Disposition::Forward(UPLINK));
+    let synack =
+        testkit::vxlan_frame(&Vxlan::b_to_a(), &tcp_mss(REMOTE_POD_B, POD1_IP, (8080, 40000), 0x12, Some(500), &[]));
+    assert_eq!(run(UPLINK, synack, &mut state), Disposition::Forward(POD1));
+    state.spill.clear();
+    // An aggregated 5000-byte data frame toward the Service.
+    let data = payload(5000);
+    let big = testkit::from_pod1(&tcp_mss(POD1_IP, SERVICE_VIP, (40000, 80), 0x18, None, &data));
+    assert_eq!(run(POD1, big, &mut state), Disposition::Spilled);
+    let segs = spilled_inner(&state, UPLINK, true);
+    assert_eq!(segs.len(), 10, "5000 bytes in segments of at most 500");
+    assert!(segs.iter().all(|s| s.len() - 40 <= 500));
+    assert_eq!(tcp_stream(&segs), data);
+}

@@ -149,6 +149,8 @@ pub struct Flow {
     pub packets: [u64; 2],
     pub bytes: [u64; 2],
     pub created: u64,
+    /// The MSS each side announced in its SYN (original, then reply direction); 0: unknown.
+    pub mss: [u16; 2],
 }
 
 impl Flow {
@@ -268,8 +270,17 @@ impl ConnTrack {
             _ => FlowState::Other,
         };
         let expires_at = now.saturating_add(self.timeouts.of(state));
-        self.slots[slot as usize] =
-            Slot(Some(Flow { orig, reply, state, created: now, expires_at, packets: [0; 2], bytes: [0; 2], tag }));
+        self.slots[slot as usize] = Slot(Some(Flow {
+            orig,
+            reply,
+            state,
+            created: now,
+            expires_at,
+            packets: [0; 2],
+            bytes: [0; 2],
+            tag,
+            mss: [0; 2],
+        }));
         self.index.insert(ho, slot, Dir::Orig);
         self.index.insert(hr, slot, Dir::Reply);
         Ok(FlowId(slot))

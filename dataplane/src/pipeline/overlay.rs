@@ -547,7 +547,19 @@ fn oversize(
     let (df, is_fragment) = (frag & 0x4000 != 0, frag & 0x3fff != 0);
     let mark = ctx.spill.mark();
     let result = if proto == 6 && !is_fragment {
-        crate::gso::segment_tcp(ip, mtu, None, &mut ctx.spill.sink(prefix, port))
+        // The receiver's announced MSS, when its flow is tracked (Service flows).
+        let mss = ip.get(usize::from(ip[0] & 0x0f) * 4..).and_then(|l4| l4.first_chunk::<4>()).and_then(|p| {
+            let key = crate::conntrack::FlowKey {
+                proto: 6,
+                src: Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+                dst: Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+                sport: u16::from_be_bytes([p[0], p[1]]),
+                dport: u16::from_be_bytes([p[2], p[3]]),
+            };
+            super::service_nat::receiver_mss(ctx, &key)
+        });
+        let ip = &frame.data()[ethernet::HEADER_LEN..];
+        crate::gso::segment_tcp(ip, mtu, mss, &mut ctx.spill.sink(prefix, port))
     } else if !df {
         crate::gso::fragment(ip, mtu, &mut ctx.spill.sink(prefix, port))
     } else {

@@ -81,6 +81,9 @@ pub(crate) fn apply(
             TcpEvent::SynAnswered => backend_event(ctx, id, |b| b.syn_answered += 1),
             _ => {}
         }
+        if flags.contains(TcpFlags::SYN) {
+            record_mss(ctx, frame, m, id, dir);
+        }
         let Some(f) = ctx.flows.get(id) else { return Ok(Nat::Untouched) };
         let ret = uplink_return(f.tag);
         let (src, dst) = match dir {
@@ -91,6 +94,53 @@ pub(crate) fn apply(
         return Ok(Nat::Translated { dir, uplink_return: if dir == Dir::Reply { ret } else { None } });
     }
     new_flow(ctx, frame, m, key, flags, origin, client_mac)
+}
+
+/// Remembers the MSS a SYN or SYN|ACK announced (for segmenting toward that side later).
+#[cold]
+fn record_mss(ctx: &mut Ctx<'_>, frame: &FrameBuf<'_>, m: &Ipv4Meta, id: crate::conntrack::FlowId, dir: Dir) {
+    let start = ethernet::HEADER_LEN + m.header_len;
+    let Some(tcp) = frame.data().get(start..ethernet::HEADER_LEN + m.total_len) else { return };
+    let Some(mss) = announced_mss(tcp) else { return };
+    if let Some(f) = ctx.flows.get_mut(id) {
+        f.mss[if dir == Dir::Orig { 0 } else { 1 }] = mss;
+    }
+}
+
+/// The MSS option of a TCP header, if present and well formed.
+pub(crate) fn announced_mss(tcp: &[u8]) -> Option<u16> {
+    let thl = usize::from(*tcp.get(12)? >> 4) * 4;
+    let opts = tcp.get(20..thl)?;
+    let mut i = 0;
+    while i < opts.len() {
+        match opts[i] {
+            0 => return None,
+            1 => i += 1,
+            kind => {
+                let len = usize::from(*opts.get(i + 1)?);
+                if len < 2 {
+                    return None;
+                }
+                if kind == 2 && len == 4 {
+                    let v = u16::from_be_bytes([*opts.get(i + 2)?, *opts.get(i + 3)?]);
+                    return (v > 0).then_some(v);
+                }
+                i += len;
+            }
+        }
+    }
+    None
+}
+
+/// The MSS the receiver of a TCP packet with this (translated) tuple announced, if its flow is
+/// tracked: a packet travelling in a flow's original direction goes to the side whose SYN|ACK
+/// announced `mss[1]`, and the other way round.
+pub(crate) fn receiver_mss(ctx: &mut Ctx<'_>, key: &FlowKey) -> Option<u16> {
+    let (id, dir) = ctx.flows.lookup(&key.reversed(), ctx.now)?;
+    let f = ctx.flows.get(id)?;
+    // The reversed tuple matched `dir`: this packet travels the other way.
+    let mss = if dir == Dir::Reply { f.mss[1] } else { f.mss[0] };
+    (mss > 0).then_some(mss)
 }
 
 /// Counts a handshake event against the flow's endpoint.
@@ -200,6 +250,9 @@ fn new_flow(
         }
     };
     ctx.flows.update(id, Dir::Orig, flags, m.total_len, ctx.now);
+    if flags.contains(TcpFlags::SYN) {
+        record_mss(ctx, frame, m, id, Dir::Orig);
+    }
     ctx.events().service_flows += 1;
     if key.proto == 6 && flags.contains(TcpFlags::SYN) {
         ctx.backends.entry((ep.ip, ep.port)).or_default().syns += 1;
