@@ -403,7 +403,7 @@ fn segments_respect_the_mss_the_receiver_announced() {
     use testkit::SERVICE_VIP;
     let tables = testkit::tables_with_service();
     let mut state = WorkerState::new(0);
-    let mut run = |port, frame: Vec<u8>, state: &mut WorkerState| {
+    let run = |port, frame: Vec<u8>, state: &mut WorkerState| {
         let mut buf = vec![0u8; 256 + frame.len()];
         buf[256..].copy_from_slice(&frame);
         let mut f = FrameBuf::new(&mut buf, 256, frame.len()).expect("fits");
