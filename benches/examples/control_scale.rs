@@ -22,6 +22,36 @@ use vxnat_control::model::{Model, Object, Update};
 use vxnat_control::services::Compiler;
 use vxnat_control::state::ClusterState;
 
+/// Counts live heap bytes, so memory figures are what the structures hold, not what the
+/// allocator keeps after parsing (fragmentation makes RSS overstate it).
+struct Counting;
+static LIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+#[allow(unsafe_code)]
+// SAFETY: forwards to the system allocator unchanged, only counting sizes.
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
+        LIVE.fetch_add(l.size(), std::sync::atomic::Ordering::Relaxed);
+        unsafe { std::alloc::System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
+        LIVE.fetch_sub(l.size(), std::sync::atomic::Ordering::Relaxed);
+        unsafe { std::alloc::System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: std::alloc::Layout, new: usize) -> *mut u8 {
+        LIVE.fetch_add(new, std::sync::atomic::Ordering::Relaxed);
+        LIVE.fetch_sub(l.size(), std::sync::atomic::Ordering::Relaxed);
+        unsafe { std::alloc::System.realloc(p, l, new) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+fn live_mib() -> f64 {
+    LIVE.load(std::sync::atomic::Ordering::Relaxed) as f64 / (1 << 20) as f64
+}
+
 /// Resident set, after handing freed heap back to the kernel (so garbage from parsing does not
 /// count as state).
 fn rss_kib() -> u64 {
@@ -81,14 +111,19 @@ fn main() {
     );
     let yaml = state_yaml(services, endpoints, 0);
     let rss0 = rss_kib();
+    let live0 = live_mib();
     let t = Instant::now();
     let state = ClusterState::parse(&yaml).expect("generated state parses");
     let parse = t.elapsed();
     drop(yaml);
+    // The slices the changes will modify, kept aside as the API would send them.
+    let originals: std::collections::BTreeMap<usize, k8s_openapi::api::discovery::v1::EndpointSlice> =
+        (0..changes).map(|i| (i * 7919) % services).map(|s| (s, state.endpoint_slices[s].clone())).collect();
     let t = Instant::now();
     let mut model = Model::from_state(state);
     let model_time = t.elapsed();
     let rss_model = rss_kib();
+    let live_model = live_mib();
     let mut compiler = Compiler::new("node-0", dataplane::nat::maglev::DEFAULT_TABLE_SIZE);
     let t = Instant::now();
     let problems = compiler.compile_all(&model);
@@ -102,6 +137,7 @@ fn main() {
     let maglev_bytes = table.table_bytes();
     let tables = Arc::new(testkit::tables_with_services(table));
     let rss1 = rss_kib();
+    let live_tables = live_mib();
 
     // The worker: swaps in what arrives between batches, as the daemon's worker does.
     let (tx, rx) = crossbeam_channel::unbounded::<(usize, Arc<Tables>)>();
@@ -130,8 +166,7 @@ fn main() {
     for i in 0..changes {
         // One endpoint of one Service replaced (a pod rescheduled).
         let s = (i * 7919) % services;
-        let key = ("bench".to_string(), format!("svc-{s}-1"));
-        let mut slice = model.slices[&key].clone();
+        let mut slice = originals[&s].clone();
         slice.endpoints[i % endpoints].addresses = vec![ip(0x0a90_0000, i)];
         let t0 = Instant::now();
         let dirty = model.apply(Update::Apply(Object::Slice(Box::new(slice))));
@@ -172,6 +207,11 @@ fn main() {
         "    of which compile + snapshot build: p50 {:.2} ms  p99 {:.2} ms",
         ms(percentile(&compile_only, 0.5)),
         ms(percentile(&compile_only, 0.99))
+    );
+    println!(
+        "  memory (live heap): model {:.1} MiB, compiled tables {:.1} MiB",
+        live_model - live0,
+        live_tables - live_model
     );
     println!(
         "  memory (RSS): model of Kubernetes objects +{:.1} MiB, compiled tables +{:.1} MiB (Maglev tables and endpoint lists {:.1} MiB of it)",

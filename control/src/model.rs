@@ -60,11 +60,124 @@ impl Dirty {
     }
 }
 
+/// What vxnat reads of a Service, kept instead of the whole object (a k8s-openapi `Service`
+/// is a few KiB in memory; this is what compiling it needs, as the API spelled it, so errors
+/// still name the field).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceView {
+    pub namespace: String,
+    /// Empty when the object had none (reported at compile time).
+    pub name: String,
+    pub has_spec: bool,
+    pub type_: Option<String>,
+    pub cluster_ip: Option<String>,
+    pub external_ips: Vec<String>,
+    /// `status.loadBalancer.ingress[i].ip` (None for hostname-only entries).
+    pub lb_ips: Vec<Option<String>>,
+    pub external_traffic_policy: Option<String>,
+    pub internal_traffic_policy: Option<String>,
+    pub session_affinity: Option<String>,
+    pub affinity_timeout: Option<i32>,
+    pub ports: Vec<ServicePortView>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServicePortView {
+    pub name: Option<String>,
+    pub protocol: Option<String>,
+    pub port: i32,
+    pub node_port: Option<i32>,
+}
+
+/// What vxnat reads of an EndpointSlice.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SliceView {
+    pub address_type: String,
+    pub ports: Vec<(Option<String>, Option<String>, Option<i32>)>,
+    pub endpoints: Vec<EndpointView>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EndpointView {
+    /// The first address (the one kube-proxy uses).
+    pub address: Option<String>,
+    pub ready: Option<bool>,
+    pub serving: Option<bool>,
+    pub terminating: Option<bool>,
+    pub node_name: Option<String>,
+}
+
+impl From<&Service> for ServiceView {
+    fn from(s: &Service) -> ServiceView {
+        let spec = s.spec.as_ref();
+        ServiceView {
+            namespace: s.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+            name: s.metadata.name.clone().unwrap_or_default(),
+            has_spec: spec.is_some(),
+            type_: spec.and_then(|x| x.type_.clone()),
+            cluster_ip: spec.and_then(|x| x.cluster_ip.clone()),
+            external_ips: spec.and_then(|x| x.external_ips.clone()).unwrap_or_default(),
+            lb_ips: s
+                .status
+                .as_ref()
+                .and_then(|st| st.load_balancer.as_ref())
+                .and_then(|l| l.ingress.as_ref())
+                .map(|v| v.iter().map(|g| g.ip.clone()).collect())
+                .unwrap_or_default(),
+            external_traffic_policy: spec.and_then(|x| x.external_traffic_policy.clone()),
+            internal_traffic_policy: spec.and_then(|x| x.internal_traffic_policy.clone()),
+            session_affinity: spec.and_then(|x| x.session_affinity.clone()),
+            affinity_timeout: spec
+                .and_then(|x| x.session_affinity_config.as_ref())
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds),
+            ports: spec
+                .and_then(|x| x.ports.as_ref())
+                .map(|ps| {
+                    ps.iter()
+                        .map(|p| ServicePortView {
+                            name: p.name.clone(),
+                            protocol: p.protocol.clone(),
+                            port: p.port,
+                            node_port: p.node_port,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+}
+
+impl From<&EndpointSlice> for SliceView {
+    fn from(s: &EndpointSlice) -> SliceView {
+        SliceView {
+            address_type: s.address_type.clone(),
+            ports: s.ports.iter().flatten().map(|p| (p.name.clone(), p.protocol.clone(), p.port)).collect(),
+            endpoints: s
+                .endpoints
+                .iter()
+                .map(|e| {
+                    let c = e.conditions.as_ref();
+                    EndpointView {
+                        address: e.addresses.first().cloned(),
+                        ready: c.and_then(|c| c.ready),
+                        serving: c.and_then(|c| c.serving),
+                        terminating: c.and_then(|c| c.terminating),
+                        node_name: e.node_name.clone(),
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Model {
     pub nodes: BTreeMap<String, Node>,
-    pub services: BTreeMap<Key, Service>,
-    pub slices: BTreeMap<Key, EndpointSlice>,
+    pub services: BTreeMap<Key, ServiceView>,
+    pub slices: BTreeMap<Key, SliceView>,
+    /// The Service each slice belongs to.
+    slice_owner: BTreeMap<Key, Key>,
     /// Service key -> keys of its EndpointSlices (by the `kubernetes.io/service-name` label).
     slices_of: BTreeMap<Key, BTreeSet<Key>>,
 }
@@ -88,7 +201,7 @@ impl Model {
     }
 
     /// The EndpointSlices of a Service.
-    pub fn slices_of(&self, service: &Key) -> Vec<&EndpointSlice> {
+    pub fn slices_of(&self, service: &Key) -> Vec<&SliceView> {
         self.slices_of.get(service).into_iter().flatten().filter_map(|k| self.slices.get(k)).collect()
     }
 
@@ -153,25 +266,27 @@ impl Model {
                 }
             }
             Object::Service(s) => {
-                if self.services.get(&key) != Some(&*s) {
-                    self.services.insert(key.clone(), *s);
+                let v = ServiceView::from(&*s);
+                if self.services.get(&key) != Some(&v) {
+                    self.services.insert(key.clone(), v);
                     d.services.insert(key);
                 }
             }
             Object::Slice(s) => {
-                if self.slices.get(&key) == Some(&*s) {
+                let v = SliceView::from(&*s);
+                let new_owner = owner(&s);
+                if self.slices.get(&key) == Some(&v) && self.slice_owner.get(&key) == new_owner.as_ref() {
                     return;
                 }
-                let new_owner = owner(&s);
-                if let Some(old) = self.slices.insert(key.clone(), *s) {
-                    if let Some(o) = owner(&old) {
-                        if Some(&o) != new_owner.as_ref() {
-                            self.unlink(&o, &key);
-                        }
-                        d.services.insert(o);
+                self.slices.insert(key.clone(), v);
+                if let Some(o) = self.slice_owner.remove(&key) {
+                    if Some(&o) != new_owner.as_ref() {
+                        self.unlink(&o, &key);
                     }
+                    d.services.insert(o);
                 }
                 if let Some(o) = new_owner {
+                    self.slice_owner.insert(key.clone(), o.clone());
                     self.slices_of.entry(o.clone()).or_default().insert(key);
                     d.services.insert(o);
                 }
@@ -210,8 +325,8 @@ impl Model {
                 }
             }
             Kind::Slice => {
-                if let Some(old) = self.slices.remove(key) {
-                    if let Some(o) = owner(&old) {
+                if self.slices.remove(key).is_some() {
+                    if let Some(o) = self.slice_owner.remove(key) {
                         self.unlink(&o, key);
                         d.services.insert(o);
                     }
@@ -270,7 +385,7 @@ items:
     #[test]
     fn slice_events_touch_their_service_and_relists_remove_what_is_gone() {
         let mut m = Model::from_state(state(BASE));
-        let s = m.slices[&key("shop", "web-1")].clone();
+        let s = state(BASE).endpoint_slices[0].clone();
         // The slice moves to another Service (label changed): both are touched.
         let mut moved = s.clone();
         moved.metadata.labels.as_mut().map(|l| l.insert(SERVICE_NAME_LABEL.into(), "db".into()));
@@ -282,12 +397,12 @@ items:
         assert_eq!(d.services, [key("shop", "db")].into());
         assert!(m.slices.is_empty());
         // A relist of Services that no longer lists db removes it.
-        let web = m.services[&key("shop", "web")].clone();
+        let web = state(BASE).services[0].clone();
         let d = m.apply(Update::Relisted(Kind::Service, vec![Object::Service(Box::new(web))]));
         assert_eq!(d.services, [key("shop", "db")].into());
         assert_eq!(m.services.len(), 1);
         // A Node relist that drops nothing changes nothing; an empty one drops node-a.
-        let n = m.nodes["node-a"].clone();
+        let n = state(BASE).nodes[0].clone();
         assert!(m.apply(Update::Relisted(Kind::Node, vec![Object::Node(Box::new(n))])).is_empty());
         assert!(m.apply(Update::Relisted(Kind::Node, vec![])).nodes);
         assert!(m.nodes.is_empty());

@@ -12,12 +12,10 @@
 //! port's compiled form (Maglev tables included) rather than copying it. A full compile spreads
 //! the Services over the machine's cores.
 
-use crate::model::{Key, Model};
+use crate::model::{Key, Model, ServiceView, SliceView};
 use crate::state::ClusterState;
 use core::net::Ipv4Addr;
 use dataplane::nat::service::{Endpoint, Frontend, FrontendKind, ServicePort, ServiceTable};
-use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -38,16 +36,15 @@ fn ip(s: &str, what: &str) -> Result<Ipv4Addr, String> {
 /// NodePorts with the ClusterIP and port behind each, for node-local clients:
 /// (protocol name, node port, ClusterIP, port).
 pub fn node_port_redirects<'a>(
-    services: impl IntoIterator<Item = &'a Service>,
+    services: impl IntoIterator<Item = &'a ServiceView>,
 ) -> Vec<(&'static str, u16, Ipv4Addr, u16)> {
     let mut v = Vec::new();
     for svc in services {
-        let Some(spec) = svc.spec.as_ref() else { continue };
-        if !matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer")) {
+        if !matches!(svc.type_.as_deref(), Some("NodePort" | "LoadBalancer")) {
             continue;
         }
-        let Some(cip) = spec.cluster_ip.as_deref().and_then(|s| s.parse::<Ipv4Addr>().ok()) else { continue };
-        for p in spec.ports.iter().flatten() {
+        let Some(cip) = svc.cluster_ip.as_deref().and_then(|s| s.parse::<Ipv4Addr>().ok()) else { continue };
+        for p in &svc.ports {
             let proto = match p.protocol.as_deref().unwrap_or("TCP") {
                 "TCP" => "tcp",
                 "UDP" => "udp",
@@ -201,50 +198,45 @@ pub fn compile(state: &ClusterState, node: &str, maglev_size: usize) -> (Service
 
 /// Compiles one Service with its EndpointSlices.
 pub fn compile_service(
-    svc: &Service,
-    slices: &[&EndpointSlice],
+    svc: &ServiceView,
+    slices: &[&SliceView],
     node: &str,
     maglev_size: usize,
 ) -> Result<CompiledService, String> {
-    let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
-    let name = svc.metadata.name.as_deref().ok_or("Service: metadata.name: missing")?;
+    let ns = svc.namespace.as_str();
+    if svc.name.is_empty() {
+        return Err("Service: metadata.name: missing".into());
+    }
+    let name = svc.name.as_str();
     let what = format!("Service {ns}/{name}");
     let mut out = CompiledService::default();
-    let Some(spec) = svc.spec.as_ref() else { return Ok(out) };
-    let kind = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if !svc.has_spec {
+        return Ok(out);
+    }
+    let kind = svc.type_.as_deref().unwrap_or("ClusterIP");
     if kind == "ExternalName" {
         return Ok(out);
     }
-    let cluster_ip = match spec.cluster_ip.as_deref() {
+    let cluster_ip = match svc.cluster_ip.as_deref() {
         None | Some("") | Some("None") => None, // headless: nothing to translate
         Some(s) => Some(ip(s, &format!("{what}: spec.clusterIP"))?),
     };
-    let external_ips: Vec<Ipv4Addr> = spec
+    let external_ips: Vec<Ipv4Addr> = svc
         .external_ips
         .iter()
-        .flatten()
         .enumerate()
         .map(|(i, s)| ip(s, &format!("{what}: spec.externalIPs[{i}]")))
         .collect::<Result<_, _>>()?;
     let lb_ips: Vec<Ipv4Addr> = svc
-        .status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|l| l.ingress.as_ref())
-        .into_iter()
-        .flatten()
+        .lb_ips
+        .iter()
         .enumerate()
-        .filter_map(|(i, g)| g.ip.as_deref().map(|s| ip(s, &format!("{what}: status.loadBalancer.ingress[{i}].ip"))))
+        .filter_map(|(i, g)| g.as_deref().map(|s| ip(s, &format!("{what}: status.loadBalancer.ingress[{i}].ip"))))
         .collect::<Result<_, _>>()?;
-    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
-    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
-    let affinity_ns = if spec.session_affinity.as_deref() == Some("ClientIP") {
-        let t = spec
-            .session_affinity_config
-            .as_ref()
-            .and_then(|c| c.client_ip.as_ref())
-            .and_then(|c| c.timeout_seconds)
-            .unwrap_or(DEFAULT_AFFINITY_S);
+    let external_local = svc.external_traffic_policy.as_deref() == Some("Local");
+    let internal_local = svc.internal_traffic_policy.as_deref() == Some("Local");
+    let affinity_ns = if svc.session_affinity.as_deref() == Some("ClientIP") {
+        let t = svc.affinity_timeout.unwrap_or(DEFAULT_AFFINITY_S);
         Some(
             u64::try_from(t).map_err(|_| format!("{what}: spec.sessionAffinityConfig.clientIP.timeoutSeconds: {t}"))?
                 * 1_000_000_000,
@@ -252,8 +244,8 @@ pub fn compile_service(
     } else {
         None
     };
-    let slices: Vec<&&EndpointSlice> = slices.iter().filter(|s| s.address_type == "IPv4").collect();
-    for (pi, sp) in spec.ports.iter().flatten().enumerate() {
+    let slices: Vec<&&SliceView> = slices.iter().filter(|s| s.address_type == "IPv4").collect();
+    for (pi, sp) in svc.ports.iter().enumerate() {
         let field = format!("{what}: spec.ports[{pi}]");
         let Some(proto) = proto_num(sp.protocol.as_deref()) else {
             continue; // SCTP: not handled by vxnat
@@ -264,19 +256,17 @@ pub fn compile_service(
             let Some(ep_port) = s
                 .ports
                 .iter()
-                .flatten()
-                .find(|p| p.name == sp.name && proto_num(p.protocol.as_deref()) == Some(proto))
-                .and_then(|p| p.port)
+                .find(|(n, p, _)| *n == sp.name && proto_num(p.as_deref()) == Some(proto))
+                .and_then(|(_, _, p)| *p)
             else {
                 continue;
             };
             let Ok(ep_port) = u16::try_from(ep_port) else { continue };
             for e in &s.endpoints {
-                let Some(addr) = e.addresses.first().and_then(|a| a.parse::<Ipv4Addr>().ok()) else { continue };
-                let c = e.conditions.as_ref();
-                let ready = c.and_then(|c| c.ready).unwrap_or(true);
-                let serving = c.and_then(|c| c.serving).unwrap_or(ready);
-                let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+                let Some(addr) = e.address.as_deref().and_then(|a| a.parse::<Ipv4Addr>().ok()) else { continue };
+                let ready = e.ready.unwrap_or(true);
+                let serving = e.serving.unwrap_or(ready);
+                let terminating = e.terminating.unwrap_or(false);
                 let local = e.node_name.as_deref() == Some(node);
                 endpoints.push(Endpoint { ip: addr, port: ep_port, ready, serving, terminating, local });
             }
