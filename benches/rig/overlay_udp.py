@@ -117,6 +117,13 @@ class Topology:
         subprocess.run(["rm", "-rf", self.work])
 
 
+def percentile_us(sorted_seconds, q):
+    """The q-quantile of a sorted list of durations in seconds, in microseconds (NaN if empty)."""
+    if not sorted_seconds:
+        return float("nan")
+    return sorted_seconds[min(len(sorted_seconds) - 1, int(q * len(sorted_seconds)))] * 1e6
+
+
 def cpu_busy():
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]

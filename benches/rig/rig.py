@@ -207,10 +207,7 @@ def rr(t, seconds):
     except (RuntimeError, ValueError):
         lat = []
     srv.wait(timeout=15)
-    if not lat:
-        return {"p50_us": float("nan"), "p99_us": float("nan")}
-    pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1e6
-    return {"p50_us": pick(0.5), "p99_us": pick(0.99)}
+    return {"p50_us": rig.percentile_us(lat, 0.5), "p99_us": rig.percentile_us(lat, 0.99)}
 
 
 INCIDENT_SERVER = r"""

@@ -94,9 +94,8 @@ def measure(t, seconds):
     srv.wait()
     import json
     r = json.loads(out)
-    lat = sorted(r["lat"]) or [float("nan")]
-    pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1e6
-    return {"cps": r["n"] / seconds, "fails": r["fails"], "p50_us": pick(0.5), "p99_us": pick(0.99)}
+    lat = sorted(r["lat"])
+    return {"cps": r["n"] / seconds, "fails": r["fails"], "p50_us": rig.percentile_us(lat, 0.5), "p99_us": rig.percentile_us(lat, 0.99)}
 
 
 def main():

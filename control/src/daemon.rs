@@ -780,7 +780,7 @@ pub fn run(file: NodeFile) -> Result<(), String> {
     let (update_tx, updates) = crossbeam_channel::unbounded();
     let (annotate_tx, annotate_rx) = crossbeam_channel::unbounded();
     let _source = match &file.state {
-        Some(path) => crate::source::follow_file(path.clone(), update_tx, stop.clone(), None),
+        Some(path) => crate::source::follow_file(path.clone(), update_tx, stop.clone()),
         None => crate::source::KubeSource { config: None, node: file.node.clone() }.spawn(
             update_tx,
             annotate_rx,

@@ -179,10 +179,6 @@ impl Compiler {
         }
         (table, problems)
     }
-
-    pub fn service_count(&self) -> usize {
-        self.cache.len()
-    }
 }
 
 /// The compiled table for a whole state, and what was skipped (each message names the object

@@ -25,12 +25,11 @@ fn file_stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64, u64
 /// Follows the state file: whenever its modification time, size or inode changes (editors
 /// that write a new file and rename it included), it is parsed again and sent whole. A file
 /// that does not parse is reported (naming the object and field) and nothing is sent: the last
-/// good state keeps serving. `errors` receives each such report too (for tests and `ctl`).
+/// good state keeps serving.
 pub fn follow_file(
     path: PathBuf,
     tx: Sender<Update>,
     stop: Arc<AtomicBool>,
-    errors: Option<Sender<String>>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name("vxnat-state-file".into()).spawn(move || {
         let mut seen = file_stamp(&path);
@@ -57,13 +56,7 @@ pub fn follow_file(
                         return;
                     }
                 }
-                Err(e) => {
-                    let msg = format!("state file {e}; still serving the last good state");
-                    eprintln!("vxnat: {msg}");
-                    if let Some(t) = &errors {
-                        let _ = t.send(msg);
-                    }
-                }
+                Err(e) => eprintln!("vxnat: state file {e}; still serving the last good state"),
             }
         }
     })

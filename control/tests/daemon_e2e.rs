@@ -841,6 +841,24 @@ fn pods_reach_outside_the_cluster_masqueraded() {
     );
 }
 
+/// A ClusterIP Service with one TCP port (name, port, targetPort) and one ready endpoint on
+/// node B, as YAML documents for the state file.
+fn one_service(
+    name: &str,
+    cluster_ip: &str,
+    (port_name, port, target): (&str, u16, u16),
+    endpoint: Ipv4Addr,
+) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
+         spec: {{clusterIP: {cluster_ip}, ports: [{{name: {port_name}, port: {port}, targetPort: {target}, protocol: TCP}}]}}\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: {name}-x1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+         addressType: IPv4\nports: [{{name: {port_name}, port: {target}, protocol: TCP}}]\n\
+         endpoints:\n- {{addresses: [{endpoint}], conditions: {{ready: true}}, nodeName: node-b}}\n"
+    )
+}
+
 /// The state file source, live: a Service added to the file answers within a second while a
 /// TCP stream through another Service runs on, intact; an endpoint removed from a slice stops
 /// getting new connections; a broken file is reported (object and field named) and the last
@@ -851,20 +869,7 @@ fn state_file_changes_apply_live_without_disturbing_flows() {
         return;
     }
     use vxnat_tests::netns::{fnv1a, payload};
-    const STREAM: &str = r#"
-apiVersion: v1
-kind: Service
-metadata: {name: stream, namespace: default}
-spec: {clusterIP: 10.96.0.80, ports: [{name: data, port: 9000, targetPort: 9000, protocol: TCP}]}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: stream-x1, namespace: default, labels: {kubernetes.io/service-name: stream}}
-addressType: IPv4
-ports: [{name: data, port: 9000, protocol: TCP}]
-endpoints:
-- {addresses: [10.244.1.2], conditions: {ready: true}, nodeName: node-b}
-"#;
+    let stream = one_service("stream", "10.96.0.80", ("data", 9000, 9000), Ipv4Addr::new(10, 244, 1, 2));
     const ADDED: &str = r#"
 ---
 apiVersion: v1
@@ -881,7 +886,7 @@ endpoints:
 - {addresses: [10.244.0.3], conditions: {ready: true}, nodeName: node-a}
 - {addresses: [10.244.1.3], conditions: {ready: true}, nodeName: node-b}
 "#;
-    let c = cluster_with(STREAM);
+    let c = cluster_with(&stream);
     let state = c._dir.0.join("cluster.yaml");
     let base = std::fs::read_to_string(&state).expect("state");
     let (a1, a2, b1, b2) = (&c.pods[0], &c.pods[1], &c.pods[2], &c.pods[3]);
@@ -1218,21 +1223,8 @@ fn incident_4_syns_a_backend_never_answers_are_named_per_backend() {
     if !require_root("incident_4_syns_a_backend_never_answers_are_named_per_backend") {
         return;
     }
-    const ONE: &str = r#"
-apiVersion: v1
-kind: Service
-metadata: {name: silent, namespace: default}
-spec: {clusterIP: 10.96.0.90, ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: silent-x1, namespace: default, labels: {kubernetes.io/service-name: silent}}
-addressType: IPv4
-ports: [{name: http, port: 8080, protocol: TCP}]
-endpoints:
-- {addresses: [10.244.1.2], conditions: {ready: true}, nodeName: node-b}
-"#;
-    let c = cluster_with_config(ONE, "[nat]\nmax_flows = 1024\n[conntrack]\ntcp_syn_sent = 2\n");
+    let one = one_service("silent", "10.96.0.90", ("http", 80, 8080), Ipv4Addr::new(10, 244, 1, 2));
+    let c = cluster_with_config(&one, "[nat]\nmax_flows = 1024\n[conntrack]\ntcp_syn_sent = 2\n");
     let (a1, b1) = (&c.pods[0], &c.pods[2]);
     // The backend drops every SYN (as a full accept queue, a firewall or tw_recycle did).
     let nft = Command::new("ip")

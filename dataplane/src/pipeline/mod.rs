@@ -147,6 +147,26 @@ impl WorkerState {
         }
     }
 
+    /// The stages' view of this state for a batch received on `ingress`.
+    fn ctx<'a>(&'a mut self, tables: &'a Tables, now: Nanos, ingress: PortId) -> overlay::Ctx<'a> {
+        let WorkerState { counters, ident, icmp_limit, flows, snat, affinity, spill, observe, backends } = self;
+        overlay::Ctx {
+            tables,
+            now,
+            ingress,
+            ident,
+            icmp_limit,
+            counters: counters.port_mut(ingress),
+            flows,
+            snat,
+            affinity,
+            spill,
+            observe: observe.as_deref_mut(),
+            backends,
+            hint: None,
+        }
+    }
+
     /// Sets the ICMP error rate limit (messages per second, burst).
     pub fn set_icmp_limit(&mut self, per_sec: u64, burst: u64) {
         self.icmp_limit = TokenBucket::new(per_sec, burst);
@@ -169,17 +189,15 @@ pub fn process_batch(
     for f in frames[..n].iter() {
         bytes += f.len() as u64;
     }
-    let WorkerState { counters, ident, icmp_limit, flows, snat, affinity, spill, observe, backends } = state;
-    if let Some(o) = observe.as_deref_mut() {
+    if let Some(o) = state.observe.as_deref_mut() {
         o.before(ingress, frames[..n].iter().map(|f| f.data()));
     }
-    if affinity.len() > AFFINITY_PURGE_AT {
-        affinity.retain(|_, (_, expires)| *expires > now);
+    if state.affinity.len() > AFFINITY_PURGE_AT {
+        state.affinity.retain(|_, (_, expires)| *expires > now);
     }
     // Expiry costs a few slots per batch: a full pass over the table every capacity/8 batches.
-    flows.sweep(now, 8);
-    // Borrowed once per batch: per-packet counting is a plain add, no lookup.
-    let port = counters.port_mut(ingress);
+    state.flows.sweep(now, 8);
+    let port = state.counters.port_mut(ingress);
     port.rx(n as u64, bytes);
     let Some(entry) = tables.port(ingress).copied() else {
         for o in out[..n].iter_mut() {
@@ -193,7 +211,7 @@ pub fn process_batch(
     // once the table outgrows the caches.
     const NO_HINT: Option<(FlowKey, KeyHash)> = None;
     let mut hints = [NO_HINT; HINTS];
-    if flows.len() > PREFETCH_FROM_FLOWS {
+    if state.flows.len() > PREFETCH_FROM_FLOWS {
         let uplink = entry.kind == PortKind::Uplink;
         let mut hashes =
             [KeyHash::of(&FlowKey { proto: 0, src: [0; 4].into(), dst: [0; 4].into(), sport: 0, dport: 0 }); HINTS];
@@ -206,24 +224,11 @@ pub fn process_batch(
                 k += 1;
             }
         }
-        flows.prefetch_buckets(&hashes[..k]);
-        flows.prefetch_flows(&hashes[..k]);
+        state.flows.prefetch_buckets(&hashes[..k]);
+        state.flows.prefetch_flows(&hashes[..k]);
     }
-    let mut ctx = overlay::Ctx {
-        tables,
-        now,
-        ingress,
-        ident,
-        icmp_limit,
-        counters: port,
-        flows,
-        snat,
-        affinity,
-        spill,
-        observe: observe.as_deref_mut(),
-        backends,
-        hint: None,
-    };
+    // Borrowed once per batch: per-packet counting is a plain add, no lookup.
+    let mut ctx = state.ctx(tables, now, ingress);
     release_expired(&mut ctx);
     let observing = ctx.observe.is_some();
     for (i, (frame, o)) in frames[..n].iter_mut().zip(out[..n].iter_mut()).enumerate() {
@@ -311,25 +316,8 @@ fn release_expired(ctx: &mut overlay::Ctx<'_>) {
 /// `budget` flow slots, releasing their SNAT ports and counting SYNs that were never answered,
 /// so flows expire on time even when no traffic arrives to sweep them.
 pub fn maintain(tables: &Tables, state: &mut WorkerState, now: Nanos, budget: usize) {
-    let WorkerState { counters, ident, icmp_limit, flows, snat, affinity, spill, backends, .. } = state;
-    flows.sweep(now, budget);
-    let ingress = tables.uplink();
-    let mut ctx = overlay::Ctx {
-        tables,
-        now,
-        ingress,
-        ident,
-        icmp_limit,
-        counters: counters.port_mut(ingress),
-        flows,
-        snat,
-        affinity,
-        spill,
-        observe: None,
-        backends,
-        hint: None,
-    };
-    release_expired(&mut ctx);
+    state.flows.sweep(now, budget);
+    release_expired(&mut state.ctx(tables, now, tables.uplink()));
 }
 
 /// Convenience for one frame (tests, tools); the batch function is the hot path.
