@@ -221,8 +221,20 @@ fn node_info(socket: &Path) -> Result<Value, CniError> {
         .map_err(|e| err(TRY_AGAIN_LATER, "vxnat is not running on this node (its ctl socket does not answer)", e))
 }
 
+/// The error for a node that holds `max_pods` pods already: the spec's "try again later" (a
+/// slot frees when a pod goes), with a message that says why.
+fn node_full(details: impl Into<String>) -> CniError {
+    err(TRY_AGAIN_LATER, "node full: vxnat attaches at most max_pods pods on this node", details)
+}
+
 fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
     let info = node_info(&conf.socket)?;
+    // Refused before an address is allocated or an interface made.
+    if let (Some(pods), Some(max)) = (info["pods"].as_u64(), info["max_pods"].as_u64()) {
+        if pods >= max {
+            return Err(node_full(format!("{pods} pods attached, max_pods = {max}")));
+        }
+    }
     let gateway = info["gateway"].as_str().unwrap_or_default().to_string();
     let mtu = info["pod_mtu"].as_u64().unwrap_or(1450).to_string();
     if !Path::new(&env.netns).exists() {
@@ -263,7 +275,13 @@ fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
             ip: pod_ip.parse().map_err(|_| err(INVALID_CONFIG, "ipam: bad address", addr.clone()))?,
             mac: None,
         };
-        crate::ctl::request(&conf.socket, &req).map_err(|e| err(TRY_AGAIN_LATER, "vxnat did not attach the pod", e))?;
+        crate::ctl::request(&conf.socket, &req).map_err(|e| {
+            if e.starts_with(crate::daemon::NODE_FULL) {
+                node_full(e)
+            } else {
+                err(TRY_AGAIN_LATER, "vxnat did not attach the pod", e)
+            }
+        })?;
         Ok(())
     };
     setup().map_err(cleanup)?;

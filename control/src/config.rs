@@ -22,12 +22,24 @@ fn default_vni() -> u32 {
 fn default_port() -> u16 {
     8472
 }
-fn default_frames() -> u32 {
-    16384
+fn default_max_pods() -> u32 {
+    dataplane::xsk::worker::DEFAULT_MAX_PODS
+}
+fn default_pod_fill_min() -> u32 {
+    dataplane::xsk::fill::FillPlan::default().pod.min
+}
+fn default_surplus() -> u32 {
+    dataplane::xsk::fill::FillPlan::default().surplus
 }
 fn default_host_ifname() -> String {
     "vxnat0".to_string()
 }
+
+/// Pod ports are numbered from 2 in a u16, and each costs a socket, four rings and an XDP
+/// program: this bound keeps a typo from asking for a million.
+pub const MAX_PODS_LIMIT: u32 = 4096;
+/// 4 GiB of UMEM (descriptors address it with 32-bit chunk indexes in reports).
+pub const MAX_FRAMES: u32 = 1 << 20;
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -47,6 +59,10 @@ pub struct NodeFile {
     /// Cores for the dataplane workers; the first one is used today (one worker).
     #[serde(default)]
     pub cores: Vec<usize>,
+    /// The most pods this node attaches (kubelet's default `maxPods`); the UMEM is sized from
+    /// it, and an attach past it is refused.
+    #[serde(default = "default_max_pods")]
+    pub max_pods: u32,
     /// The cluster's pod network (flannel's `Network`).
     #[serde(default = "default_cluster_cidr")]
     pub cluster_cidr: String,
@@ -277,14 +293,38 @@ impl Default for HostSection {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct UmemSection {
-    /// 4 KiB chunks per worker.
-    #[serde(default = "default_frames")]
+    /// 4 KiB chunks per worker; 0 (the default): sized from `max_pods` (`plan`).
+    #[serde(default)]
     pub frames: u32,
+    /// Chunks every pod port's fill ring is guaranteed.
+    #[serde(default = "default_pod_fill_min")]
+    pub pod_fill_min: u32,
+    /// Chunks beyond every port's minimum, for busy ports to grow into.
+    #[serde(default = "default_surplus")]
+    pub surplus: u32,
 }
 
 impl Default for UmemSection {
     fn default() -> Self {
-        UmemSection { frames: default_frames() }
+        UmemSection { frames: 0, pod_fill_min: default_pod_fill_min(), surplus: default_surplus() }
+    }
+}
+
+impl UmemSection {
+    /// The fill budget these settings describe.
+    pub fn plan(&self) -> dataplane::xsk::fill::FillPlan {
+        let mut plan = dataplane::xsk::fill::FillPlan { surplus: self.surplus, ..Default::default() };
+        plan.pod.min = self.pod_fill_min;
+        plan
+    }
+
+    /// UMEM chunks for `max_pods`: the configured count, or every minimum plus the surplus.
+    pub fn frames_for(&self, max_pods: u32) -> u32 {
+        if self.frames > 0 {
+            self.frames
+        } else {
+            u32::try_from(self.plan().umem_frames(max_pods)).unwrap_or(u32::MAX)
+        }
     }
 }
 
@@ -328,11 +368,32 @@ impl NodeFile {
                 f.host.ifname
             ));
         }
-        if !f.umem.frames.is_power_of_two() || f.umem.frames < 256 {
+        if f.max_pods == 0 || f.max_pods > MAX_PODS_LIMIT {
+            return Err(format!("{}: max_pods: {} must be 1..={MAX_PODS_LIMIT}", origin.display(), f.max_pods));
+        }
+        let pod_ring = dataplane::xsk::worker::WorkerConfig::default().pod_ring_size;
+        if f.umem.pod_fill_min < 8 || f.umem.pod_fill_min > pod_ring {
             return Err(format!(
-                "{}: umem.frames: {} must be a power of two, at least 256",
+                "{}: umem.pod_fill_min: {} must be 8..={pod_ring} (the pod ring size)",
                 origin.display(),
-                f.umem.frames
+                f.umem.pod_fill_min
+            ));
+        }
+        let need = f.umem.plan().minimum_frames(f.max_pods);
+        if f.umem.frames > 0 && u64::from(f.umem.frames) < need {
+            return Err(format!(
+                "{}: umem.frames: {} cannot guarantee every port's minimum with max_pods = {}: at least {need} \
+                 (or leave it out to size the UMEM from max_pods)",
+                origin.display(),
+                f.umem.frames,
+                f.max_pods
+            ));
+        }
+        if f.umem.frames_for(f.max_pods) > MAX_FRAMES {
+            return Err(format!(
+                "{}: umem: {} chunks is more than {MAX_FRAMES} (4 GiB); lower max_pods, umem.surplus or umem.frames",
+                origin.display(),
+                f.umem.frames_for(f.max_pods)
             ));
         }
         match f.xdp_mode.as_deref() {
@@ -392,6 +453,19 @@ port = 8472
     }
 
     #[test]
+    fn the_umem_is_sized_from_max_pods() {
+        let p = Path::new("n.toml");
+        let f = NodeFile::parse("node = \"a\"\nuplink = \"e\"\n", p).unwrap();
+        assert_eq!(f.max_pods, 110);
+        // 2 node ports x 512 + 110 pods x 64 + 512 reserve + 8192 surplus.
+        assert_eq!(f.umem.frames_for(f.max_pods), 1024 + 7040 + 512 + 8192);
+        let f = NodeFile::parse("node = \"a\"\nuplink = \"e\"\nmax_pods = 250\n", p).unwrap();
+        assert_eq!(f.umem.frames_for(f.max_pods), 1024 + 16000 + 512 + 8192);
+        let f = NodeFile::parse("node = \"a\"\nuplink = \"e\"\nmax_pods = 8\n[umem]\nframes = 4096\n", p).unwrap();
+        assert_eq!(f.umem.frames_for(f.max_pods), 4096, "an explicit size wins");
+    }
+
+    #[test]
     fn the_shipped_example_configs_parse() {
         for (name, text) in [
             ("node-a", include_str!("../../configs/node-a.toml")),
@@ -421,7 +495,11 @@ port = 8472
         let e = NodeFile::parse("node = \"a\"\nuplink = \"e\"\n[vxlan]\nvni = 16777216\n", p).unwrap_err();
         assert!(e.contains("vxlan.vni"), "{e}");
         let e = NodeFile::parse("node = \"a\"\nuplink = \"e\"\n[umem]\nframes = 1000\n", p).unwrap_err();
-        assert!(e.contains("umem.frames"), "{e}");
+        assert!(e.contains("umem.frames") && e.contains("max_pods = 110"), "{e}");
+        let e = NodeFile::parse("node = \"a\"\nuplink = \"e\"\nmax_pods = 0\n", p).unwrap_err();
+        assert!(e.contains("max_pods"), "{e}");
+        let e = NodeFile::parse("node = \"a\"\nuplink = \"e\"\n[umem]\npod_fill_min = 4\n", p).unwrap_err();
+        assert!(e.contains("umem.pod_fill_min"), "{e}");
         let e = NodeFile::parse("node = \"a\"\nuplink = \"e\"\n[nat]\nsnat_ports = \"29000-31000\"\n", p).unwrap_err();
         assert!(e.contains("nat.snat_ports") && e.contains("NodePort"), "{e}");
     }

@@ -201,6 +201,8 @@ fn handle(node: &Mutex<Node>, req: Request) -> Result<Value, String> {
                 "pod_mtu": n.facts.uplink_mtu.saturating_sub(50),
                 "uplink_mac": n.facts.uplink_mac.to_string(),
                 "ports": ports,
+                "pods": n.pods.len(),
+                "max_pods": n.facts.file.max_pods,
                 "remotes": remotes,
             }))
         }
@@ -336,6 +338,12 @@ pub fn render_stats(v: &Value) -> String {
         for x in p["xdp"].as_array().into_iter().flatten() {
             out.push_str(&format!("       xdp {:<34} {:>10}\n", x[0].as_str().unwrap_or(""), x[1]));
         }
+        if p["fill_starved"].as_u64().unwrap_or(0) > 0 {
+            out.push_str(&format!(
+                "       fill starved {} times (below its guaranteed {} chunks with no free chunk)\n",
+                p["fill_starved"], p["fill_min"]
+            ));
+        }
     }
     let drops: Vec<&Value> = w["ports"]
         .as_array()
@@ -401,7 +409,7 @@ pub fn render_stats(v: &Value) -> String {
         ));
     }
     out.push_str(&format!(
-        "tx: {} packets, {} bytes\numem: {} chunks: {} free, {} in fill rings, {} in tx rings ({}); fill starved {} times\n",
+        "tx: {} packets, {} bytes\numem: {} chunks: {} free, {} in fill rings, {} in tx rings ({}); fill starved {} times; {} reclaimed from detached ports\n",
         w["tx_packets"],
         w["tx_bytes"],
         w["umem_total"],
@@ -409,7 +417,8 @@ pub fn render_stats(v: &Value) -> String {
         w["umem_in_fill"],
         w["umem_in_tx"],
         if w["umem_balanced"].as_bool() == Some(true) { "all accounted for" } else { "NOT all accounted for" },
-        w["fill_starved"]
+        w["fill_starved"],
+        w["umem_reclaimed"]
     ));
     out
 }

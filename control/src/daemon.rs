@@ -253,6 +253,9 @@ pub struct WorkerStats {
     pub tx_packets: u64,
     pub tx_bytes: u64,
     pub fill_starved: u64,
+    /// Chunks taken back from the rings of detached ports.
+    #[serde(default)]
+    pub umem_reclaimed: u64,
     pub bad_descriptors: u64,
     pub umem_total: u32,
     pub umem_free: u32,
@@ -322,6 +325,19 @@ pub struct PortStats {
     pub events: Vec<(String, u64)>,
     /// XDP program exits, (name, count).
     pub xdp: Vec<(String, u64)>,
+    /// Chunks in the port's fill ring, what it is topped up to, its guaranteed minimum.
+    #[serde(default)]
+    pub fill_in_ring: u32,
+    #[serde(default)]
+    pub fill_target: u32,
+    #[serde(default)]
+    pub fill_min: u32,
+    /// Times the port was below its minimum with no free chunk (UMEM exhausted).
+    #[serde(default)]
+    pub fill_starved: u64,
+    /// Frames the kernel could not deliver for want of a fill-ring chunk.
+    #[serde(default)]
+    pub kernel_fill_empty: u64,
 }
 
 fn worker_stats(w: &Worker, generation: u64, now: u64) -> WorkerStats {
@@ -356,8 +372,9 @@ fn worker_stats(w: &Worker, generation: u64, now: u64) -> WorkerStats {
         };
         let mut drops: Vec<(String, u64, String)> =
             c.nonzero_drops().map(|(r, n)| (r.name().to_string(), n, r.help().to_string())).collect();
+        let report = w.port_report(port);
         // What the kernel dropped after the XDP redirect, before vxnat saw it.
-        if let Some(k) = w.socket_stats(port) {
+        if let Some(k) = report.and_then(|r| r.socket) {
             if k.rx_ring_full > 0 {
                 drops.push((
                     "xsk_rx_ring_full".into(),
@@ -381,7 +398,9 @@ fn worker_stats(w: &Worker, generation: u64, now: u64) -> WorkerStats {
                 ));
             }
         }
-        if c.rx_packets > 0 || c.tx_packets > 0 || !xdp.is_empty() || c.total_drops() > 0 {
+        let fill = report.map(|r| r.fill);
+        let starved = fill.map_or(0, |f| f.starved);
+        if c.rx_packets > 0 || c.tx_packets > 0 || !xdp.is_empty() || c.total_drops() > 0 || starved > 0 {
             ports.push(PortStats {
                 port: port.0,
                 rx_packets: c.rx_packets,
@@ -391,6 +410,11 @@ fn worker_stats(w: &Worker, generation: u64, now: u64) -> WorkerStats {
                 drops,
                 events,
                 xdp,
+                fill_in_ring: fill.map_or(0, |f| f.in_fill),
+                fill_target: fill.map_or(0, |f| f.target),
+                fill_min: fill.map_or(0, |f| f.limits.min),
+                fill_starved: starved,
+                kernel_fill_empty: report.and_then(|r| r.socket).map_or(0, |k| k.rx_fill_ring_empty),
             });
         }
     }
@@ -399,6 +423,7 @@ fn worker_stats(w: &Worker, generation: u64, now: u64) -> WorkerStats {
         tx_packets: w.io.tx_packets,
         tx_bytes: w.io.tx_bytes,
         fill_starved: w.io.fill_starved,
+        umem_reclaimed: w.io.reclaimed_at_detach,
         bad_descriptors: w.io.bad_descriptors,
         umem_total: a.total,
         umem_free: a.free,
@@ -471,11 +496,10 @@ fn worker_main(
         return;
     }
     if let Some(h) = &host {
-        if let Err(e) = w.add_port(HOST, h, Mode::All, node_ip, vxlan_port) {
+        if let Err(e) = w.add_host_port(HOST, h, node_ip, vxlan_port) {
             let _ = ready.send(Err(format!("host port {h}: {e}")));
             return;
         }
-        w.set_host_port(HOST);
     }
     let _ = ready.send(Ok(()));
     let start = Instant::now();
@@ -575,6 +599,10 @@ fn load_pods(file: &NodeFile) -> Vec<Pod> {
     std::fs::read_to_string(pods_file(file)).ok().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default()
 }
 
+/// How an attach refused because the node holds `max_pods` pods begins (the CNI plugin maps
+/// it to its own error).
+pub const NODE_FULL: &str = "node full";
+
 /// The running node: what the ctl server works on.
 #[derive(Debug)]
 pub struct Node {
@@ -598,6 +626,10 @@ impl Node {
     }
 
     pub fn attach(&mut self, ifname: &str, ip: Ipv4Addr, mac: Option<MacAddr>) -> Result<Pod, String> {
+        let max = self.facts.file.max_pods as usize;
+        if self.pods.len() >= max {
+            return Err(format!("{NODE_FULL}: {max} pods attached, max_pods is {max}; {ifname} ({ip}) not attached"));
+        }
         if !netinfo::exists(ifname) {
             return Err(format!("ifname: {ifname} does not exist"));
         }
@@ -822,7 +854,8 @@ pub fn run(file: NodeFile) -> Result<(), String> {
     let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
     let (ready_tx, ready_rx) = bounded(1);
     let cfg = WorkerConfig {
-        frames: file.umem.frames,
+        frames: file.umem.frames_for(file.max_pods),
+        fill: file.umem.plan(),
         flows: file.nat.max_flows,
         snat_ports: file.nat.ports()?,
         snat_hold_ns: file.nat.snat_hold_s.saturating_mul(1_000_000_000),

@@ -64,7 +64,16 @@ impl XdpProgram {
         vxlan_port: u16,
         attach: AttachMode,
     ) -> Result<XdpProgram, String> {
-        let open = ObjectBuilder::default().open_memory(OBJECT).map_err(|e| err("opening the XDP object", e))?;
+        let mut open = ObjectBuilder::default().open_memory(OBJECT).map_err(|e| err("opening the XDP object", e))?;
+        if mode != Mode::Uplink {
+            // Only the uplink's program looks Service frontends up. The map is preallocated,
+            // 65536 entries (~4 MiB of kernel memory): a pod port's copy would cost that per pod.
+            for mut m in open.maps_mut() {
+                if m.name() == "frontends" {
+                    m.set_max_entries(1).map_err(|e| err("sizing the frontends map", e))?;
+                }
+            }
+        }
         let object = open.load().map_err(|e| err("loading the XDP program (needs CAP_BPF)", e))?;
         let mut cfg = [0u8; 12];
         cfg[0..4].copy_from_slice(&(mode as u32).to_ne_bytes());

@@ -10,6 +10,7 @@
 #![allow(unsafe_code)]
 
 pub mod bpf;
+pub mod fill;
 pub mod port;
 pub mod umem;
 pub mod worker;

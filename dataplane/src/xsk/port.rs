@@ -40,22 +40,6 @@ pub struct SocketStats {
     pub tx_ring_empty: u64,
 }
 
-impl SocketStats {
-    /// Named, non-zero counters, for reports.
-    pub fn named(&self) -> Vec<(&'static str, u64)> {
-        [
-            ("xsk_rx_dropped", self.rx_dropped),
-            ("xsk_rx_ring_full", self.rx_ring_full),
-            ("xsk_rx_fill_ring_empty", self.rx_fill_ring_empty),
-            ("xsk_rx_invalid_descs", self.rx_invalid_descs),
-            ("xsk_tx_invalid_descs", self.tx_invalid_descs),
-        ]
-        .into_iter()
-        .filter(|(_, n)| *n > 0)
-        .collect()
-    }
-}
-
 pub struct XskPort {
     pub ifname: String,
     pub ifindex: u32,
@@ -66,8 +50,6 @@ pub struct XskPort {
     pub(crate) tx: Box<sys::xsk_ring_prod>,
     pub(crate) fill: Box<sys::xsk_ring_prod>,
     pub(crate) comp: Box<sys::xsk_ring_cons>,
-    /// Chunks posted to this port's fill ring and not yet received back.
-    pub(crate) in_fill: u32,
     /// Chunks posted to this port's tx ring and not yet completed.
     pub(crate) in_tx: u32,
     /// Bound with XDP_USE_SG: frames larger than a chunk come (and go) as descriptor chains.
@@ -79,7 +61,6 @@ impl std::fmt::Debug for XskPort {
         f.debug_struct("XskPort")
             .field("ifname", &self.ifname)
             .field("ifindex", &self.ifindex)
-            .field("in_fill", &self.in_fill)
             .field("in_tx", &self.in_tx)
             .finish_non_exhaustive()
     }
@@ -146,7 +127,7 @@ impl XskPort {
         comp: Box<sys::xsk_ring_cons>,
         sg: bool,
     ) -> XskPort {
-        XskPort { ifname: ifname.to_string(), ifindex, queue: 0, raw, fd, rx, tx, fill, comp, in_fill: 0, in_tx: 0, sg }
+        XskPort { ifname: ifname.to_string(), ifindex, queue: 0, raw, fd, rx, tx, fill, comp, in_tx: 0, sg }
     }
 
     #[allow(clippy::too_many_arguments)]

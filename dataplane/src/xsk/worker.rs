@@ -3,8 +3,15 @@
 //! received frames, run them through the pipeline, and queue each on its egress port's tx ring
 //! (or return it to the pool). Nothing is allocated per packet; the only syscalls are the
 //! wakeups the kernel asks for (need_wakeup) and the idle poll.
+//!
+//! How many chunks each fill ring gets is `fill`'s budget: a guaranteed minimum per port,
+//! refill by consumption, growth only into a shared surplus. Every chunk is always somewhere
+//! known: the free pool, or the rings of the port recorded as its `owner`. So a port can be
+//! removed at any time and the chunks the kernel held for it come back (`remove_port`), and
+//! attach/detach churn never leaks the UMEM.
 
 use super::bpf::{AttachMode, Mode, XdpProgram};
+use super::fill::{FillLimits, FillPlan, PortFill};
 use super::port::{PortConfig, XskPort, XDP_PKT_CONTD};
 use super::umem::{FrameAccount, Umem, FRAME_SIZE};
 use super::XskError;
@@ -33,12 +40,14 @@ pub const RX_BATCHES_PER_PASS: usize = 4;
 /// Worker sizing.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
-    /// UMEM chunks (4 KiB each).
+    /// UMEM chunks (4 KiB each); `FillPlan::umem_frames` sizes it from the pod count.
     pub frames: u32,
-    /// Ring sizes (fill, completion, rx, tx), a power of two.
+    /// Ring sizes (fill, completion, rx, tx) of the uplink and host port, a power of two.
     pub ring_size: u32,
-    /// At most this many chunks in one port's fill ring, so one port cannot starve the rest.
-    pub fill_per_port: u32,
+    /// Ring sizes of pod ports, a power of two.
+    pub pod_ring_size: u32,
+    /// Fill-ring minimums and maximums per port kind, the reserve and the shared surplus.
+    pub fill: FillPlan,
     pub attach: AttachMode,
     /// Connections tracked at most.
     pub flows: usize,
@@ -50,10 +59,12 @@ pub struct WorkerConfig {
 
 impl Default for WorkerConfig {
     fn default() -> Self {
+        let fill = FillPlan::default();
         WorkerConfig {
-            frames: 16384,
+            frames: fill.umem_frames(DEFAULT_MAX_PODS) as u32,
             ring_size: 2048,
-            fill_per_port: 2048,
+            pod_ring_size: 1024,
+            fill,
             attach: AttachMode::Native,
             flows: crate::pipeline::DEFAULT_FLOWS,
             snat_ports: crate::nat::snat::DEFAULT_PORTS,
@@ -63,10 +74,14 @@ impl Default for WorkerConfig {
     }
 }
 
+/// Pods per node when nothing says otherwise: kubelet's default `maxPods`.
+pub const DEFAULT_MAX_PODS: u32 = 110;
+
 /// I/O events of the worker that are not per-packet pipeline drops.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct IoStats {
-    /// Times a fill ring could not be restocked because the pool was empty (UMEM exhausted).
+    /// Times a port was below its guaranteed fill minimum and no chunk was free (UMEM
+    /// exhausted); per port in `PortReport::fill_starved`.
     pub fill_starved: u64,
     /// Descriptors from the kernel outside the UMEM (never expected; dropped).
     pub bad_descriptors: u64,
@@ -74,12 +89,28 @@ pub struct IoStats {
     pub tx_bytes: u64,
     /// Frames received as descriptor chains (multi-buffer: larger than a chunk).
     pub multi_buffer_frames: u64,
+    /// Frames still in a port's rx ring when it was removed (never processed).
+    pub discarded_at_detach: u64,
+    /// Chunks that came back from the rings of removed sockets.
+    pub reclaimed_at_detach: u64,
+}
+
+/// One port's fill-ring state and the kernel's counters for its socket, for reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortReport {
+    pub fill: PortFill,
+    pub socket: Option<super::port::SocketStats>,
 }
 
 struct WorkerPort {
+    // Field order matters: the socket is deleted before the program is detached.
     xsk: XskPort,
     prog: XdpProgram,
+    fill: PortFill,
 }
+
+/// `owner` value of a chunk that no port's rings hold (it may be in the pool).
+const NO_OWNER: u16 = u16::MAX;
 
 pub struct Worker {
     // Field order matters: ports (sockets) drop before the UMEM they are bound to.
@@ -96,12 +127,19 @@ pub struct Worker {
     host: Option<PortId>,
     cfg: WorkerConfig,
     pub io: IoStats,
-    /// Chunks that were in the rings of removed sockets (the kernel freed them with the
-    /// socket; they are no longer in this worker's circulation).
-    lost_with_sockets: u64,
-    total_reduction: u32,
+    /// Per chunk (by index), the port whose fill or tx ring it was last posted to. Only
+    /// meaningful for chunks not in the pool; read when a port is removed.
+    owner: Vec<u16>,
+    /// Chunks a removed socket held that could not be found again (never expected).
+    lost_with_sockets: u32,
+    /// Sum of the fill minimums of the bound ports (admission against the UMEM).
+    min_sum: u64,
+    /// The rx fds for the idle poll(2), one per bound port, rebuilt when ports change.
+    pollfds: Vec<libc::pollfd>,
     /// When the last idle expiry sweep ran (worker clock, ns).
     last_idle_sweep: u64,
+    /// The clock of the last poll (for ports bound between polls).
+    last_now: u64,
 }
 
 impl std::fmt::Debug for Worker {
@@ -114,6 +152,7 @@ impl Worker {
     pub fn new(id: u16, cfg: WorkerConfig) -> Result<Worker, XskError> {
         let umem = Umem::new(cfg.frames, cfg.ring_size)?;
         let pool: Vec<u64> = umem.chunk_addrs().collect();
+        let owner = vec![NO_OWNER; cfg.frames as usize];
         let mut state = WorkerState::with_flows_and_timeouts(id, cfg.flows, cfg.timeouts);
         state.snat =
             crate::nat::snat::SnatAllocator::new(cfg.snat_ports.clone(), cfg.snat_hold_ns, u64::from(id) ^ 0x5eed);
@@ -127,14 +166,19 @@ impl Worker {
             host: None,
             cfg,
             io: IoStats::default(),
+            owner,
             lost_with_sockets: 0,
-            total_reduction: 0,
+            min_sum: 0,
+            pollfds: Vec::new(),
             last_idle_sweep: 0,
+            last_now: 0,
         })
     }
 
     /// Binds `ifname` as port `id`: loads and attaches the XDP program in `mode`, binds an
-    /// AF_XDP socket, inserts it into the program's XSKMAP and stocks the fill ring.
+    /// AF_XDP socket, inserts it into the program's XSKMAP and stocks the fill ring. The uplink
+    /// (`Mode::Uplink`) gets the node ports' rings and fill budget, every other port a pod's.
+    /// Refused when the UMEM cannot guarantee one more port's minimum.
     pub fn add_port(
         &mut self,
         id: PortId,
@@ -143,11 +187,45 @@ impl Worker {
         node_ip: [u8; 4],
         vxlan_port: u16,
     ) -> Result<(), String> {
+        let node = mode == Mode::Uplink;
+        self.bind(id, ifname, mode, node, node_ip, vxlan_port)
+    }
+
+    /// Binds the host port (the node stack's side, the destination of `Disposition::ToHost`)
+    /// with the node ports' rings and fill budget.
+    pub fn add_host_port(&mut self, id: PortId, ifname: &str, node_ip: [u8; 4], vxlan_port: u16) -> Result<(), String> {
+        self.bind(id, ifname, Mode::All, true, node_ip, vxlan_port)?;
+        self.host = Some(id);
+        Ok(())
+    }
+
+    fn bind(
+        &mut self,
+        id: PortId,
+        ifname: &str,
+        mode: Mode,
+        node: bool,
+        node_ip: [u8; 4],
+        vxlan_port: u16,
+    ) -> Result<(), String> {
         let i = usize::from(id.0);
+        if id.0 == NO_OWNER {
+            return Err(format!("port {id}: out of range"));
+        }
         if self.ports.get(i).is_some_and(Option::is_some) {
             return Err(format!("port {id} already bound"));
         }
-        let xsk = XskPort::bind(&mut self.umem, ifname, PortConfig { ring_size: self.cfg.ring_size, copy_mode: true })
+        let (limits, ring_size) =
+            if node { (self.cfg.fill.node, self.cfg.ring_size) } else { (self.cfg.fill.pod, self.cfg.pod_ring_size) };
+        let limits = FillLimits { min: limits.min.min(ring_size), max: limits.max.min(ring_size) };
+        if !self.cfg.fill.admits(self.cfg.frames, self.min_sum + u64::from(limits.min)) {
+            return Err(format!(
+                "UMEM full: {} chunks cannot guarantee {} more to {ifname} beside the {} the bound ports need \
+                 (raise umem.frames or lower max_pods)",
+                self.cfg.frames, limits.min, self.min_sum
+            ));
+        }
+        let xsk = XskPort::bind(&mut self.umem, ifname, PortConfig { ring_size, copy_mode: true })
             .map_err(|e| e.to_string())?;
         let prog = XdpProgram::attach(xsk.ifindex, mode, node_ip, vxlan_port, self.cfg.attach)?;
         prog.bind_socket(xsk.queue, xsk.fd())?;
@@ -155,8 +233,11 @@ impl Worker {
             self.ports.resize_with(i + 1, || None);
             self.staged.resize_with(i + 1, || Vec::with_capacity(BATCH * 2));
         }
-        self.ports[i] = Some(WorkerPort { xsk, prog });
-        self.refill(i);
+        self.min_sum += u64::from(limits.min);
+        self.ports[i] = Some(WorkerPort { xsk, prog, fill: PortFill::new(limits, self.last_now) });
+        self.rebuild_pollfds();
+        let deficit = self.total_deficit();
+        self.refill(i, deficit);
         Ok(())
     }
 
@@ -165,30 +246,100 @@ impl Worker {
         self.host = Some(id);
     }
 
-    /// Unbinds a port; the chunks in its rings are reclaimed where the kernel gives them back
-    /// (completions), the rest are counted as lost with the socket.
+    /// Unbinds a port and takes back every chunk its rings held. Frames still in its rx ring
+    /// are discarded (counted); completions are reclaimed; then the socket is deleted (the
+    /// kernel waits for in-flight receives, and copy mode has copied whatever it transmits),
+    /// so the chunks recorded as this port's in `owner` are free again.
     pub fn remove_port(&mut self, id: PortId) -> bool {
         let i = usize::from(id.0);
         let Some(Some(_)) = self.ports.get(i) else { return false };
         self.reclaim(i);
-        if let Some(p) = self.ports[i].take() {
-            // The kernel frees the rings with the socket: chunks still in them are gone from
-            // this UMEM's point of view. Count them so the account stays honest.
-            self.lost_with_sockets += u64::from(p.xsk.in_fill + p.xsk.in_tx);
-            self.total_reduction += p.xsk.in_fill + p.xsk.in_tx;
+        self.discard_rx(i);
+        let Some(p) = self.ports[i].take() else { return false };
+        let expected = p.fill.in_fill + p.xsk.in_tx;
+        self.min_sum -= u64::from(p.fill.limits.min);
+        drop(p);
+        self.rebuild_pollfds();
+        // Chunks in the pool may carry a stale owner: mark them first.
+        let mut in_pool = vec![false; self.owner.len()];
+        for &c in &self.pool {
+            if let Some(slot) = in_pool.get_mut((c / u64::from(FRAME_SIZE)) as usize) {
+                *slot = true;
+            }
         }
+        let mut found = 0u32;
+        for (k, o) in self.owner.iter_mut().enumerate() {
+            if *o == id.0 && !in_pool[k] {
+                *o = NO_OWNER;
+                self.pool.push(k as u64 * u64::from(FRAME_SIZE));
+                found += 1;
+            }
+        }
+        self.io.reclaimed_at_detach += u64::from(found);
+        self.lost_with_sockets += expected.saturating_sub(found);
         true
+    }
+
+    /// Drops what is still in port `i`'s rx ring (its socket is about to go).
+    fn discard_rx(&mut self, i: usize) {
+        let Some(Some(p)) = self.ports.get_mut(i) else { return };
+        loop {
+            let mut idx = 0u32;
+            // SAFETY: rx is this port's live rx ring.
+            let n = unsafe { sys::xsk_ring_cons__peek(&mut *p.xsk.rx, RX_DESCS as u32, &mut idx) };
+            if n == 0 {
+                break;
+            }
+            for k in 0..n {
+                // SAFETY: idx+k < idx+n are entries the peek handed us.
+                let d = unsafe { *sys::xsk_ring_cons__rx_desc(&*p.xsk.rx, idx + k) };
+                if self.umem.valid_desc(d.addr, 0) {
+                    self.pool.push(Umem::chunk_of(d.addr));
+                }
+                if d.options & XDP_PKT_CONTD == 0 {
+                    self.io.discarded_at_detach += 1;
+                }
+            }
+            // SAFETY: releasing exactly what we peeked.
+            unsafe { sys::xsk_ring_cons__release(&mut *p.xsk.rx, n) };
+            p.fill.in_fill = p.fill.in_fill.saturating_sub(n);
+        }
+    }
+
+    fn rebuild_pollfds(&mut self) {
+        self.pollfds = self
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| libc::pollfd { fd: p.xsk.fd(), events: libc::POLLIN, revents: 0 })
+            .collect();
+    }
+
+    /// Chunks missing below the guaranteed minimums of all bound ports.
+    fn total_deficit(&self) -> u32 {
+        self.ports.iter().flatten().map(|p| p.fill.deficit()).sum()
+    }
+
+    /// Port `id`'s fill state and kernel counters.
+    pub fn port_report(&self, id: PortId) -> Option<PortReport> {
+        let p = self.ports.get(usize::from(id.0))?.as_ref()?;
+        Some(PortReport { fill: p.fill, socket: p.xsk.kernel_stats().ok() })
+    }
+
+    /// How many ports are bound.
+    pub fn port_count(&self) -> usize {
+        self.ports.iter().flatten().count()
     }
 
     /// Where every chunk is (call between polls).
     pub fn account(&self) -> FrameAccount {
         let mut a = FrameAccount {
-            total: self.umem.frame_count() - self.total_reduction,
+            total: self.umem.frame_count() - self.lost_with_sockets,
             free: self.pool.len() as u32,
             ..Default::default()
         };
         for p in self.ports.iter().flatten() {
-            a.in_fill += p.xsk.in_fill;
+            a.in_fill += p.fill.in_fill;
             a.in_tx += p.xsk.in_tx;
         }
         a
@@ -233,22 +384,30 @@ impl Worker {
 
     /// One pass over every port. Returns the frames received.
     pub fn poll(&mut self, tables: &Tables, now: Nanos) -> usize {
+        self.last_now = now;
         let mut received = 0;
+        // What every port lacks below its minimum, kept current through the pass: chunks
+        // beyond a port's minimum are granted only out of what covers all of these.
+        let mut deficit = self.total_deficit();
         for i in 0..self.ports.len() {
-            if self.ports[i].is_none() {
-                continue;
-            }
+            let Some(p) = &self.ports[i] else { continue };
+            let before = p.fill.deficit();
             // Up to RX_BATCHES_PER_PASS batches per port before moving on: enough to keep up
             // with bursts, bounded so one busy port cannot starve the others.
             for _ in 0..RX_BATCHES_PER_PASS {
                 self.reclaim(i);
-                self.refill(i);
+                self.refill(i, deficit);
                 let n = self.rx(i, tables, now);
+                if let Some(Some(p)) = self.ports.get_mut(i) {
+                    p.fill.on_rx(n as u32, now);
+                }
                 received += n;
                 if n < BATCH {
                     break;
                 }
             }
+            let after = self.ports[i].as_ref().map_or(0, |p| p.fill.deficit());
+            deficit = deficit - before.min(deficit) + after;
         }
         self.flush_tx();
         // Busy passes look at a few flow slots each; idle ones a larger share, but at most every
@@ -262,20 +421,19 @@ impl Worker {
         received
     }
 
-    /// Waits up to `timeout_ms` for any port to have frames (the idle half of adaptive poll).
-    pub fn wait(&self, timeout_ms: i32) {
-        let mut fds: [libc::pollfd; 64] = [libc::pollfd { fd: -1, events: 0, revents: 0 }; 64];
-        let mut n = 0;
-        for fd in self.fds().take(64) {
-            fds[n] = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-            n += 1;
-        }
-        // SAFETY: fds[..n] are initialised pollfd entries.
-        unsafe { libc::poll(fds.as_mut_ptr(), n as libc::nfds_t, timeout_ms) };
+    /// Waits up to `timeout_ms` for any port to have frames (the idle half of adaptive poll):
+    /// every bound port's socket is watched, however many there are.
+    pub fn wait(&mut self, timeout_ms: i32) {
+        // SAFETY: pollfds is a live, initialised array of `len` entries.
+        unsafe { libc::poll(self.pollfds.as_mut_ptr(), self.pollfds.len() as libc::nfds_t, timeout_ms) };
     }
 
     fn reclaim(&mut self, i: usize) {
         let Some(Some(p)) = self.ports.get_mut(i) else { return };
+        if p.xsk.in_tx == 0 {
+            // Nothing posted for transmit: the completion ring is empty, skip touching it.
+            return;
+        }
         loop {
             let mut idx = 0u32;
             // SAFETY: comp is this port's live completion ring.
@@ -298,28 +456,35 @@ impl Worker {
         }
     }
 
-    fn refill(&mut self, i: usize) {
+    /// Tops port `i`'s fill ring up as the budget allows (`deficit`: what all ports lack
+    /// below their minimums).
+    fn refill(&mut self, i: usize, deficit: u32) {
         let Some(Some(p)) = self.ports.get_mut(i) else { return };
-        let room = self.cfg.fill_per_port.saturating_sub(p.xsk.in_fill);
-        if room == 0 {
+        if p.fill.in_fill >= p.fill.target {
             return;
         }
-        let want = room.min(self.pool.len() as u32).min(256);
-        if want == 0 {
-            self.io.fill_starved += 1;
+        let grant = p.fill.grant(self.pool.len() as u32, deficit, self.cfg.fill.reserve).min(256);
+        if grant == 0 {
+            if p.fill.deficit() > 0 {
+                p.fill.starved += 1;
+                self.io.fill_starved += 1;
+            }
             return;
         }
         let mut idx = 0u32;
         // SAFETY: fill is this port's live fill ring.
-        let got = unsafe { sys::xsk_ring_prod__reserve(&mut *p.xsk.fill, want, &mut idx) };
+        let got = unsafe { sys::xsk_ring_prod__reserve(&mut *p.xsk.fill, grant, &mut idx) };
         for k in 0..got {
             let Some(chunk) = self.pool.pop() else { break };
+            if let Some(o) = self.owner.get_mut((chunk / u64::from(FRAME_SIZE)) as usize) {
+                *o = i as u16;
+            }
             // SAFETY: idx+k is a slot we reserved.
             unsafe { *sys::xsk_ring_prod__fill_addr(&mut *p.xsk.fill, idx + k) = chunk };
         }
-        // SAFETY: submitting exactly what we reserved and wrote (got <= pool length).
+        // SAFETY: submitting exactly what we reserved and wrote (got <= grant <= pool length).
         unsafe { sys::xsk_ring_prod__submit(&mut *p.xsk.fill, got) };
-        p.xsk.in_fill += got;
+        p.fill.in_fill += got;
         p.xsk.kick_fill();
     }
 
@@ -361,7 +526,7 @@ impl Worker {
                 }
                 // SAFETY: releasing exactly what we peeked.
                 unsafe { sys::xsk_ring_cons__release(&mut *p.xsk.rx, n as u32) };
-                p.xsk.in_fill = p.xsk.in_fill.saturating_sub(n as u32);
+                p.fill.in_fill = p.fill.in_fill.saturating_sub(n as u32);
             } else {
                 // SAFETY: releasing nothing: the chain's rest is still to come.
                 unsafe { sys::xsk_ring_cons__cancel(&mut *p.xsk.rx, n as u32) };
@@ -374,7 +539,7 @@ impl Worker {
             sys::xsk_ring_cons__cancel(&mut *p.xsk.rx, (n - whole) as u32);
             sys::xsk_ring_cons__release(&mut *p.xsk.rx, whole as u32);
         }
-        p.xsk.in_fill = p.xsk.in_fill.saturating_sub(whole as u32);
+        p.fill.in_fill = p.fill.in_fill.saturating_sub(whole as u32);
 
         if self.jumbo.is_empty() {
             self.jumbo = (0..BATCH).map(|_| vec![0u8; JUMBO_HEADROOM + JUMBO_MAX]).collect();
@@ -541,6 +706,9 @@ impl Worker {
             let got = unsafe { sys::xsk_ring_prod__reserve(&mut *p.xsk.tx, fits as u32, &mut idx) } as usize;
             let pc = self.state.counters.port_mut(PortId(e as u16));
             for (k, &(addr, len, options)) in staged.iter().take(got).enumerate() {
+                if let Some(o) = self.owner.get_mut((addr / u64::from(FRAME_SIZE)) as usize) {
+                    *o = e as u16;
+                }
                 // SAFETY: idx+k is a slot we reserved.
                 let d = unsafe { &mut *sys::xsk_ring_prod__tx_desc(&mut *p.xsk.tx, idx + k as u32) };
                 d.addr = addr;

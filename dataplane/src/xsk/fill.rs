@@ -1,0 +1,255 @@
+//! Fill-ring budgeting: how many UMEM chunks each port's fill ring holds.
+//!
+//! A chunk posted to a fill ring cannot be taken back: it returns only when the kernel
+//! receives a frame into it. So the budget decides what to post, never what to recall.
+//!
+//! Contract:
+//! - **A guaranteed minimum per port.** Every port is entitled to `min` chunks in its fill
+//!   ring. Chunks beyond a port's minimum are granted only from what is left after every
+//!   port's shortfall below its own minimum (and a reserve for segmentation and multi-buffer
+//!   transmit) is covered. A busy port can therefore never take the chunks an idle port needs
+//!   to receive its next frame, whatever the number of ports.
+//! - **Refill follows consumption.** A port's ring is topped up to its `target` with exactly
+//!   what it consumed. The target doubles (up to `max`) when a port drains its ring to a quarter
+//!   between two services, and halves back towards `min` after `SHRINK_AFTER_NS` without a
+//!   frame, so an idle port does not keep a large share posted.
+//! - The UMEM is sized from the port count (`umem_frames`), so the minimums always fit, and a
+//!   port that would break that is refused at attach (`admits`).
+//!
+//! Pure arithmetic with time passed in; the worker applies it to real rings.
+
+/// Nanoseconds on the worker's clock.
+pub type Nanos = u64;
+
+/// A port idle this long has its target halved (once per period, down to its minimum).
+pub const SHRINK_AFTER_NS: Nanos = 1_000_000_000;
+
+/// Fill-ring bounds of one port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FillLimits {
+    /// Chunks the port is always entitled to.
+    pub min: u32,
+    /// At most this many in its fill ring (at most the ring size).
+    pub max: u32,
+}
+
+/// One port's fill state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortFill {
+    pub limits: FillLimits,
+    /// What the ring is topped up to, between `min` and `max`.
+    pub target: u32,
+    /// Chunks posted and not yet received back.
+    pub in_fill: u32,
+    /// When the port last received a frame (or its target last shrank).
+    last_busy: Nanos,
+    /// Times the port was below its minimum and no chunk was free to post (UMEM exhausted).
+    pub starved: u64,
+    /// Times the target doubled / halved.
+    pub grown: u64,
+    pub shrunk: u64,
+}
+
+impl PortFill {
+    pub fn new(limits: FillLimits, now: Nanos) -> PortFill {
+        PortFill { limits, target: limits.min, in_fill: 0, last_busy: now, starved: 0, grown: 0, shrunk: 0 }
+    }
+
+    /// Chunks missing to reach the guaranteed minimum.
+    #[inline]
+    pub fn deficit(&self) -> u32 {
+        self.limits.min.saturating_sub(self.in_fill)
+    }
+
+    /// After taking `n` frames from the rx ring at `now` (`in_fill` already lowered by them):
+    /// grow the target when the ring was nearly drained, shrink it after a long idle spell.
+    #[inline]
+    pub fn on_rx(&mut self, n: u32, now: Nanos) {
+        if n > 0 {
+            self.last_busy = now;
+            if self.in_fill <= self.target / 4 && self.target < self.limits.max {
+                self.target = (self.target.saturating_mul(2)).min(self.limits.max);
+                self.grown += 1;
+            }
+        } else if self.target > self.limits.min && now.saturating_sub(self.last_busy) >= SHRINK_AFTER_NS {
+            self.target = (self.target / 2).max(self.limits.min);
+            self.last_busy = now;
+            self.shrunk += 1;
+        }
+    }
+
+    /// How many chunks to post now: first whatever brings this port to its minimum (as far as
+    /// the pool goes), then up to its target from what the pool holds beyond every other
+    /// port's shortfall (`total_deficit` includes this port's own) and `reserve`.
+    #[inline]
+    pub fn grant(&self, pool: u32, total_deficit: u32, reserve: u32) -> u32 {
+        let want = self.target.saturating_sub(self.in_fill);
+        let mine = self.deficit();
+        let own = mine.min(want).min(pool);
+        let spare = pool.saturating_sub(own).saturating_sub(total_deficit.saturating_sub(mine)).saturating_sub(reserve);
+        own + (want - own).min(spare)
+    }
+}
+
+/// UMEM sizing for a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FillPlan {
+    /// Uplink and host port.
+    pub node: FillLimits,
+    /// Each pod port.
+    pub pod: FillLimits,
+    /// Chunks never granted beyond minimums: segmentation spill and multi-buffer transmit.
+    pub reserve: u32,
+    /// Chunks beyond every minimum, shared by busy ports to grow into.
+    pub surplus: u32,
+}
+
+impl Default for FillPlan {
+    fn default() -> Self {
+        FillPlan {
+            node: FillLimits { min: 512, max: 2048 },
+            pod: FillLimits { min: 64, max: 1024 },
+            reserve: 512,
+            surplus: 8192,
+        }
+    }
+}
+
+impl FillPlan {
+    /// Chunks the minimums of two node ports and `pods` pod ports need, with the reserve.
+    pub fn minimum_frames(&self, pods: u32) -> u64 {
+        2 * u64::from(self.node.min) + u64::from(pods) * u64::from(self.pod.min) + u64::from(self.reserve)
+    }
+
+    /// The UMEM size for up to `pods` pod ports: every minimum, the reserve and the surplus.
+    pub fn umem_frames(&self, pods: u32) -> u64 {
+        self.minimum_frames(pods) + u64::from(self.surplus)
+    }
+
+    /// Whether a UMEM of `frames` chunks can guarantee `min_sum` (the minimums of the ports
+    /// bound so far plus the one being added) and the reserve.
+    pub fn admits(&self, frames: u32, min_sum: u64) -> bool {
+        min_sum + u64::from(self.reserve) <= u64::from(frames)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POD: FillLimits = FillLimits { min: 64, max: 1024 };
+
+    /// A toy of the worker's bookkeeping: `ports` fill rings on one pool.
+    struct Sim {
+        pool: u32,
+        ports: Vec<PortFill>,
+        reserve: u32,
+    }
+
+    impl Sim {
+        fn new(frames: u32, ports: usize, reserve: u32) -> Sim {
+            Sim { pool: frames, ports: (0..ports).map(|_| PortFill::new(POD, 0)).collect(), reserve }
+        }
+        fn total_deficit(&self) -> u32 {
+            self.ports.iter().map(PortFill::deficit).sum()
+        }
+        fn service(&mut self, i: usize, received: u32, now: Nanos) {
+            let n = received.min(self.ports[i].in_fill);
+            self.ports[i].in_fill -= n;
+            self.pool += n; // frames are processed and their chunks come back
+            self.ports[i].on_rx(n, now);
+            let g = self.ports[i].grant(self.pool, self.total_deficit(), self.reserve);
+            if g == 0 && self.ports[i].deficit() > 0 {
+                self.ports[i].starved += 1;
+            }
+            self.pool -= g;
+            self.ports[i].in_fill += g;
+        }
+    }
+
+    #[test]
+    fn every_port_gets_its_minimum_when_the_umem_is_sized_from_the_port_count() {
+        let plan = FillPlan { surplus: 0, ..FillPlan::default() };
+        let frames = (plan.minimum_frames(250) - 2 * u64::from(plan.node.min)) as u32;
+        let mut s = Sim::new(frames, 250, plan.reserve);
+        for i in 0..250 {
+            s.service(i, 0, 0);
+        }
+        assert!(s.ports.iter().all(|p| p.in_fill == 64), "every one of 250 ports holds its minimum");
+        assert_eq!(s.ports.iter().map(|p| p.starved).sum::<u64>(), 0);
+    }
+
+    #[test]
+    fn a_busy_port_grows_only_into_the_surplus_and_never_starves_the_idle_ones() {
+        let mut s = Sim::new(110 * 64 + 512 + 4096, 110, 512);
+        for i in 0..110 {
+            s.service(i, 0, 0);
+        }
+        // Port 0 takes everything it is given, pass after pass.
+        for pass in 0..1000u64 {
+            s.service(0, u32::MAX, pass * 1000);
+            // Some idle ports receive a frame now and then; they must be restocked.
+            let i = 1 + (pass as usize % 109);
+            s.service(i, 3, pass * 1000);
+        }
+        assert_eq!(s.ports[0].target, POD.max, "the busy port grew to its max");
+        assert!(s.ports[0].in_fill <= POD.max);
+        for p in &s.ports[1..] {
+            assert_eq!(p.in_fill, 64, "idle ports keep their minimum");
+            assert_eq!(p.starved, 0);
+        }
+        assert!(s.pool >= 512, "the reserve is never handed out beyond minimums");
+    }
+
+    #[test]
+    fn growth_stops_at_the_surplus_when_many_ports_are_busy() {
+        let surplus = 1000;
+        let mut s = Sim::new(110 * 64 + 512 + surplus, 110, 512);
+        for round in 0..200u64 {
+            for i in 0..110 {
+                s.service(i, u32::MAX, round);
+            }
+        }
+        let beyond: u32 = s.ports.iter().map(|p| p.in_fill.saturating_sub(64)).sum();
+        assert!(beyond <= surplus, "beyond minimums {beyond} <= surplus {surplus}");
+        assert!(s.ports.iter().all(|p| p.in_fill >= 64), "nobody below its minimum");
+        assert_eq!(s.ports.iter().map(|p| p.starved).sum::<u64>(), 0);
+    }
+
+    #[test]
+    fn an_idle_port_shrinks_back_to_its_minimum() {
+        let mut p = PortFill::new(POD, 0);
+        p.in_fill = 0;
+        for _ in 0..5 {
+            p.on_rx(32, 10);
+        }
+        assert_eq!(p.target, 1024);
+        p.in_fill = 1024;
+        p.on_rx(0, 10 + SHRINK_AFTER_NS / 2);
+        assert_eq!(p.target, 1024, "not idle long enough");
+        let mut t = 10;
+        for _ in 0..10 {
+            t += SHRINK_AFTER_NS;
+            p.on_rx(0, t);
+        }
+        assert_eq!(p.target, 64);
+        assert_eq!(p.grant(10_000, 0, 0), 0, "chunks above the target are not replaced");
+    }
+
+    #[test]
+    fn a_starved_port_takes_what_there_is_up_to_its_minimum() {
+        let p = PortFill::new(POD, 0);
+        assert_eq!(p.grant(10, 640, 512), 10, "below the minimum, even the reserve is used");
+        assert_eq!(p.grant(0, 640, 512), 0);
+    }
+
+    #[test]
+    fn admission_keeps_every_minimum_within_the_umem() {
+        let plan = FillPlan::default();
+        let frames = plan.umem_frames(110) as u32;
+        let node = 2 * u64::from(plan.node.min);
+        assert!(plan.admits(frames, node + 110 * 64));
+        assert!(plan.admits(frames, node + (110 + 128) * 64), "the surplus admits more than max_pods");
+        assert!(!plan.admits(frames, node + (110 + 129) * 64));
+    }
+}
