@@ -49,7 +49,7 @@ fn two_vxnat_nodes_carry_pod_and_node_traffic() {
         let s = n.stats_json();
         assert_eq!(s["worker"]["umem_balanced"], true, "{}: UMEM chunks unaccounted: {}", n.name, s["worker"]);
         let unexpected: Vec<_> = drops(&s).into_iter().filter(|(r, _)| r != "ipv6_unsupported").collect();
-        assert!(unexpected.is_empty(), "{}: unexpected drops {unexpected:?}", n.name);
+        assert!(unexpected.is_empty(), "{}: unexpected drops {unexpected:?}: {}", n.name, s["worker"]["ports"]);
         let text = n.ctl(&["stats"]).expect("stats");
         assert!(text.contains("all accounted for"), "{text}");
     }

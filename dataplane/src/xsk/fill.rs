@@ -10,9 +10,10 @@
 //!   transmit) is covered. A busy port can therefore never take the chunks an idle port needs
 //!   to receive its next frame, whatever the number of ports.
 //! - **Refill follows consumption.** A port's ring is topped up to its `target` with exactly
-//!   what it consumed. The target doubles (up to `max`) when a port drains its ring to a quarter
-//!   between two services, and halves back towards `min` after `SHRINK_AFTER_NS` without a
-//!   frame, so an idle port does not keep a large share posted.
+//!   what it consumed. The target doubles (up to `max`) when the kernel has used half the ring
+//!   between two services (quadruples when it used all of it), and halves back
+//!   towards `min` after `SHRINK_AFTER_NS` without a frame, so an idle port does not keep a
+//!   large share posted.
 //! - The UMEM is sized from the port count (`umem_frames`), so the minimums always fit, and a
 //!   port that would break that is refused at attach (`admits`).
 //!
@@ -51,8 +52,16 @@ pub struct PortFill {
 }
 
 impl PortFill {
+    /// A port that starts at its minimum and grows with use (a pod).
     pub fn new(limits: FillLimits, now: Nanos) -> PortFill {
         PortFill { limits, target: limits.min, in_fill: 0, last_busy: now, starved: 0, grown: 0, shrunk: 0 }
+    }
+
+    /// A port that starts at its maximum (the uplink and host port: always busy, and only
+    /// two of them, so they cannot hoard at a pod's expense: beyond their minimum they are
+    /// granted only what the surplus holds).
+    pub fn new_busy(limits: FillLimits, now: Nanos) -> PortFill {
+        PortFill { target: limits.max, ..PortFill::new(limits, now) }
     }
 
     /// Chunks missing to reach the guaranteed minimum.
@@ -61,14 +70,18 @@ impl PortFill {
         self.limits.min.saturating_sub(self.in_fill)
     }
 
-    /// After taking `n` frames from the rx ring at `now` (`in_fill` already lowered by them):
-    /// grow the target when the ring was nearly drained, shrink it after a long idle spell.
+    /// After taking `n` frames from the rx ring at `now`, with `left` chunks still in the fill
+    /// ring unconsumed by the kernel: double the target when the kernel used half the ring
+    /// between two services (four-fold when it used all of it: frames are being dropped), and
+    /// shrink it after a long idle spell. Growing at half keeps a burst that doubles from one
+    /// service to the next (TCP slow start) inside the ring.
     #[inline]
-    pub fn on_rx(&mut self, n: u32, now: Nanos) {
+    pub fn on_rx(&mut self, n: u32, left: u32, now: Nanos) {
         if n > 0 {
             self.last_busy = now;
-            if self.in_fill <= self.target / 4 && self.target < self.limits.max {
-                self.target = (self.target.saturating_mul(2)).min(self.limits.max);
+            if left <= self.target / 2 && self.target < self.limits.max {
+                let factor = if left == 0 { 4 } else { 2 };
+                self.target = self.target.saturating_mul(factor).min(self.limits.max);
                 self.grown += 1;
             }
         } else if self.target > self.limits.min && now.saturating_sub(self.last_busy) >= SHRINK_AFTER_NS {
@@ -108,7 +121,7 @@ impl Default for FillPlan {
     fn default() -> Self {
         FillPlan {
             node: FillLimits { min: 512, max: 2048 },
-            pod: FillLimits { min: 64, max: 1024 },
+            pod: FillLimits { min: 128, max: 1024 },
             reserve: 512,
             surplus: 8192,
         }
@@ -157,7 +170,8 @@ mod tests {
             let n = received.min(self.ports[i].in_fill);
             self.ports[i].in_fill -= n;
             self.pool += n; // frames are processed and their chunks come back
-            self.ports[i].on_rx(n, now);
+            let left = self.ports[i].in_fill;
+            self.ports[i].on_rx(n, left, now);
             let g = self.ports[i].grant(self.pool, self.total_deficit(), self.reserve);
             if g == 0 && self.ports[i].deficit() > 0 {
                 self.ports[i].starved += 1;
@@ -169,7 +183,7 @@ mod tests {
 
     #[test]
     fn every_port_gets_its_minimum_when_the_umem_is_sized_from_the_port_count() {
-        let plan = FillPlan { surplus: 0, ..FillPlan::default() };
+        let plan = FillPlan { surplus: 0, pod: POD, ..FillPlan::default() };
         let frames = (plan.minimum_frames(250) - 2 * u64::from(plan.node.min)) as u32;
         let mut s = Sim::new(frames, 250, plan.reserve);
         for i in 0..250 {
@@ -219,18 +233,21 @@ mod tests {
     #[test]
     fn an_idle_port_shrinks_back_to_its_minimum() {
         let mut p = PortFill::new(POD, 0);
-        p.in_fill = 0;
-        for _ in 0..5 {
-            p.on_rx(32, 10);
-        }
-        assert_eq!(p.target, 1024);
+        p.on_rx(32, 40, 10);
+        assert_eq!(p.target, 64, "the kernel left plenty in the ring");
+        p.on_rx(32, 32, 10);
+        assert_eq!(p.target, 128, "half used: doubled");
+        p.on_rx(32, 0, 10);
+        assert_eq!(p.target, 512, "ran dry: quadrupled");
+        p.on_rx(32, 0, 10);
+        assert_eq!(p.target, 1024, "capped at the max");
         p.in_fill = 1024;
-        p.on_rx(0, 10 + SHRINK_AFTER_NS / 2);
+        p.on_rx(0, 1024, 10 + SHRINK_AFTER_NS / 2);
         assert_eq!(p.target, 1024, "not idle long enough");
         let mut t = 10;
         for _ in 0..10 {
             t += SHRINK_AFTER_NS;
-            p.on_rx(0, t);
+            p.on_rx(0, 1024, t);
         }
         assert_eq!(p.target, 64);
         assert_eq!(p.grant(10_000, 0, 0), 0, "chunks above the target are not replaced");
@@ -245,7 +262,7 @@ mod tests {
 
     #[test]
     fn admission_keeps_every_minimum_within_the_umem() {
-        let plan = FillPlan::default();
+        let plan = FillPlan { pod: POD, ..FillPlan::default() };
         let frames = plan.umem_frames(110) as u32;
         let node = 2 * u64::from(plan.node.min);
         assert!(plan.admits(frames, node + 110 * 64));

@@ -209,6 +209,17 @@ impl XskPort {
         })
     }
 
+    /// Entries of the fill ring the kernel has not consumed yet (one read of its consumer
+    /// index, no syscall).
+    #[inline]
+    pub(crate) fn fill_unconsumed(&mut self) -> u32 {
+        let size = self.fill.size;
+        // SAFETY: fill is this socket's live ring; asking for `size` free entries makes libxdp
+        // refresh its cached consumer index from the kernel's.
+        let free = unsafe { sys::xsk_prod_nb_free(&mut *self.fill, size) };
+        size.saturating_sub(free)
+    }
+
     /// Kicks the kernel to transmit (copy mode transmits from sendto), if it asked for it.
     #[inline]
     pub(crate) fn kick_tx(&self) {

@@ -234,7 +234,8 @@ impl Worker {
             self.staged.resize_with(i + 1, || Vec::with_capacity(BATCH * 2));
         }
         self.min_sum += u64::from(limits.min);
-        self.ports[i] = Some(WorkerPort { xsk, prog, fill: PortFill::new(limits, self.last_now) });
+        let fill = if node { PortFill::new_busy(limits, self.last_now) } else { PortFill::new(limits, self.last_now) };
+        self.ports[i] = Some(WorkerPort { xsk, prog, fill });
         self.rebuild_pollfds();
         let deficit = self.total_deficit();
         self.refill(i, deficit);
@@ -399,7 +400,8 @@ impl Worker {
                 self.refill(i, deficit);
                 let n = self.rx(i, tables, now);
                 if let Some(Some(p)) = self.ports.get_mut(i) {
-                    p.fill.on_rx(n as u32, now);
+                    let left = if n > 0 { p.xsk.fill_unconsumed() } else { p.fill.in_fill };
+                    p.fill.on_rx(n as u32, left, now);
                 }
                 received += n;
                 if n < BATCH {
