@@ -121,7 +121,10 @@ impl Default for FillPlan {
     fn default() -> Self {
         FillPlan {
             node: FillLimits { min: 512, max: 2048 },
-            pod: FillLimits { min: 128, max: 1024 },
+            // A veth holds at most 256 frames for XDP (VETH_RING_SIZE) and drops the rest
+            // itself: a pod's fill ring guaranteed as many never loses what the veth could
+            // queue, even while the worker is descheduled.
+            pod: FillLimits { min: 256, max: 1024 },
             reserve: 512,
             surplus: 8192,
         }
