@@ -23,13 +23,13 @@ fn default_port() -> u16 {
     8472
 }
 fn default_max_pods() -> u32 {
-    dataplane::xsk::worker::DEFAULT_MAX_PODS
+    xsk::worker::DEFAULT_MAX_PODS
 }
 fn default_pod_fill_min() -> u32 {
-    dataplane::xsk::fill::FillPlan::default().pod.min
+    xsk::fill::FillPlan::default().pod.min
 }
 fn default_surplus() -> u32 {
-    dataplane::xsk::fill::FillPlan::default().surplus
+    xsk::fill::FillPlan::default().surplus
 }
 fn default_host_ifname() -> String {
     "vxnat0".to_string()
@@ -312,8 +312,8 @@ impl Default for UmemSection {
 
 impl UmemSection {
     /// The fill budget these settings describe.
-    pub fn plan(&self) -> dataplane::xsk::fill::FillPlan {
-        let mut plan = dataplane::xsk::fill::FillPlan { surplus: self.surplus, ..Default::default() };
+    pub fn plan(&self) -> xsk::fill::FillPlan {
+        let mut plan = xsk::fill::FillPlan { surplus: self.surplus, ..Default::default() };
         plan.pod.min = self.pod_fill_min;
         plan
     }
@@ -371,7 +371,7 @@ impl NodeFile {
         if f.max_pods == 0 || f.max_pods > MAX_PODS_LIMIT {
             return Err(format!("{}: max_pods: {} must be 1..={MAX_PODS_LIMIT}", origin.display(), f.max_pods));
         }
-        let pod_ring = dataplane::xsk::worker::WorkerConfig::default().pod_ring_size;
+        let pod_ring = xsk::worker::WorkerConfig::default().pod_ring_size;
         if f.umem.pod_fill_min < 8 || f.umem.pod_fill_min > pod_ring {
             return Err(format!(
                 "{}: umem.pod_fill_min: {} must be 8..={pod_ring} (the pod ring size)",

@@ -15,12 +15,12 @@ use dataplane::nat::service::ServiceTable;
 use dataplane::pipeline::DropReason;
 use dataplane::tables::{NodeConfig, PortId, Tables, TablesBuilder};
 use dataplane::wire::{Ipv4Cidr, MacAddr};
-use dataplane::xsk::bpf::{AttachMode, Mode, XdpProgram, EXIT_NAMES};
-use dataplane::xsk::worker::{Worker, WorkerConfig};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use xsk::bpf::{AttachMode, Mode, XdpProgram, EXIT_NAMES};
+use xsk::worker::{Worker, WorkerConfig};
 
 pub const UPLINK: PortId = PortId(0);
 pub const HOST: PortId = PortId(1);

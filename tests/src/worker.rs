@@ -2,10 +2,10 @@
 
 use crate::netns::Netns;
 use dataplane::tables::Tables;
-use dataplane::xsk::worker::Worker;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use xsk::worker::Worker;
 
 /// Starts a worker (made by `make`, ports bound by it) on a thread in `ns`, returns once its
 /// ports are bound; the worker polls with `tables` until `stop`, then keeps polling 300 ms so

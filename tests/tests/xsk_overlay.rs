@@ -9,13 +9,13 @@
 use dataplane::pipeline::DropReason;
 use dataplane::tables::{NodeConfig, PortId, Tables, TablesBuilder};
 use dataplane::wire::MacAddr;
-use dataplane::xsk::bpf::Mode;
-use dataplane::xsk::worker::{Worker, WorkerConfig};
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use vxnat_tests::netns::{require_root, tcp_transfer, udp_datagrams, Netns};
 use vxnat_tests::worker::run_worker;
+use xsk::bpf::Mode;
+use xsk::worker::{Worker, WorkerConfig};
 
 const UPLINK: PortId = PortId(0);
 const POD: PortId = PortId(2);
@@ -344,7 +344,7 @@ fn aggregated_frames_from_the_uplink_reach_the_pod_as_segments() {
     a.ns.ip(&["link", "add", "vxgro", "type", "vxlan", "id", "99", "dstport", "8472", "dev", "ul", "nolearning"]);
     a.ns.ip(&["link", "set", "vxgro", "up"]);
     let stop = Arc::new(AtomicBool::new(false));
-    let cfg = WorkerConfig { attach: dataplane::xsk::bpf::AttachMode::Generic, ..WorkerConfig::default() };
+    let cfg = WorkerConfig { attach: xsk::bpf::AttachMode::Generic, ..WorkerConfig::default() };
     let wa = run_vxnat_with(&a, vxnat_tables(&a, VTEP_A, &b, VTEP_B), stop.clone(), cfg);
     let ba = tcp_transfer(&b.pod, &a.pod, a.pod_ip, 6500, 32 << 20);
     stop.store(true, Ordering::Relaxed);

@@ -7,13 +7,13 @@
 use dataplane::pipeline::DropReason;
 use dataplane::tables::{NodeConfig, PortId, Tables, TablesBuilder};
 use dataplane::wire::MacAddr;
-use dataplane::xsk::bpf::{AttachMode, Mode};
-use dataplane::xsk::worker::{Worker, WorkerConfig};
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use vxnat_tests::netns::{require_root, tcp_transfer, udp_datagrams, Netns};
 use vxnat_tests::worker::run_worker;
+use xsk::bpf::{AttachMode, Mode};
+use xsk::worker::{Worker, WorkerConfig};
 
 const POD1: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
 const POD2: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 3);

@@ -3,7 +3,7 @@
 //! an rx ring or the pipeline (briefly), a tx ring, or a completion ring; `FrameAccount` counts
 //! the kernel-held ones so a leak shows as a mismatch, never silently.
 
-use super::{last_err, os_err, XskError};
+use crate::{last_err, os_err, XskError};
 use core::ptr::NonNull;
 use libxdp_sys as sys;
 

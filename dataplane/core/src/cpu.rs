@@ -1,46 +1,8 @@
-//! AF_XDP plumbing: the XDP program loader, UMEM and frame accounting, sockets and their
-//! rings, and the poll-mode worker that feeds the sans-IO pipeline. The only module allowed
-//! `unsafe` code; every block states why it is sound.
-//!
-//! Built directly on libxdp-sys (the library xsk-rs wraps) rather than xsk-rs: xsk-rs keeps a
-//! descriptor's address private, so a frame could not be transmitted from 50 bytes before
-//! where it was received (VXLAN encapsulation into the headroom) or from after the outer
-//! headers (decapsulation) without moving every packet. Here a descriptor is a plain
-//! (address, length) pair inside an aligned 4 KiB chunk, and encap/decap are pointer moves.
+//! CPU hints for the hot path: software prefetch and transparent huge pages. The core's only
+//! `unsafe`: each is a hint that never reads, writes or faults architecturally (prefetch) or
+//! only changes how the kernel backs pages the caller owns (madvise). Audited here, once, so
+//! the stages stay safe code.
 #![allow(unsafe_code)]
-
-pub mod bpf;
-pub mod fill;
-pub mod port;
-pub mod umem;
-pub mod worker;
-
-/// An I/O error with what vxnat was doing when it happened.
-#[derive(Debug)]
-pub struct XskError {
-    pub what: String,
-    pub source: std::io::Error,
-}
-
-impl std::fmt::Display for XskError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.what, self.source)
-    }
-}
-
-impl std::error::Error for XskError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.source)
-    }
-}
-
-pub(crate) fn os_err(what: impl Into<String>, negative_errno: i32) -> XskError {
-    XskError { what: what.into(), source: std::io::Error::from_raw_os_error(-negative_errno) }
-}
-
-pub(crate) fn last_err(what: impl Into<String>) -> XskError {
-    XskError { what: what.into(), source: std::io::Error::last_os_error() }
-}
 
 /// Asks the kernel to back `v`'s allocation (its whole capacity) with transparent huge pages,
 /// before it is first written: large tables (conntrack) otherwise pay a page walk on nearly

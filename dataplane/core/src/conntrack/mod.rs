@@ -196,7 +196,7 @@ impl ConnTrack {
     pub fn new(capacity: usize, timeouts: Timeouts) -> ConnTrack {
         let capacity = capacity.min(index::Index::MAX_SLOTS);
         let mut slots = Vec::with_capacity(capacity);
-        crate::xsk::advise_huge_pages(&slots);
+        crate::cpu::advise_huge_pages(&slots);
         slots.resize_with(capacity, || Slot(None));
         ConnTrack {
             slots,
@@ -241,7 +241,7 @@ impl ConnTrack {
         for &h in hashes {
             if let Some(slot) = self.index.home_slot(h) {
                 if let Some(f) = self.slots.get(slot as usize) {
-                    crate::xsk::prefetch_first_line(f);
+                    crate::cpu::prefetch_first_line(f);
                 }
             }
         }

@@ -65,7 +65,7 @@ impl Index {
     pub(super) fn with_capacity(keys: usize) -> Index {
         let n = (keys.max(1) * 2).next_power_of_two();
         let mut entries = Vec::with_capacity(n);
-        crate::xsk::advise_huge_pages(&entries);
+        crate::cpu::advise_huge_pages(&entries);
         entries.resize(n, EMPTY);
         Index { entries, mask: n - 1, len: 0 }
     }
@@ -103,7 +103,7 @@ impl Index {
     /// Prefetches `h`'s home bucket.
     #[inline]
     pub(super) fn prefetch(&self, h: KeyHash) {
-        crate::xsk::prefetch(&self.entries[self.home(h)]);
+        crate::cpu::prefetch(&self.entries[self.home(h)]);
     }
 
     /// The slot in `h`'s home bucket if its tag matches (the common case: a short probe run).

@@ -1,8 +1,8 @@
 //! One AF_XDP socket bound to (interface, queue 0) on the worker's shared UMEM, with its own
 //! rx/tx rings and fill/completion rings (shared UMEM across devices, Linux 5.10+).
 
-use super::umem::Umem;
-use super::{last_err, os_err, XskError};
+use crate::umem::Umem;
+use crate::{last_err, os_err, XskError};
 use libxdp_sys as sys;
 use std::ffi::CString;
 use std::os::fd::RawFd;

@@ -10,13 +10,13 @@
 //! removed at any time and the chunks the kernel held for it come back (`remove_port`), and
 //! attach/detach churn never leaks the UMEM.
 
-use super::bpf::{AttachMode, Mode, XdpProgram};
-use super::fill::{FillLimits, FillPlan, PortFill};
-use super::port::{PortConfig, XskPort, XDP_PKT_CONTD};
-use super::umem::{FrameAccount, Umem, FRAME_SIZE};
-use super::XskError;
-use crate::pipeline::{process_batch, Counters, Disposition, DropReason, FrameBuf, Nanos, WorkerState};
-use crate::tables::{PortId, Tables};
+use crate::bpf::{AttachMode, Mode, XdpProgram};
+use crate::fill::{FillLimits, FillPlan, PortFill};
+use crate::port::{PortConfig, XskPort, XDP_PKT_CONTD};
+use crate::umem::{FrameAccount, Umem, FRAME_SIZE};
+use crate::XskError;
+use dataplane::pipeline::{process_batch, Counters, Disposition, DropReason, FrameBuf, Nanos, WorkerState};
+use dataplane::tables::{PortId, Tables};
 use libxdp_sys as sys;
 
 /// Frames per rx batch.
@@ -54,7 +54,7 @@ pub struct WorkerConfig {
     /// SNAT source ports and how long a tuple is held after its flow ends.
     pub snat_ports: core::ops::RangeInclusive<u16>,
     pub snat_hold_ns: u64,
-    pub timeouts: crate::conntrack::Timeouts,
+    pub timeouts: dataplane::conntrack::Timeouts,
 }
 
 impl Default for WorkerConfig {
@@ -66,10 +66,10 @@ impl Default for WorkerConfig {
             pod_ring_size: 1024,
             fill,
             attach: AttachMode::Native,
-            flows: crate::pipeline::DEFAULT_FLOWS,
-            snat_ports: crate::nat::snat::DEFAULT_PORTS,
-            snat_hold_ns: crate::nat::snat::DEFAULT_HOLD_NS,
-            timeouts: crate::conntrack::Timeouts::default(),
+            flows: dataplane::pipeline::DEFAULT_FLOWS,
+            snat_ports: dataplane::nat::snat::DEFAULT_PORTS,
+            snat_hold_ns: dataplane::nat::snat::DEFAULT_HOLD_NS,
+            timeouts: dataplane::conntrack::Timeouts::default(),
         }
     }
 }
@@ -99,7 +99,7 @@ pub struct IoStats {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PortReport {
     pub fill: PortFill,
-    pub socket: Option<super::port::SocketStats>,
+    pub socket: Option<crate::port::SocketStats>,
 }
 
 struct WorkerPort {
@@ -155,7 +155,7 @@ impl Worker {
         let owner = vec![NO_OWNER; cfg.frames as usize];
         let mut state = WorkerState::with_flows_and_timeouts(id, cfg.flows, cfg.timeouts);
         state.snat =
-            crate::nat::snat::SnatAllocator::new(cfg.snat_ports.clone(), cfg.snat_hold_ns, u64::from(id) ^ 0x5eed);
+            dataplane::nat::snat::SnatAllocator::new(cfg.snat_ports.clone(), cfg.snat_hold_ns, u64::from(id) ^ 0x5eed);
         Ok(Worker {
             ports: Vec::new(),
             umem,
@@ -225,20 +225,32 @@ impl Worker {
                 self.cfg.frames, limits.min, self.min_sum
             ));
         }
-        let xsk = XskPort::bind(&mut self.umem, ifname, PortConfig { ring_size, copy_mode: true })
+        let mut xsk = XskPort::bind(&mut self.umem, ifname, PortConfig { ring_size, copy_mode: true })
             .map_err(|e| e.to_string())?;
-        let prog = XdpProgram::attach(xsk.ifindex, mode, node_ip, vxlan_port, self.cfg.attach)?;
-        prog.bind_socket(xsk.queue, xsk.fd())?;
+        let mut fill =
+            if node { PortFill::new_busy(limits, self.last_now) } else { PortFill::new(limits, self.last_now) };
+        // Stock the fill ring before the socket is in the XSKMAP: a frame redirected to a
+        // socket whose fill ring is still empty would be dropped by the kernel.
+        let deficit = self.total_deficit() + fill.deficit();
+        stock(&mut xsk, &mut fill, &mut self.pool, &mut self.owner, id.0, deficit, self.cfg.fill.reserve, &mut self.io);
+        let prog = XdpProgram::attach(xsk.ifindex, mode, node_ip, vxlan_port, self.cfg.attach)
+            .and_then(|prog| prog.bind_socket(xsk.queue, xsk.fd()).map(|()| prog));
+        let prog = match prog {
+            Ok(prog) => prog,
+            Err(e) => {
+                let posted = fill.in_fill;
+                drop(xsk);
+                self.reclaim_owned(id.0, posted);
+                return Err(e);
+            }
+        };
         if self.ports.len() <= i {
             self.ports.resize_with(i + 1, || None);
             self.staged.resize_with(i + 1, || Vec::with_capacity(BATCH * 2));
         }
         self.min_sum += u64::from(limits.min);
-        let fill = if node { PortFill::new_busy(limits, self.last_now) } else { PortFill::new(limits, self.last_now) };
         self.ports[i] = Some(WorkerPort { xsk, prog, fill });
         self.rebuild_pollfds();
-        let deficit = self.total_deficit();
-        self.refill(i, deficit);
         Ok(())
     }
 
@@ -261,6 +273,13 @@ impl Worker {
         self.min_sum -= u64::from(p.fill.limits.min);
         drop(p);
         self.rebuild_pollfds();
+        self.reclaim_owned(id.0, expected);
+        true
+    }
+
+    /// Returns to the pool every chunk last posted to port `port`'s rings, once its socket is
+    /// gone; `expected` is how many that should be (a shortfall is counted as lost).
+    fn reclaim_owned(&mut self, port: u16, expected: u32) {
         // Chunks in the pool may carry a stale owner: mark them first.
         let mut in_pool = vec![false; self.owner.len()];
         for &c in &self.pool {
@@ -270,7 +289,7 @@ impl Worker {
         }
         let mut found = 0u32;
         for (k, o) in self.owner.iter_mut().enumerate() {
-            if *o == id.0 && !in_pool[k] {
+            if *o == port && !in_pool[k] {
                 *o = NO_OWNER;
                 self.pool.push(k as u64 * u64::from(FRAME_SIZE));
                 found += 1;
@@ -278,7 +297,6 @@ impl Worker {
         }
         self.io.reclaimed_at_detach += u64::from(found);
         self.lost_with_sockets += expected.saturating_sub(found);
-        true
     }
 
     /// Drops what is still in port `i`'s rx ring (its socket is about to go).
@@ -374,7 +392,7 @@ impl Worker {
     }
 
     /// The kernel's counters for the socket on port `id`.
-    pub fn socket_stats(&self, id: PortId) -> Option<super::port::SocketStats> {
+    pub fn socket_stats(&self, id: PortId) -> Option<crate::port::SocketStats> {
         self.ports.get(usize::from(id.0))?.as_ref().and_then(|p| p.xsk.kernel_stats().ok())
     }
 
@@ -415,10 +433,10 @@ impl Worker {
         // Busy passes look at a few flow slots each; idle ones a larger share, but at most every
         // IDLE_SWEEP_EVERY_NS, so an idle worker's quick passes (and its wake-ups) stay cheap.
         if received > 0 {
-            crate::pipeline::maintain(tables, &mut self.state, now, MAINTAIN_SLOTS);
+            dataplane::pipeline::maintain(tables, &mut self.state, now, MAINTAIN_SLOTS);
         } else if now.saturating_sub(self.last_idle_sweep) >= IDLE_SWEEP_EVERY_NS {
             self.last_idle_sweep = now;
-            crate::pipeline::maintain(tables, &mut self.state, now, MAINTAIN_SLOTS_IDLE);
+            dataplane::pipeline::maintain(tables, &mut self.state, now, MAINTAIN_SLOTS_IDLE);
         }
         received
     }
@@ -462,32 +480,8 @@ impl Worker {
     /// below their minimums).
     fn refill(&mut self, i: usize, deficit: u32) {
         let Some(Some(p)) = self.ports.get_mut(i) else { return };
-        if p.fill.in_fill >= p.fill.target {
-            return;
-        }
-        let grant = p.fill.grant(self.pool.len() as u32, deficit, self.cfg.fill.reserve).min(256);
-        if grant == 0 {
-            if p.fill.deficit() > 0 {
-                p.fill.starved += 1;
-                self.io.fill_starved += 1;
-            }
-            return;
-        }
-        let mut idx = 0u32;
-        // SAFETY: fill is this port's live fill ring.
-        let got = unsafe { sys::xsk_ring_prod__reserve(&mut *p.xsk.fill, grant, &mut idx) };
-        for k in 0..got {
-            let Some(chunk) = self.pool.pop() else { break };
-            if let Some(o) = self.owner.get_mut((chunk / u64::from(FRAME_SIZE)) as usize) {
-                *o = i as u16;
-            }
-            // SAFETY: idx+k is a slot we reserved.
-            unsafe { *sys::xsk_ring_prod__fill_addr(&mut *p.xsk.fill, idx + k) = chunk };
-        }
-        // SAFETY: submitting exactly what we reserved and wrote (got <= grant <= pool length).
-        unsafe { sys::xsk_ring_prod__submit(&mut *p.xsk.fill, got) };
-        p.fill.in_fill += got;
-        p.xsk.kick_fill();
+        let reserve = self.cfg.fill.reserve;
+        stock(&mut p.xsk, &mut p.fill, &mut self.pool, &mut self.owner, i as u16, deficit, reserve, &mut self.io);
     }
 
     fn rx(&mut self, i: usize, tables: &Tables, now: Nanos) -> usize {
@@ -737,6 +731,47 @@ impl Worker {
             self.staged[e].clear();
         }
     }
+}
+
+/// Posts to `xsk`'s fill ring what the budget grants (`deficit`: what all ports lack below
+/// their minimums), recording `port` as the owner of each chunk.
+#[allow(clippy::too_many_arguments)]
+fn stock(
+    xsk: &mut XskPort,
+    fill: &mut PortFill,
+    pool: &mut Vec<u64>,
+    owner: &mut [u16],
+    port: u16,
+    deficit: u32,
+    reserve: u32,
+    io: &mut IoStats,
+) {
+    if fill.in_fill >= fill.target {
+        return;
+    }
+    let grant = fill.grant(pool.len() as u32, deficit, reserve).min(256);
+    if grant == 0 {
+        if fill.deficit() > 0 {
+            fill.starved += 1;
+            io.fill_starved += 1;
+        }
+        return;
+    }
+    let mut idx = 0u32;
+    // SAFETY: fill is this socket's live fill ring.
+    let got = unsafe { sys::xsk_ring_prod__reserve(&mut *xsk.fill, grant, &mut idx) };
+    for k in 0..got {
+        let Some(chunk) = pool.pop() else { break };
+        if let Some(o) = owner.get_mut((chunk / u64::from(FRAME_SIZE)) as usize) {
+            *o = port;
+        }
+        // SAFETY: idx+k is a slot we reserved.
+        unsafe { *sys::xsk_ring_prod__fill_addr(&mut *xsk.fill, idx + k) = chunk };
+    }
+    // SAFETY: submitting exactly what we reserved and wrote (got <= grant <= pool length).
+    unsafe { sys::xsk_ring_prod__submit(&mut *xsk.fill, got) };
+    fill.in_fill += got;
+    xsk.kick_fill();
 }
 
 const _: () = assert!(FRAME_SIZE.is_power_of_two());

@@ -1,12 +1,12 @@
 //! Builds the XDP program in `bpf/` with clang and places the object in OUT_DIR, where
-//! `xsk::bpf` embeds it. Reruns when any `.c` or `.h` there changes.
+//! `bpf.rs` embeds it. Reruns when any `.c` or `.h` there changes.
 
 use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
-    let bpf_dir = manifest.join("../bpf");
+    let bpf_dir = manifest.join("../../bpf");
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("vxnat.bpf.o");
     for entry in std::fs::read_dir(&bpf_dir).expect("bpf/ exists") {
         let path = entry.expect("readable bpf/ entry").path();
