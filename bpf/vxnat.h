@@ -1,5 +1,5 @@
-/* Definitions shared by the XDP program and its Rust loader (dataplane/src/xsk/bpf.rs
- * mirrors them; a test checks the two agree). */
+/* Definitions shared by the XDP program and its Rust loader (dataplane/xsk/src/bpf.rs
+ * mirrors them; its tests read this file and fail if the exit and mode lists disagree). */
 #ifndef VXNAT_H
 #define VXNAT_H
 

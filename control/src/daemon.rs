@@ -345,27 +345,7 @@ fn worker_stats(w: &Worker, generation: u64, now: u64) -> WorkerStats {
     let a = w.account();
     let mut ports = Vec::new();
     for (port, c) in w.counters().iter() {
-        let e = &c.events;
-        let events: Vec<(String, u64)> = [
-            ("arp_replies", e.arp_replies),
-            ("partial_checksums_completed", e.partial_checksums_completed),
-            ("outer_partial_checksums", e.outer_partial_checksums),
-            ("encapsulated", e.encapsulated),
-            ("decapsulated", e.decapsulated),
-            ("icmp_time_exceeded_sent", e.icmp_time_exceeded_sent),
-            ("service_flows", e.service_flows),
-            ("tcp_resets_sent", e.tcp_resets_sent),
-            ("bare_ack_to_syn", e.bare_ack_to_syn),
-            ("segmented", e.segmented),
-            ("segments_sent", e.segments_sent),
-            ("fragmented", e.fragmented),
-            ("fragments_sent", e.fragments_sent),
-            ("icmp_frag_needed_sent", e.icmp_frag_needed_sent),
-        ]
-        .into_iter()
-        .filter(|(_, n)| *n > 0)
-        .map(|(k, n)| (k.to_string(), n))
-        .collect();
+        let events: Vec<(String, u64)> = c.events.nonzero().map(|(k, n)| (k.to_string(), n)).collect();
         let xdp = match w.xdp_exits(port) {
             Some(Ok(x)) => EXIT_NAMES.iter().zip(x).filter(|(_, n)| *n > 0).map(|(k, n)| (k.to_string(), n)).collect(),
             _ => Vec::new(),

@@ -17,7 +17,8 @@ pub enum Mode {
     Uplink = 2,
 }
 
-/// `enum vxnat_exit` of bpf/vxnat.h, in order.
+/// `enum vxnat_exit` of bpf/vxnat.h, in order (`VXNAT_EXIT_` + the upper-cased name; the test
+/// below reads the header and fails if the two lists differ).
 pub const EXIT_NAMES: [&str; 4] = ["redirect", "pass_not_ours", "pass_no_socket", "pass_unconfigured"];
 
 /// How the program attaches.
@@ -170,6 +171,49 @@ impl Drop for XdpProgram {
     fn drop(&mut self) {
         if let Some(prog) = self.object.progs().find(|p| p.name() == "vxnat_xdp") {
             let _ = Xdp::new(prog.as_fd()).detach(self.ifindex, flags(self.attach));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `VXNAT_EXIT_*` of bpf/vxnat.h, in order, with its value: what the C side declares.
+    fn c_exits() -> Vec<(String, u32)> {
+        let header = include_str!("../../../bpf/vxnat.h");
+        let start = header.find("enum vxnat_exit {").expect("enum vxnat_exit in bpf/vxnat.h");
+        let body = &header[start..start + header[start..].find("};").expect("end of enum vxnat_exit")];
+        body.lines()
+            .filter_map(|l| {
+                let l = l.trim();
+                let rest = l.strip_prefix("VXNAT_EXIT_")?;
+                let (name, value) = rest.split_once('=')?;
+                let digits: String = value.trim_start().chars().take_while(char::is_ascii_digit).collect();
+                Some((name.trim().to_ascii_lowercase(), digits.parse().ok()?))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_exit_list_matches_the_xdp_programs() {
+        let c = c_exits();
+        let (max, exits): (Vec<_>, Vec<_>) = c.into_iter().partition(|(n, _)| n == "max");
+        let rust: Vec<(String, u32)> = EXIT_NAMES.iter().enumerate().map(|(i, n)| (n.to_string(), i as u32)).collect();
+        assert_eq!(exits, rust, "bpf/vxnat.h enum vxnat_exit and EXIT_NAMES disagree");
+        assert_eq!(max, vec![("max".to_string(), EXIT_NAMES.len() as u32)]);
+    }
+
+    #[test]
+    fn the_mode_values_match_the_xdp_programs() {
+        let header = include_str!("../../../bpf/vxnat.h");
+        for (c, m) in [
+            ("VXNAT_MODE_PASS = 0", Mode::Pass),
+            ("VXNAT_MODE_ALL = 1", Mode::All),
+            ("VXNAT_MODE_UPLINK = 2", Mode::Uplink),
+        ] {
+            assert!(header.contains(c), "{c}");
+            assert_eq!(c.rsplit(' ').next().and_then(|v| v.parse::<u32>().ok()), Some(m as u32));
         }
     }
 }

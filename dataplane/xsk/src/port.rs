@@ -26,18 +26,17 @@ impl Default for PortConfig {
     }
 }
 
-/// The kernel's per-socket counters.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SocketStats {
-    /// Frames the kernel dropped on the way into the socket (includes `rx_ring_full`).
-    pub rx_dropped: u64,
-    pub rx_invalid_descs: u64,
-    pub tx_invalid_descs: u64,
-    /// Dropped because vxnat's rx ring was full (the worker fell behind).
-    pub rx_ring_full: u64,
-    /// Times the kernel found no free frame in the fill ring (UMEM starved).
-    pub rx_fill_ring_empty: u64,
-    pub tx_ring_empty: u64,
+dataplane::counter_set! {
+    /// The kernel's per-socket counters (`XDP_STATISTICS`).
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct SocketStats {
+        rx_dropped: "frames the kernel dropped on the way into the socket (includes rx_ring_full)",
+        rx_invalid_descs: "rx descriptors the kernel found invalid",
+        tx_invalid_descs: "tx descriptors the kernel found invalid",
+        rx_ring_full: "frames dropped because vxnat's rx ring was full (the worker fell behind)",
+        rx_fill_ring_empty: "times the kernel found no free frame in the fill ring (UMEM starved)",
+        tx_ring_empty: "times the kernel found the tx ring empty",
+    }
 }
 
 pub struct XskPort {

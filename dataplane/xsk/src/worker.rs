@@ -77,22 +77,18 @@ impl Default for WorkerConfig {
 /// Pods per node when nothing says otherwise: kubelet's default `maxPods`.
 pub const DEFAULT_MAX_PODS: u32 = 110;
 
-/// I/O events of the worker that are not per-packet pipeline drops.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct IoStats {
-    /// Times a port was below its guaranteed fill minimum and no chunk was free (UMEM
-    /// exhausted); per port in `PortReport::fill_starved`.
-    pub fill_starved: u64,
-    /// Descriptors from the kernel outside the UMEM (never expected; dropped).
-    pub bad_descriptors: u64,
-    pub tx_packets: u64,
-    pub tx_bytes: u64,
-    /// Frames received as descriptor chains (multi-buffer: larger than a chunk).
-    pub multi_buffer_frames: u64,
-    /// Frames still in a port's rx ring when it was removed (never processed).
-    pub discarded_at_detach: u64,
-    /// Chunks that came back from the rings of removed sockets.
-    pub reclaimed_at_detach: u64,
+dataplane::counter_set! {
+    /// I/O events of the worker that are not per-packet pipeline drops.
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct IoStats {
+        fill_starved: "times a port was below its guaranteed fill minimum and no chunk was free (UMEM exhausted); per port in PortReport::fill",
+        bad_descriptors: "descriptors from the kernel outside the UMEM (never expected; dropped)",
+        tx_packets: "packets queued to tx rings",
+        tx_bytes: "bytes queued to tx rings",
+        multi_buffer_frames: "frames received as descriptor chains (multi-buffer: larger than a chunk)",
+        discarded_at_detach: "frames still in a port's rx ring when it was removed (never processed)",
+        reclaimed_at_detach: "chunks that came back from the rings of removed sockets",
+    }
 }
 
 /// One port's fill-ring state and the kernel's counters for its socket, for reports.

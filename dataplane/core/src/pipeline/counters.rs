@@ -1,56 +1,78 @@
-//! Per-port counters kept by each worker: plain integers, no atomics, read out by the
-//! control thread from snapshots (later issue). Indexed by [`PortId`].
+//! Per-port counters kept by each worker: plain integers, no atomics, bumped per batch where
+//! they can be, read out between batches. Indexed by [`PortId`].
+//!
+//! Every named counter is declared once, with its help line, by [`counter_set!`] (as VPP's
+//! `.def` files and `drop_reasons!` for drops): the struct, the names and the help text come
+//! from the one list, and `ctl stats`, the Prometheus families and reports iterate it instead
+//! of listing fields again.
 
 use super::DropReason;
 use crate::tables::PortId;
 
-/// Things that happened to frames that were not dropped.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct EventCounters {
-    /// ARP replies sent for the pod gateway.
-    pub arp_replies: u64,
-    /// CHECKSUM_PARTIAL TCP/UDP checksums completed in software.
-    pub partial_checksums_completed: u64,
-    /// Frames encapsulated toward a remote node.
-    pub encapsulated: u64,
-    /// Outer VXLAN UDP checksums accepted as offload-pending (pseudo-header only, or valid by
-    /// local checksum offload once the inner checksum was completed): what a veth underlay
-    /// delivers from a Linux sender. Corrupt ones are `vxlan_bad_outer_checksum` drops.
-    pub outer_partial_checksums: u64,
-    /// Frames decapsulated from a remote node.
-    pub decapsulated: u64,
-    /// ICMP time exceeded messages generated.
-    pub icmp_time_exceeded_sent: u64,
-    /// New Service flows (DNAT to an endpoint).
-    pub service_flows: u64,
-    /// TCP resets sent to refuse a connection (no endpoint, SNAT exhausted).
-    pub tcp_resets_sent: u64,
-    /// SYNs answered by a bare ACK: the endpoint still holds the 5-tuple (incident 2).
-    pub bare_ack_to_syn: u64,
-    /// TCP frames larger than their egress, segmented in software, and the segments sent.
-    pub segmented: u64,
-    pub segments_sent: u64,
-    /// Non-TCP packets (DF clear) larger than their egress, fragmented, and the fragments.
-    pub fragmented: u64,
-    pub fragments_sent: u64,
-    /// ICMP fragmentation needed sent for oversized packets with DF set.
-    pub icmp_frag_needed_sent: u64,
+/// Declares a struct of named `u64` counters from one list of `field: "help"` pairs, with
+/// `NAMES`, `HELP`, `get(i)` and `iter()` (name, help, value) generated from that list.
+#[macro_export]
+macro_rules! counter_set {
+    ($(#[$meta:meta])* $vis:vis struct $name:ident { $( $field:ident : $help:literal, )* }) => {
+        $(#[$meta])*
+        $vis struct $name { $( #[doc = $help] pub $field: u64, )* }
+
+        impl $name {
+            /// Each counter's stable snake_case name, in declaration order.
+            pub const NAMES: &'static [&'static str] = &[ $( stringify!($field), )* ];
+            /// Each counter's help line, in declaration order.
+            pub const HELP: &'static [&'static str] = &[ $( $help, )* ];
+
+            /// The `i`-th counter's value, in declaration order.
+            pub fn get(&self, i: usize) -> u64 {
+                [ $( self.$field, )* ].get(i).copied().unwrap_or(0)
+            }
+
+            /// (name, help, value) of every counter, in declaration order.
+            pub fn iter(&self) -> impl Iterator<Item = (&'static str, &'static str, u64)> + '_ {
+                Self::NAMES.iter().zip(Self::HELP).enumerate().map(move |(i, (n, h))| (*n, *h, self.get(i)))
+            }
+
+            /// The non-zero counters, (name, value).
+            pub fn nonzero(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+                self.iter().filter(|(_, _, v)| *v > 0).map(|(n, _, v)| (n, v))
+            }
+        }
+    };
 }
 
-/// What one Service endpoint did with the connections sent to it (for the handshake: the
-/// signals incidents 1-4 needed, per backend).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct BackendCounters {
-    /// New TCP flows (SYNs) sent to it.
-    pub syns: u64,
-    /// SYNs the client had to send again before an answer.
-    pub syn_retransmits: u64,
-    /// SYNs answered with SYN|ACK.
-    pub syn_answered: u64,
-    /// Flows that expired with their SYN never answered.
-    pub syn_unanswered: u64,
-    /// SYNs answered by a bare ACK: it still held the 5-tuple (TIME_WAIT, incident 2).
-    pub bare_ack_to_syn: u64,
+counter_set! {
+    /// Things that happened to frames that were not dropped.
+    #[derive(Debug, Clone, Default, PartialEq, Eq)]
+    pub struct EventCounters {
+        arp_replies: "ARP replies sent for the pod gateway",
+        partial_checksums_completed: "CHECKSUM_PARTIAL TCP/UDP checksums completed in software",
+        outer_partial_checksums: "outer VXLAN UDP checksums accepted as offload-pending (pseudo-header only, or valid by local checksum offload once the inner checksum was completed): what a veth underlay delivers from a Linux sender; corrupt ones are vxlan_bad_outer_checksum drops",
+        encapsulated: "frames encapsulated toward a remote node",
+        decapsulated: "frames decapsulated from a remote node",
+        icmp_time_exceeded_sent: "ICMP time exceeded messages generated",
+        service_flows: "new Service flows (DNAT to an endpoint)",
+        tcp_resets_sent: "TCP resets sent to refuse a connection (no endpoint, SNAT exhausted)",
+        bare_ack_to_syn: "SYNs answered by a bare ACK: the endpoint still holds the 5-tuple (incident 2)",
+        segmented: "TCP frames larger than their egress, segmented in software",
+        segments_sent: "segments sent for segmented frames",
+        fragmented: "non-TCP packets (DF clear) larger than their egress, fragmented",
+        fragments_sent: "fragments sent for fragmented packets",
+        icmp_frag_needed_sent: "ICMP fragmentation needed sent for oversized packets with DF set",
+    }
+}
+
+counter_set! {
+    /// What one Service endpoint did with the connections sent to it (for the handshake: the
+    /// signals incidents 1-4 needed, per backend).
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct BackendCounters {
+        syns: "new TCP flows (SYNs) sent to it",
+        syn_retransmits: "SYNs the client had to send again before an answer",
+        syn_answered: "SYNs answered with SYN|ACK",
+        syn_unanswered: "flows that expired with their SYN never answered",
+        bare_ack_to_syn: "SYNs answered by a bare ACK: it still held the 5-tuple (TIME_WAIT, incident 2)",
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
