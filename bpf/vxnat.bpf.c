@@ -1,6 +1,6 @@
 /* vxnat's XDP program, one instance per port. On pod and host ports it redirects every frame
- * to vxnat's AF_XDP socket; on the uplink only VXLAN to this node's address and port (Service
- * traffic comes with a later issue), passing everything else to the kernel so the node's own
+ * to vxnat's AF_XDP socket; on the uplink only VXLAN to this node's address and port and the
+ * Service frontends in the `frontends` map, passing everything else to the kernel so the node's own
  * addressing, ARP and SSH keep working. Thin by design: vxnat validates everything itself. */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>

@@ -1,13 +1,21 @@
 //! ARP conflict detection on the uplink (incident 3: another host answering ARP for an
 //! address, so some nodes send to the wrong machine). A packet socket sees a copy of the ARP
-//! the node's kernel receives and sends (the XDP program passes ARP to the kernel); when two
-//! MACs claim one IPv4 address within a minute, that is a conflict: counted, logged once per
-//! new pair, listed by `vxnat ctl stats` and exported as a metric.
+//! the node's kernel receives (the XDP program passes ARP to the kernel; a socket for one
+//! protocol gets no copy of what the node itself sends); when two MACs claim one IPv4 address
+//! within a minute, that is a conflict: counted, logged once per new pair, listed by
+//! `vxnat ctl stats` and exported as a metric.
+//!
+//! The socket is opened by `socket2` (AF_PACKET, raw, ETH_P_ARP, non-blocking) and bound to
+//! the uplink by `nix`, with the uplink's own link-layer address as getifaddrs(3) lists it:
+//! every system call goes through those crates' safe APIs.
 
 use core::net::Ipv4Addr;
 use dataplane::wire::MacAddr;
+use nix::sys::socket::LinkAddr;
+use socket2::{Domain, Protocol, Socket, Type};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::io::{self, Read};
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 /// Two claims further apart than this are a change of owner, not a conflict.
@@ -32,66 +40,64 @@ pub struct ArpClaims {
 /// The packet socket and the claims it feeds.
 #[derive(Debug)]
 pub struct ArpWatch {
-    fd: OwnedFd,
+    sock: Socket,
     pub claims: ArpClaims,
+}
+
+/// Why the ARP watch could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("ARP watch: no interface {0}")]
+    NoInterface(String),
+    #[error("ARP watch: listing interfaces: {0}")]
+    Interfaces(nix::Error),
+    #[error("ARP watch on {ifname}: {err}")]
+    Socket { ifname: String, err: io::Error },
+    #[error("ARP watch on {ifname}: bind: {err}")]
+    Bind { ifname: String, err: nix::Error },
 }
 
 const ETH_P_ARP: u16 = 0x0806;
 
 impl ArpWatch {
     /// A non-blocking packet socket for ARP on `ifname`.
-    #[allow(unsafe_code)]
-    pub fn open(ifname: &str) -> Result<ArpWatch, String> {
-        let name = std::ffi::CString::new(ifname).map_err(|_| format!("{ifname:?}: bad interface name"))?;
-        // SAFETY: plain socket calls with valid arguments; the fd is owned from here on.
-        unsafe {
-            let ifindex = libc::if_nametoindex(name.as_ptr());
-            if ifindex == 0 {
-                return Err(format!("ARP watch: no interface {ifname}"));
-            }
-            let fd = libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                i32::from(ETH_P_ARP.to_be()),
-            );
-            if fd < 0 {
-                return Err(format!("ARP watch on {ifname}: {}", std::io::Error::last_os_error()));
-            }
-            let fd = OwnedFd::from_raw_fd(fd);
-            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
-            addr.sll_family = libc::AF_PACKET as u16;
-            addr.sll_protocol = ETH_P_ARP.to_be();
-            addr.sll_ifindex = ifindex as i32;
-            let rc = libc::bind(
-                fd.as_raw_fd(),
-                (&addr as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            );
-            if rc != 0 {
-                return Err(format!("ARP watch on {ifname}: bind: {}", std::io::Error::last_os_error()));
-            }
-            Ok(ArpWatch { fd, claims: ArpClaims::new(ifname) })
-        }
+    pub fn open(ifname: &str) -> Result<ArpWatch, Error> {
+        let link = link_address(ifname)?;
+        // packet(7) takes the protocol in network byte order.
+        let arp = Protocol::from(i32::from(ETH_P_ARP.to_be()));
+        let sock = Socket::new(Domain::PACKET, Type::RAW.nonblocking(), Some(arp))
+            .map_err(|err| Error::Socket { ifname: ifname.to_string(), err })?;
+        nix::sys::socket::bind(sock.as_raw_fd(), &link)
+            .map_err(|err| Error::Bind { ifname: ifname.to_string(), err })?;
+        Ok(ArpWatch { sock, claims: ArpClaims::new(ifname) })
     }
 
     /// Reads every ARP frame waiting; returns log lines for conflicts seen for the first time
     /// (or with a new MAC).
-    #[allow(unsafe_code)]
     pub fn poll(&mut self) -> Vec<String> {
         let mut logs = Vec::new();
         let mut buf = [0u8; 128];
-        loop {
-            // SAFETY: reading into a local buffer of the stated size from our own socket.
-            let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n <= 0 {
-                break;
-            }
-            if let Some(l) = self.claims.observe(&buf[..n as usize], Instant::now()) {
+        // Until nothing is waiting (the socket is non-blocking) or it fails.
+        while let Ok(n @ 1..) = (&self.sock).read(&mut buf) {
+            if let Some(l) = self.claims.observe(&buf[..n], Instant::now()) {
                 logs.push(l);
             }
         }
         logs
     }
+}
+
+/// The AF_PACKET address of `ifname` as getifaddrs(3) lists it, which is what bind(2) needs to
+/// tie a packet socket to that interface: only its interface index and protocol count, and
+/// its protocol is 0, which the kernel reads as "keep the socket's own" (ETH_P_ARP). nix
+/// offers no constructor for a link-layer address (nix issue 2059), so it is taken from the
+/// kernel's own list of links rather than built.
+fn link_address(ifname: &str) -> Result<LinkAddr, Error> {
+    nix::ifaddrs::getifaddrs()
+        .map_err(Error::Interfaces)?
+        .filter(|a| a.interface_name == ifname)
+        .find_map(|a| a.address.as_ref().and_then(|s| s.as_link_addr().copied()))
+        .ok_or_else(|| Error::NoInterface(ifname.to_string()))
 }
 
 impl ArpClaims {
@@ -171,5 +177,56 @@ mod tests {
         let other = [192, 168, 77, 9];
         w.observe(&arp(2, [2, 0, 0, 0, 0, 1], other), t0);
         assert_eq!(w.observe(&arp(2, [2, 0, 0, 0, 0, 2], other), t0 + Duration::from_secs(120)), None);
+    }
+
+    #[test]
+    fn the_socket_is_bound_with_the_interfaces_own_link_address() {
+        let lo = link_address("lo").expect("lo is listed");
+        assert_eq!(lo.ifindex(), crate::netinfo::ifindex("lo").expect("lo") as usize);
+        assert_eq!(lo.protocol(), 0, "bind keeps the socket's protocol (ETH_P_ARP)");
+        let e = link_address("nosuch0").expect_err("no such interface");
+        assert_eq!(e.to_string(), "ARP watch: no interface nosuch0");
+        assert_eq!(ArpWatch::open("nosuch0").expect_err("no such interface").to_string(), e.to_string());
+    }
+
+    /// Against the real kernel (needs CAP_NET_RAW): conflicting claims sent on `lo` are read
+    /// from the socket bound there, and a poll with nothing waiting returns at once. The frames
+    /// go to a MAC that is not lo's, so the node's own ARP ignores them.
+    #[test]
+    fn claims_sent_on_a_link_are_read_from_its_socket() {
+        let mut rx = match ArpWatch::open("lo") {
+            Ok(w) => w,
+            Err(Error::Socket { err, .. }) if err.kind() == io::ErrorKind::PermissionDenied => {
+                eprintln!("skipped: opening a packet socket needs CAP_NET_RAW");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        // Bound to lo, for ARP: the protocol 0 of the listed address kept the socket's own.
+        let bound: nix::sys::socket::SockaddrStorage =
+            nix::sys::socket::getsockname(rx.sock.as_raw_fd()).expect("getsockname");
+        let bound = bound.as_link_addr().expect("a packet socket address");
+        assert_eq!(bound.ifindex(), crate::netinfo::ifindex("lo").expect("lo") as usize);
+        assert_eq!(bound.protocol(), ETH_P_ARP.to_be());
+        let tx = ArpWatch::open("lo").expect("second socket");
+        let started = Instant::now();
+        assert!(rx.poll().is_empty());
+        assert!(started.elapsed() < Duration::from_secs(1), "poll must not block");
+        let ip = [192, 0, 2, 77];
+        for sha in [[2, 0, 0, 0, 0, 0xb], [2, 0, 0, 0, 0, 0x66]] {
+            let mut f = arp(2, sha, ip);
+            f[..6].copy_from_slice(&[2, 0, 0, 0, 0, 0x99]);
+            tx.sock.send(&f).expect("send on lo");
+        }
+        let mut logs = Vec::new();
+        while logs.is_empty() && started.elapsed() < Duration::from_secs(2) {
+            logs = rx.poll();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(
+            logs,
+            ["ARP conflict on lo: 192.0.2.77 is claimed by 02:00:00:00:00:0b and 02:00:00:00:00:66 (another host answers ARP for this address)"]
+        );
+        assert_eq!(rx.claims.conflicts().map(|c| (c.ip, c.count)).collect::<Vec<_>>(), [(Ipv4Addr::from(ip), 1)]);
     }
 }

@@ -216,8 +216,8 @@ fn ipam(conf: &NetConf, env: &Env, command: &str) -> Result<Value, CniError> {
 }
 
 /// What the running vxnat says about this node (`ctl ports`).
-fn node_info(socket: &Path) -> Result<Value, CniError> {
-    crate::ctl::request(socket, &crate::ctl::Request::Ports)
+fn node_info(socket: &Path) -> Result<crate::ctl::PortsReply, CniError> {
+    crate::ctl::request_as(socket, &crate::ctl::Request::Ports)
         .map_err(|e| err(TRY_AGAIN_LATER, "vxnat is not running on this node (its ctl socket does not answer)", e))
 }
 
@@ -230,13 +230,11 @@ fn node_full(details: impl Into<String>) -> CniError {
 fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
     let info = node_info(&conf.socket)?;
     // Refused before an address is allocated or an interface made.
-    if let (Some(pods), Some(max)) = (info["pods"].as_u64(), info["max_pods"].as_u64()) {
-        if pods >= max {
-            return Err(node_full(format!("{pods} pods attached, max_pods = {max}")));
-        }
+    if info.pods >= info.max_pods as usize {
+        return Err(node_full(format!("{} pods attached, max_pods = {}", info.pods, info.max_pods)));
     }
-    let gateway = info["gateway"].as_str().unwrap_or_default().to_string();
-    let mtu = info["pod_mtu"].as_u64().unwrap_or(1450).to_string();
+    let gateway = info.gateway.to_string();
+    let mtu = info.pod_mtu.to_string();
     if !Path::new(&env.netns).exists() {
         return Err(err(UNKNOWN_CONTAINER, format!("CNI_NETNS: {} does not exist", env.netns), ""));
     }
@@ -276,7 +274,7 @@ fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
             mac: None,
         };
         crate::ctl::request(&conf.socket, &req).map_err(|e| {
-            if e.starts_with(crate::daemon::NODE_FULL) {
+            if e.starts_with(crate::node::NODE_FULL) {
                 node_full(e)
             } else {
                 err(TRY_AGAIN_LATER, "vxnat did not attach the pod", e)
@@ -327,7 +325,7 @@ fn check(conf: &NetConf, env: &Env) -> Result<(), CniError> {
         return Err(err(IO_FAILURE, format!("{host}, the pod's host end, does not exist"), ""));
     }
     let info = node_info(&conf.socket)?;
-    let attached = info["ports"].as_array().into_iter().flatten().any(|p| p["ifname"] == host.as_str());
+    let attached = info.ports.iter().any(|p| p.ifname == host);
     if !attached {
         return Err(err(IO_FAILURE, format!("{host} is not attached to vxnat"), ""));
     }

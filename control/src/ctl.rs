@@ -1,7 +1,7 @@
 //! The ctl API: a unix socket (mode 0600), one JSON request line in, one JSON response line
 //! out. `vxnat ctl` is its client.
 
-use crate::daemon::Node;
+use crate::node::Node;
 use core::net::Ipv4Addr;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -47,20 +47,141 @@ pub enum Request {
     },
 }
 
-pub fn arp_conflicts(n: &Node) -> Vec<Value> {
+/// One port in `ports`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PortInfo {
+    pub port: u16,
+    /// `uplink`, `host` or `pod`.
+    pub kind: String,
+    pub ifname: String,
+    /// The host port's node-stack end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stack_ifname: Option<String>,
+    /// A pod's address and MAC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<Ipv4Addr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+/// Another node as this one reaches it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RemoteInfo {
+    pub node: String,
+    pub node_ip: Ipv4Addr,
+    pub pod_cidr: String,
+    pub vtep_mac: Option<String>,
+    /// The underlay next hop's MAC; `None` while unresolved.
+    pub next_hop_mac: Option<String>,
+}
+
+/// The answer to `ports`: this node, its ports and the other nodes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PortsReply {
+    pub node: String,
+    pub pod_cidr: String,
+    pub gateway: Ipv4Addr,
+    pub pod_mtu: u16,
+    pub uplink_mac: String,
+    pub ports: Vec<PortInfo>,
+    /// Pods attached, and the most this node attaches.
+    pub pods: usize,
+    pub max_pods: u32,
+    pub remotes: Vec<RemoteInfo>,
+}
+
+/// A port's number and its name in reports.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PortName {
+    pub port: u16,
+    pub name: String,
+}
+
+/// Two MACs (or more) claiming one address on the uplink (incident 3).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ArpConflict {
+    pub ifname: String,
+    pub ip: String,
+    pub macs: Vec<String>,
+    pub count: u64,
+}
+
+/// The answer to `stats`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatsReply {
+    pub node: String,
+    pub uptime_s: u64,
+    pub names: Vec<PortName>,
+    pub worker: crate::stats::WorkerStats,
+    pub arp_conflicts: Vec<ArpConflict>,
+}
+
+pub fn arp_conflicts(n: &Node) -> Vec<ArpConflict> {
     n.arp
         .iter()
         .flat_map(|a| {
-            a.claims.conflicts().map(|c| {
-                json!({
-                    "ifname": a.claims.ifname,
-                    "ip": c.ip.to_string(),
-                    "macs": c.macs.iter().map(|m| m.to_string()).collect::<Vec<_>>(),
-                    "count": c.count,
-                })
+            a.claims.conflicts().map(|c| ArpConflict {
+                ifname: a.claims.ifname.clone(),
+                ip: c.ip.to_string(),
+                macs: c.macs.iter().map(|m| m.to_string()).collect(),
+                count: c.count,
             })
         })
         .collect()
+}
+
+fn ports(n: &Node) -> PortsReply {
+    let mut ports = vec![PortInfo {
+        port: 0,
+        kind: "uplink".into(),
+        ifname: n.facts.file.uplink.clone(),
+        stack_ifname: None,
+        ip: None,
+        mac: None,
+    }];
+    if let Some(h) = &n.facts.host {
+        ports.push(PortInfo {
+            port: 1,
+            kind: "host".into(),
+            ifname: h.ifname.clone(),
+            stack_ifname: Some(h.stack_ifname.clone()),
+            ip: None,
+            mac: None,
+        });
+    }
+    for p in &n.pods {
+        ports.push(PortInfo {
+            port: p.port,
+            kind: "pod".into(),
+            ifname: p.ifname.clone(),
+            stack_ifname: None,
+            ip: Some(p.ip),
+            mac: Some(p.mac.clone()),
+        });
+    }
+    let remotes = n
+        .facts
+        .remotes
+        .iter()
+        .map(|(r, hop)| RemoteInfo {
+            node: r.name.clone(),
+            node_ip: r.node_ip,
+            pod_cidr: r.pod_cidr.to_string(),
+            vtep_mac: r.vtep_mac.map(|m| m.to_string()),
+            next_hop_mac: if *hop == dataplane::wire::MacAddr::ZERO { None } else { Some(hop.to_string()) },
+        })
+        .collect();
+    PortsReply {
+        node: n.facts.file.node.clone(),
+        pod_cidr: n.facts.me.pod_cidr.to_string(),
+        gateway: n.facts.me.pod_cidr.first_host(),
+        pod_mtu: n.facts.uplink_mtu.saturating_sub(50),
+        uplink_mac: n.facts.uplink_mac.to_string(),
+        ports,
+        pods: n.pods.len(),
+        max_pods: n.facts.file.max_pods,
+        remotes,
+    }
 }
 
 /// The port a name means: its number, an interface name, or `uplink` / `host`.
@@ -71,7 +192,7 @@ fn port_by_name(n: &Node, name: &str) -> Result<u16, String> {
     if name == "uplink" || name == n.facts.file.uplink {
         return Ok(0);
     }
-    if name == "host" || n.facts.host.as_ref().is_some_and(|h| h.0 == name) {
+    if name == "host" || n.facts.host.as_ref().is_some_and(|h| h.ifname == name) {
         return Ok(1);
     }
     n.pods.iter().find(|p| p.ifname == name).map(|p| p.port).ok_or(format!(
@@ -119,9 +240,9 @@ fn handle(node: &Mutex<Node>, req: Request) -> Result<Value, String> {
         Request::Flows { filter: f } => {
             let f = filter(&f)?;
             let commands = lock()?.commands();
-            let (tx, rx) = crossbeam_channel::bounded(1);
-            commands.send(crate::daemon::Command::Flows(f, tx)).map_err(|_| "worker stopped".to_string())?;
-            let r = rx.recv_timeout(Duration::from_secs(10)).map_err(|_| "worker did not answer".to_string())?;
+            let r = xsk::host::ask(&commands, Duration::from_secs(10), move |w, v| {
+                crate::observe::flows_report(w.state(), v.now, &f, 100_000)
+            })?;
             return Ok(json!(r));
         }
         Request::Trace { filter: f, count, timeout_ms } => {
@@ -130,7 +251,7 @@ fn handle(node: &Mutex<Node>, req: Request) -> Result<Value, String> {
                 let n = lock()?;
                 (n.commands(), n.port_names())
             };
-            let o = crate::daemon::observe(
+            let o = crate::node::observe(
                 &commands,
                 dataplane::observe::Observe::trace(f, count.max(1)),
                 Duration::from_millis(timeout_ms),
@@ -146,7 +267,7 @@ fn handle(node: &Mutex<Node>, req: Request) -> Result<Value, String> {
                 let n = lock()?;
                 (n.commands(), points(&n, &at)?)
             };
-            let o = crate::daemon::observe(
+            let o = crate::node::observe(
                 &commands,
                 dataplane::observe::Observe::capture(pts, f, count.max(1)),
                 Duration::from_millis(timeout_ms),
@@ -172,53 +293,23 @@ fn handle(node: &Mutex<Node>, req: Request) -> Result<Value, String> {
             Ok(json!(pod))
         }
         Request::Detach { ifname } => Ok(json!(n.detach(&ifname)?)),
-        Request::Ports => {
-            let mut ports = vec![json!({"port": 0, "kind": "uplink", "ifname": n.facts.file.uplink})];
-            if let Some((vx, _, stack, _)) = &n.facts.host {
-                ports.push(json!({"port": 1, "kind": "host", "ifname": vx, "stack_ifname": stack}));
-            }
-            for p in &n.pods {
-                ports.push(json!({"port": p.port, "kind": "pod", "ifname": p.ifname, "ip": p.ip, "mac": p.mac}));
-            }
-            let remotes: Vec<Value> = n
-                .facts
-                .remotes
-                .iter()
-                .map(|(r, hop)| {
-                    json!({
-                        "node": r.name,
-                        "node_ip": r.node_ip,
-                        "pod_cidr": r.pod_cidr.to_string(),
-                        "vtep_mac": r.vtep_mac.map(|m| m.to_string()),
-                        "next_hop_mac": if *hop == dataplane::wire::MacAddr::ZERO { None } else { Some(hop.to_string()) },
-                    })
-                })
-                .collect();
-            Ok(json!({
-                "node": n.facts.file.node,
-                "pod_cidr": n.facts.me.pod_cidr.to_string(),
-                "gateway": n.facts.me.pod_cidr.first_host().to_string(),
-                "pod_mtu": n.facts.uplink_mtu.saturating_sub(50),
-                "uplink_mac": n.facts.uplink_mac.to_string(),
-                "ports": ports,
-                "pods": n.pods.len(),
-                "max_pods": n.facts.file.max_pods,
-                "remotes": remotes,
-            }))
-        }
+        Request::Ports => to_value(ports(&n)),
         Request::Stats => {
-            let s = n.stats()?;
-            let names: Vec<Value> =
-                s.ports.iter().map(|p| json!({"port": p.port, "name": n.port_name(p.port)})).collect();
-            Ok(json!({
-                "node": n.facts.file.node,
-                "uptime_s": n.started.elapsed().as_secs(),
-                "names": names,
-                "worker": s,
-                "arp_conflicts": arp_conflicts(&n),
-            }))
+            let worker = n.stats()?;
+            let names = worker.ports.iter().map(|p| PortName { port: p.port, name: n.port_name(p.port) }).collect();
+            to_value(StatsReply {
+                node: n.facts.file.node.clone(),
+                uptime_s: n.started.elapsed().as_secs(),
+                names,
+                worker,
+                arp_conflicts: arp_conflicts(&n),
+            })
         }
     }
+}
+
+fn to_value(v: impl Serialize) -> Result<Value, String> {
+    serde_json::to_value(v).map_err(|e| format!("encoding the answer: {e}"))
 }
 
 /// Binds the socket (0600) and serves requests on a thread until `stop`.
@@ -278,6 +369,11 @@ fn serve_one(conn: UnixStream, node: &Mutex<Node>) {
     let _ = writeln!(w, "{resp}");
 }
 
+/// Sends one request and decodes its `result` as `T` (the reply types above).
+pub fn request_as<T: serde::de::DeserializeOwned>(socket: &Path, req: &Request) -> Result<T, String> {
+    serde_json::from_value(request(socket, req)?).map_err(|e| format!("bad answer: {e}"))
+}
+
 /// Sends one request; returns the `result` or the server's error.
 pub fn request(socket: &Path, req: &Request) -> Result<Value, String> {
     let mut conn = UnixStream::connect(socket).map_err(|e| format!("{}: {e} (is vxnat running?)", socket.display()))?;
@@ -299,126 +395,99 @@ pub fn request(socket: &Path, req: &Request) -> Result<Value, String> {
 }
 
 /// Human-readable `vxnat ctl stats`.
-pub fn render_stats(v: &Value) -> String {
+pub fn render_stats(v: &StatsReply) -> String {
     let mut out = String::new();
-    let w = &v["worker"];
-    out.push_str(&format!(
-        "node {}  up {}s  tables generation {}\n",
-        v["node"].as_str().unwrap_or("?"),
-        v["uptime_s"],
-        w["tables_generation"]
-    ));
-    let name_of = |port: &Value| -> String {
-        v["names"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|n| n["port"] == *port)
-            .and_then(|n| n["name"].as_str())
-            .unwrap_or("?")
-            .to_string()
-    };
+    let w = &v.worker;
+    out.push_str(&format!("node {}  up {}s  tables generation {}\n", v.node, v.uptime_s, w.tables_generation));
+    let name_of =
+        |port: u16| -> String { v.names.iter().find(|n| n.port == port).map_or("?".to_string(), |n| n.name.clone()) };
     out.push_str(&format!(
         "{:<4} {:<32} {:>12} {:>14} {:>12} {:>14}\n",
         "port", "name", "rx packets", "rx bytes", "tx packets", "tx bytes"
     ));
-    for p in w["ports"].as_array().into_iter().flatten() {
+    for p in &w.ports {
         out.push_str(&format!(
             "{:<4} {:<32} {:>12} {:>14} {:>12} {:>14}\n",
-            p["port"],
-            name_of(&p["port"]),
-            p["rx_packets"],
-            p["rx_bytes"],
-            p["tx_packets"],
-            p["tx_bytes"]
+            p.port,
+            name_of(p.port),
+            p.rx_packets,
+            p.rx_bytes,
+            p.tx_packets,
+            p.tx_bytes
         ));
-        for e in p["events"].as_array().into_iter().flatten() {
-            out.push_str(&format!("       {:<38} {:>10}\n", e[0].as_str().unwrap_or(""), e[1]));
+        for (name, n) in &p.events {
+            out.push_str(&format!("       {name:<38} {n:>10}\n"));
         }
-        for x in p["xdp"].as_array().into_iter().flatten() {
-            out.push_str(&format!("       xdp {:<34} {:>10}\n", x[0].as_str().unwrap_or(""), x[1]));
+        for (name, n) in &p.xdp {
+            out.push_str(&format!("       xdp {name:<34} {n:>10}\n"));
         }
-        if p["fill_starved"].as_u64().unwrap_or(0) > 0 {
+        if p.fill_starved > 0 {
             out.push_str(&format!(
                 "       fill starved {} times (below its guaranteed {} chunks with no free chunk)\n",
-                p["fill_starved"], p["fill_min"]
+                p.fill_starved, p.fill_min
             ));
         }
     }
-    let drops: Vec<&Value> = w["ports"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|p| p["drops"].as_array().is_some_and(|d| !d.is_empty()))
-        .collect();
-    out.push_str(if drops.is_empty() { "drops: none\n" } else { "drops:\n" });
-    for p in drops {
-        for d in p["drops"].as_array().into_iter().flatten() {
-            out.push_str(&format!(
-                "  {:<32} {:<26} {:>10}  {}\n",
-                name_of(&p["port"]),
-                d[0].as_str().unwrap_or(""),
-                d[1],
-                d[2].as_str().unwrap_or("")
-            ));
+    let with_drops: Vec<_> = w.ports.iter().filter(|p| !p.drops.is_empty()).collect();
+    out.push_str(if with_drops.is_empty() { "drops: none\n" } else { "drops:\n" });
+    for p in with_drops {
+        for (reason, n, help) in &p.drops {
+            out.push_str(&format!("  {:<32} {reason:<26} {n:>10}  {help}\n", name_of(p.port)));
         }
     }
     out.push_str(&format!(
         "flows: {} of {}; SNAT tuples: {} in use, {} held after close\n",
-        w["flows"], w["flows_max"], w["snat_in_use"], w["snat_held"]
+        w.flows, w.flows_max, w.snat_in_use, w.snat_held
     ));
-    for e in w["snat_exhausted"].as_array().into_iter().flatten() {
+    for (backend, n) in &w.snat_exhausted {
         out.push_str(&format!(
-            "  snat ports exhausted toward {}: {} connections refused (every tuple in use or held for the backend's TIME_WAIT)\n",
-            e[0].as_str().unwrap_or("?"),
-            e[1]
+            "  snat ports exhausted toward {backend}: {n} connections refused (every tuple in use or held for the backend's TIME_WAIT)\n"
         ));
     }
-    for b in w["backends"].as_array().into_iter().flatten() {
-        let n = |k: &str| b[k].as_u64().unwrap_or(0);
+    for b in &w.backends {
         let mut said = Vec::new();
-        if n("syn_unanswered") > 0 {
-            said.push(format!("{} SYNs never answered", n("syn_unanswered")));
+        if b.syn_unanswered > 0 {
+            said.push(format!("{} SYNs never answered", b.syn_unanswered));
         }
-        if n("syn_retransmits") > 0 {
-            said.push(format!("{} SYNs retransmitted by clients waiting for an answer", n("syn_retransmits")));
+        if b.syn_retransmits > 0 {
+            said.push(format!("{} SYNs retransmitted by clients waiting for an answer", b.syn_retransmits));
         }
-        if n("bare_ack_to_syn") > 0 {
+        if b.bare_ack_to_syn > 0 {
             said.push(format!(
                 "{} SYNs answered by a bare ACK instead of SYN-ACK (it still holds the 5-tuple in TIME_WAIT: a NAT in front reused a port too soon)",
-                n("bare_ack_to_syn")
+                b.bare_ack_to_syn
             ));
         }
         if !said.is_empty() {
             out.push_str(&format!(
                 "backend {}: {} (of {} new connections, {} answered)\n",
-                b["endpoint"].as_str().unwrap_or("?"),
+                b.endpoint,
                 said.join("; "),
-                n("syns"),
-                n("syn_answered")
+                b.syns,
+                b.syn_answered
             ));
         }
     }
-    for c in v["arp_conflicts"].as_array().into_iter().flatten() {
+    for c in &v.arp_conflicts {
         out.push_str(&format!(
             "ARP conflict on {}: {} is claimed by {} ({} times; another host answers ARP for this address)\n",
-            c["ifname"].as_str().unwrap_or("?"),
-            c["ip"].as_str().unwrap_or("?"),
-            c["macs"].as_array().into_iter().flatten().filter_map(|m| m.as_str()).collect::<Vec<_>>().join(" and "),
-            c["count"]
+            c.ifname,
+            c.ip,
+            c.macs.join(" and "),
+            c.count
         ));
     }
     out.push_str(&format!(
         "tx: {} packets, {} bytes\numem: {} chunks: {} free, {} in fill rings, {} in tx rings ({}); fill starved {} times; {} reclaimed from detached ports\n",
-        w["tx_packets"],
-        w["tx_bytes"],
-        w["umem_total"],
-        w["umem_free"],
-        w["umem_in_fill"],
-        w["umem_in_tx"],
-        if w["umem_balanced"].as_bool() == Some(true) { "all accounted for" } else { "NOT all accounted for" },
-        w["fill_starved"],
-        w["umem_reclaimed"]
+        w.tx_packets,
+        w.tx_bytes,
+        w.umem_total,
+        w.umem_free,
+        w.umem_in_fill,
+        w.umem_in_tx,
+        if w.umem_balanced { "all accounted for" } else { "NOT all accounted for" },
+        w.fill_starved,
+        w.umem_reclaimed
     ));
     out
 }

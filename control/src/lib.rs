@@ -1,18 +1,30 @@
-//! vxnat's control plane: the node configuration, the cluster state (Kubernetes objects) and
-//! its compilation into dataplane tables, the node daemon, the ctl API and the reports.
+//! vxnat's control plane, as rooms with one job each:
+//!
+//! ```text
+//!   sources (source: state file, Kubernetes watch) ──updates──► model (what changed)
+//!        └► services (per-Service compile cache) ──► node::Cluster
+//!   node facts (netinfo, rtnl: uplink, next hops; pods: attached pods) ──► compile::NodeFacts
+//!   compile (pure: facts + Services + pods ─► Tables) ──► node::Node ──Command──► xsk::host (worker)
+//!   ctl (socket API) / metrics (Prometheus) / observe (flows, traces, pcap) / stats ◄── node
+//!   run: wiring only (start, control loop, shutdown); cni: the vxnat-cni plugin
+//! ```
 
 pub mod arpwatch;
 pub mod cni;
+pub mod compile;
 pub mod config;
 pub mod ctl;
-pub mod daemon;
 pub mod drops;
 pub mod json;
 pub mod metrics;
 pub mod model;
 pub mod netinfo;
+pub mod node;
 pub mod observe;
+pub mod pods;
 pub mod rtnl;
+pub mod run;
 pub mod services;
 pub mod source;
 pub mod state;
+pub mod stats;

@@ -118,13 +118,27 @@ fn write_capture(v: &serde_json::Value, path: Option<&std::path::Path>) -> Resul
     Ok(packets.len())
 }
 
+/// Logs of `vxnat run` go to stderr through tracing; `VXNAT_LOG` filters them (default `info`).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VXNAT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
 fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Drops { json, name } => {
             vxnat_control::drops::print(&mut std::io::stdout().lock(), json, name.as_deref())
         }
-        Command::Run { config } => match NodeFile::load(&config).and_then(vxnat_control::daemon::run) {
+        Command::Run { config } => match NodeFile::load(&config).and_then(|f| {
+            init_logging();
+            vxnat_control::run::run(f)
+        }) {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("vxnat: {e}");
@@ -165,10 +179,16 @@ fn main() {
                     println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
                     0
                 }
-                Ok(v) if view == View::Stats => {
-                    print!("{}", render_stats(&v));
-                    0
-                }
+                Ok(v) if view == View::Stats => match serde_json::from_value::<vxnat_control::ctl::StatsReply>(v) {
+                    Ok(r) => {
+                        print!("{}", render_stats(&r));
+                        0
+                    }
+                    Err(e) => {
+                        eprintln!("vxnat ctl stats: bad answer: {e}");
+                        1
+                    }
+                },
                 Ok(v) if view == View::Flows => {
                     match serde_json::from_value::<vxnat_control::observe::FlowsReport>(v) {
                         Ok(r) => print!("{}", vxnat_control::observe::render_flows(&r)),

@@ -2,7 +2,8 @@
 //! configuration (localhost by default). Names follow Prometheus conventions: a `vxnat_`
 //! prefix, `_total` on counters, base units (`_bytes`, `_seconds`).
 
-use crate::daemon::{Node, WorkerStats, SWAP_BUCKETS_S};
+use crate::node::Node;
+use crate::stats::{WorkerStats, SWAP_BUCKETS_S};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write};

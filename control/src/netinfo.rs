@@ -1,6 +1,7 @@
 //! Facts about the node's interfaces and underlay, read from the kernel: MACs and MTUs from
-//! sysfs; routes and neighbours from the kernel's tables through iproute2's JSON output
-//! (`ip -j`, which speaks rtnetlink); the host port veth; a pod's MAC from its veth peer.
+//! sysfs; the underlay next hop toward an address from the kernel's route and neighbour tables
+//! (`rtnl`, in process); the host port veth; a pod's MAC from its veth peer (iproute2's JSON
+//! output, `ip -j`, which finds the peer across namespaces); vxnat's nftables rules.
 
 use core::net::Ipv4Addr;
 use dataplane::wire::MacAddr;

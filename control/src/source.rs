@@ -56,7 +56,7 @@ pub fn follow_file(
                         return;
                     }
                 }
-                Err(e) => eprintln!("vxnat: state file {e}; still serving the last good state"),
+                Err(e) => tracing::warn!("state file {e}; still serving the last good state"),
             }
         }
     })
@@ -85,7 +85,7 @@ impl KubeSource {
             let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
-                    eprintln!("vxnat: Kubernetes source: tokio runtime: {e}");
+                    tracing::error!("Kubernetes source: tokio runtime: {e}");
                     return;
                 }
             };
@@ -106,7 +106,7 @@ impl KubeSource {
             None => match kube::Config::infer().await {
                 Ok(c) => c,
                 Err(e) => {
-                    eprintln!("vxnat: Kubernetes source: no in-cluster config or kubeconfig: {e}");
+                    tracing::error!("Kubernetes source: no in-cluster config or kubeconfig: {e}");
                     return;
                 }
             },
@@ -114,7 +114,7 @@ impl KubeSource {
         let client = match kube::Client::try_from(config) {
             Ok(c) => c,
             Err(e) => {
-                eprintln!("vxnat: Kubernetes source: client: {e}");
+                tracing::error!("Kubernetes source: client: {e}");
                 return;
             }
         };
@@ -161,7 +161,7 @@ where
             Ok(Event::Apply(k)) => tx.send(Update::Apply(wrap(k))),
             Ok(Event::Delete(k)) => tx.send(Update::Delete(wrap(k))),
             Err(e) => {
-                eprintln!("vxnat: watching {kind:?}s: {e}; retrying with backoff (last state kept)");
+                tracing::warn!("watching {kind:?}s: {e}; retrying with backoff (last state kept)");
                 Ok(())
             }
         };
@@ -193,11 +193,11 @@ async fn publish_annotations(
         loop {
             match api.patch(node, &PatchParams::default(), &Patch::Merge(&patch)).await {
                 Ok(_) => {
-                    eprintln!("vxnat: published this node's flannel annotations on Node {node}");
+                    tracing::info!("published this node's flannel annotations on Node {node}");
                     break;
                 }
                 Err(e) => {
-                    eprintln!("vxnat: annotating Node {node}: {e}; retrying in 2 s");
+                    tracing::warn!("annotating Node {node}: {e}; retrying in 2 s");
                     if stop.load(Ordering::Relaxed) {
                         return;
                     }

@@ -1,6 +1,6 @@
 //! The cluster state as Kubernetes objects: what `kubectl get nodes,services,endpointslices -A
 //! -o yaml` prints (a `List`), or several YAML documents, each a `List` or a single object.
-//! Parsed into k8s-openapi's types, the same ones the API watch (a later issue) produces.
+//! Parsed into k8s-openapi's types, the same ones the Kubernetes API watch (`source`) produces.
 //!
 //! Errors name the object and the field: `Node node-b: metadata.annotations[...]: ...`.
 

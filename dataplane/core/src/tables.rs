@@ -1,5 +1,5 @@
 //! The node's forwarding tables: one immutable snapshot that workers read and the control
-//! plane replaces wholesale (an atomic swap, later). This is the only definition of what the
+//! plane replaces wholesale (a new `Arc<Tables>` swapped in between two batches). This is the only definition of what the
 //! packet path knows about the world.
 //!
 //! Built through [`TablesBuilder`], which validates everything once so the packet path can

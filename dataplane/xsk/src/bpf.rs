@@ -21,6 +21,36 @@ pub enum Mode {
 /// below reads the header and fails if the two lists differ).
 pub const EXIT_NAMES: [&str; 4] = ["redirect", "pass_not_ours", "pass_no_socket", "pass_unconfigured"];
 
+/// The Service frontends the uplink's program redirects to vxnat (its `frontends` map).
+#[derive(Debug)]
+pub struct FrontendsMap {
+    handle: libbpf_rs::MapHandle,
+}
+
+impl FrontendsMap {
+    /// Replaces the frontends: (address, port, protocol). New ones are added before stale ones
+    /// are removed, so a frontend in both lists is never missing.
+    pub fn set(&self, list: &[(std::net::Ipv4Addr, u16, u8)]) -> Result<(), String> {
+        let key = |ip: &std::net::Ipv4Addr, port: u16, proto: u8| -> [u8; 8] {
+            let o = ip.octets();
+            let p = port.to_be_bytes();
+            [o[0], o[1], o[2], o[3], p[0], p[1], proto, 0]
+        };
+        let wanted: std::collections::BTreeSet<[u8; 8]> =
+            list.iter().map(|(ip, port, proto)| key(ip, *port, *proto)).collect();
+        for k in &wanted {
+            self.handle.update(k, &[1], MapFlags::ANY).map_err(|e| err("writing the frontends map", e))?;
+        }
+        let present: Vec<Vec<u8>> = self.handle.keys().collect();
+        for k in present {
+            if !wanted.iter().any(|w| w[..] == k[..]) {
+                let _ = self.handle.delete(&k);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// How the program attaches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttachMode {
@@ -102,26 +132,12 @@ impl XdpProgram {
             .map_err(|e| err("inserting the socket into the XSKMAP", e))
     }
 
-    /// Replaces the Service frontends the uplink program redirects: (address, port, protocol).
-    pub fn set_frontends(&self, list: &[(std::net::Ipv4Addr, u16, u8)]) -> Result<(), String> {
+    /// A handle on this program's frontends map that another thread can write (a duplicated
+    /// map fd): the control thread keeps the uplink's redirects current, off the data path.
+    pub fn frontends(&self) -> Result<FrontendsMap, String> {
         let map = Self::map(&self.object, "frontends")?;
-        let key = |ip: &std::net::Ipv4Addr, port: u16, proto: u8| -> [u8; 8] {
-            let o = ip.octets();
-            let p = port.to_be_bytes();
-            [o[0], o[1], o[2], o[3], p[0], p[1], proto, 0]
-        };
-        let wanted: std::collections::BTreeSet<[u8; 8]> =
-            list.iter().map(|(ip, port, proto)| key(ip, *port, *proto)).collect();
-        let present: Vec<Vec<u8>> = map.keys().collect();
-        for k in present {
-            if !wanted.iter().any(|w| w[..] == k[..]) {
-                let _ = map.delete(&k);
-            }
-        }
-        for k in &wanted {
-            map.update(k, &[1], MapFlags::ANY).map_err(|e| err("writing the frontends map", e))?;
-        }
-        Ok(())
+        let handle = libbpf_rs::MapHandle::try_from(&map).map_err(|e| err("duplicating the frontends map", e))?;
+        Ok(FrontendsMap { handle })
     }
 
     /// Exit counters summed over CPUs, in `EXIT_NAMES` order.

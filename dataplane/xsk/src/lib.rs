@@ -13,6 +13,7 @@
 
 pub mod bpf;
 pub mod fill;
+pub mod host;
 pub mod port;
 pub mod umem;
 pub mod worker;

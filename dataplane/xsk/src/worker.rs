@@ -379,10 +379,11 @@ impl Worker {
         self.ports.get(usize::from(id.0))?.as_ref().map(|p| p.prog.exits())
     }
 
-    /// Replaces the Service frontends the XDP program on port `id` (the uplink) redirects.
-    pub fn set_frontends(&self, id: PortId, list: &[(std::net::Ipv4Addr, u16, u8)]) -> Result<(), String> {
+    /// A handle on the frontends map of the XDP program on port `id` (the uplink), for the
+    /// control thread to write.
+    pub fn frontends(&self, id: PortId) -> Result<crate::bpf::FrontendsMap, String> {
         match self.ports.get(usize::from(id.0)) {
-            Some(Some(p)) => p.prog.set_frontends(list),
+            Some(Some(p)) => p.prog.frontends(),
             _ => Err(format!("port {id} not bound")),
         }
     }

@@ -1,0 +1,134 @@
+//! Compile: a pure function from the node's configuration, the facts captured about it (its
+//! Node, the uplink, the host port, the other nodes and their next hops, each pod's port MAC
+//! recorded at attach) and the compiled Service table to the immutable `Tables` snapshot the
+//! workers read. It reads nothing from the system, so a vanished interface can never make it
+//! fail, and it is tested without a network.
+
+use crate::config::NodeFile;
+use crate::pods::Pod;
+use crate::state::{derived_vtep_mac, NodeView};
+use dataplane::nat::service::ServiceTable;
+use dataplane::tables::{NodeConfig, PortId, Tables, TablesBuilder};
+use dataplane::wire::{Ipv4Cidr, MacAddr};
+use std::sync::Arc;
+use xsk::host::{HOST, UPLINK};
+
+/// The host port: vxnat's end and the node stack's end, with their MACs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPort {
+    pub ifname: String,
+    pub mac: MacAddr,
+    pub stack_ifname: String,
+    pub stack_mac: MacAddr,
+}
+
+/// What the tables are compiled from besides the Services and the pods: the configuration and
+/// what was observed about this node and the others.
+#[derive(Debug, Clone)]
+pub struct NodeFacts {
+    pub file: NodeFile,
+    /// This node's Node object.
+    pub me: NodeView,
+    pub vtep_mac: MacAddr,
+    pub uplink_mac: MacAddr,
+    pub uplink_mtu: u16,
+    pub cluster: Ipv4Cidr,
+    pub host: Option<HostPort>,
+    /// Other nodes and the resolved MAC of the underlay next hop toward each.
+    pub remotes: Vec<(NodeView, MacAddr)>,
+}
+
+/// Compiles the tables for this node with `pods` attached.
+pub fn compile(
+    facts: &NodeFacts,
+    services: Arc<ServiceTable>,
+    pods: &[Pod],
+    generation: u64,
+) -> Result<Tables, String> {
+    let file = &facts.file;
+    let node = NodeConfig {
+        node_ip: facts.me.node_ip,
+        uplink_mac: facts.uplink_mac,
+        vtep_mac: facts.vtep_mac,
+        pod_cidr: facts.me.pod_cidr,
+        cluster_cidr: facts.cluster,
+        vni: file.vxlan.vni,
+        vxlan_port: file.vxlan.port,
+        underlay_mtu: facts.uplink_mtu,
+        outer_udp_checksum: file.checksum.outer_compute()?,
+        segmentation: file.segmentation,
+    };
+    let (pods_policy, host_policy, uplink_policy) = file.checksum.policies()?;
+    let mut b = TablesBuilder::new(node)
+        .uplink(UPLINK)
+        .and_then(|b| b.checksum_policy(UPLINK, uplink_policy))
+        .map_err(|e| e.to_string())?
+        .generation(generation);
+    if let Some(h) = &facts.host {
+        b = b
+            .host(HOST, h.mac, h.stack_mac)
+            .and_then(|b| b.checksum_policy(HOST, host_policy))
+            .map_err(|e| e.to_string())?;
+    }
+    for p in pods {
+        let port_mac: MacAddr =
+            p.port_mac.parse().map_err(|_| format!("pod {} on {}: port MAC {:?}", p.ip, p.ifname, p.port_mac))?;
+        let mac: MacAddr = p.mac.parse().map_err(|_| format!("pod {} on {}: MAC {:?}", p.ip, p.ifname, p.mac))?;
+        b = b
+            .pod(PortId(p.port), port_mac, p.ip, mac)
+            .and_then(|b| b.checksum_policy(PortId(p.port), pods_policy))
+            .map_err(|e| e.to_string())?;
+    }
+    for (r, next_hop) in &facts.remotes {
+        let vtep = r.vtep_mac.unwrap_or_else(|| derived_vtep_mac(&r.name));
+        b = b.remote(&r.name, r.node_ip, vtep, r.pod_cidr, *next_hop).map_err(|e| e.to_string())?;
+    }
+    b.services(services).build().map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::net::Ipv4Addr;
+    use dataplane::tables::Route;
+
+    fn view(name: &str, ip: [u8; 4], cidr: &str) -> NodeView {
+        NodeView {
+            name: name.into(),
+            node_ip: Ipv4Addr::from(ip),
+            pod_cidr: cidr.parse().expect("cidr"),
+            vtep_mac: None,
+            vni: None,
+        }
+    }
+
+    #[test]
+    fn tables_compile_from_captured_facts_alone() {
+        let file = NodeFile::parse("node = \"a\"\nuplink = \"no-such-interface\"\n", std::path::Path::new("n.toml"))
+            .expect("config");
+        let facts = NodeFacts {
+            file,
+            me: view("a", [192, 168, 1, 1], "10.244.0.0/24"),
+            vtep_mac: MacAddr([2, 0, 0, 0, 0, 1]),
+            uplink_mac: MacAddr([2, 0, 0, 0, 0, 2]),
+            uplink_mtu: 1500,
+            cluster: "10.244.0.0/16".parse().expect("cidr"),
+            host: None,
+            remotes: vec![(view("b", [192, 168, 1, 2], "10.244.1.0/24"), MacAddr([2, 0, 0, 0, 0, 3]))],
+        };
+        // The pod's interface does not exist on this machine: compile never looks.
+        let pod = Pod {
+            ifname: "vanished0".into(),
+            ip: Ipv4Addr::new(10, 244, 0, 5),
+            mac: "02:00:00:00:00:05".into(),
+            port: 2,
+            port_mac: "02:00:00:00:00:04".into(),
+        };
+        let t = compile(&facts, Arc::default(), std::slice::from_ref(&pod), 7).expect("tables");
+        assert_eq!(t.generation, 7);
+        assert!(matches!(t.route(Ipv4Addr::new(10, 244, 0, 5)), Route::LocalPod(p) if p.port == PortId(2)));
+        let bad = Pod { port_mac: String::new(), ..pod };
+        let e = compile(&facts, Arc::default(), &[bad], 8).expect_err("no port MAC");
+        assert!(e.contains("vanished0") && e.contains("port MAC"), "{e}");
+    }
+}

@@ -1,0 +1,386 @@
+//! The running node as the control thread sees it: the captured node facts, the cluster model
+//! and its compiled Services, the attached pods, and the channel to the worker. Every change
+//! (a pod attached or detached, a cluster update, an underlay change) compiles a new `Tables`
+//! snapshot (`compile`, pure) and sends it to the worker, which swaps it in between two
+//! batches; the uplink's frontends map is then brought in line from here, not from the worker.
+//!
+//! Shared by the ctl server, the metrics server and the control loop behind one mutex; long
+//! requests (traces, captures) take the command channel and let go of the lock while they wait.
+
+use crate::compile::{compile, NodeFacts};
+use crate::config::NodeFile;
+use crate::model::{Model, Update};
+use crate::netinfo;
+use crate::pods::{self, Pod};
+use crate::services::Compiler;
+use crate::state::NodeView;
+use crate::stats::{snapshot, WorkerStats};
+use core::net::Ipv4Addr;
+use crossbeam_channel::{bounded, Sender};
+use dataplane::nat::service::ServiceTable;
+use dataplane::tables::{PortId, Tables};
+use dataplane::wire::{Ipv4Cidr, MacAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use xsk::bpf::FrontendsMap;
+use xsk::host::{ask, Command, FIRST_POD};
+
+/// How an attach refused because the node holds `max_pods` pods begins (the CNI plugin maps
+/// it to its own error).
+pub const NODE_FULL: &str = "node full";
+
+/// The cluster as the source reported it, and what was compiled from it.
+#[derive(Debug)]
+pub struct Cluster {
+    pub model: Model,
+    /// Per-Service compiled forms, and the Service table they make.
+    pub compiler: Compiler,
+    pub services: Arc<ServiceTable>,
+    /// NodePorts as the node-local nftables rules were last written.
+    pub node_ports: Vec<(&'static str, u16, Ipv4Addr, u16)>,
+    /// Problems last reported (so each is logged once, when it appears).
+    problems: Vec<String>,
+}
+
+impl Cluster {
+    /// The cluster `model` with every Service compiled for node `me`.
+    pub fn new(model: Model, me: &str, maglev_table_size: usize) -> Cluster {
+        let mut c = Cluster {
+            compiler: Compiler::new(me, maglev_table_size),
+            model,
+            services: Arc::default(),
+            node_ports: Vec::new(),
+            problems: Vec::new(),
+        };
+        c.compile_services(None);
+        c.node_ports = crate::services::node_port_redirects(c.model.services.values());
+        c
+    }
+
+    /// Logs the problems not reported last time.
+    fn report(&mut self, problems: Vec<String>) {
+        for p in problems.iter().filter(|p| !self.problems.contains(p)) {
+            tracing::warn!("skipped: {p}");
+        }
+        self.problems = problems;
+    }
+
+    /// Compiles the Services `dirty` names (all of them when `None`) and assembles the table.
+    fn compile_services(&mut self, dirty: Option<&std::collections::BTreeSet<crate::model::Key>>) {
+        match dirty {
+            None => self.compiler.compile_all(&self.model),
+            Some(d) => self.compiler.compile_changed(&self.model, d),
+        };
+        let (table, conflicts) = self.compiler.table();
+        let mut problems = self.compiler.problems();
+        problems.extend(conflicts);
+        self.report(problems);
+        self.services = Arc::new(table);
+    }
+
+    /// The other Nodes of the model with the underlay next hop toward each: known ones keep
+    /// theirs (`known`), new ones are resolved. This node's own Node cannot change live (its pod
+    /// CIDR and address are wired into the host port and the XDP program): a change is
+    /// reported.
+    pub fn remotes(&self, me: &NodeView, known: &[(NodeView, MacAddr)]) -> Vec<(NodeView, MacAddr)> {
+        let mut remotes = Vec::new();
+        for n in self.model.nodes.values() {
+            let v = match NodeView::from_node(n) {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!("skipped: {e}");
+                    continue;
+                }
+            };
+            if v.name == me.name {
+                if v.pod_cidr != me.pod_cidr || v.node_ip != me.node_ip {
+                    tracing::warn!("Node {}: podCIDR or address changed; restart vxnat to apply it", v.name);
+                }
+                continue;
+            }
+            let hop = known
+                .iter()
+                .find(|(r, _)| r.node_ip == v.node_ip)
+                .map(|(_, h)| *h)
+                .or_else(|| netinfo::next_hop_mac(v.node_ip).ok().flatten())
+                .unwrap_or(MacAddr::ZERO);
+            remotes.push((v, hop));
+        }
+        remotes
+    }
+}
+
+/// The running node: what the ctl server works on.
+#[derive(Debug)]
+pub struct Node {
+    /// ARP claims on the uplink (incident 3), when the packet socket could be opened.
+    pub arp: Option<crate::arpwatch::ArpWatch>,
+    pub facts: NodeFacts,
+    pub cluster: Cluster,
+    pub pods: Vec<Pod>,
+    generation: u64,
+    commands: Sender<Command>,
+    /// The uplink program's frontends, kept equal to the current Service table's.
+    frontends: FrontendsMap,
+    pub started: Instant,
+}
+
+impl Node {
+    pub fn new(facts: NodeFacts, cluster: Cluster, commands: Sender<Command>, frontends: FrontendsMap) -> Node {
+        let node = Node {
+            arp: None,
+            facts,
+            cluster,
+            pods: Vec::new(),
+            generation: 1,
+            commands,
+            frontends,
+            started: Instant::now(),
+        };
+        node.sync_frontends();
+        node
+    }
+
+    fn next_port(&self) -> u16 {
+        (FIRST_POD..).find(|p| !self.pods.iter().any(|q| q.port == *p)).unwrap_or(FIRST_POD)
+    }
+
+    fn compile(&mut self, pods: &[Pod]) -> Result<Arc<Tables>, String> {
+        self.generation += 1;
+        Ok(Arc::new(compile(&self.facts, self.cluster.services.clone(), pods, self.generation)?))
+    }
+
+    /// Writes the uplink program's frontends from the current Service table.
+    fn sync_frontends(&self) {
+        let list = self.cluster.services.uplink_frontends(self.facts.me.node_ip);
+        if let Err(e) = self.frontends.set(&list) {
+            tracing::error!("updating the uplink's Service frontends: {e}");
+        }
+    }
+
+    pub fn attach(&mut self, ifname: &str, ip: Ipv4Addr, mac: Option<MacAddr>) -> Result<Pod, String> {
+        let max = self.facts.file.max_pods as usize;
+        if self.pods.len() >= max {
+            return Err(format!("{NODE_FULL}: {max} pods attached, max_pods is {max}; {ifname} ({ip}) not attached"));
+        }
+        if !netinfo::exists(ifname) {
+            return Err(format!("ifname: {ifname} does not exist"));
+        }
+        if self.pods.iter().any(|p| p.ifname == ifname) {
+            return Err(format!("ifname: {ifname} is already attached"));
+        }
+        let mac = match mac {
+            Some(m) => m,
+            None => netinfo::veth_peer_mac(ifname)?,
+        };
+        // The port's own MAC, captured now: compiling never reads the system.
+        let port_mac = netinfo::mac(ifname)?;
+        let pod = Pod {
+            ifname: ifname.to_string(),
+            ip,
+            mac: mac.to_string(),
+            port: self.next_port(),
+            port_mac: port_mac.to_string(),
+        };
+        let mut pods = self.pods.clone();
+        pods.push(pod.clone());
+        let tables = self.compile(&pods)?;
+        let (tx, rx) = bounded(1);
+        self.commands
+            .send(Command::Attach { port: PortId(pod.port), ifname: ifname.to_string(), tables, reply: tx })
+            .map_err(|_| "worker stopped".to_string())?;
+        rx.recv_timeout(Duration::from_secs(10)).map_err(|_| "worker did not answer".to_string())??;
+        self.pods = pods;
+        self.save_pods();
+        Ok(pod)
+    }
+
+    pub fn detach(&mut self, ifname: &str) -> Result<Pod, String> {
+        let pod = self
+            .pods
+            .iter()
+            .find(|p| p.ifname == ifname)
+            .cloned()
+            .ok_or(format!("ifname: {ifname} is not attached"))?;
+        let pods: Vec<Pod> = self.pods.iter().filter(|p| p.ifname != ifname).cloned().collect();
+        let tables = self.compile(&pods)?;
+        let (tx, rx) = bounded(1);
+        self.commands
+            .send(Command::Detach { port: PortId(pod.port), tables, reply: tx })
+            .map_err(|_| "worker stopped".to_string())?;
+        rx.recv_timeout(Duration::from_secs(10)).map_err(|_| "worker did not answer".to_string())??;
+        self.pods = pods;
+        self.save_pods();
+        Ok(pod)
+    }
+
+    fn save_pods(&self) {
+        let path = pods::pods_file(&self.facts.file.socket);
+        if let Err(e) = pods::save(&path, &self.pods) {
+            tracing::error!("{}: {e}; a restart will not re-attach the current pods", path.display());
+        }
+    }
+
+    /// The channel to the worker (for long requests that must not hold the node lock).
+    pub fn commands(&self) -> Sender<Command> {
+        self.commands.clone()
+    }
+
+    /// The worker's stats, read on its thread between two polls.
+    pub fn stats(&self) -> Result<WorkerStats, String> {
+        ask(&self.commands, Duration::from_secs(5), |w, v| snapshot(w, v))
+    }
+
+    /// Re-reads the uplink's MAC and MTU and re-resolves the underlay next hops; publishes new
+    /// tables if anything changed.
+    pub fn refresh_underlay(&mut self) {
+        let mut changed = false;
+        let uplink = &self.facts.file.uplink;
+        if let (Ok(mac), Ok(mtu)) = (netinfo::mac(uplink), netinfo::mtu(uplink)) {
+            if (mac, mtu) != (self.facts.uplink_mac, self.facts.uplink_mtu) {
+                self.facts.uplink_mac = mac;
+                self.facts.uplink_mtu = mtu;
+                changed = true;
+            }
+        }
+        for (r, hop) in &mut self.facts.remotes {
+            if let Ok(Some(m)) = netinfo::next_hop_mac(r.node_ip) {
+                if m != *hop {
+                    *hop = m;
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            let pods = self.pods.clone();
+            if let Ok(t) = self.compile(&pods) {
+                let _ = self.commands.send(Command::Tables(t, Instant::now()));
+            }
+        }
+    }
+
+    /// Applies updates from the cluster source: the model says what changed, only those
+    /// Services are compiled again, and a new tables snapshot goes to the worker, which swaps
+    /// it in between two batches. Returns the new generation, if anything changed.
+    pub fn apply_updates(&mut self, updates: impl IntoIterator<Item = Update>) -> Option<u64> {
+        let t0 = Instant::now();
+        let mut dirty = crate::model::Dirty::default();
+        for u in updates {
+            dirty.merge(self.cluster.model.apply(u));
+        }
+        if dirty.is_empty() {
+            return None;
+        }
+        if dirty.nodes {
+            self.facts.remotes = self.cluster.remotes(&self.facts.me, &self.facts.remotes);
+        }
+        if !dirty.services.is_empty() {
+            self.cluster.compile_services(Some(&dirty.services));
+            let node_ports = crate::services::node_port_redirects(self.cluster.model.services.values());
+            if node_ports != self.cluster.node_ports {
+                self.cluster.node_ports = node_ports;
+                if let Err(e) = install_rules(&self.facts, &self.cluster) {
+                    tracing::error!("node-local NodePort rules: {e}");
+                }
+            }
+        }
+        let pods = self.pods.clone();
+        match self.compile(&pods) {
+            Ok(t) => {
+                let generation = t.generation;
+                let _ = self.commands.send(Command::Tables(t, t0));
+                if !dirty.services.is_empty() {
+                    self.sync_frontends();
+                }
+                tracing::info!(
+                    "tables generation {generation}: {} Services changed{}, compiled in {:.1} ms",
+                    dirty.services.len(),
+                    if dirty.nodes { ", Nodes changed" } else { "" },
+                    t0.elapsed().as_secs_f64() * 1e3
+                );
+                Some(generation)
+            }
+            Err(e) => {
+                tracing::error!("new tables not built ({e}); the current ones stay");
+                None
+            }
+        }
+    }
+
+    /// Every port's name, by number.
+    pub fn port_names(&self) -> std::collections::BTreeMap<u16, String> {
+        let mut m = std::collections::BTreeMap::new();
+        m.insert(0, self.port_name(0));
+        if self.facts.host.is_some() {
+            m.insert(1, self.port_name(1));
+        }
+        for p in &self.pods {
+            m.insert(p.port, self.port_name(p.port));
+        }
+        m
+    }
+
+    /// Port names for reports.
+    pub fn port_name(&self, port: u16) -> String {
+        match port {
+            0 => format!("uplink {}", self.facts.file.uplink),
+            1 => format!("host {}", self.facts.file.host.ifname),
+            p => self
+                .pods
+                .iter()
+                .find(|q| q.port == p)
+                .map(|q| format!("pod {} {}", q.ifname, q.ip))
+                .unwrap_or(format!("port {p}")),
+        }
+    }
+}
+
+/// Writes vxnat's nftables table for this node (node-local NodePorts, host port SNAT, pod
+/// masquerade).
+pub fn install_rules(facts: &NodeFacts, cluster: &Cluster) -> Result<(), String> {
+    let file: &NodeFile = &facts.file;
+    let services = file.service_cidr.parse::<Ipv4Cidr>().map_err(|_| "service_cidr".to_string())?.network().to_string();
+    netinfo::install_node_rules(&netinfo::NodeRules {
+        cluster: &facts.cluster.network().to_string(),
+        services: &services,
+        host_stack_if: facts.host.as_ref().map(|h| h.stack_ifname.as_str()),
+        gateway: facts.me.pod_cidr.first_host(),
+        masquerade: file.masquerade,
+        node_ports: &cluster.node_ports,
+    })
+}
+
+/// Runs an observer in the worker until it has what it asked for or `timeout` passes, and
+/// returns it with what it collected.
+pub fn observe(
+    commands: &Sender<Command>,
+    o: dataplane::observe::Observe,
+    timeout: Duration,
+) -> Result<Box<dataplane::observe::Observe>, String> {
+    let wait = Duration::from_secs(5);
+    let o = Box::new(o);
+    let started = ask(commands, wait, move |w, _| {
+        let slot = &mut w.state_mut().observe;
+        let free = slot.is_none();
+        if free {
+            *slot = Some(o);
+        }
+        free
+    })?;
+    if !started {
+        return Err("a capture or trace is already running on this node; try again when it ends".into());
+    }
+    let until = Instant::now() + timeout;
+    while Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+        if ask(commands, wait, |w, _| w.state().observe.as_ref().is_none_or(|o| o.done())).unwrap_or(false) {
+            break;
+        }
+    }
+    ask(commands, wait, |w, _| w.state_mut().observe.take())?.ok_or("the observer went missing".to_string())
+}
+
+/// Drop reason help, for reports.
+pub fn reason_help(name: &str) -> &'static str {
+    dataplane::pipeline::DropReason::from_name(name).map(|r| r.help()).unwrap_or("")
+}
