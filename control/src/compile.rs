@@ -7,11 +7,29 @@
 use crate::config::NodeFile;
 use crate::pods::Pod;
 use crate::state::{derived_vtep_mac, NodeView};
+use core::net::Ipv4Addr;
 use dataplane::nat::service::ServiceTable;
-use dataplane::tables::{NodeConfig, PortId, Tables, TablesBuilder};
+use dataplane::tables::{NodeConfig, PortId, Tables, TablesBuilder, TablesError};
 use dataplane::wire::{Ipv4Cidr, MacAddr};
 use std::sync::Arc;
 use xsk::host::{HOST, UPLINK};
+
+/// Why the tables could not be compiled.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A checksum setting of the configuration is invalid (the message names its key).
+    #[error(transparent)]
+    Config(#[from] crate::config::Error),
+    /// The tables builder refused a port, a remote node or the Services (it names the field).
+    #[error(transparent)]
+    Tables(#[from] TablesError),
+    /// The port MAC recorded for a pod at attach does not parse.
+    #[error("pod {ip} on {ifname}: port MAC {value:?}")]
+    PortMac { ip: Ipv4Addr, ifname: String, value: String },
+    /// The pod MAC recorded at attach does not parse.
+    #[error("pod {ip} on {ifname}: MAC {value:?}")]
+    PodMac { ip: Ipv4Addr, ifname: String, value: String },
+}
 
 /// The host port: vxnat's end and the node stack's end, with their MACs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,12 +57,7 @@ pub struct NodeFacts {
 }
 
 /// Compiles the tables for this node with `pods` attached.
-pub fn compile(
-    facts: &NodeFacts,
-    services: Arc<ServiceTable>,
-    pods: &[Pod],
-    generation: u64,
-) -> Result<Tables, String> {
+pub fn compile(facts: &NodeFacts, services: Arc<ServiceTable>, pods: &[Pod], generation: u64) -> Result<Tables, Error> {
     let file = &facts.file;
     let node = NodeConfig {
         node_ip: facts.me.node_ip,
@@ -61,35 +74,31 @@ pub fn compile(
     let (pods_policy, host_policy, uplink_policy) = file.checksum.policies()?;
     let mut b = TablesBuilder::new(node)
         .uplink(UPLINK)
-        .and_then(|b| b.checksum_policy(UPLINK, uplink_policy))
-        .map_err(|e| e.to_string())?
+        .and_then(|b| b.checksum_policy(UPLINK, uplink_policy))?
         .generation(generation);
     if let Some(h) = &facts.host {
-        b = b
-            .host(HOST, h.mac, h.stack_mac)
-            .and_then(|b| b.checksum_policy(HOST, host_policy))
-            .map_err(|e| e.to_string())?;
+        b = b.host(HOST, h.mac, h.stack_mac).and_then(|b| b.checksum_policy(HOST, host_policy))?;
     }
     for p in pods {
-        let port_mac: MacAddr =
-            p.port_mac.parse().map_err(|_| format!("pod {} on {}: port MAC {:?}", p.ip, p.ifname, p.port_mac))?;
-        let mac: MacAddr = p.mac.parse().map_err(|_| format!("pod {} on {}: MAC {:?}", p.ip, p.ifname, p.mac))?;
-        b = b
-            .pod(PortId(p.port), port_mac, p.ip, mac)
-            .and_then(|b| b.checksum_policy(PortId(p.port), pods_policy))
-            .map_err(|e| e.to_string())?;
+        let port_mac: MacAddr = p.port_mac.parse().map_err(|_| Error::PortMac {
+            ip: p.ip,
+            ifname: p.ifname.clone(),
+            value: p.port_mac.clone(),
+        })?;
+        let mac: MacAddr =
+            p.mac.parse().map_err(|_| Error::PodMac { ip: p.ip, ifname: p.ifname.clone(), value: p.mac.clone() })?;
+        b = b.pod(PortId(p.port), port_mac, p.ip, mac).and_then(|b| b.checksum_policy(PortId(p.port), pods_policy))?;
     }
     for (r, next_hop) in &facts.remotes {
         let vtep = r.vtep_mac.unwrap_or_else(|| derived_vtep_mac(&r.name));
-        b = b.remote(&r.name, r.node_ip, vtep, r.pod_cidr, *next_hop).map_err(|e| e.to_string())?;
+        b = b.remote(&r.name, r.node_ip, vtep, r.pod_cidr, *next_hop)?;
     }
-    b.services(services).build().map_err(|e| e.to_string())
+    Ok(b.services(services).build()?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use core::net::Ipv4Addr;
     use dataplane::tables::Route;
 
     fn view(name: &str, ip: [u8; 4], cidr: &str) -> NodeView {
@@ -128,7 +137,7 @@ mod tests {
         assert_eq!(t.generation, 7);
         assert!(matches!(t.route(Ipv4Addr::new(10, 244, 0, 5)), Route::LocalPod(p) if p.port == PortId(2)));
         let bad = Pod { port_mac: String::new(), ..pod };
-        let e = compile(&facts, Arc::default(), &[bad], 8).expect_err("no port MAC");
+        let e = compile(&facts, Arc::default(), &[bad], 8).expect_err("no port MAC").to_string();
         assert!(e.contains("vanished0") && e.contains("port MAC"), "{e}");
     }
 }

@@ -41,6 +41,70 @@ pub const MAX_PODS_LIMIT: u32 = 4096;
 /// 4 GiB of UMEM (descriptors address it with 32-bit chunk indexes in reports).
 pub const MAX_FRAMES: u32 = 1 << 20;
 
+/// Why the configuration is refused. Every message names the key; a file's errors are
+/// wrapped in `InFile`, which puts the file's path first.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file could not be read.
+    #[error("{}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    /// An error in the file at `path`.
+    #[error("{}: {source}", path.display())]
+    InFile { path: PathBuf, source: Box<Error> },
+    /// Not TOML, or not the expected keys and types (toml's message names the key).
+    #[error("{}", .0.to_string().trim_end())]
+    Toml(#[source] toml::de::Error),
+    /// `node` is absent and so is `NODE_NAME`.
+    #[error("node: missing (set it, or NODE_NAME as a DaemonSet does from spec.nodeName)")]
+    NodeMissing,
+    #[error("uplink: must not be empty")]
+    UplinkEmpty,
+    /// `cluster_cidr` or `service_cidr` (`key`) is not a CIDR.
+    #[error("{key}: {value:?} is not an IPv4 CIDR")]
+    Cidr { key: &'static str, value: String },
+    #[error("maglev_table_size: {0} is not a prime of at least 7")]
+    MaglevTableSize(usize),
+    #[error("nat.max_flows: must be at least 1")]
+    MaxFlows,
+    #[error("vxlan.vni: {0} does not fit 24 bits")]
+    Vni(u32),
+    #[error("host.ifname: {0:?} is too long (14 bytes at most)")]
+    HostIfname(String),
+    #[error("max_pods: {0} must be 1..={MAX_PODS_LIMIT}")]
+    MaxPods(u32),
+    /// `umem.pod_fill_min` outside 8..=`ring` (the pod ring size).
+    #[error("umem.pod_fill_min: {value} must be 8..={ring} (the pod ring size)")]
+    PodFillMin { value: u32, ring: u32 },
+    /// `umem.frames` is below the `need`ed minimum for `max_pods`.
+    #[error(
+        "umem.frames: {frames} cannot guarantee every port's minimum with max_pods = {max_pods}: at least {need} \
+         (or leave it out to size the UMEM from max_pods)"
+    )]
+    UmemFrames { frames: u32, max_pods: u32, need: u64 },
+    /// The UMEM (configured or sized from `max_pods`) is more than `MAX_FRAMES` chunks.
+    #[error("umem: {0} chunks is more than {MAX_FRAMES} (4 GiB); lower max_pods, umem.surplus or umem.frames")]
+    UmemTooBig(u32),
+    #[error("xdp_mode: {0:?} is not \"native\" or \"generic\"")]
+    XdpMode(String),
+    #[error("metrics: {0:?} is not an address:port (or \"\" for off)")]
+    Metrics(String),
+    /// `checksum.pods`, `checksum.host` or `checksum.uplink` (`key`) is not a policy; `message`
+    /// is the policy parser's.
+    #[error("checksum.{key}: {message}")]
+    ChecksumPolicy { key: &'static str, message: String },
+    #[error("checksum.outer_udp: {0:?} is not \"zero\" or \"compute\"")]
+    OuterUdp(String),
+    #[error("nat.snat_ports: {0:?} is not LOW-HIGH")]
+    SnatPortsFormat(String),
+    /// One end of `nat.snat_ports` (as written) is not a port number.
+    #[error("nat.snat_ports: {0:?} is not a port")]
+    SnatPort(String),
+    #[error("nat.snat_ports: {low}-{high} is empty or starts at 0")]
+    SnatPortsEmpty { low: u16, high: u16 },
+    #[error("nat.snat_ports: {low}-{high} overlaps the NodePort range 30000-32767")]
+    SnatPortsOverlap { low: u16, high: u16 },
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct NodeFile {
@@ -134,17 +198,17 @@ impl ChecksumSection {
         &self,
     ) -> Result<
         (dataplane::tables::ChecksumPolicy, dataplane::tables::ChecksumPolicy, dataplane::tables::ChecksumPolicy),
-        String,
+        Error,
     > {
-        let p = |k: &str, v: &str| v.parse().map_err(|e| format!("checksum.{k}: {e}"));
+        let p = |key: &'static str, v: &str| v.parse().map_err(|message| Error::ChecksumPolicy { key, message });
         Ok((p("pods", &self.pods)?, p("host", &self.host)?, p("uplink", &self.uplink)?))
     }
 
-    pub fn outer_compute(&self) -> Result<bool, String> {
+    pub fn outer_compute(&self) -> Result<bool, Error> {
         match self.outer_udp.as_str() {
             "zero" => Ok(false),
             "compute" => Ok(true),
-            other => Err(format!("checksum.outer_udp: {other:?} is not \"zero\" or \"compute\"")),
+            other => Err(Error::OuterUdp(other.to_string())),
         }
     }
 }
@@ -237,18 +301,17 @@ impl Default for NatSection {
 
 impl NatSection {
     /// The SNAT port range, validated.
-    pub fn ports(&self) -> Result<core::ops::RangeInclusive<u16>, String> {
-        let (a, b) =
-            self.snat_ports.split_once('-').ok_or(format!("nat.snat_ports: {:?} is not LOW-HIGH", self.snat_ports))?;
+    pub fn ports(&self) -> Result<core::ops::RangeInclusive<u16>, Error> {
+        let (a, b) = self.snat_ports.split_once('-').ok_or_else(|| Error::SnatPortsFormat(self.snat_ports.clone()))?;
         let (a, b): (u16, u16) = (
-            a.trim().parse().map_err(|_| format!("nat.snat_ports: {a:?} is not a port"))?,
-            b.trim().parse().map_err(|_| format!("nat.snat_ports: {b:?} is not a port"))?,
+            a.trim().parse().map_err(|_| Error::SnatPort(a.to_string()))?,
+            b.trim().parse().map_err(|_| Error::SnatPort(b.to_string()))?,
         );
         if a == 0 || a > b {
-            return Err(format!("nat.snat_ports: {a}-{b} is empty or starts at 0"));
+            return Err(Error::SnatPortsEmpty { low: a, high: b });
         }
         if a <= 32767 && b >= 30000 {
-            return Err(format!("nat.snat_ports: {a}-{b} overlaps the NodePort range 30000-32767"));
+            return Err(Error::SnatPortsOverlap { low: a, high: b });
         }
         Ok(a..=b)
     }
@@ -329,88 +392,65 @@ impl UmemSection {
 }
 
 impl NodeFile {
-    pub fn parse(text: &str, origin: &Path) -> Result<NodeFile, String> {
-        let mut f: NodeFile =
-            toml::from_str(text).map_err(|e| format!("{}: {}", origin.display(), e.to_string().trim_end()))?;
+    pub fn parse(text: &str, origin: &Path) -> Result<NodeFile, Error> {
+        Self::check(text, origin).map_err(|e| Error::InFile { path: origin.to_path_buf(), source: Box::new(e) })
+    }
+
+    /// `parse` without the file's path in front of the error.
+    fn check(text: &str, origin: &Path) -> Result<NodeFile, Error> {
+        let mut f: NodeFile = toml::from_str(text).map_err(Error::Toml)?;
         if f.node.is_empty() {
             f.node = std::env::var("NODE_NAME").unwrap_or_default();
             if f.node.is_empty() {
-                return Err(format!(
-                    "{}: node: missing (set it, or NODE_NAME as a DaemonSet does from spec.nodeName)",
-                    origin.display()
-                ));
+                return Err(Error::NodeMissing);
             }
         }
         if f.uplink.is_empty() {
-            return Err(format!("{}: uplink: must not be empty", origin.display()));
+            return Err(Error::UplinkEmpty);
         }
         if f.cluster_cidr.parse::<dataplane::wire::Ipv4Cidr>().is_err() {
-            return Err(format!("{}: cluster_cidr: {:?} is not an IPv4 CIDR", origin.display(), f.cluster_cidr));
+            return Err(Error::Cidr { key: "cluster_cidr", value: f.cluster_cidr });
         }
         if f.service_cidr.parse::<dataplane::wire::Ipv4Cidr>().is_err() {
-            return Err(format!("{}: service_cidr: {:?} is not an IPv4 CIDR", origin.display(), f.service_cidr));
+            return Err(Error::Cidr { key: "service_cidr", value: f.service_cidr });
         }
         let m = f.maglev_table_size;
         if m < 7 || !(2..).take_while(|d| d * d <= m).all(|d| !m.is_multiple_of(d)) {
-            return Err(format!("{}: maglev_table_size: {m} is not a prime of at least 7", origin.display()));
+            return Err(Error::MaglevTableSize(m));
         }
-        f.nat.ports().map_err(|e| format!("{}: {e}", origin.display()))?;
+        f.nat.ports()?;
         if f.nat.max_flows == 0 {
-            return Err(format!("{}: nat.max_flows: must be at least 1", origin.display()));
+            return Err(Error::MaxFlows);
         }
         if f.vxlan.vni > 0x00ff_ffff {
-            return Err(format!("{}: vxlan.vni: {} does not fit 24 bits", origin.display(), f.vxlan.vni));
+            return Err(Error::Vni(f.vxlan.vni));
         }
         if f.host.ifname.len() > 14 {
-            return Err(format!(
-                "{}: host.ifname: {:?} is too long (14 bytes at most)",
-                origin.display(),
-                f.host.ifname
-            ));
+            return Err(Error::HostIfname(f.host.ifname));
         }
         if f.max_pods == 0 || f.max_pods > MAX_PODS_LIMIT {
-            return Err(format!("{}: max_pods: {} must be 1..={MAX_PODS_LIMIT}", origin.display(), f.max_pods));
+            return Err(Error::MaxPods(f.max_pods));
         }
         let pod_ring = xsk::worker::WorkerConfig::default().pod_ring_size;
         if f.umem.pod_fill_min < 8 || f.umem.pod_fill_min > pod_ring {
-            return Err(format!(
-                "{}: umem.pod_fill_min: {} must be 8..={pod_ring} (the pod ring size)",
-                origin.display(),
-                f.umem.pod_fill_min
-            ));
+            return Err(Error::PodFillMin { value: f.umem.pod_fill_min, ring: pod_ring });
         }
         let need = f.umem.plan().minimum_frames(f.max_pods);
         if f.umem.frames > 0 && u64::from(f.umem.frames) < need {
-            return Err(format!(
-                "{}: umem.frames: {} cannot guarantee every port's minimum with max_pods = {}: at least {need} \
-                 (or leave it out to size the UMEM from max_pods)",
-                origin.display(),
-                f.umem.frames,
-                f.max_pods
-            ));
+            return Err(Error::UmemFrames { frames: f.umem.frames, max_pods: f.max_pods, need });
         }
         if f.umem.frames_for(f.max_pods) > MAX_FRAMES {
-            return Err(format!(
-                "{}: umem: {} chunks is more than {MAX_FRAMES} (4 GiB); lower max_pods, umem.surplus or umem.frames",
-                origin.display(),
-                f.umem.frames_for(f.max_pods)
-            ));
+            return Err(Error::UmemTooBig(f.umem.frames_for(f.max_pods)));
         }
         match f.xdp_mode.as_deref() {
             None | Some("native") | Some("generic") => {}
-            Some(other) => {
-                return Err(format!("{}: xdp_mode: {other:?} is not \"native\" or \"generic\"", origin.display()))
-            }
+            Some(other) => return Err(Error::XdpMode(other.to_string())),
         }
-        f.checksum.policies().map_err(|e| format!("{}: {e}", origin.display()))?;
+        f.checksum.policies()?;
         if !f.metrics.is_empty() && f.metrics.parse::<std::net::SocketAddr>().is_err() {
-            return Err(format!(
-                "{}: metrics: {:?} is not an address:port (or \"\" for off)",
-                origin.display(),
-                f.metrics
-            ));
+            return Err(Error::Metrics(f.metrics));
         }
-        f.checksum.outer_compute().map_err(|e| format!("{}: {e}", origin.display()))?;
+        f.checksum.outer_compute()?;
         // Relative state paths are relative to the config file.
         if let (Some(s), Some(dir)) = (&f.state, origin.parent()) {
             if s.is_relative() {
@@ -420,8 +460,8 @@ impl NodeFile {
         Ok(f)
     }
 
-    pub fn load(path: &Path) -> Result<NodeFile, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    pub fn load(path: &Path) -> Result<NodeFile, Error> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Read { path: path.to_path_buf(), source: e })?;
         Self::parse(&text, path)
     }
 }
@@ -463,7 +503,9 @@ port = 8472
         assert_eq!(f.umem.frames_for(f.max_pods), 1024 + 64000 + 512 + 8192);
         let f = NodeFile::parse("node = \"a\"\nuplink = \"e\"\nmax_pods = 8\n[umem]\nframes = 4096\n", p).unwrap();
         assert_eq!(f.umem.frames_for(f.max_pods), 4096, "an explicit size wins");
-        let e = NodeFile::parse("node = \"a\"\nuplink = \"e\"\nmax_pods = 16\n[umem]\nframes = 4096\n", p).unwrap_err();
+        let e = NodeFile::parse("node = \"a\"\nuplink = \"e\"\nmax_pods = 16\n[umem]\nframes = 4096\n", p)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("at least 5632"), "{e}");
     }
 
@@ -488,21 +530,27 @@ port = 8472
     #[test]
     fn errors_name_the_key() {
         let p = Path::new("n.toml");
-        let e = NodeFile::parse("node = \"a\"\nuplink = \"e\"\nvxlan = { vni = 1, prot = 8472 }\n", p).unwrap_err();
+        let e = NodeFile::parse("node = \"a\"\nuplink = \"e\"\nvxlan = { vni = 1, prot = 8472 }\n", p)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("prot"), "{e}");
-        let e = NodeFile::parse("node = \"a\"\n", p).unwrap_err();
+        let e = NodeFile::parse("node = \"a\"\n", p).unwrap_err().to_string();
         assert!(e.contains("uplink"), "{e}");
-        let e = NodeFile::parse("node = \"a\"\nuplink = \"e\"\ncluster_cidr = \"10.0.0.0/99\"\n", p).unwrap_err();
+        let e = NodeFile::parse("node = \"a\"\nuplink = \"e\"\ncluster_cidr = \"10.0.0.0/99\"\n", p)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cluster_cidr"), "{e}");
-        let e = NodeFile::parse("node = \"a\"\nuplink = \"e\"\n[vxlan]\nvni = 16777216\n", p).unwrap_err();
+        let e = NodeFile::parse("node = \"a\"\nuplink = \"e\"\n[vxlan]\nvni = 16777216\n", p).unwrap_err().to_string();
         assert!(e.contains("vxlan.vni"), "{e}");
-        let e = NodeFile::parse("node = \"a\"\nuplink = \"e\"\n[umem]\nframes = 1000\n", p).unwrap_err();
+        let e = NodeFile::parse("node = \"a\"\nuplink = \"e\"\n[umem]\nframes = 1000\n", p).unwrap_err().to_string();
         assert!(e.contains("umem.frames") && e.contains("max_pods = 110"), "{e}");
-        let e = NodeFile::parse("node = \"a\"\nuplink = \"e\"\nmax_pods = 0\n", p).unwrap_err();
+        let e = NodeFile::parse("node = \"a\"\nuplink = \"e\"\nmax_pods = 0\n", p).unwrap_err().to_string();
         assert!(e.contains("max_pods"), "{e}");
-        let e = NodeFile::parse("node = \"a\"\nuplink = \"e\"\n[umem]\npod_fill_min = 4\n", p).unwrap_err();
+        let e = NodeFile::parse("node = \"a\"\nuplink = \"e\"\n[umem]\npod_fill_min = 4\n", p).unwrap_err().to_string();
         assert!(e.contains("umem.pod_fill_min"), "{e}");
-        let e = NodeFile::parse("node = \"a\"\nuplink = \"e\"\n[nat]\nsnat_ports = \"29000-31000\"\n", p).unwrap_err();
+        let e = NodeFile::parse("node = \"a\"\nuplink = \"e\"\n[nat]\nsnat_ports = \"29000-31000\"\n", p)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("nat.snat_ports") && e.contains("NodePort"), "{e}");
     }
 
@@ -514,16 +562,18 @@ port = 8472
         )
         .expect("valid");
         assert_eq!(f.checksum.policies().expect("policies").0, dataplane::tables::ChecksumPolicy::Verify);
-        assert_eq!(f.checksum.outer_compute(), Ok(true));
+        assert!(f.checksum.outer_compute().expect("outer_udp"));
         let e =
             NodeFile::parse("node = \"a\"\nuplink = \"e\"\n[checksum]\nuplink = \"paranoid\"\n", Path::new("n.toml"))
-                .expect_err("invalid");
+                .expect_err("invalid")
+                .to_string();
         assert!(e.contains("checksum.uplink") && e.contains("paranoid"), "{e}");
         let e = NodeFile::parse(
             "node = \"a\"\nuplink = \"e\"\n[checksum]\nouter_udp = \"sometimes\"\n",
             Path::new("n.toml"),
         )
-        .expect_err("invalid");
+        .expect_err("invalid")
+        .to_string();
         assert!(e.contains("checksum.outer_udp"), "{e}");
     }
 }

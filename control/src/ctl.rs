@@ -255,7 +255,8 @@ fn handle(node: &Mutex<Node>, req: Request) -> Result<Value, String> {
                 &commands,
                 dataplane::observe::Observe::trace(f, count.max(1)),
                 Duration::from_millis(timeout_ms),
-            )?;
+            )
+            .map_err(|e| e.to_string())?;
             let name = |p: dataplane::tables::PortId| names.get(&p.0).cloned().unwrap_or(format!("port {}", p.0));
             let reports: Vec<crate::observe::TraceReport> =
                 o.traces.iter().map(|t| crate::observe::explain(t, &name)).collect();
@@ -271,7 +272,8 @@ fn handle(node: &Mutex<Node>, req: Request) -> Result<Value, String> {
                 &commands,
                 dataplane::observe::Observe::capture(pts, f, count.max(1)),
                 Duration::from_millis(timeout_ms),
-            )?;
+            )
+            .map_err(|e| e.to_string())?;
             let packets: Vec<Value> = o
                 .captured
                 .iter()
@@ -289,13 +291,13 @@ fn handle(node: &Mutex<Node>, req: Request) -> Result<Value, String> {
                 Some(m) => Some(m.parse().map_err(|_| format!("mac: {m:?} is not a MAC address"))?),
                 None => None,
             };
-            let pod = n.attach(&ifname, ip, mac)?;
+            let pod = n.attach(&ifname, ip, mac).map_err(|e| e.to_string())?;
             Ok(json!(pod))
         }
-        Request::Detach { ifname } => Ok(json!(n.detach(&ifname)?)),
+        Request::Detach { ifname } => Ok(json!(n.detach(&ifname).map_err(|e| e.to_string())?)),
         Request::Ports => to_value(ports(&n)),
         Request::Stats => {
-            let worker = n.stats()?;
+            let worker = n.stats().map_err(|e| e.to_string())?;
             let names = worker.ports.iter().map(|p| PortName { port: p.port, name: n.port_name(p.port) }).collect();
             to_value(StatsReply {
                 node: n.facts.file.node.clone(),

@@ -135,7 +135,7 @@ fn main() {
         Command::Drops { json, name } => {
             vxnat_control::drops::print(&mut std::io::stdout().lock(), json, name.as_deref())
         }
-        Command::Run { config } => match NodeFile::load(&config).and_then(|f| {
+        Command::Run { config } => match NodeFile::load(&config).map_err(Into::into).and_then(|f| {
             init_logging();
             vxnat_control::run::run(f)
         }) {

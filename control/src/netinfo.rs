@@ -6,57 +6,124 @@
 use core::net::Ipv4Addr;
 use dataplane::wire::MacAddr;
 use serde_json::Value;
+use std::io;
 use std::process::Command;
 
-fn ip_json(args: &[&str]) -> Result<Value, String> {
-    let out = Command::new("ip").arg("-j").args(args).output().map_err(|e| format!("running ip {args:?}: {e}"))?;
+/// Why reading an interface fact or changing the node's interfaces or rules failed. Each
+/// message names the interface or the command.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `ip` could not be started (`args` as given, e.g. `["link", "del", "vxnat0"]`).
+    #[error("running ip {args:?}: {source}")]
+    IpSpawn { args: Vec<String>, source: io::Error },
+    /// `ip` failed (`cmd`: its arguments joined by spaces; `stderr`: what it said, trimmed).
+    #[error("ip {cmd}: {stderr}")]
+    Ip { cmd: String, stderr: String },
+    /// `ip -j` printed something that is not JSON.
+    #[error("ip {cmd}: unreadable JSON: {source}")]
+    IpJson { cmd: String, source: serde_json::Error },
+    /// A sysfs attribute of the interface could not be read (`path` is the file).
+    #[error("interface {ifname}: {path}: {source}")]
+    Sysfs { ifname: String, path: String, source: io::Error },
+    /// The interface's `address` is not a MAC.
+    #[error("interface {ifname}: address {value:?} is not a MAC")]
+    Mac { ifname: String, value: String },
+    /// The interface's `mtu` is not a 16-bit number.
+    #[error("interface {ifname}: mtu {value:?}")]
+    Mtu { ifname: String, value: String },
+    /// The interface's `ifindex` is not a 32-bit number.
+    #[error("interface {ifname}: ifindex {value:?}")]
+    Ifindex { ifname: String, value: String },
+    /// The underlay next hop toward `dst` could not be looked up.
+    #[error("next hop toward {dst}: {source}")]
+    NextHop { dst: Ipv4Addr, source: crate::rtnl::Error },
+    /// `ip link show` does not know the interface.
+    #[error("interface {ifname}: not found")]
+    NotFound { ifname: String },
+    /// The interface has no peer (not a veth).
+    #[error("interface {ifname}: not a veth with a peer")]
+    NotVeth { ifname: String },
+    /// The veth's peer is in this namespace, so it cannot be a pod's.
+    #[error("interface {ifname}: its peer is not in another namespace; give the pod's MAC with --mac")]
+    PeerNotElsewhere { ifname: String },
+    /// The peer's namespace has no name under `ip netns`.
+    #[error("interface {ifname}: its peer's namespace (nsid {nsid}) has no name; give the pod's MAC with --mac")]
+    PeerNamespaceUnnamed { ifname: String, nsid: u64 },
+    /// The peer namespace has no interface with the veth's `link_index` (or it has no MAC).
+    #[error("interface {ifname}: no peer with index {index} in namespace {ns}")]
+    NoPeer { ifname: String, index: u64, ns: String },
+    /// `nft` could not be started.
+    #[error("running nft (nftables): {0}")]
+    NftSpawn(#[source] io::Error),
+    /// Feeding the rules to `nft`, or waiting for it, failed.
+    #[error("nft: {0}")]
+    NftIo(#[source] io::Error),
+    /// `nft` refused vxnat's rules (`stderr`: what it said, trimmed).
+    #[error("nft: vxnat rules: {stderr}")]
+    Nft { stderr: String },
+}
+
+fn ip_failed(args: &[&str], stderr: &[u8]) -> Error {
+    Error::Ip { cmd: args.join(" "), stderr: String::from_utf8_lossy(stderr).trim().to_string() }
+}
+
+fn ip_spawn(args: &[&str], source: io::Error) -> Error {
+    Error::IpSpawn { args: args.iter().map(|a| a.to_string()).collect(), source }
+}
+
+fn ip_json(args: &[&str]) -> Result<Value, Error> {
+    let out = Command::new("ip").arg("-j").args(args).output().map_err(|e| ip_spawn(args, e))?;
     if !out.status.success() {
-        return Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()));
+        return Err(ip_failed(args, &out.stderr));
     }
     if out.stdout.iter().all(u8::is_ascii_whitespace) {
         return Ok(Value::Array(Vec::new()));
     }
-    serde_json::from_slice(&out.stdout).map_err(|e| format!("ip {}: unreadable JSON: {e}", args.join(" ")))
+    serde_json::from_slice(&out.stdout).map_err(|e| Error::IpJson { cmd: args.join(" "), source: e })
 }
 
-pub fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip").args(args).output().map_err(|e| format!("running ip {args:?}: {e}"))?;
+pub fn ip(args: &[&str]) -> Result<(), Error> {
+    let out = Command::new("ip").args(args).output().map_err(|e| ip_spawn(args, e))?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+        Err(ip_failed(args, &out.stderr))
     }
 }
 
-fn sys(ifname: &str, what: &str) -> Result<String, String> {
+fn sys(ifname: &str, what: &str) -> Result<String, Error> {
     let p = format!("/sys/class/net/{ifname}/{what}");
-    std::fs::read_to_string(&p).map(|s| s.trim().to_string()).map_err(|e| format!("interface {ifname}: {p}: {e}"))
+    std::fs::read_to_string(&p).map(|s| s.trim().to_string()).map_err(|e| Error::Sysfs {
+        ifname: ifname.to_string(),
+        path: p,
+        source: e,
+    })
 }
 
 pub fn exists(ifname: &str) -> bool {
     std::path::Path::new(&format!("/sys/class/net/{ifname}")).exists()
 }
 
-pub fn mac(ifname: &str) -> Result<MacAddr, String> {
+pub fn mac(ifname: &str) -> Result<MacAddr, Error> {
     let s = sys(ifname, "address")?;
-    s.parse().map_err(|_| format!("interface {ifname}: address {s:?} is not a MAC"))
+    s.parse().map_err(|_| Error::Mac { ifname: ifname.to_string(), value: s })
 }
 
-pub fn mtu(ifname: &str) -> Result<u16, String> {
+pub fn mtu(ifname: &str) -> Result<u16, Error> {
     let s = sys(ifname, "mtu")?;
-    s.parse().map_err(|_| format!("interface {ifname}: mtu {s:?}"))
+    s.parse().map_err(|_| Error::Mtu { ifname: ifname.to_string(), value: s })
 }
 
-pub fn ifindex(ifname: &str) -> Result<u32, String> {
+pub fn ifindex(ifname: &str) -> Result<u32, Error> {
     let s = sys(ifname, "ifindex")?;
-    s.parse().map_err(|_| format!("interface {ifname}: ifindex {s:?}"))
+    s.parse().map_err(|_| Error::Ifindex { ifname: ifname.to_string(), value: s })
 }
 
 /// The MAC of the next hop toward `dst` on the underlay (the route's gateway, else `dst`
 /// itself), from the kernel's routing and neighbour tables over rtnetlink; `None` while
 /// unresolved (the pipeline counts `underlay_no_next_hop` meanwhile).
-pub fn next_hop_mac(dst: Ipv4Addr) -> Result<Option<MacAddr>, String> {
-    crate::rtnl::next_hop_mac(dst).map_err(|e| format!("next hop toward {dst}: {e}"))
+pub fn next_hop_mac(dst: Ipv4Addr) -> Result<Option<MacAddr>, Error> {
+    crate::rtnl::next_hop_mac(dst).map_err(|e| Error::NextHop { dst, source: e })
 }
 
 /// Creates the host port: a veth pair `ifname` (vxnat's end) / `{ifname}h` (the node stack's),
@@ -70,7 +137,7 @@ pub fn create_host_port(
     mtu: u16,
     cluster: &str,
     services: &str,
-) -> Result<String, String> {
+) -> Result<String, Error> {
     let stack = format!("{ifname}h");
     if exists(ifname) {
         ip(&["link", "del", ifname])?;
@@ -96,15 +163,13 @@ pub fn delete_link(ifname: &str) {
 /// `link_netnsid` (mapped to a named namespace with `ip netns list-id`, where container
 /// runtimes and tests put pods) and its `link_index` there. Interface indexes repeat across
 /// namespaces, so both are needed.
-pub fn veth_peer_mac(ifname: &str) -> Result<MacAddr, String> {
+pub fn veth_peer_mac(ifname: &str) -> Result<MacAddr, Error> {
+    let name = || ifname.to_string();
     let me = ip_json(&["-d", "link", "show", "dev", ifname])?;
-    let me = me.get(0).ok_or(format!("interface {ifname}: not found"))?;
-    let peer_index =
-        me.get("link_index").and_then(Value::as_u64).ok_or(format!("interface {ifname}: not a veth with a peer"))?;
-    let nsid = me
-        .get("link_netnsid")
-        .and_then(Value::as_u64)
-        .ok_or(format!("interface {ifname}: its peer is not in another namespace; give the pod's MAC with --mac"))?;
+    let me = me.get(0).ok_or_else(|| Error::NotFound { ifname: name() })?;
+    let peer_index = me.get("link_index").and_then(Value::as_u64).ok_or_else(|| Error::NotVeth { ifname: name() })?;
+    let nsid =
+        me.get("link_netnsid").and_then(Value::as_u64).ok_or_else(|| Error::PeerNotElsewhere { ifname: name() })?;
     let ids = ip_json(&["netns", "list-id"])?;
     let ns = ids
         .as_array()
@@ -112,9 +177,7 @@ pub fn veth_peer_mac(ifname: &str) -> Result<MacAddr, String> {
         .flatten()
         .find(|e| e.get("nsid").and_then(Value::as_u64) == Some(nsid))
         .and_then(|e| e.get("name").and_then(Value::as_str))
-        .ok_or(format!(
-            "interface {ifname}: its peer's namespace (nsid {nsid}) has no name; give the pod's MAC with --mac"
-        ))?
+        .ok_or_else(|| Error::PeerNamespaceUnnamed { ifname: name(), nsid })?
         .to_string();
     let links = ip_json(&["-n", &ns, "link", "show"])?;
     links
@@ -124,7 +187,7 @@ pub fn veth_peer_mac(ifname: &str) -> Result<MacAddr, String> {
         .find(|l| l.get("ifindex").and_then(Value::as_u64) == Some(peer_index))
         .and_then(|l| l.get("address").and_then(Value::as_str))
         .and_then(|m| m.parse().ok())
-        .ok_or(format!("interface {ifname}: no peer with index {peer_index} in namespace {ns}"))
+        .ok_or_else(|| Error::NoPeer { ifname: name(), index: peer_index, ns: ns.clone() })
 }
 
 /// The nftables table vxnat owns for pod egress masquerade.
@@ -151,7 +214,7 @@ pub struct NodeRules<'a> {
     pub node_ports: &'a [(&'static str, u16, Ipv4Addr, u16)],
 }
 
-pub fn install_node_rules(r: &NodeRules<'_>) -> Result<(), String> {
+pub fn install_node_rules(r: &NodeRules<'_>) -> Result<(), Error> {
     remove_masquerade();
     let (cluster, services, gw) = (r.cluster, r.services, r.gateway);
     let mut out =
@@ -174,14 +237,14 @@ pub fn install_node_rules(r: &NodeRules<'_>) -> Result<(), String> {
         .stdin(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .map_err(|e| format!("running nft (nftables): {e}"))?;
+        .map_err(Error::NftSpawn)?;
     if let Some(mut stdin) = child.stdin.take() {
         use std::io::Write;
-        stdin.write_all(out.as_bytes()).map_err(|e| format!("nft: {e}"))?;
+        stdin.write_all(out.as_bytes()).map_err(Error::NftIo)?;
     }
-    let res = child.wait_with_output().map_err(|e| format!("nft: {e}"))?;
+    let res = child.wait_with_output().map_err(Error::NftIo)?;
     if !res.status.success() {
-        return Err(format!("nft: vxnat rules: {}", String::from_utf8_lossy(&res.stderr).trim()));
+        return Err(Error::Nft { stderr: String::from_utf8_lossy(&res.stderr).trim().to_string() });
     }
     Ok(())
 }

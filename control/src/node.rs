@@ -29,6 +29,48 @@ use xsk::host::{ask, Command, FIRST_POD};
 /// it to its own error).
 pub const NODE_FULL: &str = "node full";
 
+/// Why a request on the running node failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The node holds `max_pods` pods already (begins with `NODE_FULL`).
+    #[error("{NODE_FULL}: {max} pods attached, max_pods is {max}; {ifname} ({ip}) not attached")]
+    Full { max: usize, ifname: String, ip: Ipv4Addr },
+    #[error("ifname: {ifname} does not exist")]
+    NoSuchInterface { ifname: String },
+    #[error("ifname: {ifname} is already attached")]
+    AlreadyAttached { ifname: String },
+    #[error("ifname: {ifname} is not attached")]
+    NotAttached { ifname: String },
+    /// Reading the pod's interface failed.
+    #[error(transparent)]
+    Interface(#[from] netinfo::Error),
+    /// The new tables could not be compiled.
+    #[error(transparent)]
+    Compile(#[from] crate::compile::Error),
+    /// The worker's command channel is closed.
+    #[error("worker stopped")]
+    WorkerStopped,
+    /// The worker did not answer in time.
+    #[error("worker did not answer")]
+    WorkerSilent,
+    /// The worker refused the request, or could not be asked (xsk's own message, free-form:
+    /// the worker host reports a `String`).
+    #[error("{0}")]
+    Worker(String),
+    /// The configuration's `service_cidr` is not a CIDR.
+    #[error("service_cidr")]
+    ServiceCidr,
+    /// Writing vxnat's nftables rules failed.
+    #[error(transparent)]
+    Rules(netinfo::Error),
+    /// An observer (capture or trace) already runs in the worker.
+    #[error("a capture or trace is already running on this node; try again when it ends")]
+    ObserverBusy,
+    /// The worker no longer held the observer when it was collected.
+    #[error("the observer went missing")]
+    ObserverMissing,
+}
+
 /// The cluster as the source reported it, and what was compiled from it.
 #[derive(Debug)]
 pub struct Cluster {
@@ -145,7 +187,7 @@ impl Node {
         (FIRST_POD..).find(|p| !self.pods.iter().any(|q| q.port == *p)).unwrap_or(FIRST_POD)
     }
 
-    fn compile(&mut self, pods: &[Pod]) -> Result<Arc<Tables>, String> {
+    fn compile(&mut self, pods: &[Pod]) -> Result<Arc<Tables>, Error> {
         self.generation += 1;
         Ok(Arc::new(compile(&self.facts, self.cluster.services.clone(), pods, self.generation)?))
     }
@@ -158,16 +200,16 @@ impl Node {
         }
     }
 
-    pub fn attach(&mut self, ifname: &str, ip: Ipv4Addr, mac: Option<MacAddr>) -> Result<Pod, String> {
+    pub fn attach(&mut self, ifname: &str, ip: Ipv4Addr, mac: Option<MacAddr>) -> Result<Pod, Error> {
         let max = self.facts.file.max_pods as usize;
         if self.pods.len() >= max {
-            return Err(format!("{NODE_FULL}: {max} pods attached, max_pods is {max}; {ifname} ({ip}) not attached"));
+            return Err(Error::Full { max, ifname: ifname.to_string(), ip });
         }
         if !netinfo::exists(ifname) {
-            return Err(format!("ifname: {ifname} does not exist"));
+            return Err(Error::NoSuchInterface { ifname: ifname.to_string() });
         }
         if self.pods.iter().any(|p| p.ifname == ifname) {
-            return Err(format!("ifname: {ifname} is already attached"));
+            return Err(Error::AlreadyAttached { ifname: ifname.to_string() });
         }
         let mac = match mac {
             Some(m) => m,
@@ -188,27 +230,27 @@ impl Node {
         let (tx, rx) = bounded(1);
         self.commands
             .send(Command::Attach { port: PortId(pod.port), ifname: ifname.to_string(), tables, reply: tx })
-            .map_err(|_| "worker stopped".to_string())?;
-        rx.recv_timeout(Duration::from_secs(10)).map_err(|_| "worker did not answer".to_string())??;
+            .map_err(|_| Error::WorkerStopped)?;
+        rx.recv_timeout(Duration::from_secs(10)).map_err(|_| Error::WorkerSilent)?.map_err(Error::Worker)?;
         self.pods = pods;
         self.save_pods();
         Ok(pod)
     }
 
-    pub fn detach(&mut self, ifname: &str) -> Result<Pod, String> {
+    pub fn detach(&mut self, ifname: &str) -> Result<Pod, Error> {
         let pod = self
             .pods
             .iter()
             .find(|p| p.ifname == ifname)
             .cloned()
-            .ok_or(format!("ifname: {ifname} is not attached"))?;
+            .ok_or_else(|| Error::NotAttached { ifname: ifname.to_string() })?;
         let pods: Vec<Pod> = self.pods.iter().filter(|p| p.ifname != ifname).cloned().collect();
         let tables = self.compile(&pods)?;
         let (tx, rx) = bounded(1);
         self.commands
             .send(Command::Detach { port: PortId(pod.port), tables, reply: tx })
-            .map_err(|_| "worker stopped".to_string())?;
-        rx.recv_timeout(Duration::from_secs(10)).map_err(|_| "worker did not answer".to_string())??;
+            .map_err(|_| Error::WorkerStopped)?;
+        rx.recv_timeout(Duration::from_secs(10)).map_err(|_| Error::WorkerSilent)?.map_err(Error::Worker)?;
         self.pods = pods;
         self.save_pods();
         Ok(pod)
@@ -227,8 +269,8 @@ impl Node {
     }
 
     /// The worker's stats, read on its thread between two polls.
-    pub fn stats(&self) -> Result<WorkerStats, String> {
-        ask(&self.commands, Duration::from_secs(5), |w, v| snapshot(w, v))
+    pub fn stats(&self) -> Result<WorkerStats, Error> {
+        ask(&self.commands, Duration::from_secs(5), |w, v| snapshot(w, v)).map_err(Error::Worker)
     }
 
     /// Re-reads the uplink's MAC and MTU and re-resolves the underlay next hops; publishes new
@@ -337,9 +379,9 @@ impl Node {
 
 /// Writes vxnat's nftables table for this node (node-local NodePorts, host port SNAT, pod
 /// masquerade).
-pub fn install_rules(facts: &NodeFacts, cluster: &Cluster) -> Result<(), String> {
+pub fn install_rules(facts: &NodeFacts, cluster: &Cluster) -> Result<(), Error> {
     let file: &NodeFile = &facts.file;
-    let services = file.service_cidr.parse::<Ipv4Cidr>().map_err(|_| "service_cidr".to_string())?.network().to_string();
+    let services = file.service_cidr.parse::<Ipv4Cidr>().map_err(|_| Error::ServiceCidr)?.network().to_string();
     netinfo::install_node_rules(&netinfo::NodeRules {
         cluster: &facts.cluster.network().to_string(),
         services: &services,
@@ -348,6 +390,7 @@ pub fn install_rules(facts: &NodeFacts, cluster: &Cluster) -> Result<(), String>
         masquerade: file.masquerade,
         node_ports: &cluster.node_ports,
     })
+    .map_err(Error::Rules)
 }
 
 /// Runs an observer in the worker until it has what it asked for or `timeout` passes, and
@@ -356,7 +399,7 @@ pub fn observe(
     commands: &Sender<Command>,
     o: dataplane::observe::Observe,
     timeout: Duration,
-) -> Result<Box<dataplane::observe::Observe>, String> {
+) -> Result<Box<dataplane::observe::Observe>, Error> {
     let wait = Duration::from_secs(5);
     let o = Box::new(o);
     let started = ask(commands, wait, move |w, _| {
@@ -366,9 +409,10 @@ pub fn observe(
             *slot = Some(o);
         }
         free
-    })?;
+    })
+    .map_err(Error::Worker)?;
     if !started {
-        return Err("a capture or trace is already running on this node; try again when it ends".into());
+        return Err(Error::ObserverBusy);
     }
     let until = Instant::now() + timeout;
     while Instant::now() < until {
@@ -377,7 +421,7 @@ pub fn observe(
             break;
         }
     }
-    ask(commands, wait, |w, _| w.state_mut().observe.take())?.ok_or("the observer went missing".to_string())
+    ask(commands, wait, |w, _| w.state_mut().observe.take()).map_err(Error::Worker)?.ok_or(Error::ObserverMissing)
 }
 
 /// Drop reason help, for reports.

@@ -17,17 +17,65 @@ use xsk::bpf::{AttachMode, XdpProgram};
 use xsk::host::{HostConfig, WorkerHost};
 use xsk::worker::WorkerConfig;
 
+/// Why the node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is invalid (its message names the key).
+    #[error(transparent)]
+    Config(#[from] crate::config::Error),
+    /// The state file, or this node's Node object, is invalid (the message names the object
+    /// and the field).
+    #[error(transparent)]
+    State(#[from] crate::state::Error),
+    /// The cluster state (`origin`: the state file or "Kubernetes API") has no Node named as
+    /// the config's `node`.
+    #[error("{origin}: no Node named {node:?} (node in the config)")]
+    NoNode { origin: String, node: String },
+    /// The VNI this node's Node announces differs from the config's `vxlan.vni`.
+    #[error("Node {node}: backend-data VNI {vni} differs from vxlan.vni {config}")]
+    VniMismatch { node: String, vni: u32, config: u32 },
+    #[error("cluster_cidr: not a CIDR")]
+    ClusterCidr,
+    #[error("service_cidr")]
+    ServiceCidr,
+    /// The Kubernetes API did not list every kind in time.
+    #[error("Kubernetes API: no complete list of Nodes, Services and EndpointSlices within {timeout:?}")]
+    NoInitialList { timeout: Duration },
+    /// Reading the uplink, or creating the host port, failed.
+    #[error(transparent)]
+    Interface(#[from] netinfo::Error),
+    /// The first tables could not be compiled.
+    #[error(transparent)]
+    Compile(#[from] crate::compile::Error),
+    /// vxnat's nftables rules could not be written.
+    #[error(transparent)]
+    Rules(#[from] crate::node::Error),
+    #[error("signal handler: {0}")]
+    Signal(#[source] std::io::Error),
+    #[error("starting the cluster source: {0}")]
+    Source(#[source] std::io::Error),
+    /// The worker host did not start (xsk's own message, free-form: it reports a `String`).
+    #[error("{0}")]
+    Worker(String),
+    #[error("the worker kept the frontends map")]
+    FrontendsKept,
+    /// The ctl socket could not be served (ctl's own message, free-form: ctl reports a
+    /// `String`, as its wire protocol carries them).
+    #[error("{0}")]
+    Ctl(String),
+}
+
 /// What this node is, from `file` and its Node in the cluster `model`: the facts the tables
 /// are compiled from (the host port is filled in once created).
-pub fn gather(file: &NodeFile, model: &Model) -> Result<NodeFacts, String> {
+pub fn gather(file: &NodeFile, model: &Model) -> Result<NodeFacts, Error> {
     let source = file.state.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "Kubernetes API".into());
     let me = model
         .nodes
         .get(&file.node)
-        .ok_or(format!("{source}: no Node named {:?} (node in the config)", file.node))
-        .and_then(NodeView::from_node)?;
+        .ok_or_else(|| Error::NoNode { origin: source, node: file.node.clone() })
+        .and_then(|n| NodeView::from_node(n).map_err(Error::from))?;
     if let Some(vni) = me.vni.filter(|v| *v != file.vxlan.vni) {
-        return Err(format!("Node {}: backend-data VNI {vni} differs from vxlan.vni {}", me.name, file.vxlan.vni));
+        return Err(Error::VniMismatch { node: me.name, vni, config: file.vxlan.vni });
     }
     Ok(NodeFacts {
         file: file.clone(),
@@ -35,7 +83,7 @@ pub fn gather(file: &NodeFile, model: &Model) -> Result<NodeFacts, String> {
         me,
         uplink_mac: netinfo::mac(&file.uplink)?,
         uplink_mtu: netinfo::mtu(&file.uplink)?,
-        cluster: file.cluster_cidr.parse().map_err(|_| "cluster_cidr: not a CIDR".to_string())?,
+        cluster: file.cluster_cidr.parse().map_err(|_| Error::ClusterCidr)?,
         host: None,
         remotes: Vec::new(),
     })
@@ -47,7 +95,7 @@ fn initial_model(
     file: &NodeFile,
     updates: &crossbeam_channel::Receiver<Update>,
     timeout: Duration,
-) -> Result<Model, String> {
+) -> Result<Model, Error> {
     if let Some(path) = &file.state {
         return Ok(Model::from_state(ClusterState::load(path)?));
     }
@@ -56,9 +104,7 @@ fn initial_model(
     let deadline = Instant::now() + timeout;
     while listed.len() < 3 {
         let left = deadline.saturating_duration_since(Instant::now());
-        let u = updates.recv_timeout(left).map_err(|_| {
-            format!("Kubernetes API: no complete list of Nodes, Services and EndpointSlices within {timeout:?}")
-        })?;
+        let u = updates.recv_timeout(left).map_err(|_| Error::NoInitialList { timeout })?;
         if let Update::Relisted(k, _) = &u {
             if !listed.contains(k) {
                 listed.push(*k);
@@ -83,12 +129,12 @@ pub fn cleanup_leftovers(file: &NodeFile, pods: &[Pod]) {
 }
 
 /// Creates the host port (the node stack's way into the cluster network, as flannel's cni0).
-fn host_port(file: &NodeFile, facts: &NodeFacts) -> Result<HostPort, String> {
+fn host_port(file: &NodeFile, facts: &NodeFacts) -> Result<HostPort, Error> {
     let gw = facts.me.pod_cidr.first_host();
     // The pods' MTU: what fits the underlay after VXLAN.
     let mtu = facts.uplink_mtu.saturating_sub(50);
     let net = facts.me.pod_cidr.network().address();
-    let services = file.service_cidr.parse::<Ipv4Cidr>().map_err(|_| "service_cidr".to_string())?.network().to_string();
+    let services = file.service_cidr.parse::<Ipv4Cidr>().map_err(|_| Error::ServiceCidr)?.network().to_string();
     let stack =
         netinfo::create_host_port(&file.host.ifname, gw, net, mtu, &facts.cluster.network().to_string(), &services)?;
     Ok(HostPort {
@@ -100,13 +146,13 @@ fn host_port(file: &NodeFile, facts: &NodeFacts) -> Result<HostPort, String> {
 }
 
 /// Runs the node until SIGTERM/SIGINT; cleans up on the way out.
-pub fn run(file: NodeFile) -> Result<(), String> {
+pub fn run(file: NodeFile) -> Result<(), Error> {
     let pods_path = pods::pods_file(&file.socket);
     let previous = pods::load(&pods_path);
     cleanup_leftovers(&file, &previous);
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, stop.clone()).map_err(|e| format!("signal handler: {e}"))?;
+        signal_hook::flag::register(sig, stop.clone()).map_err(Error::Signal)?;
     }
     // The cluster source: the state file, followed for changes, or the Kubernetes API.
     let (update_tx, updates) = crossbeam_channel::unbounded();
@@ -119,7 +165,7 @@ pub fn run(file: NodeFile) -> Result<(), String> {
             stop.clone(),
         ),
     }
-    .map_err(|e| format!("starting the cluster source: {e}"))?;
+    .map_err(Error::Source)?;
     let model = initial_model(&file, &updates, Duration::from_secs(60))?;
     let mut facts = gather(&file, &model)?;
     let cluster = Cluster::new(model, &facts.me.name, file.maglev_table_size);
@@ -157,20 +203,23 @@ pub fn run(file: NodeFile) -> Result<(), String> {
         vxlan_port: file.vxlan.port,
         busy_poll: file.busy_poll,
     };
-    let shutdown = |why: String| {
+    let clean_up = || {
         netinfo::delete_link(&file.host.ifname);
         netinfo::remove_masquerade();
         let _ = std::fs::remove_file(&file.socket);
+    };
+    let shutdown = |why: Error| {
+        clean_up();
         why
     };
-    let mut worker = WorkerHost::spawn(cfg, tables, stop.clone()).map_err(&shutdown)?;
+    let mut worker = WorkerHost::spawn(cfg, tables, stop.clone()).map_err(|e| shutdown(Error::Worker(e)))?;
     // Control (this thread: ctl, refreshes) on a core the worker does not use.
     if let Some(worker_core) = file.cores.first() {
         if let Some(c) = core_affinity::get_core_ids().unwrap_or_default().into_iter().find(|c| c.id != *worker_core) {
             core_affinity::set_for_current(c);
         }
     }
-    let frontends = worker.take_frontends().ok_or_else(|| shutdown("the worker kept the frontends map".into()))?;
+    let frontends = worker.take_frontends().ok_or_else(|| shutdown(Error::FrontendsKept))?;
     let mut node = Node::new(facts, cluster, worker.commands(), frontends);
     node.arp = match crate::arpwatch::ArpWatch::open(&file.uplink) {
         Ok(a) => Some(a),
@@ -188,7 +237,7 @@ pub fn run(file: NodeFile) -> Result<(), String> {
     }
     let node_ip = node.facts.me.node_ip;
     let node = Arc::new(std::sync::Mutex::new(node));
-    let server = crate::ctl::serve(&file.socket, node.clone(), stop.clone()).map_err(&shutdown)?;
+    let server = crate::ctl::serve(&file.socket, node.clone(), stop.clone()).map_err(|e| shutdown(Error::Ctl(e)))?;
     let metrics = if file.metrics.is_empty() {
         None
     } else {
@@ -216,7 +265,7 @@ pub fn run(file: NodeFile) -> Result<(), String> {
         let _ = m.join();
     }
     // Pods stay listed in the pods file so a restart re-attaches them.
-    shutdown(String::new());
+    clean_up();
     Ok(())
 }
 

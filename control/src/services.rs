@@ -21,6 +21,32 @@ use std::sync::Arc;
 
 pub const DEFAULT_AFFINITY_S: i32 = 10800;
 
+/// Why a Service does not compile. `what` names the Service (`Service shop/web`); the
+/// messages name the field.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A Service without a name.
+    #[error("Service: metadata.name: missing")]
+    NameMissing,
+    /// An address field (`spec.clusterIP`, `spec.externalIPs[i]`,
+    /// `status.loadBalancer.ingress[i].ip`) is not an IPv4 address.
+    #[error("{what}: {field}: {value:?} is not an IPv4 address")]
+    Address { what: String, field: String, value: String },
+    /// The ClientIP affinity timeout is negative.
+    #[error("{what}: spec.sessionAffinityConfig.clientIP.timeoutSeconds: {value}")]
+    AffinityTimeout { what: String, value: i32 },
+    /// `spec.ports[index].port` is not a 16-bit port.
+    #[error("{what}: spec.ports[{index}].port: {value}")]
+    Port { what: String, index: usize, value: i32 },
+    /// `spec.ports[index].nodePort` is not a 16-bit port.
+    #[error("{what}: spec.ports[{index}].nodePort: {value}")]
+    NodePort { what: String, index: usize, value: i32 },
+    /// The port's endpoint sets could not be built (the dataplane's own message, free-form:
+    /// `ServicePort::new` reports a `String`).
+    #[error("{0}")]
+    Endpoints(String),
+}
+
 fn proto_num(p: Option<&str>) -> Option<u8> {
     match p.unwrap_or("TCP") {
         "TCP" => Some(6),
@@ -29,8 +55,8 @@ fn proto_num(p: Option<&str>) -> Option<u8> {
     }
 }
 
-fn ip(s: &str, what: &str) -> Result<Ipv4Addr, String> {
-    s.parse().map_err(|_| format!("{what}: {s:?} is not an IPv4 address"))
+fn ip(s: &str, what: &str, field: String) -> Result<Ipv4Addr, Error> {
+    s.parse().map_err(|_| Error::Address { what: what.to_string(), field, value: s.to_string() })
 }
 
 /// NodePorts with the ClusterIP and port behind each, for node-local clients:
@@ -102,7 +128,7 @@ impl Compiler {
         let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(keys.len().max(1));
         let chunk = keys.len().div_ceil(threads).max(1);
         let (node, size) = (&self.node, self.maglev_size);
-        let results: Vec<Vec<(Key, Result<CompiledService, String>)>> = std::thread::scope(|s| {
+        let results: Vec<Vec<(Key, Result<CompiledService, Error>)>> = std::thread::scope(|s| {
             let handles: Vec<_> = keys
                 .chunks(chunk)
                 .map(|part| {
@@ -124,6 +150,7 @@ impl Compiler {
                     self.cache.insert(k, c);
                 }
                 Err(e) => {
+                    let e = e.to_string();
                     self.problems.insert(k, e.clone());
                     problems.push(e);
                 }
@@ -148,7 +175,11 @@ impl Compiler {
                     self.cache.insert(k.clone(), c);
                 }
                 Err(e) => {
-                    let e = if self.cache.contains_key(k) { format!("{e}; its last good version stays") } else { e };
+                    let e = if self.cache.contains_key(k) {
+                        format!("{e}; its last good version stays")
+                    } else {
+                        e.to_string()
+                    };
                     self.problems.insert(k.clone(), e.clone());
                     problems.push(e);
                 }
@@ -198,10 +229,10 @@ pub fn compile_service(
     slices: &[&SliceView],
     node: &str,
     maglev_size: usize,
-) -> Result<CompiledService, String> {
+) -> Result<CompiledService, Error> {
     let ns = svc.namespace.as_str();
     if svc.name.is_empty() {
-        return Err("Service: metadata.name: missing".into());
+        return Err(Error::NameMissing);
     }
     let name = svc.name.as_str();
     let what = format!("Service {ns}/{name}");
@@ -215,28 +246,25 @@ pub fn compile_service(
     }
     let cluster_ip = match svc.cluster_ip.as_deref() {
         None | Some("") | Some("None") => None, // headless: nothing to translate
-        Some(s) => Some(ip(s, &format!("{what}: spec.clusterIP"))?),
+        Some(s) => Some(ip(s, &what, "spec.clusterIP".into())?),
     };
     let external_ips: Vec<Ipv4Addr> = svc
         .external_ips
         .iter()
         .enumerate()
-        .map(|(i, s)| ip(s, &format!("{what}: spec.externalIPs[{i}]")))
+        .map(|(i, s)| ip(s, &what, format!("spec.externalIPs[{i}]")))
         .collect::<Result<_, _>>()?;
     let lb_ips: Vec<Ipv4Addr> = svc
         .lb_ips
         .iter()
         .enumerate()
-        .filter_map(|(i, g)| g.as_deref().map(|s| ip(s, &format!("{what}: status.loadBalancer.ingress[{i}].ip"))))
+        .filter_map(|(i, g)| g.as_deref().map(|s| ip(s, &what, format!("status.loadBalancer.ingress[{i}].ip"))))
         .collect::<Result<_, _>>()?;
     let external_local = svc.external_traffic_policy.as_deref() == Some("Local");
     let internal_local = svc.internal_traffic_policy.as_deref() == Some("Local");
     let affinity_ns = if svc.session_affinity.as_deref() == Some("ClientIP") {
         let t = svc.affinity_timeout.unwrap_or(DEFAULT_AFFINITY_S);
-        Some(
-            u64::try_from(t).map_err(|_| format!("{what}: spec.sessionAffinityConfig.clientIP.timeoutSeconds: {t}"))?
-                * 1_000_000_000,
-        )
+        Some(u64::try_from(t).map_err(|_| Error::AffinityTimeout { what: what.clone(), value: t })? * 1_000_000_000)
     } else {
         None
     };
@@ -246,7 +274,7 @@ pub fn compile_service(
         let Some(proto) = proto_num(sp.protocol.as_deref()) else {
             continue; // SCTP: not handled by vxnat
         };
-        let port = u16::try_from(sp.port).map_err(|_| format!("{field}.port: {}", sp.port))?;
+        let port = u16::try_from(sp.port).map_err(|_| Error::Port { what: what.clone(), index: pi, value: sp.port })?;
         let mut endpoints = Vec::new();
         for s in &slices {
             let Some(ep_port) = s
@@ -278,7 +306,8 @@ pub fn compile_service(
             internal_local,
             affinity_ns,
             maglev_size,
-        )?;
+        )
+        .map_err(Error::Endpoints)?;
         let mut p = CompiledPort { port: Arc::new(compiled), field, frontends: Vec::new(), node_ports: Vec::new() };
         if let Some(cip) = cluster_ip {
             p.frontends.push((Frontend { proto, ip: cip, port }, FrontendKind::ClusterIp));
@@ -287,7 +316,7 @@ pub fn compile_service(
         p.frontends.extend(lb_ips.iter().map(|&ip| (Frontend { proto, ip, port }, FrontendKind::LoadBalancer)));
         if matches!(kind, "NodePort" | "LoadBalancer") {
             if let Some(np) = sp.node_port {
-                let np = u16::try_from(np).map_err(|_| format!("{}.nodePort: {np}", p.field))?;
+                let np = u16::try_from(np).map_err(|_| Error::NodePort { what: what.clone(), index: pi, value: np })?;
                 p.node_ports.push((proto, np));
             }
         }

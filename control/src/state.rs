@@ -9,10 +9,62 @@ use dataplane::wire::{Ipv4Cidr, MacAddr};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
+use std::path::PathBuf;
 
 pub const ANNOTATION_BACKEND_DATA: &str = "flannel.alpha.coreos.com/backend-data";
 pub const ANNOTATION_PUBLIC_IP: &str = "flannel.alpha.coreos.com/public-ip";
 pub const ANNOTATION_BACKEND_TYPE: &str = "flannel.alpha.coreos.com/backend-type";
+
+/// Why the cluster state or a Node could not be read. `what` names the object
+/// (`Service shop/web`, or `Node in document 2` when it has no name), `node` the Node.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The state file could not be read.
+    #[error("{}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    /// The state file's content is invalid (`source` says where).
+    #[error("{}: {source}", path.display())]
+    InFile { path: PathBuf, source: Box<Error> },
+    /// A YAML document (numbered from 1) does not parse.
+    #[error("document {doc}: {source}")]
+    Document { doc: usize, source: serde_yaml_ng::Error },
+    /// A `List`'s `items` is not a sequence.
+    #[error("{what}: items: not a list")]
+    ItemsNotList { what: String },
+    /// An object has no `kind`.
+    #[error("{what}: kind: missing")]
+    KindMissing { what: String },
+    /// An object does not deserialize into its type, as a whole.
+    #[error("{what}: {source}")]
+    Object { what: String, source: serde_yaml_ng::Error },
+    /// An object does not deserialize into its type: `path` is the field
+    /// (`spec.ports[0].port`).
+    #[error("{what}: {path}: {source}")]
+    Field { what: String, path: String, source: serde_yaml_ng::Error },
+    /// A Node without a name.
+    #[error("Node: metadata.name: missing")]
+    NodeNameMissing,
+    #[error("Node {node}: spec: missing")]
+    NodeSpecMissing { node: String },
+    #[error("Node {node}: spec.podCIDR: missing (flannel needs one per node)")]
+    PodCidrMissing { node: String },
+    #[error("Node {node}: spec.podCIDR: {value:?} is not an IPv4 CIDR")]
+    PodCidr { node: String, value: String },
+    /// flannel's public-ip annotation is not an IPv4 address.
+    #[error("Node {node}: metadata.annotations[{ANNOTATION_PUBLIC_IP}]: {value:?} is not an IPv4 address")]
+    PublicIp { node: String, value: String },
+    /// Neither an IPv4 InternalIP nor flannel's public-ip annotation.
+    #[error("Node {node}: status.addresses: no IPv4 InternalIP (and no {ANNOTATION_PUBLIC_IP} annotation)")]
+    NoInternalIp { node: String },
+    #[error("Node {node}: status.addresses: bad InternalIP")]
+    BadInternalIp { node: String },
+    /// flannel's backend-data annotation is not the JSON flannel writes.
+    #[error("Node {node}: metadata.annotations[{ANNOTATION_BACKEND_DATA}]: {source}")]
+    BackendData { node: String, source: serde_json::Error },
+    /// The backend-data annotation's VtepMAC is not a MAC address.
+    #[error("Node {node}: metadata.annotations[{ANNOTATION_BACKEND_DATA}]: VtepMAC {value:?} is not a MAC address")]
+    VtepMac { node: String, value: String },
+}
 
 #[derive(Debug, Clone, Default)]
 pub struct ClusterState {
@@ -35,23 +87,24 @@ fn describe(v: &serde_yaml_ng::Value, doc: usize) -> String {
 
 /// Deserializes one object into its k8s-openapi type; an error names the field by its path
 /// (`Service shop/web: spec.ports[0].port: invalid type: ...`).
-fn typed<T: serde::de::DeserializeOwned>(item: serde_yaml_ng::Value, what: &str) -> Result<T, String> {
+fn typed<T: serde::de::DeserializeOwned>(item: serde_yaml_ng::Value, what: &str) -> Result<T, Error> {
     serde_path_to_error::deserialize(item).map_err(|e| {
         let path = e.path().to_string();
-        let inner = e.into_inner();
+        let source = e.into_inner();
+        let what = what.to_string();
         if path == "." {
-            format!("{what}: {inner}")
+            Error::Object { what, source }
         } else {
-            format!("{what}: {path}: {inner}")
+            Error::Field { what, path, source }
         }
     })
 }
 
 impl ClusterState {
-    pub fn parse(text: &str) -> Result<ClusterState, String> {
+    pub fn parse(text: &str) -> Result<ClusterState, Error> {
         let mut state = ClusterState::default();
         for (doc, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-            let v = serde_yaml_ng::Value::deserialize(de).map_err(|e| format!("document {}: {e}", doc + 1))?;
+            let v = serde_yaml_ng::Value::deserialize(de).map_err(|e| Error::Document { doc: doc + 1, source: e })?;
             if v.is_null() {
                 continue;
             }
@@ -60,7 +113,7 @@ impl ClusterState {
                     match v.get("items") {
                         Some(serde_yaml_ng::Value::Sequence(s)) => s.clone(),
                         Some(serde_yaml_ng::Value::Null) | None => Vec::new(),
-                        Some(_) => return Err(format!("{}: items: not a list", describe(&v, doc + 1))),
+                        Some(_) => return Err(Error::ItemsNotList { what: describe(&v, doc + 1) }),
                     }
                 }
                 _ => vec![v],
@@ -74,16 +127,16 @@ impl ClusterState {
                     Some("EndpointSlice") => state.endpoint_slices.push(typed(item, &what)?),
                     // Other kinds (Endpoints, Pods, ...) are not vxnat's business.
                     Some(_) => {}
-                    None => return Err(format!("{what}: kind: missing")),
+                    None => return Err(Error::KindMissing { what }),
                 }
             }
         }
         Ok(state)
     }
 
-    pub fn load(path: &std::path::Path) -> Result<ClusterState, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    pub fn load(path: &std::path::Path) -> Result<ClusterState, Error> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Read { path: path.to_path_buf(), source: e })?;
+        Self::parse(&text).map_err(|e| Error::InFile { path: path.to_path_buf(), source: Box::new(e) })
     }
 }
 
@@ -109,39 +162,32 @@ struct BackendData {
 }
 
 impl NodeView {
-    pub fn from_node(n: &Node) -> Result<NodeView, String> {
-        let name = n.metadata.name.clone().ok_or("Node: metadata.name: missing")?;
-        let what = format!("Node {name}");
-        let spec = n.spec.as_ref().ok_or(format!("{what}: spec: missing"))?;
-        let cidr_s =
-            spec.pod_cidr.as_deref().ok_or(format!("{what}: spec.podCIDR: missing (flannel needs one per node)"))?;
+    pub fn from_node(n: &Node) -> Result<NodeView, Error> {
+        let name = n.metadata.name.clone().ok_or(Error::NodeNameMissing)?;
+        let node = || name.clone();
+        let spec = n.spec.as_ref().ok_or_else(|| Error::NodeSpecMissing { node: node() })?;
+        let cidr_s = spec.pod_cidr.as_deref().ok_or_else(|| Error::PodCidrMissing { node: node() })?;
         let pod_cidr: Ipv4Cidr =
-            cidr_s.parse().map_err(|_| format!("{what}: spec.podCIDR: {cidr_s:?} is not an IPv4 CIDR"))?;
+            cidr_s.parse().map_err(|_| Error::PodCidr { node: node(), value: cidr_s.to_string() })?;
         let ann = n.metadata.annotations.as_ref();
         let public = ann.and_then(|a| a.get(ANNOTATION_PUBLIC_IP));
         let node_ip = match public {
-            Some(p) => p.parse().map_err(|_| {
-                format!("{what}: metadata.annotations[{ANNOTATION_PUBLIC_IP}]: {p:?} is not an IPv4 address")
-            })?,
+            Some(p) => p.parse().map_err(|_| Error::PublicIp { node: node(), value: p.clone() })?,
             None => {
                 let addrs = n.status.as_ref().and_then(|s| s.addresses.as_ref());
                 let internal = addrs
                     .and_then(|a| a.iter().find(|a| a.type_ == "InternalIP" && a.address.parse::<Ipv4Addr>().is_ok()))
-                    .ok_or(format!(
-                        "{what}: status.addresses: no IPv4 InternalIP (and no {ANNOTATION_PUBLIC_IP} annotation)"
-                    ))?;
-                internal.address.parse().map_err(|_| format!("{what}: status.addresses: bad InternalIP"))?
+                    .ok_or_else(|| Error::NoInternalIp { node: node() })?;
+                internal.address.parse().map_err(|_| Error::BadInternalIp { node: node() })?
             }
         };
         let (vtep_mac, vni) = match ann.and_then(|a| a.get(ANNOTATION_BACKEND_DATA)) {
             None => (None, None),
             Some(raw) => {
-                let field = format!("{what}: metadata.annotations[{ANNOTATION_BACKEND_DATA}]");
-                let bd: BackendData = serde_json::from_str(raw).map_err(|e| format!("{field}: {e}"))?;
+                let bd: BackendData =
+                    serde_json::from_str(raw).map_err(|e| Error::BackendData { node: node(), source: e })?;
                 let mac = match bd.vtep_mac {
-                    Some(m) => {
-                        Some(m.parse::<MacAddr>().map_err(|_| format!("{field}: VtepMAC {m:?} is not a MAC address"))?)
-                    }
+                    Some(m) => Some(m.parse::<MacAddr>().map_err(|_| Error::VtepMac { node: node(), value: m })?),
                     None => None,
                 };
                 (mac, bd.vni)
@@ -228,18 +274,18 @@ items:
     fn errors_name_the_object_and_field() {
         let bad = LIST.replace("10.244.1.0/24", "10.244.1.0/99");
         let s = ClusterState::parse(&bad).unwrap();
-        let e = NodeView::from_node(&s.nodes[1]).unwrap_err();
+        let e = NodeView::from_node(&s.nodes[1]).unwrap_err().to_string();
         assert_eq!(e, "Node node-b: spec.podCIDR: \"10.244.1.0/99\" is not an IPv4 CIDR");
         let bad = LIST.replace("\"VtepMAC\":\"0e:a1:00:00:00:0a\"", "\"VtepMAC\":\"nope\"");
         let s = ClusterState::parse(&bad).unwrap();
-        let e = NodeView::from_node(&s.nodes[0]).unwrap_err();
+        let e = NodeView::from_node(&s.nodes[0]).unwrap_err().to_string();
         assert!(
             e.starts_with("Node node-a: metadata.annotations[flannel.alpha.coreos.com/backend-data]: VtepMAC"),
             "{e}"
         );
-        let e = ClusterState::parse("kind: Node\nmetadata: {name: z}\nspec: {podCIDR: 7}\n").unwrap_err();
+        let e = ClusterState::parse("kind: Node\nmetadata: {name: z}\nspec: {podCIDR: 7}\n").unwrap_err().to_string();
         assert!(e.starts_with("Node z:"), "{e}");
-        let e = ClusterState::parse("items: [1]\nkind: List\n").unwrap_err();
+        let e = ClusterState::parse("items: [1]\nkind: List\n").unwrap_err().to_string();
         assert!(e.contains("kind: missing"), "{e}");
     }
 
