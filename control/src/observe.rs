@@ -4,11 +4,14 @@
 //! close. A trace is reconstructed from what the pipeline saw at each point for a packet (as
 //! received, after decapsulation, before encapsulation, as sent) and its verdict: the steps
 //! shown are the differences between those, so a rewrite is reported exactly as it happened.
+//! Packets are read and printed by the dataplane's `wire` (its frame walk and its
+//! `PrettyPrinter`), the one decoder.
 
 use dataplane::filter::{Filter, Tuple};
 use dataplane::observe::TraceRecord;
 use dataplane::pipeline::{Disposition, WorkerState};
 use dataplane::tables::PortId;
+use dataplane::wire::{frame, IpProtocol, PrettyPrinter};
 use serde::{Deserialize, Serialize};
 
 /// One tracked connection, as `conntrack -L` / `ipvsadm -lnc` showed them.
@@ -45,11 +48,11 @@ pub struct FlowsReport {
 }
 
 fn proto_name(p: u8) -> String {
-    match p {
-        6 => "tcp".into(),
-        17 => "udp".into(),
-        1 => "icmp".into(),
-        n => n.to_string(),
+    match IpProtocol::from(p) {
+        IpProtocol::Tcp => "tcp".into(),
+        IpProtocol::Udp => "udp".into(),
+        IpProtocol::Icmp => "icmp".into(),
+        IpProtocol::Unknown(n) => n.to_string(),
     }
 }
 
@@ -127,55 +130,10 @@ pub fn render_flows(r: &FlowsReport) -> String {
     out
 }
 
-/// A frame in one line: `TCP 10.0.0.1:1 > 10.0.0.2:80 [S] 74 B`; VXLAN shows both headers.
+/// A frame in one line: `TCP 10.0.0.1:1 > 10.0.0.2:80 [S] 74 B`; VXLAN shows both headers
+/// (the dataplane's [`PrettyPrinter`]).
 pub fn summary(frame: &[u8]) -> String {
-    let Some(&[0x08, 0x00]) = frame.get(12..14) else {
-        return match frame.get(12..14) {
-            Some(&[0x08, 0x06]) => format!("ARP {} B", frame.len()),
-            Some(&[0x86, 0xdd]) => format!("IPv6 {} B", frame.len()),
-            _ => format!("non-IP frame {} B", frame.len()),
-        };
-    };
-    let ip = &frame[14..];
-    if ip.len() < 20 {
-        return format!("truncated IPv4 {} B", frame.len());
-    }
-    let hl = usize::from(ip[0] & 0x0f) * 4;
-    let (src, dst) = (
-        std::net::Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
-        std::net::Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
-    );
-    let l4 = ip.get(hl..).unwrap_or(&[]);
-    let ports = || l4.get(..4).map(|p| (u16::from_be_bytes([p[0], p[1]]), u16::from_be_bytes([p[2], p[3]])));
-    let ttl = ip[8];
-    match ip[9] {
-        6 => {
-            let (sp, dp) = ports().unwrap_or((0, 0));
-            let f = l4.get(13).copied().unwrap_or(0);
-            let flags: String = [(0x02, 'S'), (0x10, '.'), (0x01, 'F'), (0x04, 'R'), (0x08, 'P')]
-                .iter()
-                .filter(|(b, _)| f & b != 0)
-                .map(|(_, c)| *c)
-                .collect();
-            format!("TCP {src}:{sp} > {dst}:{dp} [{flags}] ttl {ttl} {} B", frame.len())
-        }
-        17 => {
-            let (sp, dp) = ports().unwrap_or((0, 0));
-            if dp == 8472 || dp == 4789 {
-                let vni = l4.get(12..15).map_or(0, |v| u32::from_be_bytes([0, v[0], v[1], v[2]]));
-                let inner = l4.get(16..).map(summary).unwrap_or_default();
-                return format!("VXLAN {src}:{sp} > {dst}:{dp} vni {vni} | {inner}");
-            }
-            format!("UDP {src}:{sp} > {dst}:{dp} ttl {ttl} {} B", frame.len())
-        }
-        1 => format!(
-            "ICMP {src} > {dst} type {} code {} {} B",
-            l4.first().unwrap_or(&0),
-            l4.get(1).unwrap_or(&0),
-            frame.len()
-        ),
-        p => format!("IPv4 proto {p} {src} > {dst} {} B", frame.len()),
-    }
+    PrettyPrinter::new(frame).to_string()
 }
 
 fn inner_tuple(frame: &[u8]) -> Option<Tuple> {
@@ -183,16 +141,9 @@ fn inner_tuple(frame: &[u8]) -> Option<Tuple> {
     (n > 0).then(|| t[n - 1])
 }
 
-fn ttl_of(frame: &[u8]) -> Option<u8> {
-    let (_, n) = dataplane::filter::tuples_of(frame);
-    match n {
-        1 => frame.get(14 + 8).copied(),
-        2 => {
-            let hl = usize::from(frame.get(14)? & 0x0f) * 4;
-            frame.get(14 + hl + 16 + 14 + 8).copied()
-        }
-        _ => None,
-    }
+/// The TTL of the innermost IPv4 packet (the inner one of VXLAN).
+fn ttl_of(f: &[u8]) -> Option<u8> {
+    frame::innermost_ipv4(f).map(|ip| ip.ttl())
 }
 
 /// One trace, explained.

@@ -16,14 +16,16 @@
 //! `host`, `net` and `port` without a direction match either end. Primitives are matched
 //! against a [`Tuple`]; for a frame, [`tuples_of`] gives its IPv4 header's tuple and, for VXLAN,
 //! the inner one too (a frame matches when either does, so `host <pod>` finds tunnelled
-//! traffic on the uplink).
+//! traffic on the uplink). Frames are read through [`crate::wire::frame`], the same walk the
+//! trace printer uses.
 
-use crate::wire::Ipv4Cidr;
+use crate::wire::{frame, IpProtocol, Ipv4Cidr, Ipv4Packet};
 use core::net::Ipv4Addr;
 
 /// What a filter looks at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tuple {
+    /// The protocol number, as a conntrack key holds it ([`IpProtocol`] says which).
     pub proto: u8,
     pub src: Ipv4Addr,
     pub dst: Ipv4Addr,
@@ -191,18 +193,20 @@ impl Parser {
                 let a = arg(self, "a port number")?;
                 Ok(Node::Port(dir, a.parse().map_err(|_| format!("port {a:?}: not a port number"))?))
             }
-            "tcp" => Ok(Node::Proto(6)),
-            "udp" => Ok(Node::Proto(17)),
-            "icmp" => Ok(Node::Proto(1)),
+            "tcp" => Ok(Node::Proto(IpProtocol::Tcp.into())),
+            "udp" => Ok(Node::Proto(IpProtocol::Udp.into())),
+            "icmp" => Ok(Node::Proto(IpProtocol::Icmp.into())),
             "proto" => {
                 let a = arg(self, "a protocol")?;
                 let p = match a.as_str() {
-                    "tcp" => 6,
-                    "udp" => 17,
-                    "icmp" => 1,
-                    n => n.parse().map_err(|_| format!("proto {n:?}: not tcp, udp, icmp or a number"))?,
+                    "tcp" => IpProtocol::Tcp,
+                    "udp" => IpProtocol::Udp,
+                    "icmp" => IpProtocol::Icmp,
+                    n => IpProtocol::from(
+                        n.parse::<u8>().map_err(|_| format!("proto {n:?}: not tcp, udp, icmp or a number"))?,
+                    ),
                 };
-                Ok(Node::Proto(p))
+                Ok(Node::Proto(p.into()))
             }
             other => Err(format!(
                 "unknown primitive {other:?} (expected host, net, port, tcp, udp, icmp, proto, src, dst, not, '(')"
@@ -241,7 +245,7 @@ impl Filter {
 }
 
 fn eval(n: &Node, t: &Tuple) -> bool {
-    let has_ports = t.proto == 6 || t.proto == 17;
+    let has_ports = matches!(IpProtocol::from(t.proto), IpProtocol::Tcp | IpProtocol::Udp);
     match n {
         Node::True => true,
         Node::Host(d, a) => dir_match(*d, t.src == *a, t.dst == *a),
@@ -262,51 +266,26 @@ fn dir_match(d: Dir, src: bool, dst: bool) -> bool {
     }
 }
 
-fn ipv4_tuple(ip: &[u8]) -> Option<Tuple> {
-    let v = *ip.first()?;
-    let hl = usize::from(v & 0x0f) * 4;
-    if v >> 4 != 4 || hl < 20 || ip.len() < 20 {
-        return None;
-    }
-    let proto = ip[9];
-    let frag = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff;
-    let (mut sport, mut dport) = (0, 0);
-    if (proto == 6 || proto == 17) && frag == 0 {
-        if let Some(l4) = ip.get(hl..hl + 4) {
-            sport = u16::from_be_bytes([l4[0], l4[1]]);
-            dport = u16::from_be_bytes([l4[2], l4[3]]);
-        }
-    }
-    Some(Tuple {
-        proto,
-        src: Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
-        dst: Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
-        sport,
-        dport,
-    })
+/// The tuple of an IPv4 packet: ports for TCP and UDP carrying their header, else 0.
+fn ipv4_tuple(ip: &Ipv4Packet<&[u8]>) -> Tuple {
+    let (sport, dport) = ip.ports().unwrap_or((0, 0));
+    Tuple { proto: ip.protocol().into(), src: ip.src_addr(), dst: ip.dst_addr(), sport, dport }
 }
 
 /// The tuples a filter sees in an Ethernet frame: its IPv4 header's, and for VXLAN (UDP to
 /// 8472 or 4789) the inner packet's too. At most two; none for non-IPv4.
-pub fn tuples_of(frame: &[u8]) -> ([Tuple; 2], usize) {
+pub fn tuples_of(f: &[u8]) -> ([Tuple; 2], usize) {
     let blank = Tuple { proto: 0, src: Ipv4Addr::UNSPECIFIED, dst: Ipv4Addr::UNSPECIFIED, sport: 0, dport: 0 };
     let mut out = [blank; 2];
-    let ip = match frame.get(12..14) {
-        Some([0x08, 0x00]) => &frame[14..],
-        _ => return (out, 0),
-    };
-    let Some(outer) = ipv4_tuple(ip) else { return (out, 0) };
-    out[0] = outer;
-    if outer.proto == 17 && (outer.dport == 8472 || outer.dport == 4789) {
-        let hl = usize::from(ip[0] & 0x0f) * 4;
-        let inner =
-            ip.get(hl + 8 + 8..).and_then(|e| if e.get(12..14) == Some(&[0x08, 0x00]) { e.get(14..) } else { None });
-        if let Some(t) = inner.and_then(ipv4_tuple) {
-            out[1] = t;
-            return (out, 2);
+    let Ok(outer) = frame::ipv4(f) else { return (out, 0) };
+    out[0] = ipv4_tuple(&outer);
+    match frame::vxlan_inner(f).and_then(|inner| frame::ipv4(inner).ok()) {
+        Some(inner) => {
+            out[1] = ipv4_tuple(&inner);
+            (out, 2)
         }
+        None => (out, 1),
     }
-    (out, 1)
 }
 
 /// Whether a frame matches (either of its tuples).

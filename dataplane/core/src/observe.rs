@@ -6,11 +6,14 @@
 //! inner frame and decapsulation only pulls them off, so the frame just before encapsulation is
 //! what follows the VXLAN header of an output, and the frame just after decapsulation is what
 //! follows it in the input (before any rewrite). On, matching frames are copied (bounded by the
-//! count asked for) and nothing else changes.
+//! count asked for) and nothing else changes. Frames are looked into through
+//! [`crate::wire::frame`] only (the inner frame of VXLAN); [`crate::wire::PrettyPrinter`] prints
+//! what was collected.
 
 use crate::filter::{frame_matches, Filter};
 use crate::pipeline::{Disposition, DropReason};
 use crate::tables::PortId;
+use crate::wire::frame::vxlan_inner;
 
 /// Where a frame is looked at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,23 +88,6 @@ pub struct Observe {
     inner_in: Vec<Option<Vec<u8>>>,
     /// The frame being processed (its batch index).
     pub(crate) frame: usize,
-}
-
-/// The inner frame of a VXLAN frame (untagged IPv4 outer, UDP to 8472 or 4789).
-fn vxlan_inner(frame: &[u8]) -> Option<&[u8]> {
-    if frame.get(12..14)? != [0x08, 0x00] {
-        return None;
-    }
-    let ip = &frame[14..];
-    let hl = usize::from(ip.first()? & 0x0f) * 4;
-    if *ip.get(9)? != 17 {
-        return None;
-    }
-    let dport = u16::from_be_bytes([*ip.get(hl + 2)?, *ip.get(hl + 3)?]);
-    if dport != 8472 && dport != 4789 {
-        return None;
-    }
-    frame.get(14 + hl + 8 + 8..).filter(|f| f.len() >= 14)
 }
 
 fn wall_ns() -> u64 {

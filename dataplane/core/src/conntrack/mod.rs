@@ -13,7 +13,7 @@ mod tcp;
 pub use index::KeyHash;
 pub use tcp::{TcpEvent, TcpState};
 
-use crate::wire::TcpFlags;
+use crate::wire::{IpProtocol, TcpFlags};
 use core::net::Ipv4Addr;
 
 const S: u64 = 1_000_000_000;
@@ -32,8 +32,8 @@ pub struct FlowKey {
 impl FlowKey {
     /// The key of packets travelling the other way between the same endpoints.
     pub fn reversed(&self) -> FlowKey {
-        if self.proto == 1 {
-            return FlowKey { proto: 1, src: self.dst, dst: self.src, sport: self.sport, dport: 0 };
+        if IpProtocol::from(self.proto) == IpProtocol::Icmp {
+            return FlowKey { proto: self.proto, src: self.dst, dst: self.src, sport: self.sport, dport: 0 };
         }
         FlowKey { proto: self.proto, src: self.dst, dst: self.src, sport: self.dport, dport: self.sport }
     }
@@ -264,9 +264,9 @@ impl ConnTrack {
         let Some(slot) = self.free.pop() else {
             return Err(CtError::Full);
         };
-        let state = match orig.proto {
-            6 => FlowState::Tcp(TcpState::SynSent),
-            17 => FlowState::UdpUnreplied,
+        let state = match IpProtocol::from(orig.proto) {
+            IpProtocol::Tcp => FlowState::Tcp(TcpState::SynSent),
+            IpProtocol::Udp => FlowState::UdpUnreplied,
             _ => FlowState::Other,
         };
         let expires_at = now.saturating_add(self.timeouts.of(state));

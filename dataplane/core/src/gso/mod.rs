@@ -14,8 +14,8 @@
 //!
 //! Output goes to a [`Sink`] that hands out a buffer per packet, so nothing is allocated here.
 
-use crate::wire::checksum;
-use core::net::Ipv4Addr;
+use crate::wire::ipv4;
+use crate::wire::{IpProtocol, Ipv4Packet, TcpFlags, TcpPacket};
 
 /// Where packets are written: asked for a buffer of exactly `len` bytes per packet, in order.
 /// `None` means no room (e.g. no free UMEM frame): segmentation stops and reports it.
@@ -33,38 +33,20 @@ pub enum GsoError {
     NoRoom(usize),
 }
 
-const TCP_FIN: u8 = 0x01;
-const TCP_PSH: u8 = 0x08;
-const TCP_CWR: u8 = 0x80;
-
-struct Ip {
-    hl: usize,
-    total: usize,
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
+/// The input as an IPv4 packet: version 4, header and total length consistent with `p`.
+fn parse_ip(p: &[u8]) -> Result<Ipv4Packet<&[u8]>, GsoError> {
+    match Ipv4Packet::new_checked(p) {
+        Ok(ip) if ip.version() == 4 => Ok(ip),
+        _ => Err(GsoError::Malformed),
+    }
 }
 
-fn parse_ip(p: &[u8]) -> Option<Ip> {
-    let v = *p.first()?;
-    let hl = usize::from(v & 0x0f) * 4;
-    if v >> 4 != 4 || hl < 20 || p.len() < hl {
-        return None;
-    }
-    let total = usize::from(u16::from_be_bytes([p[2], p[3]]));
-    if total < hl || total > p.len() {
-        return None;
-    }
-    let src = Ipv4Addr::new(p[12], p[13], p[14], p[15]);
-    let dst = Ipv4Addr::new(p[16], p[17], p[18], p[19]);
-    Some(Ip { hl, total, src, dst })
-}
-
+/// Completes a copied IPv4 header for one output packet: total length, ident, checksum.
 fn finish_ip_header(h: &mut [u8], total: usize, ident: u16) {
-    h[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-    h[4..6].copy_from_slice(&ident.to_be_bytes());
-    h[10..12].copy_from_slice(&[0, 0]);
-    let c = checksum::checksum(h);
-    h[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut ip = Ipv4Packet::new_unchecked(h);
+    ip.set_total_len(total as u16);
+    ip.set_ident(ident);
+    ip.fill_checksum();
 }
 
 /// The TCP payload bytes per segment for a packet with these headers through `mtu`, capped by
@@ -80,91 +62,58 @@ pub fn tcp_segment_payload(ip_hl: usize, tcp_hl: usize, mtu: usize, mss: Option<
 /// ignored). Returns the number of segments written. A packet that already fits is written
 /// as one segment (with its checksums recomputed).
 pub fn segment_tcp(p: &[u8], mtu: usize, mss: Option<u16>, sink: &mut impl Sink) -> Result<usize, GsoError> {
-    let ip = parse_ip(p).ok_or(GsoError::Malformed)?;
-    if p[9] != 6 {
+    let ip = parse_ip(p)?;
+    if ip.protocol() != IpProtocol::Tcp {
         return Err(GsoError::Malformed);
     }
-    let tcp = &p[ip.hl..ip.total];
-    let thl = usize::from(tcp.get(12).ok_or(GsoError::Malformed)? >> 4) * 4;
-    if thl < 20 || tcp.len() < thl {
-        return Err(GsoError::Malformed);
-    }
-    let payload = &tcp[thl..];
-    let seg = tcp_segment_payload(ip.hl, thl, mtu, mss);
+    let (hl, src, dst, ident0) = (ip.header_len(), ip.src_addr(), ip.dst_addr(), ip.ident());
+    let tcp = ip.into_payload();
+    let th = TcpPacket::new_checked(tcp).map_err(|_| GsoError::Malformed)?;
+    let thl = th.header_len();
+    let payload = th.payload();
+    let seg = tcp_segment_payload(hl, thl, mtu, mss);
     if seg == 0 {
         return Err(GsoError::MtuTooSmall);
     }
-    let seq0 = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
-    let ident0 = u16::from_be_bytes([p[4], p[5]]);
-    let flags0 = tcp[13];
+    let (seq0, flags0) = (th.seq_number(), th.flags());
     let n = payload.len().div_ceil(seg).max(1);
     for i in 0..n {
         let chunk = &payload[(i * seg).min(payload.len())..((i + 1) * seg).min(payload.len())];
-        let total = ip.hl + thl + chunk.len();
+        let total = hl + thl + chunk.len();
         let out = sink.next(total).ok_or(GsoError::NoRoom(i))?;
-        out[..ip.hl].copy_from_slice(&p[..ip.hl]);
-        finish_ip_header(&mut out[..ip.hl], total, ident0.wrapping_add(i as u16));
-        let t = &mut out[ip.hl..];
+        out[..hl].copy_from_slice(&p[..hl]);
+        finish_ip_header(&mut out[..hl], total, ident0.wrapping_add(i as u16));
+        let t = &mut out[hl..];
         t[..thl].copy_from_slice(&tcp[..thl]);
-        t[4..8].copy_from_slice(&seq0.wrapping_add((i * seg) as u32).to_be_bytes());
+        t[thl..thl + chunk.len()].copy_from_slice(chunk);
+        let mut seg_tcp = TcpPacket::new_unchecked(&mut t[..thl + chunk.len()]);
+        seg_tcp.set_seq_number(seq0.wrapping_add((i * seg) as u32));
         let mut flags = flags0;
         if i + 1 < n {
-            flags &= !(TCP_FIN | TCP_PSH);
+            flags = flags.without(TcpFlags::FIN | TcpFlags::PSH);
         }
         if i > 0 {
-            flags &= !TCP_CWR;
+            flags = flags.without(TcpFlags::CWR);
         }
-        t[13] = flags;
-        t[thl..thl + chunk.len()].copy_from_slice(chunk);
-        t[16..18].copy_from_slice(&[0, 0]);
-        let c = checksum::l4_checksum(ip.src, ip.dst, 6, &t[..thl + chunk.len()]);
-        t[16..18].copy_from_slice(&c.to_be_bytes());
+        seg_tcp.set_flags(flags);
+        seg_tcp.fill_checksum(src, dst);
     }
     Ok(n)
-}
-
-/// The options of an IPv4 header that later fragments repeat (copy bit set), RFC 791.
-fn copied_options(opts: &[u8], out: &mut [u8; 40]) -> usize {
-    let (mut i, mut n) = (0, 0);
-    while i < opts.len() {
-        let kind = opts[i];
-        match kind {
-            0 => break,
-            1 => i += 1,
-            _ => {
-                let len = usize::from(*opts.get(i + 1).unwrap_or(&0));
-                if len < 2 || i + len > opts.len() {
-                    break;
-                }
-                if kind & 0x80 != 0 {
-                    out[n..n + len].copy_from_slice(&opts[i..i + len]);
-                    n += len;
-                }
-                i += len;
-            }
-        }
-    }
-    // Pad to a 4-byte boundary with end-of-options.
-    while n % 4 != 0 {
-        out[n] = 0;
-        n += 1;
-    }
-    n
 }
 
 /// Fragments the IPv4 packet `p` (DF must be clear; the caller checks) so that every fragment's
 /// total length is at most `mtu`. Returns the number of fragments written.
 pub fn fragment(p: &[u8], mtu: usize, sink: &mut impl Sink) -> Result<usize, GsoError> {
-    let ip = parse_ip(p).ok_or(GsoError::Malformed)?;
-    let frag_field = u16::from_be_bytes([p[6], p[7]]);
-    let (orig_mf, orig_off) = (frag_field & 0x2000 != 0, usize::from(frag_field & 0x1fff) * 8);
-    let data = &p[ip.hl..ip.total];
-    let mut later_opts = [0u8; 40];
-    let later_opts_len = copied_options(&p[20..ip.hl], &mut later_opts);
+    let ip = parse_ip(p)?;
+    let (dont_frag, orig_mf, orig_off) = (ip.dont_frag(), ip.more_frags(), usize::from(ip.frag_offset()));
+    let (first_hl, ident) = (ip.header_len(), ip.ident());
+    let mut later_opts = [0u8; ipv4::MAX_HEADER_LEN - ipv4::HEADER_LEN];
+    let later_opts_len = ip.copied_options(&mut later_opts);
+    let data = ip.into_payload();
     let mut pos = 0;
     let mut count = 0;
     while pos < data.len() || count == 0 {
-        let hl = if count == 0 { ip.hl } else { 20 + later_opts_len };
+        let hl = if count == 0 { first_hl } else { ipv4::HEADER_LEN + later_opts_len };
         let room = mtu.saturating_sub(hl) & !7;
         if room == 0 {
             return Err(GsoError::MtuTooSmall);
@@ -173,19 +122,18 @@ pub fn fragment(p: &[u8], mtu: usize, sink: &mut impl Sink) -> Result<usize, Gso
         let last = pos + take == data.len();
         let total = hl + take;
         let out = sink.next(total).ok_or(GsoError::NoRoom(count))?;
-        out[..20].copy_from_slice(&p[..20]);
+        out[..ipv4::HEADER_LEN].copy_from_slice(&p[..ipv4::HEADER_LEN]);
         if count == 0 {
-            out[20..hl].copy_from_slice(&p[20..ip.hl]);
+            out[ipv4::HEADER_LEN..hl].copy_from_slice(&p[ipv4::HEADER_LEN..first_hl]);
         } else {
-            out[20..hl].copy_from_slice(&later_opts[..later_opts_len]);
+            out[ipv4::HEADER_LEN..hl].copy_from_slice(&later_opts[..later_opts_len]);
         }
-        out[0] = 0x40 | (hl / 4) as u8;
-        let off = (orig_off + pos) / 8;
-        let mf = !last || orig_mf;
-        let field = (frag_field & 0x4000) | if mf { 0x2000 } else { 0 } | (off as u16 & 0x1fff);
-        out[6..8].copy_from_slice(&field.to_be_bytes());
+        let mut h = Ipv4Packet::new_unchecked(&mut out[..hl]);
+        h.set_version_ihl(hl);
+        // The offset in bytes; MF on all but the last, and on the last too when the input was
+        // itself a fragment that was not the last.
+        h.set_frag(dont_frag, !last || orig_mf, (orig_off + pos) as u16);
         out[hl..total].copy_from_slice(&data[pos..pos + take]);
-        let ident = u16::from_be_bytes([p[4], p[5]]);
         finish_ip_header(&mut out[..hl], total, ident);
         pos += take;
         count += 1;

@@ -2,35 +2,74 @@
 //! [`Tables`] and `now`. Every frame ends in exactly one [`Disposition`]; every drop has a
 //! [`DropReason`] and is counted against the ingress port.
 //!
+//! The stages, one file each, named as a VPP node graph (who calls whom; `─►` passes the
+//! frame on, and each stage may end it instead with the dispositions listed under it):
+//!
 //! ```text
-//! pod/host rx ─► classify ─► (ARP reply) ─► validate IPv4 ─► complete partial csum ─► route ─► TTL ─► rewrite L2 | encap
-//! uplink rx   ─► decap (outer checks) ─────► validate inner IPv4 ───────────────────► route ─► TTL ─► rewrite L2
+//! process_batch ─► classify ─┬─ pod/host port: L2 checks ─┬─ ARP ─► reply::arp ......... Forward(ingress) | Drop
+//!   (mod.rs)   (classify.rs) │                            └─ IPv4 ─► validate ─► service_nat ─┬─► route
+//!                            │                            (validate.rs)     (service_nat/)    └─► outside::to_outside
+//!                            └─ uplink ─┬─ Service from outside ─► outside ─► validate ─► service_nat ─► route
+//!                                       │                        (outside.rs)
+//!                                       └─ VXLAN ─► decap ─► validate ─► service_nat ─┬─► route
+//!                                                  (decap.rs → vxlan/decap.rs)        └─► outside::to_outside
+//!
+//! route::forward ─┬─ host / outside the cluster ─► deliver_host ....................... ToHost
+//!   (route.rs)    ├─ TTL 1 ─► reply::time_exceeded ─► egress
+//!                 └─ pod / remote node (TTL − 1) ─► egress ─┬─ too large ─► oversize ─┬─ Spilled (segments, fragments)
+//!                                                           │          (oversize.rs)  ├─ reply::frag_needed ─► egress
+//!                                                           │                         └─ Drop(spill_full, ...)
+//!                                                           ├─ local pod ─► deliver_pod ........ Forward(pod port)
+//!                                                           ├─ host ─► deliver_host ............ ToHost
+//!                                                           └─ remote node ─► encap ............ Forward(uplink)
+//!                                                                   (encap.rs → vxlan/encap.rs)
+//! service_nat ─► Answered: reply::tcp_reset | reply::port_unreachable ─► egress;
+//!                reply::tcp_reset_outside .......................................... Forward(uplink)
+//! outside::to_outside ........................................................ Forward(uplink)
 //! ```
 //!
+//! Where each [`Disposition`] comes from: `Forward(port)` from `egress` (a pod, or the uplink
+//! after `encap`), from `reply::arp` (the ingress port), and from `outside` and
+//! `reply::tcp_reset_outside` (the uplink, straight back to a client outside); `ToHost` from
+//! `route::deliver_host`; `Spilled` from `oversize` only; `Drop(reason)` from any stage (each
+//! file's contract names its reasons) and from `process_batch` (`port_unknown`).
+//!
+//! Every stage reads and writes packets through `wire`'s views only; the facts validation
+//! establishes travel on as `ctx::Ipv4Meta`, with the per-batch context `ctx::Ctx`.
 //! Nothing here allocates, locks or makes a syscall per packet, and nothing panics on any
 //! input: lengths are checked once by the `wire` views and every failure maps to a reason.
 
+mod classify;
 mod counters;
+mod ctx;
+mod decap;
 mod drop;
+mod encap;
 mod frame;
-mod overlay;
+mod outside;
+mod oversize;
 mod reply;
+mod route;
 mod service_nat;
 mod spill;
+mod validate;
 
 #[cfg(test)]
 mod fixture_tests;
 #[cfg(test)]
 mod service_tests;
 
+pub(crate) use classify::vlan_error;
 pub use counters::{BackendCounters, Counters, EventCounters, PortCounters};
 pub use drop::DropReason;
 pub use frame::FrameBuf;
-pub(crate) use overlay::check_ipv4_header;
 pub use spill::Spill;
+pub(crate) use validate::check_ipv4_header;
 
 use crate::conntrack::{FlowKey, KeyHash};
 use crate::tables::{PortId, PortKind, Tables};
+use crate::wire::vxlan::ENCAP_OVERHEAD;
+use crate::wire::{ethernet, Ipv4Packet};
 
 /// Monotonic time in nanoseconds, passed in by the caller (never read inside stages).
 pub type Nanos = u64;
@@ -148,9 +187,9 @@ impl WorkerState {
     }
 
     /// The stages' view of this state for a batch received on `ingress`.
-    fn ctx<'a>(&'a mut self, tables: &'a Tables, now: Nanos, ingress: PortId) -> overlay::Ctx<'a> {
+    fn ctx<'a>(&'a mut self, tables: &'a Tables, now: Nanos, ingress: PortId) -> ctx::Ctx<'a> {
         let WorkerState { counters, ident, icmp_limit, flows, snat, affinity, spill, observe, backends } = self;
-        overlay::Ctx {
+        ctx::Ctx {
             tables,
             now,
             ingress,
@@ -234,7 +273,7 @@ pub fn process_batch(
     for (i, (frame, o)) in frames[..n].iter_mut().zip(out[..n].iter_mut()).enumerate() {
         ctx.hint = hints.get(i).copied().flatten();
         let spilled_from = if observing { observe_before(&mut ctx, i) } else { 0 };
-        let d = overlay::process_one(&mut ctx, &entry, frame);
+        let d = classify::process_one(&mut ctx, &entry, frame);
         if let Disposition::Drop(r) = d {
             ctx.counters.drops[r.index()] += 1;
         }
@@ -250,7 +289,7 @@ pub fn process_batch(
 
 /// Tells the observer which frame comes next; returns where its spilled packets will start.
 #[cold]
-fn observe_before(ctx: &mut overlay::Ctx<'_>, i: usize) -> usize {
+fn observe_before(ctx: &mut ctx::Ctx<'_>, i: usize) -> usize {
     if let Some(ob) = ctx.observe.as_deref_mut() {
         ob.frame = i;
     }
@@ -280,29 +319,23 @@ fn observe_after(
 }
 
 /// A cheap guess at the conntrack key of a frame (TCP/UDP over untagged IPv4 at the usual
-/// offsets; for the uplink, inside VXLAN). Only a hint for the touch pass: a wrong guess costs
-/// one wasted load, never a wrong decision.
+/// offsets; for the uplink, inside VXLAN behind option-less outer headers). Only a hint for the
+/// touch pass: a wrong guess costs one wasted load, never a wrong decision.
 #[inline]
-fn peek_flow_key(d: &[u8], uplink: bool) -> Option<crate::conntrack::FlowKey> {
-    let at = if uplink { 14 + 20 + 8 + 8 + 14 } else { 14 };
-    let ip = d.get(at..)?.first_chunk::<24>()?;
-    let hl = usize::from(ip[0] & 0x0f) * 4;
-    if ip[0] >> 4 != 4 || (ip[9] != 6 && ip[9] != 17) {
+fn peek_flow_key(d: &[u8], uplink: bool) -> Option<FlowKey> {
+    let at = if uplink { ENCAP_OVERHEAD + ethernet::HEADER_LEN } else { ethernet::HEADER_LEN };
+    let ip = d.get(at..)?;
+    let h = Ipv4Packet::new_fixed(ip).ok()?;
+    if h.version() != 4 {
         return None;
     }
-    let l4 = d.get(at + hl..)?.first_chunk::<4>()?;
-    Some(crate::conntrack::FlowKey {
-        proto: ip[9],
-        src: core::net::Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
-        dst: core::net::Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
-        sport: u16::from_be_bytes([l4[0], l4[1]]),
-        dport: u16::from_be_bytes([l4[2], l4[3]]),
-    })
+    let (sport, dport) = Ipv4Packet::new_unchecked(ip).ports()?;
+    Some(FlowKey { proto: h.protocol().into(), src: h.src_addr(), dst: h.dst_addr(), sport, dport })
 }
 
 /// Flows that expired (found by the sweep or on lookup) give back their SNAT ports, held from
 /// the moment each flow expired (not when it was noticed).
-fn release_expired(ctx: &mut overlay::Ctx<'_>) {
+fn release_expired(ctx: &mut ctx::Ctx<'_>) {
     for f in ctx.flows.take_expired() {
         let ended = f.expires_at;
         if f.state == crate::conntrack::FlowState::Tcp(crate::conntrack::TcpState::SynSent) {

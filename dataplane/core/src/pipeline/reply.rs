@@ -1,11 +1,22 @@
-//! Frames vxnat answers itself: ARP for the pod gateway, ICMP time exceeded.
+//! Reply: frames vxnat answers itself, built in place of the frame that asked: ARP for the pod
+//! gateway (and proxy ARP on the host port), ICMP errors (time exceeded, fragmentation needed,
+//! port unreachable) from the pod gateway or a Service address, and TCP resets refusing a
+//! Service connection.
+//!
+//! Contract: an answer is routed like any packet vxnat sends ([`egress`]), or goes straight
+//! back out of the ingress port (ARP) or the uplink (a reset to a client outside). ICMP errors
+//! are never sent about an ICMP error or a non-initial fragment (RFC 1812) and are rate-limited
+//! per worker (`icmp_rate_limited`); when no answer may be sent the frame is dropped with the
+//! reason of what would have been answered.
 
-use super::overlay::{egress, Ctx, Ipv4Meta};
+use super::ctx::{Ctx, Ipv4Meta};
+use super::route::{egress, set_macs};
 use super::{Disposition, DropReason, FrameBuf};
 use crate::tables::PortEntry;
 use crate::wire::{arp, ethernet, icmp, ipv4};
 use crate::wire::{
-    ArpOperation, ArpPacket, ArpRepr, IcmpMessage, IcmpPacket, IcmpRepr, IpProtocol, Ipv4Packet, Ipv4Repr, MacAddr,
+    ArpOperation, ArpPacket, ArpRepr, EtherType, EthernetFrame, IcmpMessage, IcmpPacket, IcmpRepr, IpProtocol,
+    Ipv4Packet, Ipv4Repr, MacAddr,
 };
 use core::net::Ipv4Addr;
 
@@ -48,9 +59,7 @@ pub(crate) fn arp(
         return Err(DropReason::ArpNotForGateway);
     }
     frame.truncate(ethernet::HEADER_LEN + arp::PACKET_LEN);
-    let d = frame.data_mut();
-    d[0..6].copy_from_slice(&req.source_hardware_addr.0);
-    d[6..12].copy_from_slice(&entry.mac.0);
+    set_macs(frame, req.source_hardware_addr, entry.mac);
     let reply = ArpRepr {
         operation: ArpOperation::Reply,
         source_hardware_addr: entry.mac,
@@ -58,7 +67,7 @@ pub(crate) fn arp(
         target_hardware_addr: req.source_hardware_addr,
         target_protocol_addr: req.source_protocol_addr,
     };
-    reply.emit(&mut ArpPacket::new_unchecked(&mut d[ethernet::HEADER_LEN..]));
+    reply.emit(&mut ArpPacket::new_unchecked(&mut frame.data_mut()[ethernet::HEADER_LEN..]));
     ctx.events().arp_replies += 1;
     Ok(Disposition::Forward(ctx.ingress))
 }
@@ -139,7 +148,9 @@ fn icmp_error(
     }
     let ident = ctx.next_ident();
     let d = frame.data_mut();
-    d[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    if let Ok(mut eth) = EthernetFrame::new_fixed_mut(d) {
+        eth.set_ethertype(EtherType::Ipv4);
+    }
     Ipv4Repr {
         src_addr: from,
         dst_addr: m.src,
@@ -182,9 +193,7 @@ pub(crate) fn tcp_reset_outside(
     mac: crate::wire::MacAddr,
 ) -> Result<Disposition, DropReason> {
     build_tcp_reset(ctx, frame, m)?;
-    let d = frame.data_mut();
-    d[0..6].copy_from_slice(&mac.0);
-    d[6..12].copy_from_slice(&ctx.tables.node.uplink_mac.0);
+    set_macs(frame, mac, ctx.tables.node.uplink_mac);
     Ok(Disposition::Forward(ctx.tables.uplink()))
 }
 
@@ -202,7 +211,7 @@ fn build_tcp_reset(ctx: &mut Ctx<'_>, frame: &mut FrameBuf<'_>, m: &Ipv4Meta) ->
     if flags.contains(TcpFlags::RST) {
         return Err(DropReason::ServiceNoEndpoint);
     }
-    let (sport, dport) = ((m.ports >> 16) as u16, m.ports as u16);
+    let (sport, dport) = (m.sport(), m.dport());
     let ip_start = ethernet::HEADER_LEN;
     let tcp_start = ip_start + ipv4::HEADER_LEN;
     if !frame.set_len(tcp_start + tcp::HEADER_LEN) {

@@ -11,6 +11,9 @@ const SPILL_BYTES: usize = 32 * ((64 << 10) + 48 * 64);
 /// Packets of spill per worker: 32 frames of up to 48 segments (64 KiB at a 1398-byte MSS).
 const SPILL_PACKETS: usize = 32 * 48;
 
+/// Where a frame's spilled packets start: (bytes used, packets), to roll back to.
+pub(crate) type Mark = (usize, usize);
+
 #[derive(Debug)]
 pub struct Spill {
     buf: Vec<u8>,
@@ -40,10 +43,10 @@ impl Spill {
         self.packets.clear();
     }
     /// A mark to roll back to (when a frame's segmentation fails half-way).
-    pub(crate) fn mark(&self) -> (usize, usize) {
+    pub(crate) fn mark(&self) -> Mark {
         (self.used, self.packets.len())
     }
-    pub(crate) fn rollback(&mut self, mark: (usize, usize)) {
+    pub(crate) fn rollback(&mut self, mark: Mark) {
         self.used = mark.0;
         self.packets.truncate(mark.1);
     }

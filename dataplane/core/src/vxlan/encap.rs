@@ -12,9 +12,10 @@
 
 use crate::pipeline::{DropReason, FrameBuf};
 use crate::tables::{NodeConfig, RemoteNode};
-use crate::wire::checksum;
 use crate::wire::vxlan::ENCAP_OVERHEAD;
-use crate::wire::{ethernet, MacAddr};
+use crate::wire::{checksum, ethernet, ipv4, udp};
+use crate::wire::{EtherType, EthernetFrame, EthernetRepr, IpProtocol, Ipv4Packet, MacAddr};
+use crate::wire::{UdpPacket, VxlanPacket, VxlanRepr};
 use core::net::Ipv4Addr;
 
 /// Outer TTL (Linux `ip4_dst_hoplimit` default).
@@ -23,9 +24,10 @@ pub const OUTER_TTL: u8 = 64;
 pub const SRC_PORT_MIN: u32 = 32768;
 pub const SRC_PORT_MAX_EXCL: u32 = 61000;
 
-const OFF_IP: usize = 14;
-const OFF_UDP: usize = 34;
-const OFF_VXLAN: usize = 42;
+/// Where each outer header starts in the 50 bytes.
+const OFF_IP: usize = ethernet::HEADER_LEN;
+const OFF_UDP: usize = OFF_IP + ipv4::HEADER_LEN;
+const OFF_VXLAN: usize = OFF_UDP + udp::HEADER_LEN;
 
 /// Pre-built outer headers toward one remote node.
 #[derive(Clone, PartialEq, Eq)]
@@ -44,19 +46,19 @@ impl core::fmt::Debug for OuterTemplate {
 impl OuterTemplate {
     pub fn new(node: &NodeConfig, remote_ip: Ipv4Addr, next_hop_mac: MacAddr) -> OuterTemplate {
         let mut b = [0u8; ENCAP_OVERHEAD];
-        b[0..6].copy_from_slice(&next_hop_mac.0);
-        b[6..12].copy_from_slice(&node.uplink_mac.0);
-        b[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-        let ip = &mut b[OFF_IP..OFF_UDP];
-        ip[0] = 0x45;
-        ip[8] = OUTER_TTL;
-        ip[9] = 17;
-        ip[12..16].copy_from_slice(&node.node_ip.octets());
-        ip[16..20].copy_from_slice(&remote_ip.octets());
-        let ip_sum_base = checksum::sum(ip);
-        b[OFF_UDP + 2..OFF_UDP + 4].copy_from_slice(&node.vxlan_port.to_be_bytes());
-        let vni = (node.vni & 0x00ff_ffff).to_be_bytes();
-        b[OFF_VXLAN..].copy_from_slice(&[crate::wire::vxlan::FLAG_I, 0, 0, 0, vni[1], vni[2], vni[3], 0]);
+        EthernetRepr { dst: next_hop_mac, src: node.uplink_mac, ethertype: EtherType::Ipv4 }
+            .emit(&mut EthernetFrame::new_unchecked(&mut b[..OFF_IP]));
+        // Total length, ident and checksum stay zero here: patched per packet.
+        let mut ip = Ipv4Packet::new_unchecked(&mut b[OFF_IP..OFF_UDP]);
+        ip.set_version_ihl(ipv4::HEADER_LEN);
+        ip.set_ttl(OUTER_TTL);
+        ip.set_protocol(IpProtocol::Udp);
+        ip.set_src_addr(node.node_ip);
+        ip.set_dst_addr(remote_ip);
+        let ip_sum_base = checksum::sum(&b[OFF_IP..OFF_UDP]);
+        // Source port and length per packet; checksum zero unless computed.
+        UdpPacket::new_unchecked(&mut b[OFF_UDP..OFF_VXLAN]).set_dst_port(node.vxlan_port);
+        VxlanRepr { vni: node.vni }.emit(&mut VxlanPacket::new_unchecked(&mut b[OFF_VXLAN..]));
         OuterTemplate { bytes: b, ip_sum_base }
     }
 }
@@ -86,9 +88,9 @@ pub fn encap(
     if remote.next_hop_mac == MacAddr::ZERO {
         return Err(DropReason::UnderlayNoNextHop);
     }
-    if let Some(h) = frame.data_mut().first_chunk_mut::<12>() {
-        h[..6].copy_from_slice(&remote.vtep_mac.0);
-        h[6..].copy_from_slice(&node.vtep_mac.0);
+    if let Ok(mut inner) = EthernetFrame::new_fixed_mut(frame.data_mut()) {
+        inner.set_dst_addr(remote.vtep_mac);
+        inner.set_src_addr(node.vtep_mac);
     }
     if !frame.push_front(ENCAP_OVERHEAD) {
         return Err(DropReason::NoHeadroom);
@@ -101,12 +103,13 @@ pub fn encap(
     // Lengths fit u16: inner_len is bounded by the underlay MTU checked above.
     let ip_total = (ENCAP_OVERHEAD - OFF_IP + inner_len) as u16;
     let udp_len = (ENCAP_OVERHEAD - OFF_UDP + inner_len) as u16;
-    d[OFF_IP + 2..OFF_IP + 4].copy_from_slice(&ip_total.to_be_bytes());
-    d[OFF_IP + 4..OFF_IP + 6].copy_from_slice(&ident.to_be_bytes());
-    let csum = !checksum::add(checksum::add(t.ip_sum_base, ip_total), ident);
-    d[OFF_IP + 10..OFF_IP + 12].copy_from_slice(&csum.to_be_bytes());
-    d[OFF_UDP..OFF_UDP + 2].copy_from_slice(&flow_src_port(flow_hash).to_be_bytes());
-    d[OFF_UDP + 4..OFF_UDP + 6].copy_from_slice(&udp_len.to_be_bytes());
+    let mut ip = Ipv4Packet::new_unchecked(&mut d[OFF_IP..OFF_UDP]);
+    ip.set_total_len(ip_total);
+    ip.set_ident(ident);
+    ip.set_header_checksum(!checksum::add(checksum::add(t.ip_sum_base, ip_total), ident));
+    let mut udp = UdpPacket::new_unchecked(&mut d[OFF_UDP..OFF_VXLAN]);
+    udp.set_src_port(flow_src_port(flow_hash));
+    udp.set_len(udp_len);
     if node.outer_udp_checksum {
         outer_checksum(frame.data_mut(), node.node_ip, remote.node_ip);
     }
@@ -117,13 +120,9 @@ pub fn encap(
 /// checksums are complete by now, so the sum is exact).
 #[cold]
 fn outer_checksum(d: &mut [u8], src: Ipv4Addr, dst: Ipv4Addr) {
-    let Some(udp) = d.get_mut(OFF_UDP..) else { return };
-    udp[6..8].copy_from_slice(&[0, 0]);
-    let mut c = checksum::l4_checksum(src, dst, 17, udp);
-    if c == 0 {
-        c = 0xffff;
+    if let Some(udp) = d.get_mut(OFF_UDP..) {
+        UdpPacket::new_unchecked(udp).fill_checksum(src, dst);
     }
-    udp[6..8].copy_from_slice(&c.to_be_bytes());
 }
 
 #[cfg(test)]

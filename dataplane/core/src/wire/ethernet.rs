@@ -1,6 +1,6 @@
 //! Ethernet II frames, with up to two 802.1Q / 802.1ad tags skipped.
 
-use super::{get_u16, set_u16, Error, Field, Result};
+use super::{chunk, chunk_mut, get_u16, set_u16, Error, Field, Result};
 use core::fmt;
 
 /// A 48-bit Ethernet address.
@@ -125,6 +125,23 @@ pub struct EthernetFrame<T: AsRef<[u8]>> {
     buffer: T,
 }
 
+impl<'a> EthernetFrame<&'a [u8; HEADER_LEN]> {
+    /// A view of the untagged 14-byte header at the front of `bytes` (see the module contract):
+    /// addresses and [`EthernetFrame::ethertype_or_tpid`] are plain loads; tags are out of view.
+    #[inline(always)]
+    pub fn new_fixed(bytes: &'a [u8]) -> Result<Self> {
+        chunk(bytes).map(Self::new_unchecked)
+    }
+}
+
+impl<'a> EthernetFrame<&'a mut [u8; HEADER_LEN]> {
+    /// A mutable view of the 14-byte header at the front of `bytes`.
+    #[inline(always)]
+    pub fn new_fixed_mut(bytes: &'a mut [u8]) -> Result<Self> {
+        chunk_mut(bytes).map(Self::new_unchecked)
+    }
+}
+
 impl<T: AsRef<[u8]>> EthernetFrame<T> {
     pub const fn new_unchecked(buffer: T) -> Self {
         EthernetFrame { buffer }
@@ -182,6 +199,14 @@ impl<T: AsRef<[u8]>> EthernetFrame<T> {
         off
     }
 
+    /// The type field right after the addresses: an untagged frame's EtherType, or a tagged
+    /// frame's first TPID (`EtherType::Vlan`, `EtherType::QinQ`). Ports that carry untagged
+    /// traffic only read this one; [`EthernetFrame::ethertype`] skips tags.
+    #[inline]
+    pub fn ethertype_or_tpid(&self) -> EtherType {
+        EtherType::from(get_u16(self.buffer.as_ref(), field::ETHERTYPE))
+    }
+
     /// The EtherType of the payload, after any VLAN tags.
     pub fn ethertype(&self) -> EtherType {
         let off = self.ethertype_offset();
@@ -191,10 +216,9 @@ impl<T: AsRef<[u8]>> EthernetFrame<T> {
     /// The VLAN ID of the outermost tag, if the frame is tagged.
     pub fn vlan_id(&self) -> Option<u16> {
         let b = self.buffer.as_ref();
-        if is_tag(get_u16(b, field::ETHERTYPE)) {
-            Some(get_u16(b, 14..16) & 0x0fff)
-        } else {
-            None
+        match b.get(HEADER_LEN..HEADER_LEN + 2) {
+            Some(tci) if is_tag(get_u16(b, field::ETHERTYPE)) => Some(u16::from_be_bytes([tci[0], tci[1]]) & 0x0fff),
+            _ => None,
         }
     }
 
@@ -205,6 +229,14 @@ impl<T: AsRef<[u8]>> EthernetFrame<T> {
 
     pub fn payload(&self) -> &[u8] {
         &self.buffer.as_ref()[self.header_len()..]
+    }
+}
+
+impl<'a> EthernetFrame<&'a [u8]> {
+    /// The payload after the header (and any tags), borrowed for as long as the buffer.
+    pub fn into_payload(self) -> &'a [u8] {
+        let h = self.header_len();
+        self.buffer.get(h..).unwrap_or_default()
     }
 }
 
@@ -317,5 +349,15 @@ mod tests {
         assert!("0a:58:0a:f4:00".parse::<MacAddr>().is_err());
         assert!("0a:58:0a:f4:00:01:02".parse::<MacAddr>().is_err());
         assert!("zz:58:0a:f4:00:01".parse::<MacAddr>().is_err());
+    }
+
+    #[test]
+    fn fixed_view_sees_the_tag_not_past_it() {
+        let f = EthernetFrame::new_fixed(&TAGGED[..]).unwrap();
+        assert_eq!(f.ethertype_or_tpid(), EtherType::Vlan);
+        assert_eq!(f.vlan_id(), None); // the tag's TCI is out of view
+        assert_eq!(EthernetFrame::new_checked(&TAGGED[..]).unwrap().ethertype_or_tpid(), EtherType::Vlan);
+        assert_eq!(EthernetFrame::new_fixed(&UNTAGGED[..]).unwrap().ethertype_or_tpid(), EtherType::Arp);
+        assert_eq!(EthernetFrame::new_fixed(&UNTAGGED[..13]).unwrap_err(), Error::Truncated);
     }
 }

@@ -1,7 +1,7 @@
 //! ICMPv4 (RFC 792): echo, destination unreachable (with fragmentation-needed's next-hop MTU,
 //! RFC 1191) and time exceeded, whose bodies quote the original datagram's header.
 
-use super::{checksum, get_u16, set_u16, Error, Field, Ipv4Packet, Result};
+use super::{checksum, chunk, get_u16, set_u16, Error, Field, Ipv4Packet, Result};
 
 mod field {
     use super::Field;
@@ -27,9 +27,30 @@ pub const CODE_TTL_EXCEEDED: u8 = 0;
 /// How much of the original datagram past its IP header an ICMP error quotes (RFC 792).
 pub const QUOTED_L4_LEN: usize = 8;
 
+/// Whether an ICMP type is an error message (unreachable, source quench, redirect, time
+/// exceeded, parameter problem) as opposed to a query.
+pub const fn is_error_type(msg_type: u8) -> bool {
+    matches!(msg_type, TYPE_DST_UNREACHABLE | 4 | 5 | TYPE_TIME_EXCEEDED | 12)
+}
+
+/// Whether the ICMP message starting at `msg` is an error message. Only the type byte is read,
+/// so a message cut short still says what it is; an empty one is not an error.
+#[inline]
+pub fn starts_error_message(msg: &[u8]) -> bool {
+    msg.first().is_some_and(|&t| is_error_type(t))
+}
+
 #[derive(Debug, Clone)]
 pub struct IcmpPacket<T: AsRef<[u8]>> {
     buffer: T,
+}
+
+impl<'a> IcmpPacket<&'a [u8; HEADER_LEN]> {
+    /// A view of the 8-byte header at the front of `bytes` (see the module contract).
+    #[inline(always)]
+    pub fn new_fixed(bytes: &'a [u8]) -> Result<Self> {
+        chunk(bytes).map(Self::new_unchecked)
+    }
 }
 
 impl<T: AsRef<[u8]>> IcmpPacket<T> {
@@ -77,7 +98,7 @@ impl<T: AsRef<[u8]>> IcmpPacket<T> {
     }
     /// An error message (unreachable, time exceeded, ...) as opposed to a query.
     pub fn is_error(&self) -> bool {
-        matches!(self.msg_type(), TYPE_DST_UNREACHABLE | 4 | 5 | TYPE_TIME_EXCEEDED | 12)
+        is_error_type(self.msg_type())
     }
     /// For an error message: the quoted original datagram's header (its payload is usually
     /// only the first 8 bytes of the original upper-layer header).
@@ -288,5 +309,14 @@ mod tests {
         let c = checksum::checksum(&te);
         te[2..4].copy_from_slice(&c.to_be_bytes());
         assert_eq!(IcmpRepr::parse(&IcmpPacket::new_checked(&te[..]).unwrap()), Err(Error::Truncated));
+    }
+
+    #[test]
+    fn a_cut_short_message_still_says_whether_it_is_an_error() {
+        assert!(starts_error_message(&[TYPE_TIME_EXCEEDED]));
+        assert!(!starts_error_message(&[TYPE_ECHO_REQUEST, 0]));
+        assert!(!starts_error_message(&[]));
+        assert_eq!(IcmpPacket::new_fixed(&echo()[..]).unwrap().echo_ident(), 0x1234);
+        assert_eq!(IcmpPacket::new_fixed(&echo()[..7]).unwrap_err(), Error::Truncated);
     }
 }

@@ -1,6 +1,6 @@
 //! IPv4 (RFC 791): header with options, fragment fields, header checksum; and CIDR prefixes.
 
-use super::{checksum, get_u16, set_u16, Error, Field, Result};
+use super::{checksum, chunk, chunk_mut, get_u16, set_u16, Error, Field, Result};
 use core::fmt;
 use core::net::Ipv4Addr;
 
@@ -61,6 +61,31 @@ impl From<IpProtocol> for u8 {
 #[derive(Debug, Clone)]
 pub struct Ipv4Packet<T: AsRef<[u8]>> {
     buffer: T,
+}
+
+impl<'a> Ipv4Packet<&'a [u8; HEADER_LEN]> {
+    /// A view of the fixed 20-byte header at the front of `bytes` (see the module contract:
+    /// options and payload are out of view). Field reads are plain loads.
+    #[inline(always)]
+    pub fn new_fixed(bytes: &'a [u8]) -> Result<Self> {
+        chunk(bytes).map(Self::new_unchecked)
+    }
+
+    /// Whether the 20 bytes in view carry a valid header checksum: the whole check for a
+    /// header without options (IHL 5), summed without a loop. A longer header is not wholly in
+    /// view: verify it on a full view.
+    #[inline(always)]
+    pub fn verify_fixed_checksum(&self) -> bool {
+        checksum::sum_ipv4_header(self.buffer) == 0xffff
+    }
+}
+
+impl<'a> Ipv4Packet<&'a mut [u8; HEADER_LEN]> {
+    /// A mutable view of the fixed 20-byte header at the front of `bytes`.
+    #[inline(always)]
+    pub fn new_fixed_mut(bytes: &'a mut [u8]) -> Result<Self> {
+        chunk_mut(bytes).map(Self::new_unchecked)
+    }
 }
 
 impl<T: AsRef<[u8]>> Ipv4Packet<T> {
@@ -147,7 +172,9 @@ impl<T: AsRef<[u8]>> Ipv4Packet<T> {
     pub fn reserved_flag(&self) -> bool {
         self.flags_offset() & FLAG_RESERVED != 0
     }
-    /// Fragment offset in bytes.
+    /// Fragment offset **in bytes** (the field counts 8-byte units; this is the only accessor
+    /// for it, so every reader uses the same unit). Zero for an unfragmented packet and for a
+    /// first fragment.
     pub fn frag_offset(&self) -> u16 {
         (self.flags_offset() & OFFSET_MASK) << 3
     }
@@ -175,18 +202,74 @@ impl<T: AsRef<[u8]>> Ipv4Packet<T> {
         let b = self.buffer.as_ref();
         Ipv4Addr::new(b[16], b[17], b[18], b[19])
     }
-    /// The options bytes (empty when IHL is 5).
+    /// The options bytes (empty when IHL is 5, or when they are not in view).
     pub fn options(&self) -> &[u8] {
-        &self.buffer.as_ref()[HEADER_LEN..self.header_len()]
+        self.buffer.as_ref().get(HEADER_LEN..self.header_len()).unwrap_or_default()
     }
+    /// Whether the header checksum verifies; false when the header is not wholly in view.
     pub fn verify_checksum(&self) -> bool {
-        checksum::verify(&self.buffer.as_ref()[..self.header_len()])
+        self.buffer.as_ref().get(..self.header_len()).is_some_and(checksum::verify)
     }
     /// The datagram's payload, up to the total length (or the buffer's end when truncated).
     pub fn payload(&self) -> &[u8] {
         let b = self.buffer.as_ref();
         let end = usize::from(self.total_len()).min(b.len());
-        &b[self.header_len()..end.max(self.header_len())]
+        b.get(self.header_len()..end).unwrap_or_default()
+    }
+    /// The first four bytes after the header read as source and destination port, where TCP
+    /// and UDP both keep them; `None` when they are not in view. Says nothing of whether the
+    /// packet has ports: see [`Ipv4Packet::ports`] for that judgement.
+    #[inline(always)]
+    pub fn l4_ports(&self) -> Option<(u16, u16)> {
+        let hl = self.header_len();
+        let p = self.buffer.as_ref().get(hl..)?.first_chunk::<4>()?;
+        Some((u16::from_be_bytes([p[0], p[1]]), u16::from_be_bytes([p[2], p[3]])))
+    }
+    /// Source and destination port of a TCP or UDP packet that carries its transport header
+    /// (not a later fragment), when they are in view.
+    pub fn ports(&self) -> Option<(u16, u16)> {
+        match self.protocol() {
+            IpProtocol::Tcp | IpProtocol::Udp if self.frag_offset() == 0 => self.l4_ports(),
+            _ => None,
+        }
+    }
+    /// Writes the options that later fragments repeat (copy bit set, RFC 791) into `out`,
+    /// padded to a 4-byte boundary with end-of-list; returns their length. The walk stops at
+    /// end-of-list or at an option overrunning the header.
+    pub fn copied_options(&self, out: &mut [u8; MAX_HEADER_LEN - HEADER_LEN]) -> usize {
+        let opts = self.options();
+        let (mut i, mut n) = (0, 0);
+        while i < opts.len() {
+            let kind = opts[i];
+            match kind {
+                0 => break,
+                1 => i += 1,
+                _ => {
+                    let len = usize::from(opts.get(i + 1).copied().unwrap_or(0));
+                    if len < 2 || i + len > opts.len() {
+                        break;
+                    }
+                    if kind & 0x80 != 0 {
+                        out[n..n + len].copy_from_slice(&opts[i..i + len]);
+                        n += len;
+                    }
+                    i += len;
+                }
+            }
+        }
+        while n % 4 != 0 {
+            out[n] = 0;
+            n += 1;
+        }
+        n
+    }
+}
+
+impl<'a> Ipv4Packet<&'a [u8]> {
+    /// The payload (as [`Ipv4Packet::payload`]), borrowed for as long as the buffer.
+    pub fn into_payload(self) -> &'a [u8] {
+        let end = usize::from(self.total_len()).min(self.buffer.len());
+        self.buffer.get(self.header_len()..end).unwrap_or_default()
     }
 }
 
@@ -229,11 +312,11 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Packet<T> {
     pub fn set_dst_addr(&mut self, a: Ipv4Addr) {
         self.buffer.as_mut()[field::DST].copy_from_slice(&a.octets());
     }
-    /// Recomputes the header checksum from scratch.
+    /// Recomputes the header checksum from scratch (over the header bytes in view).
     pub fn fill_checksum(&mut self) {
         self.set_header_checksum(0);
-        let hl = self.header_len();
-        let c = checksum::checksum(&self.buffer.as_ref()[..hl]);
+        let b = self.buffer.as_ref();
+        let c = checksum::checksum(&b[..self.header_len().min(b.len())]);
         self.set_header_checksum(c);
     }
     /// Decrements TTL by one, updating the checksum incrementally (RFC 1624; the same
@@ -250,8 +333,8 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Packet<T> {
     }
     pub fn payload_mut(&mut self) -> &mut [u8] {
         let hl = self.header_len();
-        let end = usize::from(self.total_len()).min(self.buffer.as_ref().len()).max(hl);
-        &mut self.buffer.as_mut()[hl..end]
+        let end = usize::from(self.total_len()).min(self.buffer.as_ref().len());
+        self.buffer.as_mut().get_mut(hl..end).unwrap_or_default()
     }
 }
 
@@ -478,5 +561,50 @@ mod tests {
         assert!("10.0.0.0/33".parse::<Ipv4Cidr>().is_err());
         let all: Ipv4Cidr = "0.0.0.0/0".parse().unwrap();
         assert!(all.contains(Ipv4Addr::new(8, 8, 8, 8)));
+    }
+
+    #[test]
+    fn fixed_view_reads_the_header_and_never_reads_past_it() {
+        let d = datagram();
+        let h = Ipv4Packet::new_fixed(&d[..]).unwrap();
+        assert_eq!((h.version(), h.header_len(), h.ttl()), (4, 20, 64));
+        assert_eq!(h.protocol(), IpProtocol::Udp);
+        assert!(h.verify_fixed_checksum());
+        assert_eq!(Ipv4Packet::new_fixed(&d[..19]).unwrap_err(), Error::Truncated);
+        // IHL 15 on a 20-byte view: options and payload are out of view, nothing panics.
+        let mut long = HEADER;
+        long[0] = 0x4f;
+        let h = Ipv4Packet::new_fixed(&long[..]).unwrap();
+        assert!(h.options().is_empty() && h.payload().is_empty());
+        assert!(!h.verify_checksum());
+        assert_eq!(h.l4_ports(), None);
+    }
+
+    #[test]
+    fn fragment_offset_is_in_bytes_and_later_fragments_have_no_ports() {
+        let mut d = datagram();
+        d[20..24].copy_from_slice(&[0x9c, 0x40, 0x00, 0x35]);
+        let p = Ipv4Packet::new_checked(&d[..]).unwrap();
+        assert_eq!(p.ports(), Some((40000, 53)));
+        let mut p = Ipv4Packet::new_checked(&mut d[..]).unwrap();
+        p.set_frag(false, true, 1480);
+        assert_eq!(&p.into_inner()[6..8], &[0x20, 0xb9]); // MF, 185 units of 8 bytes
+        let p = Ipv4Packet::new_checked(&d[..]).unwrap();
+        assert_eq!(p.frag_offset(), 1480);
+        assert!(p.is_fragment() && p.more_frags() && !p.dont_frag());
+        assert_eq!(p.ports(), None);
+        assert_eq!(p.l4_ports(), Some((40000, 53)));
+    }
+
+    #[test]
+    fn copied_options_keep_only_the_copy_bit() {
+        // Router Alert (copied, 4 bytes), NOP, Record Route (not copied, 7 bytes), EOL.
+        let mut d = vec![0x48, 0, 0, 0x24, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2];
+        d.extend_from_slice(&[0x94, 4, 0, 0, 1, 7, 7, 4, 0, 0, 0, 0, 0, 0, 0, 0]);
+        d.resize(0x24, 0);
+        let p = Ipv4Packet::new_checked(&d[..]).unwrap();
+        let mut out = [0xaa; 40];
+        assert_eq!(p.copied_options(&mut out), 4);
+        assert_eq!(&out[..4], &[0x94, 4, 0, 0]);
     }
 }

@@ -1,7 +1,7 @@
 //! TCP (RFC 9293) header, flags and the options vxnat reads or writes: MSS, window scale,
 //! SACK-permitted, SACK blocks (read only) and timestamps.
 
-use super::{checksum, get_u16, get_u32, set_u16, set_u32, Error, Field, Result};
+use super::{checksum, chunk, chunk_mut, get_u16, get_u32, set_u16, set_u32, Error, Field, Result};
 use core::net::Ipv4Addr;
 
 mod field {
@@ -52,6 +52,10 @@ impl TcpFlags {
     }
     pub const fn intersects(self, other: TcpFlags) -> bool {
         self.0 & other.0 != 0
+    }
+    /// These flags with `other`'s cleared.
+    pub const fn without(self, other: TcpFlags) -> TcpFlags {
+        TcpFlags(self.0 & !other.0)
     }
 }
 
@@ -203,9 +207,29 @@ impl<'a> Iterator for TcpOptions<'a> {
     }
 }
 
+/// Flag bits within the data offset / flags word.
+const FLAGS_MASK: u16 = 0x01ff;
+
 #[derive(Debug, Clone)]
 pub struct TcpPacket<T: AsRef<[u8]>> {
     buffer: T,
+}
+
+impl<'a> TcpPacket<&'a [u8; HEADER_LEN]> {
+    /// A view of the fixed 20-byte header at the front of `bytes` (see the module contract:
+    /// options and payload are out of view).
+    #[inline(always)]
+    pub fn new_fixed(bytes: &'a [u8]) -> Result<Self> {
+        chunk(bytes).map(Self::new_unchecked)
+    }
+}
+
+impl<'a> TcpPacket<&'a mut [u8; HEADER_LEN]> {
+    /// A mutable view of the fixed 20-byte header at the front of `bytes`.
+    #[inline(always)]
+    pub fn new_fixed_mut(bytes: &'a mut [u8]) -> Result<Self> {
+        chunk_mut(bytes).map(Self::new_unchecked)
+    }
 }
 
 impl<T: AsRef<[u8]>> TcpPacket<T> {
@@ -252,7 +276,7 @@ impl<T: AsRef<[u8]>> TcpPacket<T> {
         usize::from(self.buffer.as_ref()[field::OFF_FLAGS.start] >> 4) * 4
     }
     pub fn flags(&self) -> TcpFlags {
-        TcpFlags(get_u16(self.buffer.as_ref(), field::OFF_FLAGS) & 0x01ff)
+        TcpFlags(get_u16(self.buffer.as_ref(), field::OFF_FLAGS) & FLAGS_MASK)
     }
     pub fn window_len(&self) -> u16 {
         get_u16(self.buffer.as_ref(), field::WINDOW)
@@ -264,13 +288,40 @@ impl<T: AsRef<[u8]>> TcpPacket<T> {
         get_u16(self.buffer.as_ref(), field::URGENT)
     }
     pub fn options(&self) -> TcpOptions<'_> {
-        TcpOptions { rest: &self.buffer.as_ref()[HEADER_LEN..self.header_len()] }
+        TcpOptions { rest: self.options_bytes() }
     }
+    /// The options bytes (empty when the data offset is 5, or when they are not in view).
     pub fn options_bytes(&self) -> &[u8] {
-        &self.buffer.as_ref()[HEADER_LEN..self.header_len()]
+        self.buffer.as_ref().get(HEADER_LEN..self.header_len()).unwrap_or_default()
+    }
+    /// The MSS option's value as Linux's `tcp_parse_options` reads it: options of the wrong
+    /// length are skipped, the walk ends at end-of-list, at a length below 2 or at an option
+    /// cut short; `None` when there is none or it is zero. (The [`TcpOptions`] iterator is
+    /// stricter: it stops at the first malformed option.)
+    pub fn max_seg_size(&self) -> Option<u16> {
+        let opts = self.options_bytes();
+        let mut i = 0;
+        while i < opts.len() {
+            match opts[i] {
+                0 => return None,
+                1 => i += 1,
+                kind => {
+                    let len = usize::from(*opts.get(i + 1)?);
+                    if len < 2 {
+                        return None;
+                    }
+                    if kind == 2 && len == 4 {
+                        let v = u16::from_be_bytes([*opts.get(i + 2)?, *opts.get(i + 3)?]);
+                        return (v > 0).then_some(v);
+                    }
+                    i += len;
+                }
+            }
+        }
+        None
     }
     pub fn payload(&self) -> &[u8] {
-        &self.buffer.as_ref()[self.header_len()..]
+        self.buffer.as_ref().get(self.header_len()..).unwrap_or_default()
     }
     /// Verifies the checksum over the whole buffer (header and payload).
     pub fn verify_checksum(&self, src: Ipv4Addr, dst: Ipv4Addr) -> bool {
@@ -293,7 +344,12 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> TcpPacket<T> {
     }
     /// Sets the data offset (header length in bytes, a multiple of 4) and the flags.
     pub fn set_header_len_flags(&mut self, header_len: usize, flags: TcpFlags) {
-        let v = (((header_len / 4) as u16) << 12) | (flags.0 & 0x01ff);
+        let v = (((header_len / 4) as u16) << 12) | (flags.0 & FLAGS_MASK);
+        set_u16(self.buffer.as_mut(), field::OFF_FLAGS, v);
+    }
+    /// Sets the flags, keeping the data offset and the reserved bits.
+    pub fn set_flags(&mut self, flags: TcpFlags) {
+        let v = (get_u16(self.buffer.as_ref(), field::OFF_FLAGS) & !FLAGS_MASK) | (flags.0 & FLAGS_MASK);
         set_u16(self.buffer.as_mut(), field::OFF_FLAGS, v);
     }
     pub fn set_window_len(&mut self, v: u16) {
@@ -313,7 +369,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> TcpPacket<T> {
     }
     pub fn payload_mut(&mut self) -> &mut [u8] {
         let h = self.header_len();
-        &mut self.buffer.as_mut()[h..]
+        self.buffer.as_mut().get_mut(h..).unwrap_or_default()
     }
 }
 
@@ -502,5 +558,38 @@ mod tests {
     fn flags_debug() {
         assert_eq!(format!("{:?}", TcpFlags::SYN | TcpFlags::ACK), "SYN|ACK");
         assert_eq!(format!("{:?}", TcpFlags(0)), "-");
+    }
+
+    #[test]
+    fn set_flags_keeps_the_data_offset_and_reserved_bits() {
+        let mut b = linux_syn();
+        b[12] |= 0x0e; // reserved bits
+        let mut p = TcpPacket::new_checked(&mut b[..]).unwrap();
+        let flags = p.flags().without(TcpFlags::SYN) | TcpFlags::ACK;
+        p.set_flags(flags);
+        assert_eq!(p.header_len(), 40);
+        assert_eq!(p.flags(), TcpFlags::ACK);
+        assert_eq!(b[12] & 0x0e, 0x0e);
+    }
+
+    #[test]
+    fn max_seg_size_skips_wrong_length_options_as_linux_does() {
+        let b = linux_syn();
+        assert_eq!(TcpPacket::new_checked(&b[..]).unwrap().max_seg_size(), Some(1410));
+        // Window scale with a bogus length 4 before the MSS: skipped, the MSS still found
+        // (the strict iterator stops there).
+        let mut b = linux_syn();
+        b[20..28].copy_from_slice(&[3, 4, 7, 0, 2, 4, 0x05, 0x82]);
+        let p = TcpPacket::new_checked(&b[..]).unwrap();
+        assert_eq!(p.max_seg_size(), Some(1410));
+        assert!(p.options().any(|o| o.is_err()));
+        // A zero MSS, an option running past the header, a fixed view: none.
+        let mut b = linux_syn();
+        b[22..24].copy_from_slice(&[0, 0]);
+        assert_eq!(TcpPacket::new_checked(&b[..]).unwrap().max_seg_size(), None);
+        let mut b = linux_syn();
+        b[37] = 30;
+        assert_eq!(TcpPacket::new_checked(&b[..]).unwrap().max_seg_size(), Some(1410));
+        assert_eq!(TcpPacket::new_fixed(&linux_syn()[..]).unwrap().max_seg_size(), None);
     }
 }

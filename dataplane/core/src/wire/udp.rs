@@ -1,6 +1,6 @@
 //! UDP (RFC 768).
 
-use super::{checksum, get_u16, set_u16, Error, Field, Result};
+use super::{checksum, chunk, chunk_mut, get_u16, set_u16, Error, Field, Result};
 use core::net::Ipv4Addr;
 
 mod field {
@@ -18,6 +18,22 @@ pub const CHECKSUM_OFFSET: usize = field::CHECKSUM.start;
 #[derive(Debug, Clone)]
 pub struct UdpPacket<T: AsRef<[u8]>> {
     buffer: T,
+}
+
+impl<'a> UdpPacket<&'a [u8; HEADER_LEN]> {
+    /// A view of the 8-byte header at the front of `bytes` (see the module contract).
+    #[inline(always)]
+    pub fn new_fixed(bytes: &'a [u8]) -> Result<Self> {
+        chunk(bytes).map(Self::new_unchecked)
+    }
+}
+
+impl<'a> UdpPacket<&'a mut [u8; HEADER_LEN]> {
+    /// A mutable view of the 8-byte header at the front of `bytes`.
+    #[inline(always)]
+    pub fn new_fixed_mut(bytes: &'a mut [u8]) -> Result<Self> {
+        chunk_mut(bytes).map(Self::new_unchecked)
+    }
 }
 
 impl<T: AsRef<[u8]>> UdpPacket<T> {

@@ -1,6 +1,6 @@
 //! VXLAN (RFC 7348): an 8-byte header after outer UDP; flags with the I bit, a 24-bit VNI.
 
-use super::{Error, Field, Result};
+use super::{chunk, Error, Field, Result};
 
 mod field {
     use super::Field;
@@ -15,6 +15,8 @@ pub const HEADER_LEN: usize = 8;
 pub const FLAG_I: u8 = 0x08;
 /// IANA's port is 4789; Linux's historical default, used by flannel, is 8472.
 pub const FLANNEL_PORT: u16 = 8472;
+/// IANA's VXLAN port.
+pub const IANA_PORT: u16 = 4789;
 /// Outer Ethernet (14) + IPv4 (20) + UDP (8) + VXLAN (8): what encapsulation adds in front of
 /// the inner Ethernet frame.
 pub const ENCAP_OVERHEAD: usize = 50;
@@ -25,6 +27,14 @@ pub const MTU_OVERHEAD: usize = 50;
 #[derive(Debug, Clone)]
 pub struct VxlanPacket<T: AsRef<[u8]>> {
     buffer: T,
+}
+
+impl<'a> VxlanPacket<&'a [u8; HEADER_LEN]> {
+    /// A view of the 8-byte header at the front of `bytes` (see the module contract).
+    #[inline(always)]
+    pub fn new_fixed(bytes: &'a [u8]) -> Result<Self> {
+        chunk(bytes).map(Self::new_unchecked)
+    }
 }
 
 impl<T: AsRef<[u8]>> VxlanPacket<T> {
@@ -46,6 +56,10 @@ impl<T: AsRef<[u8]>> VxlanPacket<T> {
     pub fn flags(&self) -> u8 {
         self.buffer.as_ref()[field::FLAGS]
     }
+    /// The header Linux accepts without extensions: flags exactly I, reserved fields zero.
+    pub fn is_plain(&self) -> bool {
+        self.flags() == FLAG_I && self.reserved_clear()
+    }
     pub fn has_vni_flag(&self) -> bool {
         self.flags() & FLAG_I != 0
     }
@@ -60,7 +74,7 @@ impl<T: AsRef<[u8]>> VxlanPacket<T> {
         u32::from_be_bytes([0, b[0], b[1], b[2]])
     }
     pub fn payload(&self) -> &[u8] {
-        &self.buffer.as_ref()[HEADER_LEN..]
+        self.buffer.as_ref().get(HEADER_LEN..).unwrap_or_default()
     }
 }
 
@@ -126,5 +140,16 @@ mod tests {
         b[7] = 1;
         assert_eq!(VxlanRepr::parse(&VxlanPacket::new_unchecked(&b[..])), Err(Error::Malformed));
         assert_eq!(VxlanPacket::new_checked(&VNI1[..7]).unwrap_err(), Error::Truncated);
+    }
+
+    #[test]
+    fn plain_header_is_exactly_the_i_flag() {
+        assert!(VxlanPacket::new_fixed(&VNI1[..]).unwrap().is_plain());
+        let mut b = VNI1;
+        b[0] = 0x0c;
+        assert!(!VxlanPacket::new_fixed(&b[..]).unwrap().is_plain());
+        b = VNI1;
+        b[2] = 1;
+        assert!(!VxlanPacket::new_fixed(&b[..]).unwrap().is_plain());
     }
 }

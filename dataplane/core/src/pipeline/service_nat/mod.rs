@@ -1,0 +1,215 @@
+//! Service NAT, between validation and routing (kube-proxy's job). A packet of a tracked flow
+//! is translated as its flow says, in either direction; the first packet of a connection to a
+//! Service frontend gets an endpoint and is tracked ([`new_flow`]: the "in" side, DNAT and
+//! where needed SNAT); a new connection with no endpoint is refused (TCP RST / ICMP port
+//! unreachable). ICMP errors about a translated flow get their quoted packet translated back
+//! ([`icmp_error`]). Everything else passes untouched.
+//!
+//! Why one stage and not VPP's in2out/out2in pair: the conntrack lookup of either key yields
+//! the direction, and both directions apply the same rewrite taken from the flow's keys, so
+//! the split is by what the packet is (tracked, new, an ICMP error) rather than by direction.
+//!
+//! A flow's two keys carry its whole translation: the original key is what the client sent
+//! (client -> Service), the reply key what the endpoint answers with (endpoint -> client, or ->
+//! the SNAT address). Original-direction packets get the reply key's source as destination (and
+//! its destination as source when SNAT'd); reply packets get the original key's destination as
+//! source and its source as destination. Checksums are updated incrementally (RFC 1624).
+//!
+//! Contract: the packet is validated (`Ipv4Meta`); on `Translated` the frame and `m` hold the
+//! translated addresses and ports, and the caller routes it (or, for a reply to a client
+//! outside, sends it back by the uplink); `Answered` carries the refusal's disposition.
+
+mod icmp_error;
+mod new_flow;
+
+use super::ctx::{Ctx, Ipv4Meta, Origin};
+use super::{Disposition, DropReason, FrameBuf};
+use crate::conntrack::{Dir, FlowKey, KeyHash, TcpEvent};
+use crate::nat::snat::Destination;
+use crate::wire::checksum;
+use crate::wire::{ethernet, IpProtocol, Ipv4Packet, MacAddr, TcpFlags, TcpPacket, UdpPacket};
+use core::net::Ipv4Addr;
+
+/// Flows created from outside the cluster remember where their client is: the tag holds this
+/// flag and the source MAC of the client's frame (its L2 next hop on the uplink), so replies go
+/// straight back out of the uplink to it.
+const TAG_UPLINK_RETURN: u64 = 1 << 63;
+
+/// What the stage did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Nat {
+    /// Not a Service flow.
+    Untouched,
+    /// Translated; for a reply to a client outside the cluster, the MAC to send it to.
+    Translated { dir: Dir, uplink_return: Option<MacAddr> },
+    /// Refused; the answer (RST / ICMP) goes here.
+    Answered(Disposition),
+}
+
+fn uplink_return(tag: u64) -> Option<MacAddr> {
+    (tag & TAG_UPLINK_RETURN != 0).then(|| {
+        let b = tag.to_be_bytes();
+        MacAddr([b[2], b[3], b[4], b[5], b[6], b[7]])
+    })
+}
+
+/// Applies Service NAT to the validated packet `m` describes. `client_mac` is the source MAC of
+/// a frame that came from outside through the uplink.
+#[inline]
+pub(crate) fn apply(
+    ctx: &mut Ctx<'_>,
+    frame: &mut FrameBuf<'_>,
+    m: &mut Ipv4Meta,
+    origin: Origin,
+    client_mac: Option<MacAddr>,
+) -> Result<Nat, DropReason> {
+    if m.protocol() == IpProtocol::Icmp && m.icmp_error && !m.is_fragment {
+        return Ok(icmp_error::icmp_error(ctx, frame, m));
+    }
+    if !m.has_ports() || m.is_fragment {
+        return Ok(Nat::Untouched);
+    }
+    let key = FlowKey { proto: m.proto, src: m.src, dst: m.dst, sport: m.sport(), dport: m.dport() };
+    let flags = if m.protocol() == IpProtocol::Tcp { tcp_flags(frame, m) } else { TcpFlags(0) };
+    let hash = match ctx.hint {
+        Some((k, h)) if k == key => h,
+        _ => KeyHash::of(&key),
+    };
+    if let Some((id, dir)) = ctx.flows.lookup_hashed(&key, hash, ctx.now) {
+        match ctx.flows.update(id, dir, flags, m.total_len, ctx.now) {
+            TcpEvent::Reopened => {
+                // A new SYN on a closed flow: start over (and pick an endpoint afresh).
+                if let Some(f) = ctx.flows.remove(id) {
+                    release_snat(ctx, &f, ctx.now);
+                }
+                return new_flow::new_flow(ctx, frame, m, key, flags, origin, client_mac);
+            }
+            TcpEvent::BareAckToSyn => {
+                ctx.events().bare_ack_to_syn += 1;
+                backend_event(ctx, id, |b| b.bare_ack_to_syn += 1);
+            }
+            TcpEvent::SynRetransmit => backend_event(ctx, id, |b| b.syn_retransmits += 1),
+            TcpEvent::SynAnswered => backend_event(ctx, id, |b| b.syn_answered += 1),
+            _ => {}
+        }
+        if flags.contains(TcpFlags::SYN) {
+            record_mss(ctx, frame, m, id, dir);
+        }
+        let Some(f) = ctx.flows.get(id) else { return Ok(Nat::Untouched) };
+        let ret = uplink_return(f.tag);
+        let (src, dst) = match dir {
+            Dir::Orig => ((f.reply.dst, f.reply.dport), (f.reply.src, f.reply.sport)),
+            Dir::Reply => ((f.orig.dst, f.orig.dport), (f.orig.src, f.orig.sport)),
+        };
+        rewrite(frame, m, src, dst);
+        return Ok(Nat::Translated { dir, uplink_return: if dir == Dir::Reply { ret } else { None } });
+    }
+    new_flow::new_flow(ctx, frame, m, key, flags, origin, client_mac)
+}
+
+/// The validated packet's transport header onward.
+#[inline]
+fn l4_of<'f>(frame: &'f FrameBuf<'_>, m: &Ipv4Meta) -> Option<&'f [u8]> {
+    frame.data().get(ethernet::HEADER_LEN + m.header_len..ethernet::HEADER_LEN + m.total_len)
+}
+
+/// Remembers the MSS a SYN or SYN|ACK announced (for segmenting toward that side later).
+#[cold]
+fn record_mss(ctx: &mut Ctx<'_>, frame: &FrameBuf<'_>, m: &Ipv4Meta, id: crate::conntrack::FlowId, dir: Dir) {
+    let Some(mss) = l4_of(frame, m).and_then(|l4| TcpPacket::new_checked(l4).ok()).and_then(|t| t.max_seg_size())
+    else {
+        return;
+    };
+    if let Some(f) = ctx.flows.get_mut(id) {
+        f.mss[if dir == Dir::Orig { 0 } else { 1 }] = mss;
+    }
+}
+
+/// The MSS the receiver of a TCP packet with this (translated) tuple announced, if its flow is
+/// tracked: a packet travelling in a flow's original direction goes to the side whose SYN|ACK
+/// announced `mss[1]`, and the other way round.
+pub(crate) fn receiver_mss(ctx: &mut Ctx<'_>, key: &FlowKey) -> Option<u16> {
+    let (id, dir) = ctx.flows.lookup(&key.reversed(), ctx.now)?;
+    let f = ctx.flows.get(id)?;
+    // The reversed tuple matched `dir`: this packet travels the other way.
+    let mss = if dir == Dir::Reply { f.mss[1] } else { f.mss[0] };
+    (mss > 0).then_some(mss)
+}
+
+/// Counts a handshake event against the flow's endpoint.
+#[cold]
+fn backend_event(ctx: &mut Ctx<'_>, id: crate::conntrack::FlowId, f: impl FnOnce(&mut super::BackendCounters)) {
+    if let Some(flow) = ctx.flows.get(id) {
+        f(ctx.backends.entry((flow.reply.src, flow.reply.sport)).or_default());
+    }
+}
+
+/// Returns the SNAT port of a flow that ended (if it had one) to the allocator, which holds it.
+pub(crate) fn release_snat(ctx: &mut Ctx<'_>, f: &crate::conntrack::Flow, now: u64) {
+    if f.reply.dst != f.orig.src || f.reply.dport != f.orig.sport {
+        let d = Destination {
+            proto: f.orig.proto,
+            snat_ip: f.reply.dst,
+            backend_ip: f.reply.src,
+            backend_port: f.reply.sport,
+        };
+        ctx.snat.release(d, f.reply.dport, now);
+    }
+}
+
+fn tcp_flags(frame: &FrameBuf<'_>, m: &Ipv4Meta) -> TcpFlags {
+    match frame.data().get(ethernet::HEADER_LEN + m.header_len..).map(TcpPacket::new_fixed) {
+        Some(Ok(t)) => t.flags(),
+        _ => TcpFlags(0),
+    }
+}
+
+/// Rewrites source and destination address and port, with incremental checksum updates.
+fn rewrite(frame: &mut FrameBuf<'_>, m: &mut Ipv4Meta, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) {
+    let (old_sport, old_dport) = (m.sport(), m.dport());
+    if (m.src, old_sport, m.dst, old_dport) == (src.0, src.1, dst.0, dst.1) {
+        return;
+    }
+    let (os, od, ns, nd) = (u32::from(m.src), u32::from(m.dst), u32::from(src.0), u32::from(dst.0));
+    // The new L4 checksum after the addresses (pseudo-header) and ports changed.
+    let l4_sum = |c: u16| {
+        checksum::update16(
+            checksum::update16(checksum::update32(checksum::update32(c, os, ns), od, nd), old_sport, src.1),
+            old_dport,
+            dst.1,
+        )
+    };
+    let Some((ip, l4)) =
+        frame.data_mut().get_mut(ethernet::HEADER_LEN..).and_then(|b| b.split_at_mut_checked(m.header_len))
+    else {
+        return;
+    };
+    if let Ok(mut h) = Ipv4Packet::new_fixed_mut(ip) {
+        h.set_header_checksum(checksum::update32(checksum::update32(h.header_checksum(), os, ns), od, nd));
+        h.set_src_addr(src.0);
+        h.set_dst_addr(dst.0);
+    }
+    match m.protocol() {
+        IpProtocol::Tcp => {
+            if let Ok(mut t) = TcpPacket::new_fixed_mut(l4) {
+                t.set_checksum(l4_sum(t.checksum()));
+                t.set_src_port(src.1);
+                t.set_dst_port(dst.1);
+            }
+        }
+        _ => {
+            if let Ok(mut u) = UdpPacket::new_fixed_mut(l4) {
+                // Zero: sent without a checksum, and stays so (RFC 768); a computed zero is 0xffff.
+                if u.checksum() != 0 {
+                    let c = l4_sum(u.checksum());
+                    u.set_checksum(if c == 0 { 0xffff } else { c });
+                }
+                u.set_src_port(src.1);
+                u.set_dst_port(dst.1);
+            }
+        }
+    }
+    m.src = src.0;
+    m.dst = dst.0;
+    m.ports = (u32::from(src.1) << 16) | u32::from(dst.1);
+}

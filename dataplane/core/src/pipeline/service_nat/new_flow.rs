@@ -1,0 +1,128 @@
+//! The first packet of a connection to a Service frontend (the "in" side of Service NAT):
+//! choose an endpoint as kube-proxy's rules say (ready endpoints first, terminating ones only
+//! when none is ready, traffic policies, ClientIP affinity, Maglev), allocate a TIME_WAIT-safe
+//! SNAT port where the endpoint could not answer the client directly, track the flow, and
+//! rewrite the packet toward the endpoint.
+//!
+//! Contract: not a frontend: `Untouched`. No endpoint, or no SNAT port for TCP: refused with
+//! an answer (`Answered`: TCP RST, ICMP port unreachable), counted as the reason; UDP from
+//! outside with no endpoint, or no SNAT port for UDP: dropped. A flow that cannot be tracked
+//! (`conntrack_full`, `conntrack_collision`) gives its SNAT port back and is dropped.
+
+use super::{Nat, TAG_UPLINK_RETURN};
+use crate::conntrack::{CtError, Dir, FlowKey};
+use crate::nat::snat::Destination;
+use crate::pipeline::ctx::{Ctx, Ipv4Meta, Origin};
+use crate::pipeline::{reply, DropReason, FrameBuf};
+use crate::wire::{IpProtocol, MacAddr, TcpFlags};
+
+pub(super) fn new_flow(
+    ctx: &mut Ctx<'_>,
+    frame: &mut FrameBuf<'_>,
+    m: &mut Ipv4Meta,
+    key: FlowKey,
+    flags: TcpFlags,
+    origin: Origin,
+    client_mac: Option<MacAddr>,
+) -> Result<Nat, DropReason> {
+    let tables = ctx.tables;
+    let Some((sp, kind)) = tables.services().lookup(key.proto, key.dst, key.dport, tables.is_local_addr(key.dst))
+    else {
+        return Ok(Nat::Untouched);
+    };
+    let tcp = m.protocol() == IpProtocol::Tcp;
+    let from_outside = origin == Origin::Outside || !tables.node.cluster_cidr.contains(key.src);
+    // ClientIP affinity: hash the client alone, so Maglev keeps it on one endpoint.
+    let hash = match sp.affinity_ns {
+        Some(_) => u64::from(u32::from(key.src)).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        None => u64::from(m.flow_hash()).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(m.flow_hash()),
+    };
+    // ClientIP affinity: the client's last endpoint while within the timeout and still a
+    // candidate; otherwise a fresh choice, remembered.
+    let sticky = sp.affinity_ns.and_then(|_| {
+        let (e, expires) = *ctx.affinity.get(&(key.proto, key.dst, key.dport, key.src))?;
+        (expires > ctx.now).then_some(e).and_then(|e| sp.still_usable(kind, from_outside, e))
+    });
+    let chosen = match sticky {
+        Some(c) => Ok(c),
+        None => sp.choose(kind, from_outside, hash),
+    };
+    if let (Some(t), Ok(c)) = (sp.affinity_ns, &chosen) {
+        ctx.affinity.insert(
+            (key.proto, key.dst, key.dport, key.src),
+            ((c.endpoint.ip, c.endpoint.port), ctx.now.saturating_add(t)),
+        );
+    }
+    let Ok(choice) = chosen else {
+        ctx.counters.drops[DropReason::ServiceNoEndpoint.index()] += 1;
+        let answer = if let (Some(mac), true) = (client_mac.filter(|_| origin == Origin::Outside), tcp) {
+            reply::tcp_reset_outside(ctx, frame, m, mac)
+        } else if origin == Origin::Outside {
+            // UDP from outside: no route to the client is known here for an ICMP error.
+            ctx.counters.drops[DropReason::ServiceNoEndpoint.index()] -= 1;
+            return Err(DropReason::ServiceNoEndpoint);
+        } else if tcp {
+            reply::tcp_reset(ctx, frame, m)
+        } else {
+            reply::port_unreachable(ctx, frame, m, key.dst)
+        };
+        return answer.map(Nat::Answered);
+    };
+    let ep = choice.endpoint;
+    // SNAT when the endpoint could not answer the client directly:
+    // - hairpin: a pod reaching itself through its Service must see another source, or its
+    //   kernel drops the packet as a martian;
+    // - clients outside the cluster under externalTrafficPolicy Cluster: the endpoint, maybe on
+    //   another node, must answer through this node, which holds the flow.
+    // The SNAT address is this node's address on the pod network (its gateway, which every node
+    // routes here over VXLAN), with a TIME_WAIT-safe port.
+    let snat = ep.ip == key.src || (from_outside && !choice.preserve_client);
+    let (snat_ip, snat_port) = if snat {
+        let d = Destination { proto: key.proto, snat_ip: tables.gateway(), backend_ip: ep.ip, backend_port: ep.port };
+        match ctx.snat.allocate(d, ctx.now) {
+            Ok(p) => (tables.gateway(), p),
+            Err(_) if !tcp => return Err(DropReason::SnatPortsExhausted),
+            Err(_) => {
+                ctx.counters.drops[DropReason::SnatPortsExhausted.index()] += 1;
+                let answer = match client_mac.filter(|_| origin == Origin::Outside) {
+                    Some(mac) => reply::tcp_reset_outside(ctx, frame, m, mac),
+                    None => reply::tcp_reset(ctx, frame, m),
+                };
+                return answer.map(Nat::Answered);
+            }
+        }
+    } else {
+        (key.src, key.sport)
+    };
+    let reply_key = FlowKey { proto: key.proto, src: ep.ip, dst: snat_ip, sport: ep.port, dport: snat_port };
+    let tag = match client_mac {
+        Some(mac) if origin == Origin::Outside => {
+            let b = mac.0;
+            TAG_UPLINK_RETURN | u64::from_be_bytes([0, 0, b[0], b[1], b[2], b[3], b[4], b[5]])
+        }
+        _ => 0,
+    };
+    let id = match ctx.flows.insert(key, reply_key, ctx.now, tag) {
+        Ok(id) => id,
+        Err(e) => {
+            if snat_ip != key.src {
+                let d = Destination { proto: key.proto, snat_ip, backend_ip: ep.ip, backend_port: ep.port };
+                ctx.snat.release(d, snat_port, ctx.now);
+            }
+            return Err(match e {
+                CtError::Full => DropReason::ConntrackFull,
+                CtError::Exists => DropReason::ConntrackCollision,
+            });
+        }
+    };
+    ctx.flows.update(id, Dir::Orig, flags, m.total_len, ctx.now);
+    if flags.contains(TcpFlags::SYN) {
+        super::record_mss(ctx, frame, m, id, Dir::Orig);
+    }
+    ctx.events().service_flows += 1;
+    if tcp && flags.contains(TcpFlags::SYN) {
+        ctx.backends.entry((ep.ip, ep.port)).or_default().syns += 1;
+    }
+    super::rewrite(frame, m, (snat_ip, snat_port), (ep.ip, ep.port));
+    Ok(Nat::Translated { dir: Dir::Orig, uplink_return: None })
+}
