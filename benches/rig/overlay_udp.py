@@ -72,22 +72,22 @@ class Topology:
             self.ip(ns, "link", "add", "cni0", "type", "bridge")
             self.ip(ns, "addr", "add", f"10.244.{k}.1/24", "dev", "cni0")
             self.ip(ns, "link", "set", "cni0", "mtu", self.pod_mtu, "up")
-            self.ip(ns, "link", "add", "vethpod", "type", "veth", "peer", "name", "eth0", "netns", self.pod[n])
-            self.ip(ns, "link", "set", "vethpod", "master", "cni0", "mtu", self.pod_mtu, "up")
-            self.ip(self.pod[n], "addr", "add", f"{POD[n]}/24", "dev", "eth0")
-            self.ip(self.pod[n], "link", "set", "eth0", "mtu", self.pod_mtu, "up")
-            self.ip(self.pod[n], "route", "add", "default", "via", f"10.244.{k}.1")
+            self.add_kernel_pod(n, self.pod[n], "vethpod", POD[n])
         self.gw_mac = self.mac(self.node["a"], "cni0")
+
+    def add_kernel_pod(self, n, pod_ns, host_if, addr):
+        """A pod on node n's cni0 as flannel's bridge CNI plugs it: veth, /24, default via cni0."""
+        ns, k = self.node[n], NET[n]
+        self.ip(ns, "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", pod_ns)
+        self.ip(ns, "link", "set", host_if, "master", "cni0", "mtu", self.pod_mtu, "up")
+        self.ip(pod_ns, "addr", "add", f"{addr}/24", "dev", "eth0")
+        self.ip(pod_ns, "link", "set", "eth0", "mtu", self.pod_mtu, "up")
+        self.ip(pod_ns, "route", "add", "default", "via", f"10.244.{k}.1")
 
     def build_vxnat(self):
         for n in "ab":
-            ns, k = self.node[n], NET[n]
-            self.ip(ns, "link", "add", "vxpod", "type", "veth", "peer", "name", "eth0", "netns", self.pod[n])
-            self.ip(ns, "link", "set", "vxpod", "mtu", self.pod_mtu, "up")
-            self.ip(self.pod[n], "addr", "add", f"{POD[n]}/32", "dev", "eth0")
-            self.ip(self.pod[n], "link", "set", "eth0", "mtu", self.pod_mtu, "up")
-            self.ip(self.pod[n], "route", "add", f"10.244.{k}.1", "dev", "eth0", "scope", "link")
-            self.ip(self.pod[n], "route", "add", "default", "via", f"10.244.{k}.1", "dev", "eth0")
+            ns = self.node[n]
+            self.add_vxnat_pod(n, self.pod[n], "vxpod", POD[n])
             cfg = os.path.join(self.work, f"node-{n}.toml")
             sock = os.path.join(self.work, f"node-{n}.sock")
             with open(cfg, "w") as f:
@@ -103,6 +103,29 @@ class Topology:
                 time.sleep(0.05)
             sh(BIN, "ctl", "--socket", sock, "attach", "--ifname", "vxpod", "--ip", POD[n])
         self.gw_mac = self.mac(self.node["a"], "vxpod")
+
+    def add_vxnat_pod(self, n, pod_ns, host_if, addr):
+        """A pod as vxnat's CNI contract wants it: veth, /32, the gateway on-link, default via it
+        (attaching the host end to vxnat is the caller's)."""
+        ns, k = self.node[n], NET[n]
+        self.ip(ns, "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", pod_ns)
+        self.ip(ns, "link", "set", host_if, "mtu", self.pod_mtu, "up")
+        self.ip(pod_ns, "addr", "add", f"{addr}/32", "dev", "eth0")
+        self.ip(pod_ns, "link", "set", "eth0", "mtu", self.pod_mtu, "up")
+        self.ip(pod_ns, "route", "add", f"10.244.{k}.1", "dev", "eth0", "scope", "link")
+        self.ip(pod_ns, "route", "add", "default", "via", f"10.244.{k}.1", "dev", "eth0")
+
+    def build_switch(self, ports):
+        """The underlay switch: bridge br0 in namespace self.switch (the caller makes it), one veth
+        per (namespace, switch port, interface name) joined to it; both nodes' `ul` addressed, up."""
+        self.ip(self.switch, "link", "add", "br0", "type", "bridge")
+        self.ip(self.switch, "link", "set", "br0", "up")
+        for ns, port, ifname in ports:
+            self.ip(self.switch, "link", "add", port, "type", "veth", "peer", "name", ifname, "netns", ns)
+            self.ip(self.switch, "link", "set", port, "master", "br0", "up")
+        for n in "ab":
+            self.ip(self.node[n], "addr", "add", f"{UNDERLAY[n]}/24", "dev", "ul")
+            self.ip(self.node[n], "link", "set", "ul", "up")
 
     def teardown(self):
         for p in self.procs:

@@ -100,17 +100,10 @@ class Full(rig.Topology):
 
     def build(self):
         self.switch = self.ns("sw")
-        self.ip(self.switch, "link", "add", "br0", "type", "bridge")
-        self.ip(self.switch, "link", "set", "br0", "up")
         self.node = {n: self.ns(f"node{n}") for n in "ab"}
         self.pod = {n: self.ns(f"pod{n}") for n in "ab"}
         self.client = self.ns("client")
-        for ns, port, ifname in ((self.node["a"], "pa", "ul"), (self.node["b"], "pb", "ul"), (self.client, "pc", "eth0")):
-            self.ip(self.switch, "link", "add", port, "type", "veth", "peer", "name", ifname, "netns", ns)
-            self.ip(self.switch, "link", "set", port, "master", "br0", "up")
-        for n in "ab":
-            self.ip(self.node[n], "addr", "add", f"{rig.UNDERLAY[n]}/24", "dev", "ul")
-            self.ip(self.node[n], "link", "set", "ul", "up")
+        self.build_switch(((self.node["a"], "pa", "ul"), (self.node["b"], "pb", "ul"), (self.client, "pc", "eth0")))
         self.ip(self.client, "addr", "add", f"{CLIENT_IP}/24", "dev", "eth0")
         self.ip(self.client, "link", "set", "eth0", "up")
         getattr(self, f"build_{self.kind}")()

@@ -191,8 +191,8 @@ fn l4_checksum_field(l4: &[u8], proto: IpProtocol) -> u16 {
 
 /// Completes a TCP/UDP checksum left as CHECKSUM_PARTIAL (pseudo-header sum only) by the
 /// sender's stack, which AF_XDP on a veth hands over as is. A full checksum — right or
-/// wrong — is left alone (verification policy is per port, later). Returns the field's old
-/// and new values when it completed one.
+/// wrong — is left alone here (whether to verify it is the port's checksum policy, checked
+/// separately). Returns the field's old and new values when it completed one.
 #[inline(always)]
 fn complete_partial_checksum(frame: &mut FrameBuf<'_>, m: &Ipv4Meta) -> Option<(u16, u16)> {
     if m.is_fragment {
