@@ -778,20 +778,7 @@ endpoints:
 fn ctl_bg(n: &NodeNs, args: &[&str]) -> std::thread::JoinHandle<Result<String, String>> {
     let socket = n.socket.clone();
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    std::thread::spawn(move || {
-        let out = Command::new(BIN)
-            .arg("ctl")
-            .arg("--socket")
-            .arg(&socket)
-            .args(&args)
-            .output()
-            .map_err(|e| e.to_string())?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).to_string())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).to_string())
-        }
-    })
+    std::thread::spawn(move || ctl_at(&socket, &args))
 }
 
 /// `GET /metrics` from inside a node's namespace.

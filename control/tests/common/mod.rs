@@ -74,18 +74,7 @@ impl NodeNs {
     }
 
     pub fn ctl(&self, args: &[&str]) -> Result<String, String> {
-        let out = Command::new(BIN)
-            .arg("ctl")
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .output()
-            .map_err(|e| e.to_string())?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).to_string())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).to_string())
-        }
+        ctl_at(&self.socket, args)
     }
 
     pub fn stats_json(&self) -> serde_json::Value {
@@ -237,6 +226,17 @@ impl NodeNs {
     /// The vxnat process's pid (`ip netns exec` execs it).
     pub fn pid(&self) -> u32 {
         self.daemon.as_ref().map(Child::id).expect("vxnat is running")
+    }
+}
+
+/// Runs `vxnat ctl --socket SOCKET ARGS...`: its stdout, or its stderr if it failed.
+pub fn ctl_at(socket: &std::path::Path, args: &[impl AsRef<std::ffi::OsStr>]) -> Result<String, String> {
+    let out =
+        Command::new(BIN).arg("ctl").arg("--socket").arg(socket).args(args).output().map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).to_string())
     }
 }
 
