@@ -63,7 +63,7 @@ impl Default for WorkerConfig {
         WorkerConfig {
             frames: fill.umem_frames(DEFAULT_MAX_PODS) as u32,
             ring_size: 2048,
-            pod_ring_size: 1024,
+            pod_ring_size: 2048,
             fill,
             attach: AttachMode::Native,
             flows: dataplane::pipeline::DEFAULT_FLOWS,
