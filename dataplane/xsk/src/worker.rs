@@ -250,11 +250,6 @@ impl Worker {
         Ok(())
     }
 
-    /// Marks `id` as the host port (the destination of `Disposition::ToHost`).
-    pub fn set_host_port(&mut self, id: PortId) {
-        self.host = Some(id);
-    }
-
     /// Unbinds a port and takes back every chunk its rings held. Frames still in its rx ring
     /// are discarded (counted); completions are reclaimed; then the socket is deleted (the
     /// kernel waits for in-flight receives, and copy mode has copied whatever it transmits),
@@ -386,16 +381,6 @@ impl Worker {
             Some(Some(p)) => p.prog.frontends(),
             _ => Err(format!("port {id} not bound")),
         }
-    }
-
-    /// The kernel's counters for the socket on port `id`.
-    pub fn socket_stats(&self, id: PortId) -> Option<crate::port::SocketStats> {
-        self.ports.get(usize::from(id.0))?.as_ref().and_then(|p| p.xsk.kernel_stats().ok())
-    }
-
-    /// The rx fds, for an idle poll(2).
-    pub fn fds(&self) -> impl Iterator<Item = i32> + '_ {
-        self.ports.iter().flatten().map(|p| p.xsk.fd())
     }
 
     /// One pass over every port. Returns the frames received.
