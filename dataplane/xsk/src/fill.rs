@@ -14,8 +14,23 @@
 //!   between two services (quadruples when it used all of it), and halves back
 //!   towards `min` after `SHRINK_AFTER_NS` without a frame, so an idle port does not keep a
 //!   large share posted.
+//! - **The transmit side is bounded by the reserve.** A frame received into one port's fill
+//!   ring and forwarded leaves that ring's count (its port's shortfall grows) but does not
+//!   return to the pool until its egress has sent it. Chunks away on the transmit side (queued
+//!   on tx rings, staged for them, or in the batch being processed) are therefore capped at the
+//!   reserve (`tx_limits`): with that cap the free pool always covers every port's shortfall,
+//!   however slowly an egress drains. Frames beyond it are dropped at their egress
+//!   (`tx_backlog`), where the overload is, instead of starving every port's receive. No single
+//!   egress holds more than half the cap, so one overloaded port leaves room for the others.
 //! - The UMEM is sized from the port count (`umem_frames`), so the minimums always fit, and a
 //!   port that would break that is refused at attach (`admits`).
+//!
+//! Why the cap keeps the guarantee: let `pool` be the free chunks, `D` the sum of the ports'
+//! shortfalls and `T` the chunks away on the transmit side. Grants beyond a minimum leave
+//! `pool >= D + reserve`; a minimum grant moves one chunk from `pool` to a ring and lowers `D`
+//! by one; a received frame raises `D` by at most one and either returns its chunk (pool + 1)
+//! or raises `T` by one; a completion moves a chunk from `T` to the pool. So
+//! `pool >= D + reserve - T` holds throughout, and `T <= reserve` gives `pool >= D`.
 //!
 //! Pure arithmetic with time passed in; the worker applies it to real rings.
 
@@ -104,6 +119,15 @@ impl PortFill {
     }
 }
 
+/// Bounds on the chunks a worker keeps away on the transmit side (`FillPlan::tx_limits`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxLimits {
+    /// Across all ports: queued on tx rings plus staged for them.
+    pub total: u32,
+    /// On any one egress port.
+    pub per_port: u32,
+}
+
 /// UMEM sizing for a worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FillPlan {
@@ -111,7 +135,8 @@ pub struct FillPlan {
     pub node: FillLimits,
     /// Each pod port.
     pub pod: FillLimits,
-    /// Chunks never granted beyond minimums: segmentation spill and multi-buffer transmit.
+    /// Chunks never granted beyond minimums: the transmit side's allowance (frames on their
+    /// way out, segmentation spill and multi-buffer transmit; see `tx_limits`).
     pub reserve: u32,
     /// Chunks beyond every minimum, shared by busy ports to grow into.
     pub surplus: u32,
@@ -125,8 +150,10 @@ impl Default for FillPlan {
             // itself: a pod's fill ring guaranteed as many never loses what the veth could
             // queue, even while the worker is descheduled.
             pod: FillLimits { min: 256, max: 1024 },
-            reserve: 512,
-            surplus: 8192,
+            // Two egress rings' worth of frames in flight (and a batch being processed): more
+            // than one kick of copy-mode transmit or one batch's segments ever needs.
+            reserve: 2560,
+            surplus: 6144,
         }
     }
 }
@@ -140,6 +167,14 @@ impl FillPlan {
     /// The UMEM size for up to `pods` pod ports: every minimum, the reserve and the surplus.
     pub fn umem_frames(&self, pods: u32) -> u64 {
         self.minimum_frames(pods) + u64::from(self.surplus)
+    }
+
+    /// How many chunks may be away on the transmit side: the reserve less the chunks of the
+    /// batch being processed (`in_process`, taken from an rx ring and not yet staged), in
+    /// total and per egress port.
+    pub fn tx_limits(&self, in_process: u32) -> TxLimits {
+        let total = self.reserve.saturating_sub(in_process);
+        TxLimits { total, per_port: (total / 2).max(1) }
     }
 
     /// Whether a UMEM of `frames` chunks can guarantee `min_sum` (the minimums of the ports
@@ -160,11 +195,34 @@ mod tests {
         pool: u32,
         ports: Vec<PortFill>,
         reserve: u32,
+        /// Chunks queued on one egress's tx ring (the uplink, not among `ports`).
+        tx: u32,
     }
 
     impl Sim {
         fn new(frames: u32, ports: usize, reserve: u32) -> Sim {
-            Sim { pool: frames, ports: (0..ports).map(|_| PortFill::new(POD, 0)).collect(), reserve }
+            Sim { pool: frames, ports: (0..ports).map(|_| PortFill::new(POD, 0)).collect(), reserve, tx: 0 }
+        }
+        /// Port `i` receives `received` frames and forwards them to the egress, whose tx ring
+        /// (2048 entries) takes them within `cap` (`None`: the ring is the only bound); the
+        /// rest are dropped (their chunks go back to the pool). Then `i` is refilled.
+        fn forward(&mut self, i: usize, received: u32, cap: Option<u32>, now: Nanos) -> u32 {
+            let n = received.min(self.ports[i].in_fill);
+            self.ports[i].in_fill -= n;
+            let room = cap.unwrap_or(u32::MAX).min(2048).saturating_sub(self.tx);
+            let queued = n.min(room);
+            self.tx += queued;
+            self.pool += n - queued;
+            let left = self.ports[i].in_fill;
+            self.ports[i].on_rx(n, left, now);
+            self.service(i, 0, now);
+            n - queued
+        }
+        /// The egress sends `n` frames: their chunks come back.
+        fn drain(&mut self, n: u32) {
+            let n = n.min(self.tx);
+            self.tx -= n;
+            self.pool += n;
         }
         fn total_deficit(&self) -> u32 {
             self.ports.iter().map(PortFill::deficit).sum()
@@ -233,6 +291,54 @@ mod tests {
         assert_eq!(s.ports.iter().map(|p| p.starved).sum::<u64>(), 0);
     }
 
+    /// 110 pods all forwarding to one egress that sends less than they receive (two senders
+    /// saturating the uplink): run `rounds` rounds starting each at a rotating pod, and return
+    /// (times a pod was starved, frames dropped at the egress, frames delivered per pod).
+    fn overload(plan: FillPlan, cap: Option<u32>, rounds: u64) -> (u64, u32, Vec<u32>) {
+        let frames = (plan.umem_frames(110) - 2 * u64::from(plan.node.min)) as u32;
+        let mut s = Sim::new(frames, 110, plan.reserve);
+        for i in 0..110 {
+            s.service(i, 0, 0);
+        }
+        let mut dropped = 0;
+        let mut delivered = vec![0u32; 110];
+        for round in 0..rounds {
+            for j in 0..110 {
+                let i = (j + round as usize) % 110;
+                let lost = s.forward(i, 48, cap, round * 10_000);
+                delivered[i] += 48 - lost;
+                dropped += lost;
+            }
+            s.drain(110 * 48 / 2); // the egress sends half of what arrives
+            assert_eq!(s.pool + s.tx + s.ports.iter().map(|p| p.in_fill).sum::<u32>(), frames, "no chunk lost");
+        }
+        (s.ports.iter().map(|p| p.starved).sum(), dropped, delivered)
+    }
+
+    #[test]
+    fn an_overloaded_egress_never_starves_a_port_below_its_minimum() {
+        let plan = FillPlan { pod: POD, ..FillPlan::default() };
+        let limits = plan.tx_limits(32);
+        assert_eq!(limits.total, plan.reserve - 32);
+        let (starved, dropped, delivered) = overload(plan, Some(limits.per_port), 2000);
+        assert_eq!(starved, 0, "the transmit cap keeps the pool above every shortfall");
+        assert!(dropped > 0, "the overload is dropped at the egress");
+        let (lo, hi) = (delivered.iter().min().unwrap(), delivered.iter().max().unwrap());
+        assert!(*lo * 10 >= *hi * 9, "a rotating start shares the egress evenly: {lo}..{hi} per pod");
+    }
+
+    #[test]
+    fn without_the_transmit_cap_the_same_overload_starves_ports() {
+        // What the cap fixes (measured on the 110-pod rig before it existed, with a 512-chunk
+        // reserve: `fill starved` on 104 pod ports): a tx ring's 2048 chunks exceed the
+        // reserve, and the pool runs dry while pods are below their minimum.
+        let before = FillPlan { pod: POD, reserve: 512, surplus: 8192, ..FillPlan::default() };
+        let (starved, _, _) = overload(before, None, 2000);
+        assert!(starved > 0);
+        let (starved, _, _) = overload(before, Some(before.tx_limits(32).per_port), 2000);
+        assert_eq!(starved, 0, "the same plan with the cap");
+    }
+
     #[test]
     fn an_idle_port_shrinks_back_to_its_minimum() {
         let mut p = PortFill::new(POD, 0);
@@ -269,7 +375,7 @@ mod tests {
         let frames = plan.umem_frames(110) as u32;
         let node = 2 * u64::from(plan.node.min);
         assert!(plan.admits(frames, node + 110 * 64));
-        assert!(plan.admits(frames, node + (110 + 128) * 64), "the surplus admits more than max_pods");
-        assert!(!plan.admits(frames, node + (110 + 129) * 64));
+        assert!(plan.admits(frames, node + (110 + 96) * 64), "the surplus admits more than max_pods");
+        assert!(!plan.admits(frames, node + (110 + 97) * 64));
     }
 }

@@ -219,6 +219,34 @@ impl XskPort {
         size.saturating_sub(free)
     }
 
+    /// Frames on the tx ring the kernel has not taken yet (one read of its consumer index).
+    #[inline]
+    pub(crate) fn tx_unsent(&mut self) -> u32 {
+        let size = self.tx.size;
+        // SAFETY: tx is this socket's live ring; as in `fill_unconsumed`.
+        let free = unsafe { sys::xsk_prod_nb_free(&mut *self.tx, size) };
+        size.saturating_sub(free)
+    }
+
+    /// Kicks until the kernel has taken everything on the tx ring, at most `max_kicks` times.
+    /// Copy mode sends at most 32 frames per sendto(2) (the kernel's `TX_BATCH_SIZE`), so one
+    /// kick per pass would cap an egress at 32 frames per pass however many were queued; the
+    /// syscalls are the transmit work itself, paid per 32 frames. Stops early when the kernel
+    /// refuses (busy, or nothing it asked to be woken for).
+    pub(crate) fn push_tx(&mut self, max_kicks: u32) {
+        for _ in 0..max_kicks {
+            // SAFETY: tx is this socket's live ring.
+            if self.tx_unsent() == 0 || unsafe { sys::xsk_ring_prod__needs_wakeup(&*self.tx) } == 0 {
+                return;
+            }
+            // SAFETY: a zero-length sendto on our own socket.
+            let rc = unsafe { libc::sendto(self.fd, core::ptr::null(), 0, libc::MSG_DONTWAIT, core::ptr::null(), 0) };
+            if rc < 0 {
+                return;
+            }
+        }
+    }
+
     /// Kicks the kernel to transmit (copy mode transmits from sendto), if it asked for it.
     #[inline]
     pub(crate) fn kick_tx(&self) {

@@ -34,6 +34,8 @@ const MAINTAIN_SLOTS: usize = 64;
 const MAINTAIN_SLOTS_IDLE: usize = 1024;
 /// At most one idle sweep this often (a full pass over 64 Ki flows in about 0.6 s).
 const IDLE_SWEEP_EVERY_NS: u64 = 10_000_000;
+/// Frames copy-mode transmit sends per sendto(2) (the kernel's `TX_BATCH_SIZE`).
+const TX_PER_KICK: u32 = 32;
 /// Batches taken from one port per pass over the ports.
 pub const RX_BATCHES_PER_PASS: usize = 4;
 
@@ -136,6 +138,11 @@ pub struct Worker {
     last_idle_sweep: u64,
     /// The clock of the last poll (for ports bound between polls).
     last_now: u64,
+    /// What may still be staged for transmit this pass.
+    tx: TxBudget,
+    /// The port each pass starts at, one further each pass: a pass serves ports in turn, and
+    /// when an egress is overloaded the first ones served get its room.
+    first_port: usize,
 }
 
 impl std::fmt::Debug for Worker {
@@ -152,6 +159,7 @@ impl Worker {
         let mut state = WorkerState::with_flows_and_timeouts(id, cfg.flows, cfg.timeouts);
         state.snat =
             dataplane::nat::snat::SnatAllocator::new(cfg.snat_ports.clone(), cfg.snat_hold_ns, u64::from(id) ^ 0x5eed);
+        let tx = TxBudget { left: 0, per_port: cfg.fill.tx_limits(BATCH as u32).per_port, pressure: false };
         Ok(Worker {
             ports: Vec::new(),
             umem,
@@ -168,6 +176,8 @@ impl Worker {
             pollfds: Vec::new(),
             last_idle_sweep: 0,
             last_now: 0,
+            tx,
+            first_port: 0,
         })
     }
 
@@ -390,7 +400,14 @@ impl Worker {
         // What every port lacks below its minimum, kept current through the pass: chunks
         // beyond a port's minimum are granted only out of what covers all of these.
         let mut deficit = self.total_deficit();
-        for i in 0..self.ports.len() {
+        // The transmit allowance: what the tx rings do not already hold (nothing is staged
+        // between passes).
+        let queued: u32 = self.ports.iter().flatten().map(|p| p.xsk.in_tx).sum();
+        self.tx.left = self.cfg.fill.tx_limits(BATCH as u32).total.saturating_sub(queued);
+        let ports = self.ports.len();
+        self.first_port = if self.first_port + 1 < ports { self.first_port + 1 } else { 0 };
+        for j in 0..ports {
+            let i = if self.first_port + j < ports { self.first_port + j } else { self.first_port + j - ports };
             let Some(p) = &self.ports[i] else { continue };
             let before = p.fill.deficit();
             // Up to RX_BATCHES_PER_PASS batches per port before moving on: enough to keep up
@@ -410,6 +427,12 @@ impl Worker {
             }
             let after = self.ports[i].as_ref().map_or(0, |p| p.fill.deficit());
             deficit = deficit - before.min(deficit) + after;
+            if self.tx.pressure {
+                // An egress is using most of its share: send now rather than at the end of
+                // the pass, so the ports served after this one find room.
+                self.tx.pressure = false;
+                self.flush_tx();
+            }
         }
         self.flush_tx();
         // Busy passes look at a few flow slots each; idle ones a larger share, but at most every
@@ -436,23 +459,8 @@ impl Worker {
             // Nothing posted for transmit: the completion ring is empty, skip touching it.
             return;
         }
-        loop {
-            let mut idx = 0u32;
-            // SAFETY: comp is this port's live completion ring.
-            let n = unsafe { sys::xsk_ring_cons__peek(&mut *p.xsk.comp, 64, &mut idx) };
-            if n == 0 {
-                break;
-            }
-            for k in 0..n {
-                // SAFETY: idx+k < idx+n are entries the peek handed us.
-                let addr = unsafe { *sys::xsk_ring_cons__comp_addr(&*p.xsk.comp, idx + k) };
-                self.pool.push(Umem::chunk_of(addr));
-            }
-            // SAFETY: releasing exactly what we peeked.
-            unsafe { sys::xsk_ring_cons__release(&mut *p.xsk.comp, n) };
-            p.xsk.in_tx = p.xsk.in_tx.saturating_sub(n);
-        }
-        if p.xsk.in_tx > 0 {
+        take_completions(&mut p.xsk, &mut self.pool, &mut self.tx);
+        if p.xsk.in_tx > 0 && p.xsk.tx_unsent() > 0 {
             // Copy mode transmits from sendto, 32 frames at a time: keep kicking.
             p.xsk.kick_tx();
         }
@@ -595,15 +603,26 @@ impl Worker {
                 Disposition::Drop(_) | Disposition::Spilled => None,
             };
             let f = &frames[k];
-            let Some((e, staged)) = egress.and_then(|e| self.staged.get_mut(usize::from(e.0)).map(|s| (e, s))) else {
-                if let Some(e) = egress {
-                    self.state.counters.port_mut(e).drops[DropReason::EgressPortDown.index()] += 1;
+            // A chain leaves as chunk-sized pieces, each a chunk on the transmit side.
+            let pieces = if chunks[k] == JUMBO { f.len().div_ceil(FRAME_SIZE as usize).max(1) as u32 } else { 1 };
+            let refused = match egress {
+                Some(e) if usize::from(e.0) < self.staged.len() => {
+                    (!tx_admit(&self.ports, &self.staged, &mut self.tx, usize::from(e.0), pieces))
+                        .then_some((e, DropReason::TxBacklog))
+                }
+                Some(e) => Some((e, DropReason::EgressPortDown)),
+                None => None,
+            };
+            let Some(e) = egress.filter(|_| refused.is_none()) else {
+                if let Some((e, why)) = refused {
+                    self.state.counters.port_mut(e).drops[why.index()] += 1;
                 }
                 if chunks[k] != JUMBO {
                     self.pool.push(chunks[k]);
                 }
                 continue;
             };
+            let staged = &mut self.staged[usize::from(e.0)];
             if chunks[k] != JUMBO {
                 staged.push((chunks[k] + f.start() as u64, f.len() as u32, 0));
                 continue;
@@ -612,6 +631,7 @@ impl Worker {
             let data = f.data();
             let pieces = data.len().div_ceil(FRAME_SIZE as usize).max(1);
             if self.pool.len() < pieces {
+                self.tx.left += pieces as u32;
                 self.state.counters.port_mut(e).drops[DropReason::SpillFull.index()] += 1;
                 continue;
             }
@@ -636,15 +656,21 @@ impl Worker {
     fn send_spill(&mut self) {
         let WorkerState { spill, counters, .. } = &mut self.state;
         for (bytes, port) in spill.packets() {
-            let Some(staged) = self.staged.get_mut(usize::from(port.0)) else {
+            let e = usize::from(port.0);
+            if e >= self.staged.len() {
                 counters.port_mut(port).drops[DropReason::EgressPortDown.index()] += 1;
                 continue;
-            };
+            }
             if bytes.len() > FRAME_SIZE as usize {
                 counters.port_mut(port).drops[DropReason::MtuExceeded.index()] += 1;
                 continue;
             }
+            if !tx_admit(&self.ports, &self.staged, &mut self.tx, e, 1) {
+                counters.port_mut(port).drops[DropReason::TxBacklog.index()] += 1;
+                continue;
+            }
             let Some(chunk) = self.pool.pop() else {
+                self.tx.left += 1;
                 counters.port_mut(port).drops[DropReason::SpillFull.index()] += 1;
                 continue;
             };
@@ -652,7 +678,7 @@ impl Worker {
             // it is queued on the tx ring below.
             let buf = unsafe { self.umem.chunk_mut(chunk) };
             buf[..bytes.len()].copy_from_slice(bytes);
-            staged.push((chunk, bytes.len() as u32, 0));
+            self.staged[e].push((chunk, bytes.len() as u32, 0));
         }
         spill.clear();
     }
@@ -702,7 +728,11 @@ impl Worker {
             // SAFETY: submitting exactly what we reserved and wrote.
             unsafe { sys::xsk_ring_prod__submit(&mut *p.xsk.tx, got as u32) };
             p.xsk.in_tx += got as u32;
-            p.xsk.kick_tx();
+            let unsent = p.xsk.tx_unsent();
+            p.xsk.push_tx(unsent.div_ceil(TX_PER_KICK));
+            // Copy mode completes a frame once the kernel has handed it on: take those back
+            // now, so the egress's share is free again for the rest of the pass.
+            take_completions(&mut p.xsk, &mut self.pool, &mut self.tx);
             if got < staged.len() {
                 let full = staged[got..].iter().filter(|d| d.2 & XDP_PKT_CONTD == 0).count() as u64;
                 self.state.counters.port_mut(PortId(e as u16)).drops[DropReason::TxRingFull.index()] += full;
@@ -713,6 +743,58 @@ impl Worker {
             self.staged[e].clear();
         }
     }
+}
+
+/// Returns to the pool every chunk on `xsk`'s completion ring (a ring read, no syscall).
+fn take_completions(xsk: &mut XskPort, pool: &mut Vec<u64>, tx: &mut TxBudget) {
+    loop {
+        let mut idx = 0u32;
+        // SAFETY: comp is this port's live completion ring.
+        let n = unsafe { sys::xsk_ring_cons__peek(&mut *xsk.comp, 64, &mut idx) };
+        if n == 0 {
+            break;
+        }
+        for k in 0..n {
+            // SAFETY: idx+k < idx+n are entries the peek handed us.
+            let addr = unsafe { *sys::xsk_ring_cons__comp_addr(&*xsk.comp, idx + k) };
+            pool.push(Umem::chunk_of(addr));
+        }
+        // SAFETY: releasing exactly what we peeked.
+        unsafe { sys::xsk_ring_cons__release(&mut *xsk.comp, n) };
+        xsk.in_tx = xsk.in_tx.saturating_sub(n);
+        tx.left += n;
+    }
+}
+
+/// The transmit side's allowance during a poll pass (`FillPlan::tx_limits`).
+#[derive(Debug, Clone, Copy)]
+struct TxBudget {
+    /// Chunks that may still be staged this pass: the total limit less what the tx rings hold
+    /// (set at the start of each pass; completions add back, staging takes).
+    left: u32,
+    /// At most this many queued on or staged for any one egress port.
+    per_port: u32,
+    /// Set when an egress holds over half its share (or half the total is used): flush
+    /// before serving the next port.
+    pressure: bool,
+}
+
+/// Takes `pieces` chunks of the transmit allowance for egress `e` if both its own share and
+/// the worker's total have room. Refused frames are dropped as `tx_backlog`: the egress is
+/// not draining as fast as frames arrive, and holding more of them would starve fill rings.
+#[inline]
+fn tx_admit(ports: &[Option<WorkerPort>], staged: &[Vec<(u64, u32, u32)>], tx: &mut TxBudget, e: usize, pieces: u32) -> bool {
+    let queued = ports.get(e).and_then(Option::as_ref).map_or(0, |p| p.xsk.in_tx);
+    let held = queued + staged.get(e).map_or(0, Vec::len) as u32;
+    if pieces > tx.left || held + pieces > tx.per_port {
+        tx.pressure = true;
+        return false;
+    }
+    tx.left -= pieces;
+    if 2 * (held + pieces) > tx.per_port || tx.left < tx.per_port {
+        tx.pressure = true;
+    }
+    true
 }
 
 /// Posts to `xsk`'s fill ring what the budget grants (`deficit`: what all ports lack below

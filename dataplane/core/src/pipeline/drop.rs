@@ -103,6 +103,7 @@ drop_reasons! {
     ConntrackCollision = "conntrack_collision": "the translated flow's reply tuple is already tracked for another flow",
     // Transmit (counted against the egress port by the AF_XDP worker)
     TxRingFull = "tx_ring_full": "egress port's transmit ring full (its peer is not draining it fast enough)",
+    TxBacklog = "tx_backlog": "egress port already holds its share of the worker's transmit chunks (frames arrive faster than it sends them); dropped here so that every port keeps its guaranteed fill ring",
     EgressPortDown = "egress_port_down": "egress port has no AF_XDP socket (not attached, or being detached)",
 }
 

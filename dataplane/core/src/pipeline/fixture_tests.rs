@@ -633,12 +633,13 @@ fn every_drop_reason_has_a_fixture() {
         }
     }
     // Reasons that need other tables or state are covered by dedicated tests below.
-    // TxRingFull and EgressPortDown are counted by the AF_XDP worker (xsk tests).
+    // TxRingFull, TxBacklog and EgressPortDown are counted by the AF_XDP worker (xsk tests).
     let dedicated = [
         DropReason::NoHostPort,
         DropReason::IcmpRateLimited,
         DropReason::NoHeadroom,
         DropReason::TxRingFull,
+        DropReason::TxBacklog,
         DropReason::EgressPortDown,
         // Service NAT reasons: service_tests.rs.
         DropReason::ServiceNoEndpoint,
