@@ -273,7 +273,7 @@ fn default_snat_ports() -> String {
     "1024-29999".to_string()
 }
 fn default_hold() -> u64 {
-    120
+    dataplane::nat::snat::DEFAULT_HOLD_NS / 1_000_000_000
 }
 fn default_flows() -> usize {
     65536

@@ -438,12 +438,16 @@ pub fn render_stats(v: &StatsReply) -> String {
         }
     }
     out.push_str(&format!(
-        "flows: {} of {}; SNAT tuples: {} in use, {} held after close\n",
-        w.flows, w.flows_max, w.snat_in_use, w.snat_held
+        "flows: {} of {}; SNAT tuples: {} in use, {} held for a backend's TIME_WAIT, {} reused from one with offsets\n",
+        w.flows, w.flows_max, w.snat_in_use, w.snat_held, w.snat_reused_with_offsets
     ));
+    let ended: Vec<String> = w.snat_ended.iter().filter(|(_, n)| *n > 0).map(|(c, n)| format!("{c} {n}")).collect();
+    if !ended.is_empty() {
+        out.push_str(&format!("  SNAT'd flows ended: {}\n", ended.join(", ")));
+    }
     for (backend, n) in &w.snat_exhausted {
         out.push_str(&format!(
-            "  snat ports exhausted toward {backend}: {n} connections refused (every tuple in use or held for the backend's TIME_WAIT)\n"
+            "  snat ports exhausted toward {backend}: {n} connections refused (every tuple in use, or held for the backend's TIME_WAIT without a mark to reuse it by)\n"
         ));
     }
     for b in &w.backends {

@@ -74,6 +74,20 @@ pub fn render(s: &WorkerStats, names: &BTreeMap<u16, String>, arp: &[(String, u6
     o.sample("vxnat_snat_tuples", &[("state", "in_use")], s.snat_in_use);
     o.sample("vxnat_snat_tuples", &[("state", "held")], s.snat_held);
     o.family(
+        "vxnat_snat_flows_ended_total",
+        "counter",
+        "SNAT'd flows ended, by cause (only backend_closed_first and idle hold the tuple).",
+    );
+    for (cause, n) in &s.snat_ended {
+        o.sample("vxnat_snat_flows_ended_total", &[("cause", cause)], n);
+    }
+    o.family(
+        "vxnat_snat_reused_with_offsets_total",
+        "counter",
+        "SNAT tuples reused from a backend's TIME_WAIT, with sequence and timestamp offsets.",
+    );
+    o.sample("vxnat_snat_reused_with_offsets_total", &[], s.snat_reused_with_offsets);
+    o.family(
         "vxnat_snat_exhausted_total",
         "counter",
         "Connections refused because no SNAT tuple toward the backend was free.",

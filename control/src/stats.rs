@@ -28,6 +28,13 @@ pub struct WorkerStats {
     pub flows_max: usize,
     pub snat_in_use: u64,
     pub snat_held: u64,
+    /// SNAT'd flows ended, by cause (`dataplane::nat::snat::End::NAMES`): only
+    /// `backend_closed_first` (and `idle`) hold their tuple.
+    #[serde(default)]
+    pub snat_ended: Vec<(String, u64)>,
+    /// Tuples reused from a backend's TIME_WAIT with sequence/timestamp offsets.
+    #[serde(default)]
+    pub snat_reused_with_offsets: u64,
     /// (backend ip:port, refusals): `snat ports exhausted` per backend.
     pub snat_exhausted: Vec<(String, u64)>,
     /// Handshake outcomes per Service endpoint.
@@ -168,6 +175,12 @@ pub fn snapshot(w: &Worker, v: &HostView) -> WorkerStats {
         flows_max: w.state().flows.capacity(),
         snat_in_use: snat.in_use,
         snat_held: snat.held,
+        snat_ended: dataplane::nat::snat::End::NAMES
+            .iter()
+            .zip(snat.ended)
+            .map(|(name, n)| ((*name).to_string(), n))
+            .collect(),
+        snat_reused_with_offsets: snat.reused_with_offsets,
         snat_exhausted: w
             .state()
             .snat

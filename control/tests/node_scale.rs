@@ -66,7 +66,9 @@ fn flood(from: &[&Pod], to: &Pod, dur: Duration) -> (u64, std::collections::Hash
         .iter()
         .map(|p| {
             let ip = p.ip;
-            p.ns.spawn(move || UdpSocket::bind(SocketAddrV4::new(ip, 0)).expect("bind a sender")).join().expect("sender")
+            p.ns.spawn(move || UdpSocket::bind(SocketAddrV4::new(ip, 0)).expect("bind a sender"))
+                .join()
+                .expect("sender")
         })
         .collect();
     let receiver = std::thread::spawn(move || {

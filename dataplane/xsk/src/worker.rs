@@ -783,7 +783,13 @@ struct TxBudget {
 /// the worker's total have room. Refused frames are dropped as `tx_backlog`: the egress is
 /// not draining as fast as frames arrive, and holding more of them would starve fill rings.
 #[inline]
-fn tx_admit(ports: &[Option<WorkerPort>], staged: &[Vec<(u64, u32, u32)>], tx: &mut TxBudget, e: usize, pieces: u32) -> bool {
+fn tx_admit(
+    ports: &[Option<WorkerPort>],
+    staged: &[Vec<(u64, u32, u32)>],
+    tx: &mut TxBudget,
+    e: usize,
+    pieces: u32,
+) -> bool {
     let queued = ports.get(e).and_then(Option::as_ref).map_or(0, |p| p.xsk.in_tx);
     let held = queued + staged.get(e).map_or(0, Vec::len) as u32;
     if pieces > tx.left || held + pieces > tx.per_port {

@@ -151,6 +151,19 @@ pub struct Flow {
     pub created: u64,
     /// The MSS each side announced in its SYN (original, then reply direction); 0: unknown.
     pub mss: [u16; 2],
+    /// TCP: the direction of the first FIN (the side that closed first holds TIME_WAIT).
+    pub first_fin: Option<Dir>,
+    /// The caller's SNAT tuple was already given back (when the flow closed, before it
+    /// expires from the table): not to be released again.
+    pub snat_released: bool,
+    /// Service NAT: the original direction's last sequence number end and TSval as the
+    /// endpoint saw them, recorded once the flow is closing (for reusing its SNAT tuple).
+    pub mark: Option<crate::nat::snat::Mark>,
+    /// Service NAT: sequence and timestamp offsets of a flow on a reused SNAT tuple.
+    pub adj: crate::nat::seqadj::SeqAdj,
+    /// Service NAT: the endpoint sent a FIN before it had the client's (it closed first, or
+    /// both closed at once): it will hold the tuple in TIME_WAIT.
+    pub endpoint_time_wait: bool,
 }
 
 impl Flow {
@@ -280,6 +293,11 @@ impl ConnTrack {
             bytes: [0; 2],
             tag,
             mss: [0; 2],
+            first_fin: None,
+            snat_released: false,
+            mark: None,
+            adj: crate::nat::seqadj::SeqAdj::NONE,
+            endpoint_time_wait: false,
         }));
         self.index.insert(ho, slot, Dir::Orig);
         self.index.insert(hr, slot, Dir::Reply);
@@ -324,6 +342,9 @@ impl ConnTrack {
         let mut event = TcpEvent::None;
         f.state = match f.state {
             FlowState::Tcp(t) => {
+                if flags.contains(TcpFlags::FIN) && f.first_fin.is_none() {
+                    f.first_fin = Some(dir);
+                }
                 let (next, ev) = t.next(dir, flags);
                 // The flow's own first SYN is not a retransmission.
                 event = if ev == TcpEvent::SynRetransmit && f.packets[0] <= 1 { TcpEvent::None } else { ev };
@@ -334,6 +355,24 @@ impl ConnTrack {
         };
         f.expires_at = now.saturating_add(timeouts.of(f.state));
         event
+    }
+
+    /// Removes the flow `key` belongs to if it is a TCP flow that has closed (TIME_WAIT or
+    /// CLOSE), as a new connection on its tuple supersedes it (netfilter kills such an entry
+    /// on a new SYN too). Returns it; `None` if there was none, or it is still open.
+    pub fn evict_closed(&mut self, key: &FlowKey) -> Option<Flow> {
+        let (slot, _) = self.find(key, KeyHash::of(key))?;
+        let closed = self
+            .slots
+            .get(slot as usize)?
+            .0
+            .as_ref()
+            .is_some_and(|f| matches!(f.state, FlowState::Tcp(TcpState::TimeWait | TcpState::Close)));
+        if closed {
+            self.remove_slot(slot, false)
+        } else {
+            None
+        }
     }
 
     /// Stops tracking a flow; returns it.

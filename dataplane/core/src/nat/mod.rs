@@ -2,5 +2,6 @@
 //! selection. (DNAT/SNAT rewriting in the pipeline and the Service tables build on these.)
 
 pub mod maglev;
+pub mod seqadj;
 pub mod service;
 pub mod snat;

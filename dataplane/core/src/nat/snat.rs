@@ -1,22 +1,32 @@
 //! The TIME_WAIT-safe SNAT port allocator (incident 2 in `shared/docs/incidents.md`).
 //!
 //! Contract: a (proto, SNAT address, SNAT port, backend address, backend port) tuple is never
-//! handed out while in use, nor less than `hold` after the flow that used it ended, because
-//! the backend (which usually closes first) may still hold that 5-tuple in TIME_WAIT (2*MSL,
-//! 60 s on Linux) and would answer a new SYN with a bare ACK. The same port may serve different
-//! backends at once. When no tuple is free, allocation fails and the caller refuses the
-//! connection visibly (TCP RST, a counter per backend); it never falls back to a held tuple.
+//! handed out while a flow uses it, and never so that the backend, if it still holds the
+//! tuple in TIME_WAIT, would answer the new SYN with a bare ACK. The same port may serve
+//! different backends at once. When no tuple can be given, allocation fails and the caller
+//! refuses the connection visibly (TCP RST, a counter per backend).
 //!
-//! Per destination (proto, SNAT address, backend address, backend port):
-//! - ports never used yet are handed out first, in a scrambled order (a stride co-prime to the
-//!   range from a per-destination start, like `--random-fully`), so the first use of a port is
-//!   never predictable and never a reuse;
-//! - released ports join a FIFO stamped `released_at + hold`. Released in time order, the FIFO
-//!   is ordered by availability, so its front answers "is a port free?": allocation and release
-//!   are O(1) (amortised: the FIFO's ring buffer grows at most to the range). Releases may come
-//!   slightly out of order (conntrack releases at each flow's expiry time, as it notices them);
-//!   that can only delay a port's reuse, never hasten it, since only the front is ever taken and
-//!   only once its own time has passed.
+//! What a backend holds: TIME_WAIT only on the side that sent the first FIN. So a flow's end
+//! releases its tuple according to how it ended (`End`):
+//! - the backend closed first: held for `hold` (the backend's TIME_WAIT, 60 s on Linux, plus a
+//!   margin), with the last sequence number and TSval the backend saw from the client side
+//!   (`Mark`), when known;
+//! - the client closed first, a reset, a handshake that never completed, UDP: free at once;
+//! - a TCP flow that went idle and expired while open: held, without a mark (the backend's
+//!   state is unknown).
+//!
+//! Per destination (proto, SNAT address, backend address, backend port), allocation takes:
+//! 1. a port never used yet, in a scrambled order (a stride co-prime to the range from a
+//!    per-destination start, like `--random-fully`);
+//! 2. a port freed at once, oldest first;
+//! 3. a held port whose hold has passed (the FIFO of held ports is ordered by availability:
+//!    the hold is one constant and releases come in time order, or slightly late, which can
+//!    only delay a reuse);
+//! 4. when the pool has nothing else, the oldest held port that carries a mark, for reuse with
+//!    offsets (`Grant::reuse`): the caller shifts the new flow's sequence numbers and TSval
+//!    past the mark for the flow's whole life (`nat::seqadj`), so the backend's TIME_WAIT
+//!    accepts the SYN (RFC 6191; Linux's `tcp_timewait_state_process`);
+//! 5. otherwise: `Exhausted` (every tuple in use, or held without a mark).
 //!
 //! Time is passed in (`now`, nanoseconds, monotonic), never read here.
 
@@ -27,8 +37,12 @@ use std::collections::VecDeque;
 /// Default SNAT source ports: below the NodePort range (30000-32767) and the kernel's ephemeral
 /// range (32768-60999), so SNAT'd flows never collide with the node's own sockets or NodePorts.
 pub const DEFAULT_PORTS: core::ops::RangeInclusive<u16> = 1024..=29999;
-/// Default hold after a flow ends: covers the backend's TIME_WAIT (2*MSL = 60 s on Linux) twice.
-pub const DEFAULT_HOLD_NS: u64 = 120_000_000_000;
+/// Default hold after the backend closed first: its TIME_WAIT (2*MSL = 60 s on Linux) and a
+/// 5 s margin for the last segments in flight and timer slack.
+pub const DEFAULT_HOLD_NS: u64 = 65_000_000_000;
+/// How many held ports allocation looks past for one with a mark (unmarked ones are rare:
+/// flows that expired while open).
+const MARK_SCAN: usize = 16;
 
 /// Where SNAT'd flows go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -41,8 +55,66 @@ pub struct Destination {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SnatError {
-    /// Every port toward this destination is in use or held: refuse the connection.
+    /// Every port toward this destination is in use or held without a mark: refuse.
     Exhausted,
+}
+
+/// What the backend last saw from the client side of a TCP flow on this tuple, as it saw it
+/// (after any offsets): the sequence number after the last byte or FIN (its `rcv_nxt`), and
+/// the last TSval if the client sent timestamps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mark {
+    pub seq_end: u32,
+    pub tsval: Option<u32>,
+}
+
+/// How a flow ended, which decides whether its tuple is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The backend sent the first FIN: it holds the tuple in TIME_WAIT.
+    BackendClosedFirst(Option<Mark>),
+    /// The client sent the first FIN: the backend closes without TIME_WAIT.
+    ClientClosedFirst,
+    /// A RST ended it.
+    Reset,
+    /// The handshake never completed.
+    NotEstablished,
+    /// It expired while open (idle): the backend's state is unknown.
+    Idle,
+    /// Not TCP: nothing is held.
+    Datagram,
+}
+
+impl End {
+    /// Names of the causes, in `SnatStats::ended` order.
+    pub const NAMES: [&'static str; 6] =
+        ["backend_closed_first", "client_closed_first", "reset", "not_established", "idle", "datagram"];
+
+    fn index(self) -> usize {
+        match self {
+            End::BackendClosedFirst(_) => 0,
+            End::ClientClosedFirst => 1,
+            End::Reset => 2,
+            End::NotEstablished => 3,
+            End::Idle => 4,
+            End::Datagram => 5,
+        }
+    }
+}
+
+/// A tuple handed out: its port and, when it was taken from the backend's TIME_WAIT, the mark
+/// the new flow's SYN must land beyond.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    pub port: u16,
+    pub reuse: Option<Mark>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    port: u16,
+    available_at: u64,
+    mark: Option<Mark>,
 }
 
 #[derive(Debug)]
@@ -50,8 +122,10 @@ struct Pool {
     /// How many never-used ports have been handed out.
     fresh_used: u32,
     start: u32,
-    /// Released ports and when each becomes available again, oldest first.
-    held: VecDeque<(u16, u64)>,
+    /// Ports freed at once, oldest first.
+    free: VecDeque<u16>,
+    /// Held ports, by availability.
+    held: VecDeque<Held>,
     in_use: u32,
     /// Allocations refused toward this destination.
     exhausted: u64,
@@ -64,6 +138,10 @@ pub struct SnatStats {
     /// Released, still within their hold time.
     pub held: u64,
     pub exhausted: u64,
+    /// Flows ended, by cause (`End::NAMES`).
+    pub ended: [u64; 6],
+    /// Tuples taken from a backend's TIME_WAIT with sequence/timestamp offsets.
+    pub reused_with_offsets: u64,
 }
 
 #[derive(Debug)]
@@ -74,6 +152,8 @@ pub struct SnatAllocator {
     hold: u64,
     pools: AHashMap<Destination, Pool>,
     exhausted: u64,
+    ended: [u64; 6],
+    reused: u64,
     seed: u64,
 }
 
@@ -86,8 +166,8 @@ fn gcd(a: u32, b: u32) -> u32 {
 }
 
 impl SnatAllocator {
-    /// Ports from `ports` (inclusive), held for `hold_ns` after release. `seed` scrambles the
-    /// order in which fresh ports are handed out (per destination).
+    /// Ports from `ports` (inclusive), held for `hold_ns` after the backend closed first.
+    /// `seed` scrambles the order in which fresh ports are handed out (per destination).
     pub fn new(ports: core::ops::RangeInclusive<u16>, hold_ns: u64, seed: u64) -> SnatAllocator {
         let lo = *ports.start();
         let span = u32::from(*ports.end()).saturating_sub(u32::from(lo)) + 1;
@@ -103,6 +183,8 @@ impl SnatAllocator {
             hold: hold_ns,
             pools: AHashMap::new(),
             exhausted: 0,
+            ended: [0; 6],
+            reused: 0,
             seed,
         }
     }
@@ -119,44 +201,52 @@ impl SnatAllocator {
         (h % u64::from(self.span)) as u32
     }
 
-    /// A source port for a new flow toward `d`, or `Exhausted`.
-    pub fn allocate(&mut self, d: Destination, now: u64) -> Result<u16, SnatError> {
+    /// A tuple for a new flow toward `d`, or `Exhausted`.
+    pub fn allocate(&mut self, d: Destination, now: u64) -> Result<Grant, SnatError> {
         let start = self.start_for(&d);
         let (span, stride, lo) = (self.span, self.stride, self.lo);
         let pool = self.pools.entry(d).or_insert_with(|| Pool {
             fresh_used: 0,
             start,
+            free: VecDeque::new(),
             held: VecDeque::new(),
             in_use: 0,
             exhausted: 0,
         });
-        let port = if pool.fresh_used < span {
+        let grant = if pool.fresh_used < span {
             let off = (u64::from(pool.start) + u64::from(pool.fresh_used) * u64::from(stride)) % u64::from(span);
             pool.fresh_used += 1;
-            lo + off as u16
+            Grant { port: lo + off as u16, reuse: None }
+        } else if let Some(port) = pool.free.pop_front() {
+            Grant { port, reuse: None }
+        } else if pool.held.front().is_some_and(|h| h.available_at <= now) {
+            let h = pool.held.pop_front().expect("front checked");
+            Grant { port: h.port, reuse: None }
+        } else if let Some(i) = pool.held.iter().take(MARK_SCAN).position(|h| h.mark.is_some()) {
+            let h = pool.held.remove(i).expect("position is in range");
+            self.reused += 1;
+            Grant { port: h.port, reuse: h.mark }
         } else {
-            match pool.held.front() {
-                Some(&(p, available_at)) if available_at <= now => {
-                    pool.held.pop_front();
-                    p
-                }
-                _ => {
-                    self.exhausted += 1;
-                    pool.exhausted += 1;
-                    return Err(SnatError::Exhausted);
-                }
-            }
+            self.exhausted += 1;
+            pool.exhausted += 1;
+            return Err(SnatError::Exhausted);
         };
         pool.in_use += 1;
-        Ok(port)
+        Ok(grant)
     }
 
-    /// The flow that used `port` toward `d` ended at `now`; the tuple is held for the hold time.
-    /// The caller releases each allocated port exactly once (conntrack does, on flow removal).
-    pub fn release(&mut self, d: Destination, port: u16, now: u64) {
-        if let Some(pool) = self.pools.get_mut(&d) {
-            pool.in_use = pool.in_use.saturating_sub(1);
-            pool.held.push_back((port, now.saturating_add(self.hold)));
+    /// The flow that used `port` toward `d` ended at `now`, as `end` says: its tuple is held or
+    /// freed (module docs). The caller releases each allocated tuple exactly once.
+    pub fn release(&mut self, d: Destination, port: u16, now: u64, end: End) {
+        self.ended[end.index()] += 1;
+        let Some(pool) = self.pools.get_mut(&d) else { return };
+        pool.in_use = pool.in_use.saturating_sub(1);
+        match end {
+            End::BackendClosedFirst(mark) => {
+                pool.held.push_back(Held { port, available_at: now.saturating_add(self.hold), mark })
+            }
+            End::Idle => pool.held.push_back(Held { port, available_at: now.saturating_add(self.hold), mark: None }),
+            End::ClientClosedFirst | End::Reset | End::NotEstablished | End::Datagram => pool.free.push_back(port),
         }
     }
 
@@ -171,14 +261,20 @@ impl SnatAllocator {
     /// Forgets destinations whose ports are all free and past their hold (bounded memory for
     /// backends that come and go). Call off the hot path.
     pub fn compact(&mut self, now: u64) {
-        self.pools.retain(|_, p| p.in_use > 0 || p.exhausted > 0 || p.held.back().is_some_and(|&(_, t)| t > now));
+        self.pools
+            .retain(|_, p| p.in_use > 0 || p.exhausted > 0 || p.held.back().is_some_and(|h| h.available_at > now));
     }
 
     pub fn stats(&self, now: u64) -> SnatStats {
-        let mut s = SnatStats { exhausted: self.exhausted, ..Default::default() };
+        let mut s = SnatStats {
+            exhausted: self.exhausted,
+            ended: self.ended,
+            reused_with_offsets: self.reused,
+            ..Default::default()
+        };
         for p in self.pools.values() {
             s.in_use += u64::from(p.in_use);
-            s.held += p.held.iter().filter(|(_, t)| *t > now).count() as u64;
+            s.held += p.held.iter().filter(|h| h.available_at > now).count() as u64;
         }
         s
     }
@@ -188,11 +284,11 @@ impl SnatAllocator {
     pub fn held_tuples(&self, now: u64, limit: usize) -> Vec<(Destination, u16, u64)> {
         let mut v = Vec::new();
         for (d, p) in &self.pools {
-            for &(port, until) in p.held.iter().filter(|(_, t)| *t > now) {
+            for h in p.held.iter().filter(|h| h.available_at > now) {
                 if v.len() >= limit {
                     return v;
                 }
-                v.push((*d, port, until - now));
+                v.push((*d, h.port, h.available_at - now));
             }
         }
         v
@@ -224,10 +320,17 @@ mod tests {
         }
     }
 
+    const HELD: End = End::BackendClosedFirst(None);
+    const MARK: Mark = Mark { seq_end: 1000, tsval: Some(77) };
+
+    fn port(a: &mut SnatAllocator, d: Destination, now: u64) -> Result<u16, SnatError> {
+        a.allocate(d, now).map(|g| g.port)
+    }
+
     #[test]
     fn fresh_ports_cover_the_range_once_in_scrambled_order() {
         let mut a = SnatAllocator::new(1000..=1999, 10 * S, 7);
-        let got: Vec<u16> = (0..1000).map(|_| a.allocate(dest(1), 0).unwrap()).collect();
+        let got: Vec<u16> = (0..1000).map(|_| port(&mut a, dest(1), 0).unwrap()).collect();
         let set: BTreeSet<u16> = got.iter().copied().collect();
         assert_eq!(set.len(), 1000);
         assert!(set.iter().all(|p| (1000..=1999).contains(p)));
@@ -237,89 +340,129 @@ mod tests {
     }
 
     #[test]
-    fn a_released_tuple_is_held_for_the_whole_hold_time() {
-        let mut a = SnatAllocator::new(2000..=2001, 120 * S, 1);
-        let p = a.allocate(dest(1), 0).unwrap();
-        let q = a.allocate(dest(1), 0).unwrap();
-        a.release(dest(1), p, 10 * S);
-        // Held until 130 s: refused (visibly), never reused early.
-        assert_eq!(a.allocate(dest(1), 129 * S + 999_999_999), Err(SnatError::Exhausted));
-        assert_eq!(a.allocate(dest(1), 130 * S), Ok(p));
+    fn a_tuple_the_backend_closed_first_is_held_for_the_whole_hold_time() {
+        let mut a = SnatAllocator::new(2000..=2001, 65 * S, 1);
+        let p = port(&mut a, dest(1), 0).unwrap();
+        let q = port(&mut a, dest(1), 0).unwrap();
+        a.release(dest(1), p, 10 * S, HELD);
+        // Held until 75 s without a mark: refused (visibly), never reused early.
+        assert_eq!(a.allocate(dest(1), 75 * S - 1), Err(SnatError::Exhausted));
+        assert_eq!(a.allocate(dest(1), 75 * S), Ok(Grant { port: p, reuse: None }), "after the hold: plain reuse");
         assert_ne!(p, q);
-        assert_eq!(a.stats(130 * S).exhausted, 1);
+        let st = a.stats(75 * S);
+        assert_eq!((st.exhausted, st.ended[0], st.reused_with_offsets), (1, 1, 0));
         assert_eq!(a.exhausted_by_destination(), vec![(dest(1), 1)]);
     }
 
     #[test]
-    fn out_of_order_releases_never_hasten_reuse() {
-        let mut a = SnatAllocator::new(6000..=6001, 100 * S, 1);
-        let p = a.allocate(dest(1), 0).unwrap();
-        let q = a.allocate(dest(1), 0).unwrap();
-        a.release(dest(1), p, 50 * S); // available at 150 s
-        a.release(dest(1), q, 10 * S); // available at 110 s, but queued behind p
-        assert_eq!(a.allocate(dest(1), 120 * S), Err(SnatError::Exhausted), "q is free but p is not: waiting is safe");
-        assert_eq!(a.allocate(dest(1), 150 * S), Ok(p));
-        assert_eq!(a.allocate(dest(1), 150 * S), Ok(q));
+    fn a_tuple_the_client_closed_or_reset_is_free_at_once() {
+        let mut a = SnatAllocator::new(2000..=2000, 65 * S, 1);
+        for end in [End::ClientClosedFirst, End::Reset, End::NotEstablished, End::Datagram] {
+            let p = port(&mut a, dest(1), 0).unwrap();
+            assert_eq!(a.allocate(dest(1), 0), Err(SnatError::Exhausted), "in use");
+            a.release(dest(1), p, S, end);
+            assert_eq!(a.allocate(dest(1), S), Ok(Grant { port: p, reuse: None }), "{end:?}: free at once");
+            a.release(dest(1), p, S, End::Datagram);
+            assert_eq!(port(&mut a, dest(1), S), Ok(p));
+            a.release(dest(1), p, S, end);
+            let _ = port(&mut a, dest(1), S);
+            a.release(dest(1), p, S, end);
+            let _ = port(&mut a, dest(1), S);
+            a.release(dest(1), p, S, End::ClientClosedFirst);
+        }
+        assert_eq!(a.stats(S).held, 0);
+    }
+
+    #[test]
+    fn a_held_tuple_with_a_mark_is_reused_only_when_nothing_else_is_left() {
+        let mut a = SnatAllocator::new(2000..=2002, 65 * S, 1);
+        let ports: Vec<u16> = (0..3).map(|_| port(&mut a, dest(1), 0).unwrap()).collect();
+        a.release(dest(1), ports[0], S, End::BackendClosedFirst(Some(MARK)));
+        a.release(dest(1), ports[1], 2 * S, End::Idle);
+        a.release(dest(1), ports[2], 3 * S, End::ClientClosedFirst);
+        assert_eq!(a.allocate(dest(1), 4 * S), Ok(Grant { port: ports[2], reuse: None }), "the free one first");
+        assert_eq!(
+            a.allocate(dest(1), 4 * S),
+            Ok(Grant { port: ports[0], reuse: Some(MARK) }),
+            "then the marked one, with its mark"
+        );
+        assert_eq!(a.allocate(dest(1), 4 * S), Err(SnatError::Exhausted), "the unmarked idle one waits out its hold");
+        assert_eq!(a.allocate(dest(1), 67 * S), Ok(Grant { port: ports[1], reuse: None }));
+        assert_eq!(a.stats(67 * S).reused_with_offsets, 1);
     }
 
     #[test]
     fn the_same_port_serves_different_backends_at_once() {
         let mut a = SnatAllocator::new(3000..=3000, 120 * S, 1);
-        assert_eq!(a.allocate(dest(1), 0), Ok(3000));
-        assert_eq!(a.allocate(dest(2), 0), Ok(3000));
+        assert_eq!(port(&mut a, dest(1), 0), Ok(3000));
+        assert_eq!(port(&mut a, dest(2), 0), Ok(3000));
         assert_eq!(a.allocate(dest(1), 0), Err(SnatError::Exhausted));
     }
 
     #[test]
     fn default_range_excludes_nodeports_and_the_ephemeral_range() {
         assert!(!DEFAULT_PORTS.contains(&30000) && !DEFAULT_PORTS.contains(&32767) && !DEFAULT_PORTS.contains(&32768));
-        const { assert!(DEFAULT_HOLD_NS >= 120 * S) };
+        const { assert!(DEFAULT_HOLD_NS > 60 * S) };
     }
 
     #[test]
     fn compact_forgets_idle_destinations_only() {
         let mut a = SnatAllocator::new(4000..=4009, 5 * S, 1);
-        let p = a.allocate(dest(1), 0).unwrap();
-        let _q = a.allocate(dest(2), 0).unwrap();
-        a.release(dest(1), p, 0);
+        let p = port(&mut a, dest(1), 0).unwrap();
+        let _q = port(&mut a, dest(2), 0).unwrap();
+        a.release(dest(1), p, 0, HELD);
         a.compact(S);
         assert_eq!(a.pools.len(), 2, "dest 1 still held, dest 2 in use");
         a.compact(6 * S);
         assert_eq!(a.pools.len(), 1);
     }
 
-    /// Reference model: a map of every tuple to (in use?, available from). Random operations
-    /// with time driven by the test; the allocator must never hand out a tuple the model says
-    /// is in use or held, and must only report exhaustion when the model has no free tuple.
+    /// Reference model: a map of every tuple to (in use?, available from, mark). Random
+    /// operations with time driven by the test; the allocator must never hand out a tuple the
+    /// model says is in use, must hand out a held one only with its mark, and must only report
+    /// exhaustion when the model has neither a free tuple nor a marked one.
     #[test]
     fn agrees_with_a_reference_model() {
         use proptest::prelude::*;
-        let strategy = proptest::collection::vec((0u8..3, any::<bool>(), 0u64..40), 1..400);
+        let strategy = proptest::collection::vec((0u8..3, any::<bool>(), 0u64..40, 0u8..4), 1..400);
         proptest!(ProptestConfig { cases: 256, ..ProptestConfig::default() }, |(ops in strategy)| {
             let hold = 30 * S;
             let mut a = SnatAllocator::new(5000..=5007, hold, 3);
-            // (dest, port) -> (in_use, available_at)
-            let mut model: BTreeMap<(u8, u16), (bool, u64)> = BTreeMap::new();
+            // (dest, port) -> (in_use, available_at, mark)
+            let mut model: BTreeMap<(u8, u16), (bool, u64, Option<Mark>)> = BTreeMap::new();
             let mut live: Vec<(u8, u16)> = Vec::new();
             let mut now = 0u64;
-            for (d, alloc, dt) in ops {
+            for (d, alloc, dt, how) in ops {
                 now += dt * S / 4;
                 if alloc || live.is_empty() {
-                    let free_in_model = (5000..=5007u16).any(|p| model.get(&(d, p)).is_none_or(|&(u, t)| !u && t <= now));
+                    let usable = |e: Option<&(bool, u64, Option<Mark>)>| e.is_none_or(|&(u, t, m)| !u && (t <= now || m.is_some()));
+                    let any_usable = (5000..=5007u16).any(|p| usable(model.get(&(d, p))));
                     match a.allocate(dest(d), now) {
-                        Ok(p) => {
-                            let entry = model.get(&(d, p)).copied();
-                            prop_assert!(entry.is_none_or(|(u, t)| !u && t <= now), "handed out in-use or held tuple {d}/{p} at {now}: {entry:?}");
-                            model.insert((d, p), (true, 0));
-                            live.push((d, p));
+                        Ok(g) => {
+                            let entry = model.get(&(d, g.port)).copied();
+                            prop_assert!(usable(entry.as_ref()), "handed out in-use or unmarked held tuple {d}/{} at {now}: {entry:?}", g.port);
+                            if let Some((_, t, m)) = entry {
+                                if t > now {
+                                    prop_assert_eq!(g.reuse, m, "a held tuple comes with its mark");
+                                }
+                            }
+                            model.insert((d, g.port), (true, 0, None));
+                            live.push((d, g.port));
                         }
-                        Err(SnatError::Exhausted) => prop_assert!(!free_in_model, "exhausted although the model has a free port"),
+                        Err(SnatError::Exhausted) => prop_assert!(!any_usable, "exhausted although the model has a usable port"),
                     }
                 } else {
                     let i = (dt as usize) % live.len();
                     let (d, p) = live.swap_remove(i);
-                    a.release(dest(d), p, now);
-                    model.insert((d, p), (false, now + hold));
+                    let mark = Mark { seq_end: u32::from(p), tsval: None };
+                    let (end, held, m) = match how {
+                        0 => (End::BackendClosedFirst(Some(mark)), true, Some(mark)),
+                        1 => (End::Idle, true, None),
+                        2 => (End::ClientClosedFirst, false, None),
+                        _ => (End::Reset, false, None),
+                    };
+                    a.release(dest(d), p, now, end);
+                    model.insert((d, p), (false, if held { now + hold } else { 0 }, m));
                 }
             }
         });

@@ -54,6 +54,7 @@ counter_set! {
         service_flows: "new Service flows (DNAT to an endpoint)",
         tcp_resets_sent: "TCP resets sent to refuse a connection (no endpoint, SNAT exhausted)",
         bare_ack_to_syn: "SYNs answered by a bare ACK: the endpoint still holds the 5-tuple (incident 2)",
+        snat_reuse_bare_ack: "of those, SYNs on a SNAT tuple reused from the endpoint's TIME_WAIT with sequence/timestamp offsets (the offsets did not satisfy it: expected to stay 0)",
         segmented: "TCP frames larger than their egress, segmented in software",
         segments_sent: "segments sent for segmented frames",
         fragmented: "non-TCP packets (DF clear) larger than their egress, fragmented",

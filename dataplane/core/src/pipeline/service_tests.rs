@@ -235,37 +235,75 @@ fn a_reply_tuple_already_tracked_is_a_named_collision() {
     assert_eq!(d, Disposition::Drop(DropReason::ConntrackCollision));
 }
 
-/// Incident 2 at the stage level: a hairpin flow closes (the endpoint holds TIME_WAIT); its
-/// SNAT port comes back only after the flow's TIME_WAIT timeout plus the hold; meanwhile a new
-/// connection that would need it is refused with a RST and counted, never given the tuple.
+/// Hairpin flows through the Service (the endpoint is the client itself) are SNAT'd; with a
+/// one-port range, the tuple's life decides what the next connection gets. The endpoint closes
+/// first here: it holds the tuple in TIME_WAIT, so the next SYN gets it with its sequence
+/// numbers moved past the old connection's (translated both ways for the flow's life), and a
+/// connection while the tuple is in use is refused with a RST and counted.
 #[test]
-fn a_closed_flows_snat_port_is_held_and_exhaustion_is_refused() {
+fn a_tuple_the_endpoint_closed_first_is_reused_with_offsets_and_one_in_use_is_refused() {
     let t = tables();
     let mut st = WorkerState::with_flows(0, 16);
-    st.snat = SnatAllocator::new(2000..=2000, 120 * S, 1);
-    let c = |sp: u16, flags: u16| from_pod1(&tcp(POD1_IP, VIP_SELF, sp, 80, flags, 1, 1));
-    let e = |flags: u16| from_pod1(&tcp(POD1_IP, GATEWAY_A, 8080, 2000, flags, 1, 1));
-    run(&t, &mut st, 0, POD1, &c(44000, 0x002));
-    run(&t, &mut st, 0, POD1, &e(0x012));
-    run(&t, &mut st, 0, POD1, &c(44000, 0x010));
-    run(&t, &mut st, S, POD1, &e(0x011)); // the endpoint closes first
-    run(&t, &mut st, S, POD1, &c(44000, 0x011));
-    run(&t, &mut st, S, POD1, &e(0x010)); // TIME_WAIT, expires at 121 s
-    let (d, out) = run(&t, &mut st, 2 * S, POD1, &c(44001, 0x002));
-    assert_eq!(d, Disposition::Forward(POD1));
+    st.snat = SnatAllocator::new(2000..=2000, 65 * S, 1);
+    let c = |sp: u16, flags: u16, seq: u32, ack: u32| from_pod1(&tcp(POD1_IP, VIP_SELF, sp, 80, flags, seq, ack));
+    let e = |flags: u16, seq: u32, ack: u32| from_pod1(&tcp(POD1_IP, GATEWAY_A, 8080, 2000, flags, seq, ack));
+    run(&t, &mut st, 0, POD1, &c(44000, 0x002, 100, 0));
+    run(&t, &mut st, 0, POD1, &e(0x012, 900, 101));
+    run(&t, &mut st, 0, POD1, &c(44000, 0x010, 101, 901));
+    let (_, out) = run(&t, &mut st, S, POD1, &c(44001, 0x002, 5000, 0));
     assert_eq!(
         tcp_view(&inner_ip(&out, false)).4,
         TcpFlags::RST | TcpFlags::ACK,
-        "refused while the only port is in use"
+        "refused while the only tuple is in use"
     );
-    // The flow expires at 121 s (swept in the batch), its port is held until 241 s.
-    let (_, out) = run(&t, &mut st, 130 * S, POD1, &c(44002, 0x002));
-    assert_eq!(tcp_view(&inner_ip(&out, false)).4, TcpFlags::RST | TcpFlags::ACK, "refused while the port is held");
-    let (d, out) = run(&t, &mut st, 250 * S, POD1, &c(44003, 0x002));
+    assert_eq!(st.counters.port(POD1).map(|c| c.drop_count(DropReason::SnatPortsExhausted)), Some(1));
+    run(&t, &mut st, S, POD1, &e(0x011, 901, 101)); // the endpoint closes first
+    run(&t, &mut st, S, POD1, &c(44000, 0x011, 101, 902)); // the client's FIN: seq end 102
+    run(&t, &mut st, S, POD1, &e(0x010, 902, 102)); // TIME_WAIT: the tuple is given back, held
+    assert_eq!(st.snat.stats(S).held, 1);
+    // A new connection at 2 s: the held tuple, its SYN moved to 102 + 2^17 (the client's ISN
+    // 5000 is behind the old connection's 102 as a number: the offset is what matters).
+    let (d, out) = run(&t, &mut st, 2 * S, POD1, &c(44002, 0x002, 5000, 0));
     assert_eq!(d, Disposition::Forward(POD1));
-    let (s, _, ssp, ..) = tcp_view(&inner_ip(&out, false));
-    assert_eq!((s, ssp), (GATEWAY_A, 2000), "the port after its hold");
-    assert_eq!(st.counters.port(POD1).map(|c| c.drop_count(DropReason::SnatPortsExhausted)), Some(2));
+    let (src, _, sp, _, flags, seq, _) = tcp_view(&inner_ip(&out, false));
+    assert_eq!((src, sp, flags), (GATEWAY_A, 2000, TcpFlags::SYN), "the same tuple");
+    assert_eq!(seq, 102 + (1 << 17), "past the old connection's last sequence number");
+    assert_eq!(st.snat.stats(2 * S).reused_with_offsets, 1);
+    // The endpoint answers; the client sees its own sequence space.
+    let (_, out) = run(&t, &mut st, 2 * S, POD1, &e(0x012, 7000, seq + 1));
+    let (.., flags, _, ack) = tcp_view(&inner_ip(&out, false));
+    assert_eq!((flags, ack), (TcpFlags::SYN | TcpFlags::ACK, 5001), "ack translated back");
+    let (_, out) = run(&t, &mut st, 2 * S, POD1, &c(44002, 0x010, 5001, 7001));
+    assert_eq!(tcp_view(&inner_ip(&out, false)).5, seq + 1, "every client segment offset");
+    assert_eq!(st.counters.port(POD1).map(|c| c.events.snat_reuse_bare_ack), Some(0));
+}
+
+/// The client closes first (or the flow is reset): the endpoint keeps no TIME_WAIT, so the
+/// tuple is free the moment the flow closes, and the next connection gets it untouched.
+#[test]
+fn a_tuple_the_client_closed_first_or_reset_is_free_at_once() {
+    let t = tables();
+    let mut st = WorkerState::with_flows(0, 16);
+    st.snat = SnatAllocator::new(2000..=2000, 65 * S, 1);
+    let c = |sp: u16, flags: u16, seq: u32| from_pod1(&tcp(POD1_IP, VIP_SELF, sp, 80, flags, seq, 1));
+    let e = |flags: u16, ack: u32| from_pod1(&tcp(POD1_IP, GATEWAY_A, 8080, 2000, flags, 1, ack));
+    run(&t, &mut st, 0, POD1, &c(44000, 0x002, 100));
+    run(&t, &mut st, 0, POD1, &e(0x012, 101));
+    run(&t, &mut st, 0, POD1, &c(44000, 0x010, 101));
+    run(&t, &mut st, S, POD1, &c(44000, 0x011, 101)); // the client closes first
+    run(&t, &mut st, S, POD1, &e(0x011, 102)); // its FIN acknowledges the client's: passive
+    run(&t, &mut st, S, POD1, &c(44000, 0x010, 102)); // TIME_WAIT on the client's side only
+    let (d, out) = run(&t, &mut st, S, POD1, &c(44001, 0x002, 7777));
+    assert_eq!(d, Disposition::Forward(POD1));
+    let (_, _, sp, _, flags, seq, _) = tcp_view(&inner_ip(&out, false));
+    assert_eq!((sp, flags, seq), (2000, TcpFlags::SYN, 7777), "the tuple at once, without offsets");
+    run(&t, &mut st, S, POD1, &e(0x004, 0)); // reset by the endpoint
+    let (_, out) = run(&t, &mut st, S, POD1, &c(44003, 0x002, 1234));
+    let (src, _, sp, _, flags, seq, _) = tcp_view(&inner_ip(&out, false));
+    assert_eq!((src, sp, flags, seq), (GATEWAY_A, 2000, TcpFlags::SYN, 1234), "free at once after a reset too");
+    let stats = st.snat.stats(S);
+    assert_eq!((stats.held, stats.reused_with_offsets, stats.exhausted), (0, 0, 0));
+    assert_eq!((stats.ended[1], stats.ended[2]), (1, 1), "client_closed_first, reset");
 }
 
 /// The first client port whose NodePort flow Maglev sends to `want`, with the disposition.

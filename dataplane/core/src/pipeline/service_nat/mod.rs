@@ -24,8 +24,9 @@ mod new_flow;
 
 use super::ctx::{Ctx, Ipv4Meta, Origin};
 use super::{Disposition, DropReason, FrameBuf};
-use crate::conntrack::{Dir, FlowKey, KeyHash, TcpEvent};
-use crate::nat::snat::Destination;
+use crate::conntrack::{Dir, Flow, FlowId, FlowKey, FlowState, KeyHash, TcpEvent, TcpState};
+use crate::nat::seqadj::{self, SeqAdj};
+use crate::nat::snat::{Destination, End, Mark};
 use crate::wire::checksum;
 use crate::wire::{ethernet, IpProtocol, Ipv4Packet, MacAddr, TcpFlags, TcpPacket, UdpPacket};
 use core::net::Ipv4Addr;
@@ -86,6 +87,9 @@ pub(crate) fn apply(
             }
             TcpEvent::BareAckToSyn => {
                 ctx.events().bare_ack_to_syn += 1;
+                if ctx.flows.get(id).is_some_and(|f| !f.adj.is_none()) {
+                    ctx.events().snat_reuse_bare_ack += 1;
+                }
                 backend_event(ctx, id, |b| b.bare_ack_to_syn += 1);
             }
             TcpEvent::SynRetransmit => backend_event(ctx, id, |b| b.syn_retransmits += 1),
@@ -101,7 +105,14 @@ pub(crate) fn apply(
             Dir::Orig => ((f.reply.dst, f.reply.dport), (f.reply.src, f.reply.sport)),
             Dir::Reply => ((f.orig.dst, f.orig.dport), (f.orig.src, f.orig.sport)),
         };
+        let (adj, closing) = (f.adj, is_snat(f) && (f.first_fin.is_some() || flags.contains(TcpFlags::RST)));
         rewrite(frame, m, src, dst);
+        if !adj.is_none() {
+            seq_adjust(frame, m, adj, dir);
+        }
+        if closing {
+            snat_closing(ctx, frame, m, id, dir);
+        }
         return Ok(Nat::Translated { dir, uplink_return: if dir == Dir::Reply { ret } else { None } });
     }
     new_flow::new_flow(ctx, frame, m, key, flags, origin, client_mac)
@@ -144,17 +155,105 @@ fn backend_event(ctx: &mut Ctx<'_>, id: crate::conntrack::FlowId, f: impl FnOnce
     }
 }
 
-/// Returns the SNAT port of a flow that ended (if it had one) to the allocator, which holds it.
-pub(crate) fn release_snat(ctx: &mut Ctx<'_>, f: &crate::conntrack::Flow, now: u64) {
-    if f.reply.dst != f.orig.src || f.reply.dport != f.orig.sport {
-        let d = Destination {
-            proto: f.orig.proto,
-            snat_ip: f.reply.dst,
-            backend_ip: f.reply.src,
-            backend_port: f.reply.sport,
-        };
-        ctx.snat.release(d, f.reply.dport, now);
+/// Whether the flow's source was translated (it holds a SNAT tuple).
+#[inline]
+fn is_snat(f: &Flow) -> bool {
+    f.reply.dst != f.orig.src || f.reply.dport != f.orig.sport
+}
+
+/// How a flow ended, for its SNAT tuple (`nat::snat` decides what that means for reuse).
+fn end_of(f: &Flow) -> End {
+    let FlowState::Tcp(state) = f.state else { return End::Datagram };
+    match (state, f.first_fin) {
+        // A flow on a reused tuple that ended before closing: the endpoint's TIME_WAIT from the
+        // tuple's previous connection may still be there. Held again, with the mark it was
+        // reused by (or a later one).
+        (TcpState::Close | TcpState::SynSent | TcpState::SynRecv, None) if !f.adj.is_none() => {
+            End::BackendClosedFirst(f.mark)
+        }
+        (TcpState::Close, _) => End::Reset,
+        (TcpState::SynSent | TcpState::SynRecv, _) => End::NotEstablished,
+        // The backend sent a FIN before it had the client's and the client's FIN followed
+        // (TIME_WAIT, or LAST_ACK whose final ACK was not seen): the backend holds the tuple.
+        (TcpState::TimeWait | TcpState::LastAck, _) if f.endpoint_time_wait => End::BackendClosedFirst(f.mark),
+        (TcpState::TimeWait, _) => End::ClientClosedFirst,
+        // Expired while open or half-closed: the backend's state is unknown.
+        _ => End::Idle,
     }
+}
+
+/// Returns the SNAT tuple of a flow that ended (if it had one, and it was not given back when
+/// the flow closed) to the allocator.
+pub(crate) fn release_snat(ctx: &mut Ctx<'_>, f: &Flow, now: u64) {
+    if is_snat(f) && !f.snat_released {
+        ctx.snat.release(destination(f), f.reply.dport, now, end_of(f));
+    }
+}
+
+fn destination(f: &Flow) -> Destination {
+    Destination { proto: f.orig.proto, snat_ip: f.reply.dst, backend_ip: f.reply.src, backend_port: f.reply.sport }
+}
+
+/// A SNAT'd TCP flow that is closing: record what the backend last saw from the client side
+/// (its mark, for a later reuse of the tuple), and give the tuple back as soon as the flow has
+/// closed (TIME_WAIT or a reset), not when it expires from the table minutes later.
+#[cold]
+fn snat_closing(ctx: &mut Ctx<'_>, frame: &FrameBuf<'_>, m: &Ipv4Meta, id: FlowId, dir: Dir) {
+    let now = ctx.now;
+    let Some(f) = ctx.flows.get_mut(id) else { return };
+    if dir == Dir::Orig {
+        if let Some(l4) = l4_of(frame, m) {
+            if let Ok(t) = TcpPacket::new_checked(l4) {
+                let fl = t.flags();
+                let len = t.payload().len() as u32
+                    + u32::from(fl.contains(TcpFlags::SYN))
+                    + u32::from(fl.contains(TcpFlags::FIN));
+                let end = t.seq_number().wrapping_add(len);
+                let tsval = seqadj::tsval(l4);
+                // Keep the furthest sequence end (a retransmission is not newer) and the latest
+                // TSval the backend saw.
+                let seq_end = match f.mark {
+                    Some(old) if (end.wrapping_sub(old.seq_end) as i32) < 0 => old.seq_end,
+                    _ => end,
+                };
+                f.mark = Some(Mark { seq_end, tsval: tsval.or(f.mark.and_then(|k| k.tsval)) });
+            }
+        }
+    }
+    if dir == Dir::Reply && !f.endpoint_time_wait {
+        // The endpoint's FIN: it closes actively (and will hold TIME_WAIT) unless it had
+        // already received the client's FIN, which its ACK field shows. A FIN that does not
+        // acknowledge the client's is a simultaneous close: both sides hold TIME_WAIT.
+        if let Some(t) = l4_of(frame, m).and_then(|l4| TcpPacket::new_checked(l4).ok()) {
+            if t.flags().contains(TcpFlags::FIN) {
+                // (The packet is already translated back: its ack is in the client's sequence
+                // space, the mark in the endpoint's.)
+                let acked = t.ack_number().wrapping_add(f.adj.seq);
+                let passive = f.first_fin == Some(Dir::Orig)
+                    && f.mark.is_some_and(|k| t.flags().contains(TcpFlags::ACK) && acked == k.seq_end);
+                f.endpoint_time_wait = !passive;
+            }
+        }
+    }
+    if matches!(f.state, FlowState::Tcp(TcpState::TimeWait | TcpState::Close)) && !f.snat_released {
+        f.snat_released = true;
+        let (d, port, end) = (destination(f), f.reply.dport, end_of(f));
+        ctx.snat.release(d, port, now, end);
+    }
+}
+
+/// Applies a reused tuple's offsets to a packet of its flow (already translated).
+#[inline]
+fn seq_adjust(frame: &mut FrameBuf<'_>, m: &Ipv4Meta, adj: SeqAdj, dir: Dir) {
+    let Some(l4) = frame.data_mut().get_mut(ethernet::HEADER_LEN + m.header_len..ethernet::HEADER_LEN + m.total_len)
+    else {
+        return;
+    };
+    // Malformed options leave the segment as it is: the endpoint's stack judges it.
+    let _ = match dir {
+        Dir::Orig => adj.to_backend(l4),
+        Dir::Reply => adj.to_client(l4),
+    };
 }
 
 fn tcp_flags(frame: &FrameBuf<'_>, m: &Ipv4Meta) -> TcpFlags {

@@ -11,10 +11,11 @@
 
 use super::{Nat, TAG_UPLINK_RETURN};
 use crate::conntrack::{CtError, Dir, FlowKey};
-use crate::nat::snat::Destination;
+use crate::nat::seqadj::{self, SeqAdj};
+use crate::nat::snat::{Destination, End, Mark};
 use crate::pipeline::ctx::{Ctx, Ipv4Meta, Origin};
 use crate::pipeline::{reply, DropReason, FrameBuf};
-use crate::wire::{IpProtocol, MacAddr, TcpFlags};
+use crate::wire::{IpProtocol, MacAddr, TcpFlags, TcpPacket};
 
 pub(super) fn new_flow(
     ctx: &mut Ctx<'_>,
@@ -77,10 +78,14 @@ pub(super) fn new_flow(
     // The SNAT address is this node's address on the pod network (its gateway, which every node
     // routes here over VXLAN), with a TIME_WAIT-safe port.
     let snat = ep.ip == key.src || (from_outside && !choice.preserve_client);
+    let mut reuse = None;
     let (snat_ip, snat_port) = if snat {
         let d = Destination { proto: key.proto, snat_ip: tables.gateway(), backend_ip: ep.ip, backend_port: ep.port };
         match ctx.snat.allocate(d, ctx.now) {
-            Ok(p) => (tables.gateway(), p),
+            Ok(g) => {
+                reuse = g.reuse;
+                (tables.gateway(), g.port)
+            }
             Err(_) if !tcp => return Err(DropReason::SnatPortsExhausted),
             Err(_) => {
                 ctx.counters.drops[DropReason::SnatPortsExhausted.index()] += 1;
@@ -102,12 +107,23 @@ pub(super) fn new_flow(
         }
         _ => 0,
     };
-    let id = match ctx.flows.insert(key, reply_key, ctx.now, tag) {
+    let mut inserted = ctx.flows.insert(key, reply_key, ctx.now, tag);
+    if inserted == Err(CtError::Exists) && snat {
+        // The tuple's previous flow has closed (its tuple was given back when it did) but is
+        // still in the table, in TIME_WAIT or CLOSE: the new connection supersedes it.
+        if ctx.flows.evict_closed(&reply_key).is_some() {
+            inserted = ctx.flows.insert(key, reply_key, ctx.now, tag);
+        }
+    }
+    let id = match inserted {
         Ok(id) => id,
         Err(e) => {
             if snat_ip != key.src {
                 let d = Destination { proto: key.proto, snat_ip, backend_ip: ep.ip, backend_port: ep.port };
-                ctx.snat.release(d, snat_port, ctx.now);
+                // Never used: free at once, or, taken from a backend's TIME_WAIT, held again
+                // with its mark (a SYN that never left cannot have moved the backend on).
+                let end = if reuse.is_some() { End::BackendClosedFirst(reuse) } else { End::NotEstablished };
+                ctx.snat.release(d, snat_port, ctx.now, end);
             }
             return Err(match e {
                 CtError::Full => DropReason::ConntrackFull,
@@ -124,5 +140,39 @@ pub(super) fn new_flow(
         ctx.backends.entry((ep.ip, ep.port)).or_default().syns += 1;
     }
     super::rewrite(frame, m, (snat_ip, snat_port), (ep.ip, ep.port));
+    if let Some(mark) = reuse {
+        // A tuple the endpoint may still hold in TIME_WAIT: this flow's sequence numbers and
+        // timestamps are offset for its whole life, so its SYN lands beyond the old connection.
+        let adj = super::l4_of(frame, m).map_or(SeqAdj::NONE, |l4| reuse_offsets(mark, l4));
+        if let Some(f) = ctx.flows.get_mut(id) {
+            f.adj = adj;
+            // Until this flow moves the endpoint on, the tuple's previous mark stands.
+            f.mark = Some(mark);
+        }
+        super::seq_adjust(frame, m, adj, Dir::Orig);
+    }
     Ok(Nat::Translated { dir: Dir::Orig, uplink_return: None })
+}
+
+/// How far past the old connection's last sequence number a reused tuple's SYN lands: beyond
+/// anything it could still have in flight (a full unscaled window), far inside the half of the
+/// sequence space `after()` accepts.
+const REUSE_SEQ_GAP: u32 = 1 << 17;
+/// How far past the old connection's last TSval the new SYN's lands (RFC 6191 needs it newer;
+/// one second of a 1 kHz clock covers a segment of the old connection we did not see).
+const REUSE_TS_GAP: u32 = 1000;
+
+/// The offsets that move a new SYN (`l4`, the client's) past `mark`: its sequence number to
+/// `mark.seq_end + REUSE_SEQ_GAP` and, when both carry timestamps, its TSval to
+/// `mark.tsval + REUSE_TS_GAP`. Without timestamps on either side the sequence number alone
+/// satisfies `tcp_timewait_state_process`.
+fn reuse_offsets(mark: Mark, l4: &[u8]) -> SeqAdj {
+    let Ok(t) = TcpPacket::new_checked(l4) else { return SeqAdj::NONE };
+    let seq = mark.seq_end.wrapping_add(REUSE_SEQ_GAP).wrapping_sub(t.seq_number());
+    let ts = match (mark.tsval, seqadj::tsval(l4)) {
+        (Some(old), Some(new)) => old.wrapping_add(REUSE_TS_GAP).wrapping_sub(new),
+        _ => 0,
+    };
+    // Offsets of zero would be mistaken for "no offsets": nudge by one.
+    SeqAdj { seq: seq.max(1), ts }
 }
