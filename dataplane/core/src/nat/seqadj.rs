@@ -31,7 +31,8 @@
 //! Not covered here: an ICMP error about a client -> backend segment quotes the translated
 //! sequence number; Linux's `tcp_v4_err` ignores errors whose quoted sequence number is not
 //! between `snd_una` and `snd_nxt`, so translating such a quote back for the client also means
-//! subtracting `seq` from it (its checksum is not verified by the receiver).
+//! subtracting `seq` from it (the ICMP checksum follows; the quoted TCP checksum is not
+//! checked by the receiver).
 //!
 //! Checksums: the TCP checksum is updated incrementally (RFC 1624: one update for the sums of
 //! the changed 16-bit words; fields in options that sit at odd offsets are accounted for). The
