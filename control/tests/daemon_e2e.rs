@@ -485,6 +485,11 @@ fn incident_2_snat_reuses_tuples_the_backend_holds_in_time_wait_without_a_bare_a
     let server = who_server(a2, "a2", true, stop.clone());
     std::thread::sleep(Duration::from_millis(800));
     let results = fetch_port(&c.client, Ipv4Addr::new(192, 168, 77, 1), 30090, 20);
+    // Then 20 more with a backend that does not use TCP timestamps: the first 8 reuse tuples
+    // whose marks carry a TSval, the rest tuples marked without one (sequence offsets alone).
+    let ts_off = a2.ns.exec(&["sysctl", "-qw", "net.ipv4.tcp_timestamps=0"]);
+    assert!(ts_off.status.success(), "{ts_off:?}");
+    let results_no_ts = fetch_port(&c.client, Ipv4Addr::new(192, 168, 77, 1), 30090, 20);
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = server.join();
@@ -519,12 +524,13 @@ fn incident_2_snat_reuses_tuples_the_backend_holds_in_time_wait_without_a_bare_a
     assert!(k.served > 0, "the kernel path served nothing: the comparison is not meaningful");
     assert!(
         syns > 0 && syns == synacks,
-        "every SYN at the backend answered by SYN|ACK (no bare ACK): {syns} SYNs, {synacks} SYN|ACKs"
+        "every SYN at the backend answered by SYN|ACK (no bare ACK), timestamps on and off: {syns} SYNs, {synacks} SYN|ACKs"
     );
     assert_eq!(served, 20, "every connection served, 12 of them on tuples reused with offsets: {results:?}");
     assert_eq!(refused, 0, "{results:?}");
+    assert!(results_no_ts.iter().all(Result::is_ok), "a backend without timestamps: {results_no_ts:?}");
     let json = c.nodes[0].stats_json();
-    assert_eq!(json["worker"]["snat_reused_with_offsets"], 12, "{stats}");
+    assert_eq!(json["worker"]["snat_reused_with_offsets"], 32, "12, then 20 with the backend's timestamps off: {stats}");
     assert!(!stats.contains("snat ports exhausted"), "{stats}");
     assert!(!stats.contains("bare_ack_to_syn"), "{stats}");
 }
