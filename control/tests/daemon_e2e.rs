@@ -530,7 +530,10 @@ fn incident_2_snat_reuses_tuples_the_backend_holds_in_time_wait_without_a_bare_a
     assert_eq!(refused, 0, "{results:?}");
     assert!(results_no_ts.iter().all(Result::is_ok), "a backend without timestamps: {results_no_ts:?}");
     let json = c.nodes[0].stats_json();
-    assert_eq!(json["worker"]["snat_reused_with_offsets"], 32, "12, then 20 with the backend's timestamps off: {stats}");
+    assert_eq!(
+        json["worker"]["snat_reused_with_offsets"], 32,
+        "12, then 20 with the backend's timestamps off: {stats}"
+    );
     assert!(!stats.contains("snat ports exhausted"), "{stats}");
     assert!(!stats.contains("bare_ack_to_syn"), "{stats}");
 }
