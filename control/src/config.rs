@@ -497,16 +497,16 @@ port = 8472
         let p = Path::new("n.toml");
         let f = NodeFile::parse("node = \"a\"\nuplink = \"e\"\n", p).unwrap();
         assert_eq!(f.max_pods, 110);
-        // 2 node ports x 512 + 110 pods x 256 + 512 reserve + 8192 surplus.
-        assert_eq!(f.umem.frames_for(f.max_pods), 1024 + 28160 + 512 + 8192);
+        // 2 node ports x 512 + 110 pods x 256 + 2560 reserve + 6144 surplus.
+        assert_eq!(f.umem.frames_for(f.max_pods), 1024 + 28160 + 2560 + 6144);
         let f = NodeFile::parse("node = \"a\"\nuplink = \"e\"\nmax_pods = 250\n", p).unwrap();
-        assert_eq!(f.umem.frames_for(f.max_pods), 1024 + 64000 + 512 + 8192);
-        let f = NodeFile::parse("node = \"a\"\nuplink = \"e\"\nmax_pods = 8\n[umem]\nframes = 4096\n", p).unwrap();
-        assert_eq!(f.umem.frames_for(f.max_pods), 4096, "an explicit size wins");
+        assert_eq!(f.umem.frames_for(f.max_pods), 1024 + 64000 + 2560 + 6144);
+        let f = NodeFile::parse("node = \"a\"\nuplink = \"e\"\nmax_pods = 8\n[umem]\nframes = 8192\n", p).unwrap();
+        assert_eq!(f.umem.frames_for(f.max_pods), 8192, "an explicit size wins");
         let e = NodeFile::parse("node = \"a\"\nuplink = \"e\"\nmax_pods = 16\n[umem]\nframes = 4096\n", p)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("at least 5632"), "{e}");
+        assert!(e.contains("at least 7680"), "{e}");
     }
 
     #[test]
