@@ -13,7 +13,7 @@ and spread are reported with vxnat/kernel ratios.
 
 Usage (root): python3 benches/rig/overlay_udp.py [--seconds 5] [--reps 3] [--sizes 64,1400]
 """
-import argparse, json, os, statistics, subprocess, sys, tempfile, time
+import argparse, atexit, json, os, signal, statistics, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.join(ROOT, "target", "release", "vxnat")
@@ -31,7 +31,38 @@ def sh(*args, check=True, **kw):
     return r.stdout
 
 
+LIVE = []  # topologies not yet torn down (atexit and signals tear them down)
+
+
+def cleanup():
+    while LIVE:
+        t = LIVE.pop()
+        try:
+            t.teardown()
+        except Exception as e:  # noqa: BLE001  (best effort at exit)
+            print(f"teardown {t.tag}: {e}", file=sys.stderr)
+
+
+def on_signal(signum, _frame):
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)  # a second signal must not cut the teardown short
+    sys.exit(128 + signum)  # SystemExit: finally blocks and atexit run
+
+
+def tear_down_at_exit():
+    """Tears down every topology in LIVE at exit, on SIGTERM and on SIGHUP."""
+    atexit.register(cleanup)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+
+
 class Topology:
+    # Services both paths carry: YAML appended to the demo state vxnat reads, and the nftables
+    # ruleset (kube-proxy's nftables mode) the kernel path loads on `kube_proxy_nodes`.
+    services = ""
+    kube_proxy = ""
+    kube_proxy_nodes = "ab"
+
     def __init__(self, kind, tag, pod_mtu=1450):
         self.kind, self.tag, self.procs, self.nses = kind, tag, [], []
         self.pod_mtu = str(pod_mtu)
@@ -74,6 +105,9 @@ class Topology:
             self.ip(ns, "link", "set", "cni0", "mtu", self.pod_mtu, "up")
             self.add_kernel_pod(n, self.pod[n], "vethpod", POD[n])
         self.gw_mac = self.mac(self.node["a"], "cni0")
+        if self.kube_proxy:
+            for n in self.kube_proxy_nodes:
+                subprocess.run(["ip", "netns", "exec", self.node[n], "nft", "-f", "-"], input=self.kube_proxy, text=True, check=True)
 
     def add_kernel_pod(self, n, pod_ns, host_if, addr):
         """A pod on node n's cni0 as flannel's bridge CNI plugs it: veth, /24, default via cni0."""
@@ -85,13 +119,18 @@ class Topology:
         self.ip(pod_ns, "route", "add", "default", "via", f"10.244.{k}.1")
 
     def build_vxnat(self):
+        state = STATE
+        if self.services:
+            state = os.path.join(self.work, "cluster.yaml")
+            with open(STATE) as f, open(state, "w") as out:
+                out.write(f.read() + self.services)
         for n in "ab":
             ns = self.node[n]
             self.add_vxnat_pod(n, self.pod[n], "vxpod", POD[n])
             cfg = os.path.join(self.work, f"node-{n}.toml")
             sock = os.path.join(self.work, f"node-{n}.sock")
             with open(cfg, "w") as f:
-                f.write(f'node = "node-{n}"\nuplink = "ul"\nstate = "{STATE}"\nsocket = "{sock}"\ncores = [{1 if n == "a" else 0}]\n')
+                f.write(f'node = "node-{n}"\nuplink = "ul"\nstate = "{state}"\nsocket = "{sock}"\ncores = [{1 if n == "a" else 0}]\n')
                 if os.environ.get("VXNAT_BUSY_POLL"):
                     f.write("busy_poll = true\n")
                 f.write(getattr(self, "extra_config", ""))

@@ -47,7 +47,7 @@ Usage (root, after `cargo build --release -p vxnat-control`):
                                  [--senders 1] [--burst 8] [--rate 0] [--out target/rig/pods110]
                                  [--bin target/release/vxnat] [--quiet-cpu 0.15] [--quiet-wait 120] [--retries 2]
 """
-import argparse, atexit, hashlib, json, os, select, shutil, signal, statistics, subprocess, sys, tempfile, time
+import argparse, atexit, hashlib, json, os, select, shutil, statistics, subprocess, sys, tempfile, time
 
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -155,24 +155,6 @@ while True:
             time.sleep(min(due - now, end - now))
 print(json.dumps({"sent": sent, "elapsed": time.monotonic() - t0, "errors": errors}), flush=True)
 """
-
-LIVE = []  # topologies not yet torn down (atexit and signals tear them down)
-
-
-def cleanup():
-    while LIVE:
-        t = LIVE.pop()
-        try:
-            t.teardown()
-        except Exception as e:  # noqa: BLE001  (best effort at exit)
-            print(f"teardown {t.tag}: {e}", file=sys.stderr)
-
-
-def on_signal(signum, _frame):
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)  # a second signal must not cut the teardown short
-    sys.exit(128 + signum)  # SystemExit: finally blocks and atexit run
-
 
 class Pods(topo.Topology):
     """overlay_udp's two nodes on rig.py's switch, with many pods on node A."""
@@ -534,16 +516,14 @@ def main():
                   "mtime": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(a.bin)))}
     if not (1 <= a.pods <= 250 and 1 <= a.receivers <= 250 and a.senders >= 1 and 1 <= a.burst <= 1024):
         sys.exit("--pods/--receivers 1-250, --senders >= 1, --burst 1-1024")
-    atexit.register(cleanup)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal)
+    topo.tear_down_at_exit()
     os.makedirs(a.out, exist_ok=True)
     results = {"kernel": [], "vxnat": []}
     started = time.time()
     for rep in range(a.reps):
         for kind in (("kernel", "vxnat") if rep % 2 == 0 else ("vxnat", "kernel")):
             t = Pods(kind, f"p110{os.getpid() % 100000}{kind[0]}{rep}", a.pods, a.receivers)
-            LIVE.append(t)
+            topo.LIVE.append(t)
             try:
                 t0 = time.time()
                 t.build()
@@ -557,7 +537,7 @@ def main():
                 r["build_s"], r["attempts"] = build_s, attempt + 1
             finally:
                 t.teardown()
-                LIVE.remove(t)  # only now: an interrupted teardown is finished at exit
+                topo.LIVE.remove(t)  # only now: an interrupted teardown is finished at exit
             results[kind].append(r)
             extra = ""
             if kind == "vxnat":

@@ -97,6 +97,8 @@ KUBE_PROXY = """table ip kube-proxy {
 
 class Full(rig.Topology):
     extra_config = '\n[nat]\nsnat_ports = "20000-20007"\n'
+    services = SERVICES
+    kube_proxy = KUBE_PROXY
 
     def build(self):
         self.switch = self.ns("sw")
@@ -108,22 +110,6 @@ class Full(rig.Topology):
         self.ip(self.client, "link", "set", "eth0", "up")
         getattr(self, f"build_{self.kind}")()
         self.node_a_mac = self.mac(self.node["a"], "ul")
-
-    def build_kernel(self):
-        super().build_kernel()
-        for n in "ab":
-            subprocess.run(["ip", "netns", "exec", self.node[n], "nft", "-f", "-"], input=KUBE_PROXY, text=True, check=True)
-
-    def build_vxnat(self):
-        state = os.path.join(self.work, "cluster.yaml")
-        with open(rig.STATE) as f, open(state, "w") as out:
-            out.write(f.read() + SERVICES)
-        saved = rig.STATE
-        rig.STATE = state
-        try:
-            super().build_vxnat()
-        finally:
-            rig.STATE = saved
 
 
 def nodeport_pps(t, size, seconds):

@@ -67,25 +67,15 @@ print(json.dumps({"n": len(lat), "fails": fails, "lat": lat}))
 """
 
 
+# kube-proxy's nftables mode for the ClusterIP, on node A (where the client is).
+KUBE_PROXY = ("table ip kube-proxy {\n chain nat-prerouting {\n type nat hook prerouting priority dstnat; policy accept;\n"
+              f" ip daddr {VIP} tcp dport {PORT} dnat to 10.244.1.2:{EP_PORT}\n }}\n}}\n")
+
+
 class ServiceTopology(rig.Topology):
-    def build_kernel(self):
-        super().build_kernel()
-        rules = ("table ip kube-proxy {\n chain nat-prerouting {\n type nat hook prerouting priority dstnat; policy accept;\n"
-                 f" ip daddr {VIP} tcp dport {PORT} dnat to 10.244.1.2:{EP_PORT}\n }}\n}}\n")
-        subprocess.run(["ip", "netns", "exec", self.node["a"], "nft", "-f", "-"], input=rules, text=True, check=True)
-
-    def build_vxnat(self):
-        # The demo state plus the Service.
-        state = os.path.join(self.work, "cluster.yaml")
-        with open(rig.STATE) as f, open(state, "w") as out:
-            out.write(f.read() + SERVICE)
-        saved = rig.STATE
-        rig.STATE = state
-        try:
-            super().build_vxnat()
-        finally:
-            rig.STATE = saved
-
+    services = SERVICE
+    kube_proxy = KUBE_PROXY
+    kube_proxy_nodes = "a"
 
 def measure(t, seconds):
     srv = subprocess.Popen(["ip", "netns", "exec", t.pod["b"], "python3", "-c", SERVER, str(seconds + 3)])

@@ -147,26 +147,10 @@ print("failed: " + last)
 sys.exit(1)
 """
 
-LIVE = []  # topologies not yet torn down (atexit and signals tear them down)
-
-
-def cleanup():
-    while LIVE:
-        t = LIVE.pop()
-        try:
-            t.teardown()
-        except Exception as e:  # noqa: BLE001  (best effort at exit)
-            print(f"teardown {t.tag}: {e}", file=sys.stderr)
-
-
-def on_signal(signum, _frame):
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)  # a second signal must not cut the teardown short
-    sys.exit(128 + signum)  # SystemExit: finally blocks and atexit run
-
-
 class WrkTopology(topo.Topology):
     """rig.py's switched underlay with two external clients; default SNAT range on vxnat."""
+    services = SERVICE
+    kube_proxy = KUBE_PROXY
 
     def build(self):
         self.switch = self.ns("sw")
@@ -179,22 +163,6 @@ class WrkTopology(topo.Topology):
             self.ip(c, "addr", "add", f"{addr}/24", "dev", "eth0")
             self.ip(c, "link", "set", "eth0", "up")
         getattr(self, f"build_{self.kind}")()
-
-    def build_kernel(self):
-        super().build_kernel()
-        for n in "ab":
-            subprocess.run(["ip", "netns", "exec", self.node[n], "nft", "-f", "-"], input=KUBE_PROXY, text=True, check=True)
-
-    def build_vxnat(self):
-        state = os.path.join(self.work, "cluster.yaml")
-        with open(topo.STATE) as f, open(state, "w") as out:
-            out.write(f.read() + SERVICE)
-        saved = topo.STATE
-        topo.STATE = state
-        try:
-            super().build_vxnat()
-        finally:
-            topo.STATE = saved
 
     def socket(self, n):
         return os.path.join(self.work, f"node-{n}.sock")
@@ -689,22 +657,20 @@ def main():
     with open(topo.BIN, "rb") as f:
         binary = {"path": os.path.abspath(a.bin), "sha256": hashlib.sha256(f.read()).hexdigest(),
                   "mtime": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(a.bin)))}
-    atexit.register(cleanup)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal)
+    topo.tear_down_at_exit()
     os.makedirs(a.out, exist_ok=True)
     results = {"kernel": [], "vxnat": []}
     started = time.time()
     for rep in range(a.reps):
         for kind in (("kernel", "vxnat") if rep % 2 == 0 else ("vxnat", "kernel")):
             t = WrkTopology(kind, f"wrk{os.getpid() % 100000}{kind[0]}{rep}")
-            LIVE.append(t)
+            topo.LIVE.append(t)
             try:
                 t.build()
                 r = measure(t, a, os.path.join(a.out, f"{kind}-{rep + 1}"))
             finally:
                 t.teardown()
-                LIVE.remove(t)
+                topo.LIVE.remove(t)
             r["run"] = rep + 1
             results[kind].append(r)
             tot, h = r["total"], r["backend"]

@@ -159,7 +159,8 @@ impl Worker {
         let mut state = WorkerState::with_flows_and_timeouts(id, cfg.flows, cfg.timeouts);
         state.snat =
             dataplane::nat::snat::SnatAllocator::new(cfg.snat_ports.clone(), cfg.snat_hold_ns, u64::from(id) ^ 0x5eed);
-        let tx = TxBudget { left: 0, per_port: cfg.fill.tx_limits(BATCH as u32).per_port, pressure: false };
+        let limits = cfg.fill.tx_limits(BATCH as u32);
+        let tx = TxBudget { left: 0, total: limits.total, per_port: limits.per_port, pressure: false };
         Ok(Worker {
             ports: Vec::new(),
             umem,
@@ -403,7 +404,7 @@ impl Worker {
         // The transmit allowance: what the tx rings do not already hold (nothing is staged
         // between passes).
         let queued: u32 = self.ports.iter().flatten().map(|p| p.xsk.in_tx).sum();
-        self.tx.left = self.cfg.fill.tx_limits(BATCH as u32).total.saturating_sub(queued);
+        self.tx.left = self.tx.total.saturating_sub(queued);
         let ports = self.ports.len();
         self.first_port = if self.first_port + 1 < ports { self.first_port + 1 } else { 0 };
         for j in 0..ports {
@@ -769,9 +770,11 @@ fn take_completions(xsk: &mut XskPort, pool: &mut Vec<u64>, tx: &mut TxBudget) {
 /// The transmit side's allowance during a poll pass (`FillPlan::tx_limits`).
 #[derive(Debug, Clone, Copy)]
 struct TxBudget {
-    /// Chunks that may still be staged this pass: the total limit less what the tx rings hold
-    /// (set at the start of each pass; completions add back, staging takes).
+    /// Chunks that may still be staged this pass: `total` less what the tx rings hold (set at
+    /// the start of each pass; completions add back, staging takes).
     left: u32,
+    /// At most this many queued on or staged for all ports together.
+    total: u32,
     /// At most this many queued on or staged for any one egress port.
     per_port: u32,
     /// Set when an egress holds over half its share (or half the total is used): flush
