@@ -101,6 +101,7 @@ drop_reasons! {
     SnatPortsExhausted = "snat_ports_exhausted": "no SNAT port toward the endpoint is free of its TIME_WAIT hold: refused with TCP RST",
     ConntrackFull = "conntrack_full": "connection tracking table full: new flow refused",
     ConntrackCollision = "conntrack_collision": "the translated flow's reply tuple is already tracked for another flow",
+    ReusedTupleBadOptions = "reused_tuple_bad_options": "a segment of a flow on a SNAT tuple reused from the endpoint's TIME_WAIT has malformed TCP options: its sequence numbers and timestamps cannot be translated",
     // Transmit (counted against the egress port by the AF_XDP worker)
     TxRingFull = "tx_ring_full": "egress port's transmit ring full (its peer is not draining it fast enough)",
     TxBacklog = "tx_backlog": "egress port already holds its share of the worker's transmit chunks (frames arrive faster than it sends them); dropped here so that every port keeps its guaranteed fill ring",

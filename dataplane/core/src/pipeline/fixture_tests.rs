@@ -646,6 +646,7 @@ fn every_drop_reason_has_a_fixture() {
         DropReason::SnatPortsExhausted,
         DropReason::ConntrackFull,
         DropReason::ConntrackCollision,
+        DropReason::ReusedTupleBadOptions,
         // Segmentation: tests/tests/gso.rs fills the spill area.
         DropReason::SpillFull,
         // Needs the verify policy: tests/tests/checksum_policy.rs.

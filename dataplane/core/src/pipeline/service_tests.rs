@@ -276,6 +276,22 @@ fn a_tuple_the_endpoint_closed_first_is_reused_with_offsets_and_one_in_use_is_re
     let (_, out) = run(&t, &mut st, 2 * S, POD1, &c(44002, 0x010, 5001, 7001));
     assert_eq!(tcp_view(&inner_ip(&out, false)).5, seq + 1, "every client segment offset");
     assert_eq!(st.counters.port(POD1).map(|c| c.events.snat_reuse_bare_ack), Some(0));
+    // A segment of that flow whose options cannot be walked (a timestamps option of length 0)
+    // cannot be translated: dropped, named.
+    let mut seg = vec![0u8; 24];
+    seg[0..2].copy_from_slice(&44002u16.to_be_bytes());
+    seg[2..4].copy_from_slice(&80u16.to_be_bytes());
+    seg[4..8].copy_from_slice(&5001u32.to_be_bytes());
+    seg[8..12].copy_from_slice(&7001u32.to_be_bytes());
+    seg[12..14].copy_from_slice(&(0x6000u16 | 0x010).to_be_bytes());
+    seg[14..16].copy_from_slice(&1024u16.to_be_bytes());
+    seg[20..24].copy_from_slice(&[8, 0, 1, 1]);
+    let sum = crate::wire::checksum::l4_checksum(POD1_IP, VIP_SELF, 6, &seg);
+    seg[16..18].copy_from_slice(&sum.to_be_bytes());
+    let bad = from_pod1(&crate::testkit::ipv4(POD1_IP, VIP_SELF, &crate::testkit::L4::Raw { proto: 6, bytes: &seg }));
+    let (d, _) = run(&t, &mut st, 2 * S, POD1, &bad);
+    assert_eq!(d, Disposition::Drop(DropReason::ReusedTupleBadOptions));
+    assert_eq!(st.counters.port(POD1).map(|c| c.drop_count(DropReason::ReusedTupleBadOptions)), Some(1));
 }
 
 /// The client closes first (or the flow is reset): the endpoint keeps no TIME_WAIT, so the

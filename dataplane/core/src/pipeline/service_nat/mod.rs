@@ -108,7 +108,7 @@ pub(crate) fn apply(
         let (adj, closing) = (f.adj, is_snat(f) && (f.first_fin.is_some() || flags.contains(TcpFlags::RST)));
         rewrite(frame, m, src, dst);
         if !adj.is_none() {
-            seq_adjust(frame, m, adj, dir);
+            seq_adjust(frame, m, adj, dir)?;
         }
         if closing {
             snat_closing(ctx, frame, m, id, dir);
@@ -242,18 +242,20 @@ fn snat_closing(ctx: &mut Ctx<'_>, frame: &FrameBuf<'_>, m: &Ipv4Meta, id: FlowI
     }
 }
 
-/// Applies a reused tuple's offsets to a packet of its flow (already translated).
+/// Applies a reused tuple's offsets to a packet of its flow (already translated). A segment
+/// whose options cannot be walked is dropped: forwarded untranslated it would carry sequence
+/// numbers from the wrong space.
 #[inline]
-fn seq_adjust(frame: &mut FrameBuf<'_>, m: &Ipv4Meta, adj: SeqAdj, dir: Dir) {
-    let Some(l4) = frame.data_mut().get_mut(ethernet::HEADER_LEN + m.header_len..ethernet::HEADER_LEN + m.total_len)
-    else {
-        return;
-    };
-    // Malformed options leave the segment as it is: the endpoint's stack judges it.
-    let _ = match dir {
+fn seq_adjust(frame: &mut FrameBuf<'_>, m: &Ipv4Meta, adj: SeqAdj, dir: Dir) -> Result<(), DropReason> {
+    let l4 = frame
+        .data_mut()
+        .get_mut(ethernet::HEADER_LEN + m.header_len..ethernet::HEADER_LEN + m.total_len)
+        .ok_or(DropReason::ReusedTupleBadOptions)?;
+    match dir {
         Dir::Orig => adj.to_backend(l4),
         Dir::Reply => adj.to_client(l4),
-    };
+    }
+    .map_err(|_| DropReason::ReusedTupleBadOptions)
 }
 
 fn tcp_flags(frame: &FrameBuf<'_>, m: &Ipv4Meta) -> TcpFlags {

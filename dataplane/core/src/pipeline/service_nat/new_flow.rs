@@ -149,7 +149,7 @@ pub(super) fn new_flow(
             // Until this flow moves the endpoint on, the tuple's previous mark stands.
             f.mark = Some(mark);
         }
-        super::seq_adjust(frame, m, adj, Dir::Orig);
+        super::seq_adjust(frame, m, adj, Dir::Orig)?;
     }
     Ok(Nat::Translated { dir: Dir::Orig, uplink_return: None })
 }
