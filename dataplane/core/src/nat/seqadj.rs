@@ -28,11 +28,13 @@
 //! recording the last one the backend saw: read it after [`SeqAdj::to_backend`], so that it is
 //! on the backend's clock.
 //!
-//! Not covered here: an ICMP error about a client -> backend segment quotes the translated
-//! sequence number; Linux's `tcp_v4_err` ignores errors whose quoted sequence number is not
-//! between `snd_una` and `snd_nxt`, so translating such a quote back for the client also means
-//! subtracting `seq` from it (the ICMP checksum follows; the quoted TCP checksum is not
-//! checked by the receiver).
+//! ICMP errors quote a segment as it travelled, translated: an error about a client -> backend
+//! segment quotes the backend's view of its sequence number, and Linux's `tcp_v4_err` ignores
+//! errors whose quoted sequence number is not between `snd_una` and `snd_nxt` (a reused flow's
+//! path MTU discovery would stall). [`SeqAdj::restore_quote_from_client`] and
+//! [`SeqAdj::restore_quote_from_backend`] give a quote back the numbers its sender used: the
+//! whole header when the quote holds it (Linux quotes up to 576 bytes), otherwise the fields
+//! that are there (RFC 792 requires 8 bytes: the ports and the sequence number).
 //!
 //! Checksums: the TCP checksum is updated incrementally (RFC 1624: one update for the sums of
 //! the changed 16-bit words; fields in options that sit at odd offsets are accounted for). The
@@ -55,7 +57,7 @@
 //! at the segment, malformed or not.
 
 use crate::wire::checksum;
-use crate::wire::tcp::HEADER_LEN;
+use crate::wire::tcp::{self, HEADER_LEN};
 use crate::wire::{TcpFlags, TcpOption, TcpPacket};
 
 /// Constant offsets applied to one flow: `seq` to the client's sequence numbers and `ts` to its
@@ -163,6 +165,32 @@ impl SeqAdj {
         self.apply(tcp, Way::ToClient)
     }
 
+    /// An ICMP error's quote of a segment the client sent (translated by
+    /// [`SeqAdj::to_backend`]), made what the client sent again: the sequence number and
+    /// TSval shifted back. A quote that ends inside the header or its options has only its
+    /// sequence number restored (the part every quote holds; the one `tcp_v4_err` checks), and
+    /// its TCP checksum, when quoted, updated to match. A quote under 8 bytes is left alone.
+    pub fn restore_quote_from_client(&self, quote: &mut [u8]) {
+        if self.is_none() || self.inverse().to_backend(quote).is_ok() {
+            return;
+        }
+        shift_quoted(quote, tcp::SEQ_OFFSET, self.seq.wrapping_neg());
+    }
+
+    /// An ICMP error's quote of a segment the backend sent (translated by
+    /// [`SeqAdj::to_client`]), made what the backend sent again: the ACK number, SACK edges
+    /// and TSecr shifted back. A quote that ends inside the header or its options has only its
+    /// ACK number restored, when the quote reaches the flags that say it is one.
+    pub fn restore_quote_from_backend(&self, quote: &mut [u8]) {
+        if self.is_none() || self.inverse().to_client(quote).is_ok() {
+            return;
+        }
+        let ack = quote.get(tcp::FLAGS_BYTE_OFFSET).is_some_and(|&f| f & TcpFlags::ACK.0 as u8 != 0);
+        if ack {
+            shift_quoted(quote, tcp::ACK_OFFSET, self.seq);
+        }
+    }
+
     fn apply(&self, tcp: &mut [u8], way: Way) -> Result<(), SeqAdjError> {
         // Validate everything (and find the option fields) before the first write.
         let mut edits = Edits { n: 0, at: [0; MAX_EDITS], delta: [0; MAX_EDITS] };
@@ -265,6 +293,20 @@ fn fold(x: u64) -> u16 {
 #[inline(always)]
 fn shifted(old: u32, delta: u32) -> (u32, u32) {
     (old, old.wrapping_add(delta))
+}
+
+/// Adds `delta` to the 32-bit field at `at` of a (possibly truncated) quoted TCP header, and
+/// updates the quoted checksum when the quote reaches it. Nothing when the field is not there.
+fn shift_quoted(quote: &mut [u8], at: usize, delta: u32) {
+    let Some(field) = quote.get_mut(at..at + 4).and_then(|f| <&mut [u8; 4]>::try_from(f).ok()) else { return };
+    let (old, new) = shifted(u32::from_be_bytes(*field), delta);
+    *field = new.to_be_bytes();
+    if let Some(c) = quote.get_mut(tcp::CHECKSUM_OFFSET..tcp::CHECKSUM_OFFSET + 2) {
+        let mut sums = Sums::default();
+        sums.add(old, new);
+        let updated = sums.update(u16::from_be_bytes([c[0], c[1]]));
+        c.copy_from_slice(&updated.to_be_bytes());
+    }
 }
 
 /// A view of the segment with its header length checked (20 <= data offset * 4 <= length).
@@ -493,6 +535,59 @@ mod tests {
             adj.to_client(&mut b).expect("well formed");
             adj.inverse().to_client(&mut b).expect("well formed");
             assert_same_segment(&b, &orig, &format!("to_client, case {case}"));
+        }
+    }
+
+    /// ICMP errors quote what they are about: a whole quoted segment gets every field back; a
+    /// quote cut anywhere from 8 bytes on gets the sequence number (a client's segment) or the
+    /// ACK number (a backend's, when the flags are quoted) back, and a quoted checksum stays
+    /// consistent with the fields changed.
+    #[test]
+    fn quotes_get_their_senders_numbers_back_however_short() {
+        let mut r = Rng(0x5eed_0004);
+        for case in 0..400 {
+            let seg = random_seg(&mut r);
+            let adj = random_adj(&mut r);
+            let orig = seg.bytes();
+            let hl = usize::from(orig[12] >> 4) * 4;
+            for len in [orig.len(), hl, 8, 12, 14, 16, 18, 20, 22, 30] {
+                let len = len.min(orig.len());
+                let what = format!("case {case}, quote of {len} bytes: {adj:?} on {seg:?}");
+                // A client's segment, as the backend got it, quoted back to the client.
+                let mut sent = orig.clone();
+                adj.to_backend(&mut sent).expect("well formed");
+                let mut quote = sent[..len].to_vec();
+                adj.restore_quote_from_client(&mut quote);
+                if len == orig.len() {
+                    assert_same_segment(&quote, &orig, &what);
+                } else if len >= 8 {
+                    assert_eq!(quote[4..8], orig[4..8], "{what}: sequence number");
+                    if len >= 18 && len < hl {
+                        // Only the sequence number moved back: the checksum moved with it.
+                        let sum = |b: &[u8]| u16::from_be_bytes([b[16], b[17]]);
+                        let mut want = sent.clone();
+                        SeqAdj { seq: adj.seq.wrapping_neg(), ts: 0 }.to_backend(&mut want).expect("well formed");
+                        assert!(
+                            sum(&quote) == sum(&want) || (sum(&quote) ^ sum(&want)) == 0xffff,
+                            "{what}: quoted checksum"
+                        );
+                    }
+                } else {
+                    assert_eq!(quote, sent[..len], "{what}: too short to touch");
+                }
+                // A backend's segment, as the client got it, quoted back to the backend.
+                let mut sent = orig.clone();
+                adj.to_client(&mut sent).expect("well formed");
+                let mut quote = sent[..len].to_vec();
+                adj.restore_quote_from_backend(&mut quote);
+                if len == orig.len() {
+                    assert_same_segment(&quote, &orig, &what);
+                } else if len >= 14 {
+                    assert_eq!(quote[4..12], orig[4..12], "{what}: sequence and ACK numbers");
+                } else {
+                    assert_eq!(quote, sent[..len], "{what}: without the flags, the ACK field is left");
+                }
+            }
         }
     }
 

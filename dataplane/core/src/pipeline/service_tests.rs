@@ -294,6 +294,141 @@ fn a_tuple_the_endpoint_closed_first_is_reused_with_offsets_and_one_in_use_is_re
     assert_eq!(st.counters.port(POD1).map(|c| c.drop_count(DropReason::ReusedTupleBadOptions)), Some(1));
 }
 
+/// A segment with a Timestamps option (`ts`: TSval, TSecr), built by etherparse.
+fn tcp_ts(src: Ipv4Addr, dst: Ipv4Addr, ports: (u16, u16), flags: u16, seq: u32, ack: u32, ts: (u32, u32)) -> Vec<u8> {
+    use etherparse::{TcpHeader, TcpOptionElement::*};
+    let mut h = TcpHeader::new(ports.0, ports.1, seq, 64240);
+    h.acknowledgment_number = ack;
+    (h.fin, h.syn, h.rst, h.ack) = (flags & 1 != 0, flags & 2 != 0, flags & 4 != 0, flags & 0x10 != 0);
+    h.set_options(&[Noop, Noop, Timestamp(ts.0, ts.1)]).expect("fits");
+    h.checksum = h.calc_checksum_ipv4_raw(src.octets(), dst.octets(), &[]).expect("small");
+    ipv4(src, dst, &L4::Raw { proto: 6, bytes: &h.to_bytes() })
+}
+
+/// Pod1 as the client of VIP_SELF from `sport`, and as its endpoint answering SNAT port 2000
+/// (hairpin), with timestamps.
+fn client_ts(sport: u16, flags: u16, seq: u32, ack: u32, ts: (u32, u32)) -> Vec<u8> {
+    from_pod1(&tcp_ts(POD1_IP, VIP_SELF, (sport, 80), flags, seq, ack, ts))
+}
+
+fn endpoint_ts(flags: u16, seq: u32, ack: u32, ts: (u32, u32)) -> Vec<u8> {
+    from_pod1(&tcp_ts(POD1_IP, GATEWAY_A, (8080, 2000), flags, seq, ack, ts))
+}
+
+/// Sequence number, ACK number and (TSval, TSecr) of the TCP segment in `ip`, read by
+/// etherparse after the pipeline's own checks (`tcp_view`).
+fn ts_view(ip: &[u8]) -> (u32, u32, (u32, u32)) {
+    tcp_view(ip);
+    let p = Ipv4Packet::new_checked(ip).unwrap();
+    let (h, _) = etherparse::TcpHeader::from_slice(p.payload()).expect("parses");
+    let ts = h.options_iterator().find_map(|o| match o {
+        Ok(etherparse::TcpOptionElement::Timestamp(v, e)) => Some((v, e)),
+        _ => None,
+    });
+    (h.sequence_number, h.acknowledgment_number, ts.expect("a Timestamps option"))
+}
+
+/// One hairpin connection through VIP_SELF on a one-port SNAT range, with timestamps, that the
+/// endpoint closes first: the tuple is held, and the endpoint last saw the client's sequence
+/// end 102 and TSval 1,000,020 on it.
+fn a_tuple_held_with_timestamps(t: &Tables, st: &mut WorkerState) {
+    st.snat = SnatAllocator::new(2000..=2000, 65 * S, 1);
+    run(t, st, 0, POD1, &client_ts(44000, 0x002, 100, 0, (1_000_000, 0)));
+    run(t, st, 0, POD1, &endpoint_ts(0x012, 900, 101, (5000, 1_000_000)));
+    run(t, st, 0, POD1, &client_ts(44000, 0x010, 101, 901, (1_000_010, 5000)));
+    run(t, st, S, POD1, &endpoint_ts(0x011, 901, 101, (5001, 1_000_010))); // the endpoint closes first
+    run(t, st, S, POD1, &client_ts(44000, 0x011, 101, 902, (1_000_020, 5001)));
+    run(t, st, S, POD1, &endpoint_ts(0x010, 902, 102, (5002, 1_000_020))); // TIME_WAIT: held
+    assert_eq!(st.snat.stats(S).held, 1);
+}
+
+/// What the endpoint's TIME_WAIT judges is the SYN as it arrives, so a new client's own ISN and
+/// timestamp clock do not matter: behind the old connection's, far ahead, or about to wrap, the
+/// reused tuple's SYN lands just past the old connection (sequence end 102 + 2^17, TSval
+/// 1,000,020 + 1000), and the client sees its own numbers in every reply.
+#[test]
+fn a_reused_tuple_takes_clients_whose_isn_or_clock_is_behind_ahead_or_wrapping() {
+    let t = tables();
+    for (what, isn, tsval) in [
+        ("ISN and clock behind the old connection's", 50, 10),
+        ("ISN behind, clock ahead", 7, 3_000_000),
+        ("ISN ahead, clock behind", 0x8000_0000, 999_000),
+        ("both far ahead", 0x9000_0000, 0xf000_0000),
+        ("both about to wrap", 0xffff_fff0, 0xffff_fffe),
+    ] {
+        let mut st = WorkerState::with_flows(0, 16);
+        a_tuple_held_with_timestamps(&t, &mut st);
+        let (d, out) = run(&t, &mut st, 2 * S, POD1, &client_ts(44002, 0x002, isn, 0, (tsval, 0)));
+        assert_eq!(d, Disposition::Forward(POD1), "{what}");
+        let syn = inner_ip(&out, false);
+        assert_eq!(tcp_view(&syn).2, 2000, "{what}: the held tuple");
+        let (seq, _, (ts_seen, _)) = ts_view(&syn);
+        assert_eq!((seq, ts_seen), (102 + (1 << 17), 1_001_020), "{what}: the SYN past the old connection");
+        // The endpoint's SYN|ACK: the client sees its own ISN acknowledged and its TSval echoed.
+        let (_, out) = run(&t, &mut st, 2 * S, POD1, &endpoint_ts(0x012, 7000, seq + 1, (6000, ts_seen)));
+        let (_, ack, (_, ecr)) = ts_view(&inner_ip(&out, false));
+        assert_eq!((ack, ecr), (isn.wrapping_add(1), tsval), "{what}: the reply in the client's numbers");
+        // Data: the client's numbers move on from its own, the endpoint's from what it saw.
+        let (_, out) = run(
+            &t,
+            &mut st,
+            2 * S,
+            POD1,
+            &client_ts(44002, 0x018, isn.wrapping_add(1), 7001, (tsval.wrapping_add(5), 6000)),
+        );
+        let (seq2, ack2, (ts2, ecr2)) = ts_view(&inner_ip(&out, false));
+        assert_eq!((seq2, ack2, ts2, ecr2), (seq + 1, 7001, 1_001_025, 6000), "{what}: every client segment");
+    }
+}
+
+/// An ICMP error about a segment of a reused flow quotes it as the endpoint's side saw it
+/// (offset); the client's TCP ignores an error whose quoted sequence number it never sent (path
+/// MTU discovery would stall), so the quote gets the client's own numbers back: a whole quoted
+/// header (Linux quotes up to 576 bytes) and RFC 792's minimum of 8 bytes alike.
+#[test]
+fn icmp_errors_about_a_reused_flow_quote_the_clients_own_numbers() {
+    let t = tables();
+    for quoted in [32, 8] {
+        let mut st = WorkerState::with_flows(0, 16);
+        a_tuple_held_with_timestamps(&t, &mut st);
+        let (isn, tsval) = (50, 10);
+        let (_, out) = run(&t, &mut st, 2 * S, POD1, &client_ts(44002, 0x002, isn, 0, (tsval, 0)));
+        let (seq, ..) = ts_view(&inner_ip(&out, false));
+        // The endpoint (pod1 itself: hairpin) cannot take a segment it was sent: frag needed,
+        // quoting it as it arrived, offsets and all.
+        let seen = tcp_ts(GATEWAY_A, POD1_IP, (2000, 8080), 0x018, seq + 1, 7001, (1_001_025, 6000));
+        let mut body = vec![3, 4, 0, 0, 0, 0, 0x05, 0x78];
+        body.extend_from_slice(&seen[..20 + quoted]);
+        let sum = crate::wire::checksum::checksum(&body);
+        body[2..4].copy_from_slice(&sum.to_be_bytes());
+        let err = from_pod1(&ipv4(POD1_IP, GATEWAY_A, &L4::Raw { proto: 1, bytes: &body }));
+        let (d, out) = run(&t, &mut st, 2 * S, POD1, &err);
+        assert_eq!(d, Disposition::Forward(POD1), "quote of {quoted}");
+        let ip = inner_ip(&out, false);
+        let p = Ipv4Packet::new_checked(&ip[..]).unwrap();
+        assert_eq!((p.src_addr(), p.dst_addr()), (VIP_SELF, POD1_IP), "from the Service address");
+        let icmp = IcmpPacket::new_checked(p.payload()).unwrap();
+        assert!(icmp.verify_checksum(), "quote of {quoted}: ICMP checksum");
+        let q = icmp.embedded_ipv4().unwrap();
+        assert_eq!((q.src_addr(), q.dst_addr()), (POD1_IP, VIP_SELF), "the packet as the client sent it");
+        let l4 = q.payload();
+        assert_eq!(&l4[..4], &[0xab, 0xe2, 0, 80], "quote of {quoted}: the client's ports");
+        assert_eq!(&l4[4..8], &(isn + 1).to_be_bytes(), "quote of {quoted}: the client's own sequence number");
+        if quoted == 32 {
+            let (h, _) = etherparse::TcpHeader::from_slice(l4).expect("a whole header");
+            let ts = h.options_iterator().find_map(|o| match o {
+                Ok(etherparse::TcpOptionElement::Timestamp(v, e)) => Some((v, e)),
+                _ => None,
+            });
+            assert_eq!(ts, Some((tsval + 5, 6000)), "and its own clock");
+            assert!(
+                TcpPacket::new_checked(l4).unwrap().verify_checksum(POD1_IP, VIP_SELF),
+                "the quoted checksum follows"
+            );
+        }
+    }
+}
+
 /// The client closes first (or the flow is reset): the endpoint keeps no TIME_WAIT, so the
 /// tuple is free the moment the flow closes, and the next connection gets it untouched.
 #[test]

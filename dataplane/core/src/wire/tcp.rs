@@ -20,6 +20,11 @@ pub const HEADER_LEN: usize = 20;
 pub const MAX_HEADER_LEN: usize = 60;
 /// Offset of the checksum field within the header.
 pub const CHECKSUM_OFFSET: usize = field::CHECKSUM.start;
+/// Offsets of the sequence and acknowledgment numbers, and of the byte holding FIN..CWR: for
+/// the partial headers ICMP errors quote, which a view cannot be made of.
+pub const SEQ_OFFSET: usize = field::SEQ.start;
+pub const ACK_OFFSET: usize = field::ACK.start;
+pub const FLAGS_BYTE_OFFSET: usize = field::OFF_FLAGS.start + 1;
 
 /// The nine TCP flag bits.
 #[derive(Clone, Copy, PartialEq, Eq, Default, Hash)]

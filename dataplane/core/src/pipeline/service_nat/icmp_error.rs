@@ -6,7 +6,9 @@
 //! Contract: an error whose quote is not a complete IPv4 header plus the 8 bytes of TCP/UDP
 //! ports RFC 792 requires, or matches no flow, is `Untouched`. Otherwise the quote's
 //! addresses, ports and checksums (its header checksum; its TCP/UDP checksum when quoted and
-//! in use), the outer addresses, and the outer IPv4 and ICMP checksums are rewritten.
+//! in use), the outer addresses, and the outer IPv4 and ICMP checksums are rewritten. On a flow
+//! with sequence/timestamp offsets (a reused SNAT tuple), a quoted TCP header gets its sender's
+//! numbers back ([`crate::nat::seqadj`]); as much of it as is quoted.
 
 use super::{uplink_return, Nat};
 use crate::conntrack::{Dir, FlowKey};
@@ -44,6 +46,7 @@ pub(super) fn icmp_error(ctx: &mut Ctx<'_>, frame: &mut FrameBuf<'_>, m: &mut Ip
         Dir::Orig => ((f.reply.src, f.reply.sport), (f.reply.dst, f.reply.dport), f.reply.src, f.orig.dst, f.reply.dst),
     };
     let ret = if dir == Dir::Reply { uplink_return(f.tag) } else { None };
+    let adj = f.adj;
     // The outer header: to the quoted packet's sender; from the Service address if the error
     // came from the endpoint itself (a router in between keeps its own address).
     let new_outer_src = if m.src == endpoint_side { service_side } else { m.src };
@@ -63,11 +66,17 @@ pub(super) fn icmp_error(ctx: &mut Ctx<'_>, frame: &mut FrameBuf<'_>, m: &mut Ip
         if qproto == IpProtocol::Tcp {
             // RFC 792 quotes 8 bytes: the TCP checksum is there only when the sender quoted more.
             let has_checksum = ql4.len() >= tcp::CHECKSUM_OFFSET + 2;
-            let mut t = TcpPacket::new_unchecked(ql4);
+            let mut t = TcpPacket::new_unchecked(&mut *ql4);
             t.set_src_port(quote_src.1);
             t.set_dst_port(quote_dst.1);
             if has_checksum {
                 t.set_checksum(l4_sum(t.checksum()));
+            }
+            // A flow on a reused tuple: the quote's sequence space and clock are its sender's
+            // again (the client's TCP ignores an error quoting a sequence number it never sent).
+            match dir {
+                Dir::Reply => adj.restore_quote_from_client(ql4),
+                Dir::Orig => adj.restore_quote_from_backend(ql4),
             }
         } else {
             let mut u = UdpPacket::new_unchecked(ql4);
