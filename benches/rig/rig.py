@@ -23,8 +23,12 @@ Measured, per path:
     only 8 ports, the backend closing first: connections served, refused (visibly), timed out,
     and SYNs the backend did not answer with SYN-ACK (it held the tuple in TIME_WAIT).
 
+Every measurement runs on two underlays (`--underlays`): "veth", where 64 KiB GSO frames cross
+from node to node whole, and "wire", a 1500-byte link as a physical network is (the switch's
+ports `tso off gso off`: frames are segmented on their way out; the uplinks `gro on`).
+
 Usage (root, after `cargo build --release -p vxnat-control`):
-  python3 benches/rig/rig.py [--seconds 3] [--reps 3] [--out target/rig]
+  python3 benches/rig/rig.py [--seconds 3] [--reps 3] [--underlays veth,wire] [--out target/rig]
 """
 import argparse, json, os, statistics, subprocess, sys, time
 
@@ -95,10 +99,27 @@ KUBE_PROXY = """table ip kube-proxy {
 """
 
 
+# The underlays measured: "veth" carries 64 KiB GSO frames from node to node as they are (no
+# real network does: the kernel path never segments there); "wire" behaves like a 1500-byte
+# physical link, segmentation on the way out (the switch's ports do not take GSO frames, as a
+# NIC's TSO would cut them) and GRO on the way in (the nodes' uplinks).
+UNDERLAYS = ("veth", "wire")
+
+
+def wire(t, switch_ports, uplinks):
+    """Make the underlay a 1500-byte wire: `tso off gso off` on the switch's ports, `gro on` on
+    the hosts' uplinks."""
+    for port in switch_ports:
+        rig.sh("ip", "netns", "exec", t.switch, "ethtool", "-K", port, "tso", "off", "gso", "off")
+    for ns, ifname in uplinks:
+        rig.sh("ip", "netns", "exec", ns, "ethtool", "-K", ifname, "gro", "on")
+
+
 class Full(rig.Topology):
     extra_config = '\n[nat]\nsnat_ports = "20000-20007"\n'
     services = SERVICES
     kube_proxy = KUBE_PROXY
+    underlay = "veth"
 
     def build(self):
         self.switch = self.ns("sw")
@@ -106,6 +127,8 @@ class Full(rig.Topology):
         self.pod = {n: self.ns(f"pod{n}") for n in "ab"}
         self.client = self.ns("client")
         self.build_switch(((self.node["a"], "pa", "ul"), (self.node["b"], "pb", "ul"), (self.client, "pc", "eth0")))
+        if self.underlay == "wire":
+            wire(self, ("pa", "pb", "pc"), ((self.node["a"], "ul"), (self.node["b"], "ul"), (self.client, "eth0")))
         self.ip(self.client, "addr", "add", f"{CLIENT_IP}/24", "dev", "eth0")
         self.ip(self.client, "link", "set", "eth0", "up")
         getattr(self, f"build_{self.kind}")()
@@ -309,7 +332,7 @@ def render(rows):
     return "\n".join(lines)
 
 
-def svg(rows):
+def svg(rows, underlay):
     """Horizontal bars of vxnat/kernel per measurement (log scale, 1.0 marked), coloured by
     whether vxnat wins (green) or loses (red) given the measurement's direction."""
     import math
@@ -319,7 +342,7 @@ def svg(rows):
     h = top + len(shown) * (bar_h + gap) + 40
     x_of = lambda r: left + (math.log10(r) + 1.5) / 3.0 * (w - left - 20)  # 0.03x .. 30x
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
-           f'<text x="10" y="20" font-size="14">vxnat / kernel path (log scale; right of 1.0 = more of the measured quantity)</text>']
+           f'<text x="10" y="20" font-size="14">vxnat / kernel path, {underlay} underlay (log scale; right of 1.0 = more of the measured quantity)</text>']
     one = x_of(1.0)
     for i, (label, ratio, better) in enumerate(shown):
         y = top + i * (bar_h + gap)
@@ -341,40 +364,49 @@ def main():
     ap.add_argument("--seconds", type=float, default=3)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(rig.ROOT, "target", "rig"))
+    ap.add_argument("--underlays", default=",".join(UNDERLAYS), help="veth, wire or both (default)")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("needs root (namespaces, XDP)")
     if not os.path.exists(rig.BIN):
         sys.exit(f"{rig.BIN} missing: cargo build --release -p vxnat-control")
     os.makedirs(a.out, exist_ok=True)
-    results = {"kernel": [], "vxnat": []}
+    underlays = [u for u in a.underlays.split(",") if u]
+    if any(u not in UNDERLAYS for u in underlays):
+        sys.exit(f"--underlays: each of {', '.join(UNDERLAYS)}")
+    results = {u: {"kernel": [], "vxnat": []} for u in underlays}
     started = time.time()
     for rep in range(a.reps):
         for kind in (("kernel", "vxnat") if rep % 2 == 0 else ("vxnat", "kernel")):
-            t = Full(kind, f"vxr{os.getpid() % 10000}{kind[0]}{rep}")
-            try:
-                t.build()
-                r = measure_all(t, a.seconds)
-            finally:
-                t.teardown()
-            results[kind].append(r)
-            print(f"rep {rep + 1} {kind:6}: " + "  ".join(f"{k}={fmt(scale(k, v))}" for k, v in r.items()), flush=True)
-    rows = table(results)
-    md = render(rows)
+            for u in underlays:
+                t = Full(kind, f"vxr{os.getpid() % 10000}{kind[0]}{rep}{u[0]}")
+                t.underlay = u
+                try:
+                    t.build()
+                    r = measure_all(t, a.seconds)
+                finally:
+                    t.teardown()
+                results[u][kind].append(r)
+                print(f"rep {rep + 1} {kind:6} {u:4}: " + "  ".join(f"{k}={fmt(scale(k, v))}" for k, v in r.items()),
+                      flush=True)
+    rows = {u: table(results[u]) for u in underlays}
+    md = "\n\n".join(f"### {u} underlay\n\n" + render(rows[u]) for u in underlays)
     print()
     print(md)
     cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
     report = (f"# vxnat vs the kernel path\n\nMachine: {os.cpu_count()} vCPUs ({cpu}), kernel {os.uname().release}. "
               f"Command: `python3 benches/rig/rig.py --seconds {a.seconds:g} --reps {a.reps}`; "
               f"{a.reps} repetitions per path, alternating, {a.seconds:g} s per measurement, "
-              f"{time.time() - started:.0f} s in all.\n\n{md}\n\n![vxnat/kernel](chart.svg)\n")
+              f"{time.time() - started:.0f} s in all.\n\n{md}\n\n"
+              + "".join(f"![vxnat/kernel, {u} underlay](chart-{u}.svg)\n" for u in underlays))
     with open(os.path.join(a.out, "report.md"), "w") as f:
         f.write(report)
-    with open(os.path.join(a.out, "chart.svg"), "w") as f:
-        f.write(svg(rows))
+    for u in underlays:
+        with open(os.path.join(a.out, f"chart-{u}.svg"), "w") as f:
+            f.write(svg(rows[u], u))
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
-    print(f"\nreport: {a.out}/report.md, chart: {a.out}/chart.svg ({time.time() - started:.0f} s)")
+    print(f"\nreport: {a.out}/report.md, charts: {a.out}/chart-*.svg ({time.time() - started:.0f} s)")
 
 
 if __name__ == "__main__":

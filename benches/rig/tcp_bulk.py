@@ -8,12 +8,26 @@ for a fixed time from pod A to pod B; measured: received Gbit/s, and the whole m
 CPU time (/proc/stat), so vxnat's polling and the kernel's softirq work count the same way.
 Paths alternate over repetitions; medians and spread, with vxnat/kernel ratios.
 
-Usage (root): python3 benches/rig/tcp_bulk.py [--seconds 5] [--reps 3] [--mtus 1450,9000]
+Two underlays (`--underlays`): "veth" carries GSO frames between the nodes whole; "wire" is a
+1500-byte link as a physical one is (the nodes' `ul` with `tso off gso off gro on`).
+
+Three paths (`--paths`): the kernel (flannel.1), vxnat with pods' frames sent by AF_XDP, and
+vxnat with `pod_tx = "packet-gro"` (software GRO, aggregated frames through a packet socket).
+
+Usage (root): python3 benches/rig/tcp_bulk.py [--seconds 5] [--reps 3] [--mtus 1450,9000] [--underlays veth,wire]
+              [--paths kernel,vxnat,vxnat-gro]
 """
 import argparse, json, os, statistics, subprocess, sys, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import overlay_udp as rig  # noqa: E402  (the shared topology builder)
+
+
+def wire(t):
+    """The node-to-node veth as a 1500-byte wire: no GSO frame leaves a node (`tso off gso
+    off`: segmented on the way out, as a NIC's TSO would), GRO on the way in."""
+    for n in "ab":
+        rig.sh("ip", "netns", "exec", t.node[n], "ethtool", "-K", "ul", "tso", "off", "gso", "off", "gro", "on")
 
 
 def measure(t, seconds):
@@ -42,36 +56,48 @@ def main():
     ap.add_argument("--seconds", type=float, default=5)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--mtus", default="1450,9000")
+    ap.add_argument("--underlays", default="veth,wire", help="veth, wire or both (default)")
+    ap.add_argument("--paths", default="kernel,vxnat,vxnat-gro",
+                    help="kernel; vxnat (pod_tx xsk); vxnat-gro (pod_tx packet-gro: software GRO toward pods)")
     a = ap.parse_args()
+    underlays = a.underlays.split(",")
+    paths = a.paths.split(",")
     if os.geteuid() != 0:
         sys.exit("needs root (namespaces, XDP)")
     if not os.path.exists(rig.BIN):
         sys.exit(f"{rig.BIN} missing: cargo build --release -p vxnat-control")
     mtus = [int(m) for m in a.mtus.split(",")]
-    results = {(k, m): [] for k in ("kernel", "vxnat") for m in mtus}
+    results = {(k, m, u): [] for k in paths for m in mtus for u in underlays}
     for rep in range(a.reps):
-        for kind in (("kernel", "vxnat") if rep % 2 == 0 else ("vxnat", "kernel")):
+        for kind in (paths if rep % 2 == 0 else paths[::-1]):
             for m in mtus:
-                t = rig.Topology(kind, f"vxtcp{os.getpid()}{kind[0]}{rep}{m}", pod_mtu=m)
-                try:
-                    t.build()
-                    r = measure(t, a.seconds)
-                finally:
-                    t.teardown()
-                results[(kind, m)].append(r)
-                print(f"rep {rep + 1} {kind:6} pod MTU {m:5}: {r['gbps']:6.2f} Gbit/s  cpu {r['cpu_s_per_s']:.2f} s/s  "
-                      f"retransmits {r['retransmits']}", flush=True)
+                for u in underlays:
+                    t = rig.Topology("kernel" if kind == "kernel" else "vxnat",
+                                     f"vxtcp{os.getpid()}{kind[0]}{kind[-1]}{rep}{m}{u[0]}", pod_mtu=m)
+                    if kind == "vxnat-gro":
+                        t.extra_config = 'pod_tx = "packet-gro"\n'
+                    try:
+                        t.build()
+                        if u == "wire":
+                            wire(t)
+                        r = measure(t, a.seconds)
+                    finally:
+                        t.teardown()
+                    results[(kind, m, u)].append(r)
+                    print(f"rep {rep + 1} {kind:6} pod MTU {m:5} {u:4}: {r['gbps']:6.2f} Gbit/s  "
+                          f"cpu {r['cpu_s_per_s']:.2f} s/s  retransmits {r['retransmits']}", flush=True)
     print()
-    print("| pod MTU | path | Gbit/s (median, min-max) | busy CPU s/s | vxnat/kernel |")
-    print("|---|---|---|---|---|")
-    for m in mtus:
-        med = {}
-        for kind in ("kernel", "vxnat"):
-            g = [r["gbps"] for r in results[(kind, m)]]
-            med[kind] = statistics.median(g)
-            cpu = statistics.median([r["cpu_s_per_s"] for r in results[(kind, m)]])
-            ratio = "%.2f" % (med["vxnat"] / med["kernel"]) if kind == "vxnat" and med["kernel"] > 0 else ""
-            print(f"| {m} | {kind} | {med[kind]:.2f} ({min(g):.2f}-{max(g):.2f}) | {cpu:.2f} | {ratio} |")
+    print("| underlay | pod MTU | path | Gbit/s (median, min-max) | busy CPU s/s | vxnat/kernel |")
+    print("|---|---|---|---|---|---|")
+    for u in underlays:
+        for m in mtus:
+            med = {}
+            for kind in paths:
+                g = [r["gbps"] for r in results[(kind, m, u)]]
+                med[kind] = statistics.median(g)
+                cpu = statistics.median([r["cpu_s_per_s"] for r in results[(kind, m, u)]])
+                ratio = "%.2f" % (med[kind] / med["kernel"]) if kind != "kernel" and med.get("kernel") else ""
+                print(f"| {u} | {m} | {kind} | {med[kind]:.2f} ({min(g):.2f}-{max(g):.2f}) | {cpu:.2f} | {ratio} |")
 
 
 if __name__ == "__main__":

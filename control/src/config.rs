@@ -86,8 +86,12 @@ pub enum Error {
     UmemTooBig(u32),
     #[error("xdp_mode: {0:?} is not \"native\" or \"generic\"")]
     XdpMode(String),
+    #[error("pod_tx: {0:?} is not \"xsk\" or \"packet-gro\"")]
+    PodTx(String),
     #[error("metrics: {0:?} is not an address:port (or \"\" for off)")]
     Metrics(String),
+    #[error("health: {0:?} is not an address:port (or \"\" for off)")]
+    Health(String),
     /// `checksum.pods`, `checksum.host` or `checksum.uplink` (`key`) is not a policy; `message`
     /// is the policy parser's.
     #[error("checksum.{key}: {message}")]
@@ -146,6 +150,11 @@ pub struct NodeFile {
     /// XDP attach mode: "native" (xdpdrv, default) or "generic".
     #[serde(default)]
     pub xdp_mode: Option<String>,
+    /// How frames leave toward pods: "xsk" (their AF_XDP sockets, MTU frames; default) or
+    /// "packet-gro" (merged by software GRO and sent as aggregated frames through a packet
+    /// socket with virtio-net headers).
+    #[serde(default)]
+    pub pod_tx: Option<String>,
     #[serde(default)]
     pub vxlan: VxlanSection,
     #[serde(default)]
@@ -164,10 +173,22 @@ pub struct NodeFile {
     /// Prometheus metrics listen address (`GET /metrics`); empty: off.
     #[serde(default = "default_metrics")]
     pub metrics: String,
+    /// Liveness and readiness (`GET /healthz`, `GET /readyz`) listen address, apart from
+    /// `metrics` so a probe never waits behind a scrape; empty: off (the metrics listener
+    /// answers them too).
+    #[serde(default = "default_health")]
+    pub health: String,
 }
 
 fn default_metrics() -> String {
     "127.0.0.1:9478".to_string()
+}
+
+/// Next to metrics, on loopback (a host-network pod's probes reach it with `host: 127.0.0.1`).
+/// Not kube-proxy's 10256: cloud load balancers probe that port on the node's address with
+/// kube-proxy's meaning, and a node moving off kube-proxy may still run it.
+fn default_health() -> String {
+    "127.0.0.1:9479".to_string()
 }
 
 /// Checksum policies per port kind ("complete", "verify" or "trust") and the outer VXLAN UDP
@@ -446,9 +467,15 @@ impl NodeFile {
             None | Some("native") | Some("generic") => {}
             Some(other) => return Err(Error::XdpMode(other.to_string())),
         }
+        if let Some(other) = f.pod_tx.as_deref().filter(|v| !matches!(*v, "xsk" | "packet-gro")) {
+            return Err(Error::PodTx(other.to_string()));
+        }
         f.checksum.policies()?;
         if !f.metrics.is_empty() && f.metrics.parse::<std::net::SocketAddr>().is_err() {
             return Err(Error::Metrics(f.metrics));
+        }
+        if !f.health.is_empty() && f.health.parse::<std::net::SocketAddr>().is_err() {
+            return Err(Error::Health(f.health));
         }
         f.checksum.outer_compute()?;
         // Relative state paths are relative to the config file.
@@ -552,6 +579,10 @@ port = 8472
             .unwrap_err()
             .to_string();
         assert!(e.contains("nat.snat_ports") && e.contains("NodePort"), "{e}");
+        let e = NodeFile::parse("node = \"a\"\nuplink = \"e\"\nhealth = \"localhost\"\n", p).unwrap_err().to_string();
+        assert!(e.contains("health"), "{e}");
+        let f = NodeFile::parse("node = \"a\"\nuplink = \"e\"\n", p).unwrap();
+        assert_eq!((f.metrics.as_str(), f.health.as_str()), ("127.0.0.1:9478", "127.0.0.1:9479"));
     }
 
     #[test]

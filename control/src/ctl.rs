@@ -45,6 +45,13 @@ pub enum Request {
         count: usize,
         timeout_ms: u64,
     },
+    /// Test-only (feature `fault-injection`, see `crate::fault`).
+    #[cfg(feature = "fault-injection")]
+    Fault {
+        what: crate::fault::Fault,
+        #[serde(default)]
+        ms: u64,
+    },
 }
 
 /// One port in `ports`.
@@ -114,6 +121,9 @@ pub struct StatsReply {
     pub names: Vec<PortName>,
     pub worker: crate::stats::WorkerStats,
     pub arp_conflicts: Vec<ArpConflict>,
+    /// The cluster source and how often it died.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<crate::source::SourceReport>,
 }
 
 pub fn arp_conflicts(n: &Node) -> Vec<ArpConflict> {
@@ -281,11 +291,15 @@ fn handle(node: &Mutex<Node>, req: Request) -> Result<Value, String> {
                 .collect();
             return Ok(json!({ "packets": packets }));
         }
+        #[cfg(feature = "fault-injection")]
+        Request::Fault { what, ms } => return crate::fault::inject(node, what, ms),
         _ => {}
     }
     let mut n = lock()?;
     match req {
         Request::Flows { .. } | Request::Trace { .. } | Request::Capture { .. } => Err("handled above".into()),
+        #[cfg(feature = "fault-injection")]
+        Request::Fault { .. } => Err("handled above".into()),
         Request::Attach { ifname, ip, mac } => {
             let mac = match mac {
                 Some(m) => Some(m.parse().map_err(|_| format!("mac: {m:?} is not a MAC address"))?),
@@ -305,6 +319,7 @@ fn handle(node: &Mutex<Node>, req: Request) -> Result<Value, String> {
                 names,
                 worker,
                 arp_conflicts: arp_conflicts(&n),
+                source: n.source.as_ref().map(|s| s.report()),
             })
         }
     }
@@ -483,6 +498,15 @@ pub fn render_stats(v: &StatsReply) -> String {
             c.count
         ));
     }
+    if let Some(s) = v.source.as_ref().filter(|s| !s.up || s.failures > 0) {
+        out.push_str(&format!(
+            "cluster source {}: {}; died {} times (last: {})\n",
+            s.name,
+            if s.up { "up (restarted)" } else { "DOWN, waiting to restart" },
+            s.failures,
+            s.last_failure.as_deref().unwrap_or("?")
+        ));
+    }
     out.push_str(&format!(
         "tx: {} packets, {} bytes\numem: {} chunks: {} free, {} in fill rings, {} in tx rings ({}); fill starved {} times; {} reclaimed from detached ports\n",
         w.tx_packets,
@@ -495,6 +519,14 @@ pub fn render_stats(v: &StatsReply) -> String {
         w.fill_starved,
         w.umem_reclaimed
     ));
+    if w.gro_frames > 0 {
+        out.push_str(&format!(
+            "gro: {} segments to pods went as {} aggregated frames ({:.1} per frame)\n",
+            w.gro_segments,
+            w.gro_frames,
+            w.gro_segments as f64 / w.gro_frames as f64
+        ));
+    }
     out
 }
 

@@ -6,7 +6,8 @@
 //!   node facts (netinfo, rtnl: uplink, next hops; pods: attached pods) ──► compile::NodeFacts
 //!   compile (pure: facts + Services + pods ─► Tables) ──► node::Node ──Command──► xsk::host (worker)
 //!   ctl (socket API) / metrics (Prometheus) / observe (flows, traces, pcap) / stats ◄── node
-//!   run: wiring only (start, control loop, shutdown); cni: the vxnat-cni plugin
+//!   run: wiring only (start, control loop, shutdown, supervision); health: /healthz, /readyz
+//!   cni: the vxnat-cni plugin; fault: test-only fault injection (feature `fault-injection`)
 //! ```
 
 pub mod arpwatch;
@@ -15,6 +16,9 @@ pub mod compile;
 pub mod config;
 pub mod ctl;
 pub mod drops;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
+pub mod health;
 pub mod json;
 pub mod metrics;
 pub mod model;

@@ -95,6 +95,15 @@ enum CtlOp {
         #[arg(short = 'w', long = "write")]
         write: PathBuf,
     },
+    /// Test-only: inject a fault (builds with the feature `fault-injection` only).
+    #[cfg(feature = "fault-injection")]
+    #[command(hide = true)]
+    Fault {
+        what: vxnat_control::fault::Fault,
+        /// How long, for worker-stall and worker-wait.
+        #[arg(long, default_value_t = 0)]
+        ms: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,6 +169,8 @@ fn main() {
                     pcap_path = Some(write);
                     (Request::Capture { at, filter, count, timeout_ms: timeout * 1000 }, View::Capture)
                 }
+                #[cfg(feature = "fault-injection")]
+                CtlOp::Fault { what, ms } => (Request::Fault { what, ms }, View::Json),
             };
             match request(&socket, &req) {
                 Ok(v) if view == View::Capture => match write_capture(&v, pcap_path.as_deref()) {

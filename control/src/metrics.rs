@@ -1,7 +1,12 @@
 //! Prometheus metrics over HTTP (`GET /metrics`, text format 0.0.4) on `metrics` in the node
 //! configuration (localhost by default). Names follow Prometheus conventions: a `vxnat_`
 //! prefix, `_total` on counters, base units (`_bytes`, `_seconds`).
+//!
+//! The same server answers the probes, `GET /healthz` and `GET /readyz` (200 or 503 with the
+//! reason, from `crate::health`, without the node lock), on the metrics address and on the
+//! `health` address, which serves only them: a probe there never waits behind a scrape.
 
+use crate::health::Health;
 use crate::node::Node;
 use crate::stats::{WorkerStats, SWAP_BUCKETS_S};
 use std::collections::BTreeMap;
@@ -138,12 +143,31 @@ pub fn render(s: &WorkerStats, names: &BTreeMap<u16, String>, arp: &[(String, u6
     o.text
 }
 
-/// Serves `GET /metrics` on `addr` until `stop`.
-pub fn serve(addr: &str, node: Arc<Mutex<Node>>, stop: Arc<AtomicBool>) -> Result<std::thread::JoinHandle<()>, String> {
-    let l = TcpListener::bind(addr).map_err(|e| format!("metrics: {addr}: {e}"))?;
-    l.set_nonblocking(true).map_err(|e| format!("metrics: {e}"))?;
+/// The supervision metrics: the worker's heartbeat and the cluster source.
+pub fn render_health(h: &Health) -> String {
+    let mut o = Out { text: String::new(), declared: Vec::new() };
+    o.family("vxnat_worker_heartbeat_age_seconds", "gauge", "Time since the worker last started a pass.");
+    o.sample("vxnat_worker_heartbeat_age_seconds", &[], h.heartbeat_age().as_secs_f64());
+    o.family("vxnat_source_up", "gauge", "Whether the cluster source's thread runs (0 while waiting to restart it).");
+    o.sample("vxnat_source_up", &[], u8::from(h.source().up()));
+    o.family("vxnat_source_failures_total", "counter", "Times the cluster source's thread died (each is restarted).");
+    o.sample("vxnat_source_failures_total", &[], h.source().failures());
+    o.text
+}
+
+/// Serves `GET /healthz` and `GET /readyz` on `addr` until `stop`, and `GET /metrics` too when
+/// given the `node` (the metrics address).
+pub fn serve(
+    addr: &str,
+    node: Option<Arc<Mutex<Node>>>,
+    health: Arc<Health>,
+    stop: Arc<AtomicBool>,
+) -> Result<std::thread::JoinHandle<()>, String> {
+    let what = if node.is_some() { "metrics" } else { "health" };
+    let l = TcpListener::bind(addr).map_err(|e| format!("{what}: {addr}: {e}"))?;
+    l.set_nonblocking(true).map_err(|e| format!("{what}: {e}"))?;
     std::thread::Builder::new()
-        .name("vxnat-metrics".into())
+        .name(format!("vxnat-{what}"))
         .spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 let Ok((mut c, _)) = l.accept() else {
@@ -151,10 +175,24 @@ pub fn serve(addr: &str, node: Arc<Mutex<Node>>, stop: Arc<AtomicBool>) -> Resul
                     continue;
                 };
                 let _ = c.set_nonblocking(false);
-                let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+                // A client that never sends its request line holds this one thread: not for long
+                // on the probes' listener.
+                let wait = if node.is_some() { Duration::from_secs(5) } else { Duration::from_secs(1) };
+                let _ = c.set_read_timeout(Some(wait));
                 let mut line = String::new();
                 let _ = BufReader::new(&c).read_line(&mut line);
-                let (status, body) = if line.starts_with("GET /metrics") {
+                let probe = |r: Result<String, String>| match r {
+                    Ok(ok) => ("200 OK", ok + "\n"),
+                    Err(why) => ("503 Service Unavailable", why + "\n"),
+                };
+                let path = line.split_whitespace().nth(1).and_then(|p| p.split('?').next()).unwrap_or("");
+                let (status, body) = if !line.starts_with("GET ") {
+                    ("405 Method Not Allowed", "GET only\n".to_string())
+                } else if path == "/healthz" {
+                    probe(health.live())
+                } else if path == "/readyz" {
+                    probe(health.ready())
+                } else if let Some(node) = node.as_ref().filter(|_| path == "/metrics") {
                     let stats = node.lock().ok().and_then(|n| {
                         let arp: Vec<(String, u64)> = n
                             .arp
@@ -164,11 +202,13 @@ pub fn serve(addr: &str, node: Arc<Mutex<Node>>, stop: Arc<AtomicBool>) -> Resul
                         n.stats().ok().map(|s| (s, n.port_names(), arp))
                     });
                     match stats {
-                        Some((s, names, arp)) => ("200 OK", render(&s, &names, &arp)),
+                        Some((s, names, arp)) => ("200 OK", render(&s, &names, &arp) + &render_health(&health)),
                         None => ("503 Service Unavailable", "the worker did not answer\n".to_string()),
                     }
+                } else if node.is_some() {
+                    ("404 Not Found", "try /metrics, /healthz or /readyz\n".to_string())
                 } else {
-                    ("404 Not Found", "try /metrics\n".to_string())
+                    ("404 Not Found", "try /healthz or /readyz\n".to_string())
                 };
                 let _ = write!(
                     c,

@@ -6,6 +6,12 @@
 //!
 //! Shared by the ctl server, the metrics server and the control loop behind one mutex; long
 //! requests (traces, captures) take the command channel and let go of the lock while they wait.
+//!
+//! An attach or detach the worker does not answer in time is withdrawn (its [`Claim`]
+//! abandoned) and reported as failed: the worker then skips it when it gets there, so it never
+//! takes effect behind the caller's back. If the worker had already begun it, the answer is
+//! waited for a second time; an attach still unanswered then is undone by a detach queued
+//! right behind it.
 
 use crate::compile::{compile, NodeFacts};
 use crate::config::NodeFile;
@@ -16,14 +22,14 @@ use crate::services::Compiler;
 use crate::state::NodeView;
 use crate::stats::{snapshot, WorkerStats};
 use core::net::Ipv4Addr;
-use crossbeam_channel::{bounded, Sender};
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use dataplane::nat::service::ServiceTable;
 use dataplane::tables::{PortId, Tables};
 use dataplane::wire::{Ipv4Cidr, MacAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use xsk::bpf::FrontendsMap;
-use xsk::host::{ask, Command, FIRST_POD};
+use xsk::host::{ask, Claim, Command, FIRST_POD};
 
 /// How an attach refused because the node holds `max_pods` pods begins (the CNI plugin maps
 /// it to its own error).
@@ -50,9 +56,14 @@ pub enum Error {
     /// The worker's command channel is closed.
     #[error("worker stopped")]
     WorkerStopped,
-    /// The worker did not answer in time.
-    #[error("worker did not answer")]
-    WorkerSilent,
+    /// The worker did not reach an attach or detach (`what`) within `waited`; it was withdrawn
+    /// and will never take effect.
+    #[error("worker did not answer within {waited:?}; the {what} was withdrawn and will not take effect")]
+    Withdrawn { what: &'static str, waited: Duration },
+    /// The worker began an attach but did not finish it within twice `waited`; a detach queued
+    /// behind it undoes it as soon as the worker gets there.
+    #[error("worker did not finish the attach within {waited:?}; it will be undone as soon as the worker gets to it")]
+    AttachUndone { waited: Duration },
     /// The worker refused the request, or could not be asked (xsk's own message, free-form:
     /// the worker host reports a `String`).
     #[error("{0}")]
@@ -165,7 +176,26 @@ pub struct Node {
     /// The uplink program's frontends, kept equal to the current Service table's.
     frontends: FrontendsMap,
     pub started: Instant,
+    /// How long an attach or detach waits for the worker before it is withdrawn.
+    pub worker_wait: Duration,
+    /// The cluster source's state (for `ctl stats`), once supervised.
+    pub source: Option<Arc<crate::source::SourceStatus>>,
 }
+
+/// What became of an attach or detach sent to the worker.
+enum Answer {
+    /// The worker's answer.
+    Done(Result<(), String>),
+    /// The worker is gone.
+    Stopped,
+    /// Not reached in time, and withdrawn: it never takes effect.
+    Withdrawn,
+    /// Begun by the worker, and not finished after twice the wait.
+    Late,
+}
+
+/// The default of `Node::worker_wait`.
+pub const WORKER_WAIT: Duration = Duration::from_secs(10);
 
 impl Node {
     pub fn new(facts: NodeFacts, cluster: Cluster, commands: Sender<Command>, frontends: FrontendsMap) -> Node {
@@ -178,6 +208,8 @@ impl Node {
             commands,
             frontends,
             started: Instant::now(),
+            worker_wait: WORKER_WAIT,
+            source: None,
         };
         node.sync_frontends();
         node
@@ -228,13 +260,47 @@ impl Node {
         pods.push(pod.clone());
         let tables = self.compile(&pods)?;
         let (tx, rx) = bounded(1);
+        let claim = Arc::new(Claim::default());
+        let port = PortId(pod.port);
         self.commands
-            .send(Command::Attach { port: PortId(pod.port), ifname: ifname.to_string(), tables, reply: tx })
+            .send(Command::Attach { port, ifname: ifname.to_string(), tables, claim: claim.clone(), reply: tx })
             .map_err(|_| Error::WorkerStopped)?;
-        rx.recv_timeout(Duration::from_secs(10)).map_err(|_| Error::WorkerSilent)?.map_err(Error::Worker)?;
+        match self.answer(&rx, &claim) {
+            Answer::Done(r) => r.map_err(Error::Worker)?,
+            Answer::Stopped => return Err(Error::WorkerStopped),
+            Answer::Withdrawn => return Err(Error::Withdrawn { what: "attach", waited: self.worker_wait }),
+            Answer::Late => {
+                // Whatever the attach ends in, this detach follows it (the channel keeps order)
+                // and leaves the worker with the tables of the pods this node lists.
+                let current = self.pods.clone();
+                let tables = self.compile(&current)?;
+                let (tx, _) = bounded(1);
+                let claim = Arc::new(Claim::default());
+                let _ = self.commands.send(Command::Detach { port, tables, claim, reply: tx });
+                tracing::warn!("attach of {ifname} ({ip}) unfinished after {:?}; undoing it", self.worker_wait * 2);
+                return Err(Error::AttachUndone { waited: self.worker_wait * 2 });
+            }
+        }
         self.pods = pods;
         self.save_pods();
         Ok(pod)
+    }
+
+    /// Waits for the worker's answer to an attach or detach carrying `claim`: `worker_wait`,
+    /// then withdraws it if the worker has not reached it, else waits as long again.
+    fn answer(&self, rx: &Receiver<Result<(), String>>, claim: &Claim) -> Answer {
+        let got = |r: Result<Result<(), String>, RecvTimeoutError>| match r {
+            Ok(r) => Some(Answer::Done(r)),
+            Err(RecvTimeoutError::Disconnected) => Some(Answer::Stopped),
+            Err(RecvTimeoutError::Timeout) => None,
+        };
+        if let Some(a) = got(rx.recv_timeout(self.worker_wait)) {
+            return a;
+        }
+        if claim.abandon() {
+            return Answer::Withdrawn;
+        }
+        got(rx.recv_timeout(self.worker_wait)).unwrap_or(Answer::Late)
     }
 
     pub fn detach(&mut self, ifname: &str) -> Result<Pod, Error> {
@@ -247,10 +313,21 @@ impl Node {
         let pods: Vec<Pod> = self.pods.iter().filter(|p| p.ifname != ifname).cloned().collect();
         let tables = self.compile(&pods)?;
         let (tx, rx) = bounded(1);
+        let claim = Arc::new(Claim::default());
         self.commands
-            .send(Command::Detach { port: PortId(pod.port), tables, reply: tx })
+            .send(Command::Detach { port: PortId(pod.port), tables, claim: claim.clone(), reply: tx })
             .map_err(|_| Error::WorkerStopped)?;
-        rx.recv_timeout(Duration::from_secs(10)).map_err(|_| Error::WorkerSilent)?.map_err(Error::Worker)?;
+        match self.answer(&rx, &claim) {
+            Answer::Done(r) => r.map_err(Error::Worker)?,
+            Answer::Stopped => return Err(Error::WorkerStopped),
+            Answer::Withdrawn => return Err(Error::Withdrawn { what: "detach", waited: self.worker_wait }),
+            // The worker is carrying it out and nothing sent later overtakes it: the pod is
+            // as good as detached.
+            Answer::Late => tracing::warn!(
+                "detach of {ifname} unfinished after {:?}; it completes when the worker gets to it",
+                self.worker_wait * 2
+            ),
+        }
         self.pods = pods;
         self.save_pods();
         Ok(pod)

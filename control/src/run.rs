@@ -1,21 +1,39 @@
-//! `vxnat run`: wiring only. Clean up what a killed predecessor left, start the cluster source,
-//! capture the node facts, start the worker host, serve ctl and metrics, and run the control
-//! loop (cluster updates, ARP watch, underlay refreshes) until SIGTERM/SIGINT; then clean up.
+//! `vxnat run`: wiring only. Take the single-instance lock, clean up what a killed predecessor
+//! left, start the cluster source, capture the node facts, start the worker host, serve ctl,
+//! metrics and the health probes, and run the control loop (cluster updates, ARP watch,
+//! underlay refreshes, supervision) until SIGTERM/SIGINT; then clean up.
+//!
+//! **Supervision.** The control loop checks on every turn (at most ~100 ms apart) that the
+//! worker thread still runs. If it ended (a panic, or any return) vxnat does not try to carry
+//! on or restart it: it logs why, cleans up as on SIGTERM and exits with status 1, so the
+//! DaemonSet (or systemd) restarts the whole process, which re-attaches the remembered pods.
+//! A worker that panicked may have left its UMEM, rings and flow state half-updated, and a
+//! fresh process is the one restart path that is already exercised (kill -9, upgrades);
+//! restarting the thread in place would be a second, rarely-run one. This is also why the
+//! release profile keeps `panic = "unwind"` rather than `"abort"`: catching the end of the
+//! thread gives a clear log line and the usual clean-up, and a panic in a ctl connection
+//! thread does not take the node down. A poisoned node lock (a thread panicked holding it)
+//! ends the process the same way. A worker that is stuck rather than dead is the liveness
+//! probe's job (`/healthz`, from the worker's heartbeat; see `crate::health`). The cluster
+//! source is restarted in place instead (`source::Supervised`): it holds no dataplane state.
 
 use crate::compile::{compile, HostPort, NodeFacts};
 use crate::config::NodeFile;
+use crate::health::{Health, HEARTBEAT_LIMIT};
 use crate::model::{Model, Update};
 use crate::netinfo;
 use crate::node::{install_rules, Cluster, Node};
 use crate::pods::{self, Pod};
+use crate::source::Supervised;
 use crate::state::{derived_vtep_mac, ClusterState, NodeView};
 use dataplane::wire::Ipv4Cidr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use xsk::bpf::{AttachMode, XdpProgram};
 use xsk::host::{HostConfig, WorkerHost};
-use xsk::worker::WorkerConfig;
+use xsk::worker::{PodTx, WorkerConfig};
 
 /// Why the node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +81,60 @@ pub enum Error {
     /// `String`, as its wire protocol carries them).
     #[error("{0}")]
     Ctl(String),
+    /// Another `vxnat run` with the same ctl socket holds the single-instance lock `path`.
+    #[error("{}: locked by another vxnat ({holder}) running with ctl socket {}; refusing to start (stop that one first)", path.display(), socket.display())]
+    Locked { path: PathBuf, socket: PathBuf, holder: String },
+    /// The single-instance lock file could not be opened or locked.
+    #[error("{}: {source}", path.display())]
+    Lock { path: PathBuf, source: std::io::Error },
+    /// The worker thread ended while the node ran (its panic message, or that it returned).
+    #[error("worker died: {0}")]
+    WorkerDied(String),
+    /// A thread panicked while holding the node's state, which can no longer be trusted.
+    #[error("the node's state is poisoned (a thread panicked holding it)")]
+    Poisoned,
+}
+
+/// Where the single-instance lock of the node whose ctl socket is `socket` lives.
+pub fn lock_file(socket: &Path) -> PathBuf {
+    let mut p = socket.to_path_buf().into_os_string();
+    p.push(".lock");
+    p.into()
+}
+
+/// Takes `<socket>.lock` (flock(2), exclusive, not waiting) for as long as the returned file
+/// is open, i.e. the process lives (the kernel lets go when it exits, however it exits). It is
+/// taken before anything else, so a second `vxnat run` with the same socket stops before
+/// `cleanup_leftovers` could detach the first one's programs and delete its socket. The file
+/// holds the holder's pid, for the refusal message. It is never removed: a removed lock file
+/// would let a third process lock a new file while the second still holds the old one.
+pub fn lock_instance(socket: &Path) -> Result<std::fs::File, Error> {
+    use std::io::{Read, Seek, Write};
+    let path = lock_file(socket);
+    let err = |source| Error::Lock { path: path.clone(), source };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    let mut f =
+        std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(err)?;
+    match f.try_lock() {
+        Ok(()) => {
+            f.set_len(0).map_err(err)?;
+            f.rewind().map_err(err)?;
+            writeln!(f, "{}", std::process::id()).map_err(err)?;
+            Ok(f)
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = f.read_to_string(&mut pid);
+            let holder = match pid.trim() {
+                "" => "pid unknown".to_string(),
+                p => format!("pid {p}"),
+            };
+            Err(Error::Locked { path, socket: socket.to_path_buf(), holder })
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(err(e)),
+    }
 }
 
 /// What this node is, from `file` and its Node in the cluster `model`: the facts the tables
@@ -94,6 +166,8 @@ pub fn gather(file: &NodeFile, model: &Model) -> Result<NodeFacts, Error> {
 fn initial_model(
     file: &NodeFile,
     updates: &crossbeam_channel::Receiver<Update>,
+    source: &mut Supervised,
+    stop: &AtomicBool,
     timeout: Duration,
 ) -> Result<Model, Error> {
     if let Some(path) = &file.state {
@@ -104,7 +178,13 @@ fn initial_model(
     let deadline = Instant::now() + timeout;
     while listed.len() < 3 {
         let left = deadline.saturating_duration_since(Instant::now());
-        let u = updates.recv_timeout(left).map_err(|_| Error::NoInitialList { timeout })?;
+        if left.is_zero() || stop.load(Ordering::Relaxed) {
+            return Err(Error::NoInitialList { timeout });
+        }
+        source.check(stop);
+        let Ok(u) = updates.recv_timeout(left.min(Duration::from_millis(100))) else {
+            continue;
+        };
         if let Update::Relisted(k, _) = &u {
             if !listed.contains(k) {
                 listed.push(*k);
@@ -147,6 +227,7 @@ fn host_port(file: &NodeFile, facts: &NodeFacts) -> Result<HostPort, Error> {
 
 /// Runs the node until SIGTERM/SIGINT; cleans up on the way out.
 pub fn run(file: NodeFile) -> Result<(), Error> {
+    let _lock = lock_instance(&file.socket)?;
     let pods_path = pods::pods_file(&file.socket);
     let previous = pods::load(&pods_path);
     cleanup_leftovers(&file, &previous);
@@ -155,26 +236,53 @@ pub fn run(file: NodeFile) -> Result<(), Error> {
         signal_hook::flag::register(sig, stop.clone()).map_err(Error::Signal)?;
     }
     // The cluster source: the state file, followed for changes, or the Kubernetes API.
+    // Supervised: started again (after a backoff) whenever its thread dies.
     let (update_tx, updates) = crossbeam_channel::unbounded();
     let (annotate_tx, annotate_rx) = crossbeam_channel::unbounded();
-    let _source = match &file.state {
-        Some(path) => crate::source::follow_file(path.clone(), update_tx, stop.clone()),
-        None => crate::source::KubeSource { config: None, node: file.node.clone() }.spawn(
-            update_tx,
-            annotate_rx,
-            stop.clone(),
-        ),
-    }
-    .map_err(Error::Source)?;
-    let model = initial_model(&file, &updates, Duration::from_secs(60))?;
+    let (source_name, spawn_source): (String, crate::source::SpawnSource) = match &file.state {
+        Some(path) => {
+            let (path, stop, mut restarted) = (path.clone(), stop.clone(), false);
+            (
+                format!("state file {}", path.display()),
+                Box::new(move || {
+                    // The first start follows the file initial_model loads; a restart may have
+                    // missed a change, so it sends the file at once.
+                    let h = crate::source::follow_file(path.clone(), update_tx.clone(), stop.clone(), restarted);
+                    restarted = true;
+                    h
+                }),
+            )
+        }
+        None => {
+            let (node, stop) = (file.node.clone(), stop.clone());
+            (
+                "Kubernetes API".to_string(),
+                Box::new(move || {
+                    crate::source::KubeSource { config: None, node: node.clone() }.spawn(
+                        update_tx.clone(),
+                        annotate_rx.clone(),
+                        stop.clone(),
+                    )
+                }),
+            )
+        }
+    };
+    let mut source = Supervised::start(&source_name, spawn_source).map_err(Error::Source)?;
+    let model = initial_model(&file, &updates, &mut source, &stop, Duration::from_secs(60))?;
     let mut facts = gather(&file, &model)?;
     let cluster = Cluster::new(model, &facts.me.name, file.maglev_table_size);
     facts.remotes = cluster.remotes(&facts.me, &[]);
-    if file.state.is_none() {
-        let mac = facts.vtep_mac.to_string();
-        let _ =
-            annotate_tx.send(crate::source::flannel_annotations(file.vxlan.vni, &mac, &facts.me.node_ip.to_string()));
-    }
+    // Sent again whenever the Kubernetes source restarts (the one that died may have taken
+    // them without publishing them).
+    let annotations = file.state.is_none().then(|| {
+        crate::source::flannel_annotations(file.vxlan.vni, &facts.vtep_mac.to_string(), &facts.me.node_ip.to_string())
+    });
+    let annotate = || {
+        if let Some(a) = &annotations {
+            let _ = annotate_tx.send(a.clone());
+        }
+    };
+    annotate();
     if file.host.enabled {
         facts.host = Some(host_port(&file, &facts)?);
     }
@@ -194,6 +302,7 @@ pub fn run(file: NodeFile) -> Result<(), Error> {
             snat_hold_ns: file.nat.snat_hold_s.saturating_mul(1_000_000_000),
             timeouts: file.conntrack.timeouts(),
             attach: if file.xdp_mode.as_deref() == Some("generic") { AttachMode::Generic } else { AttachMode::Native },
+            pod_tx: if file.pod_tx.as_deref() == Some("packet-gro") { PodTx::PacketGro } else { PodTx::Xsk },
             ..WorkerConfig::default()
         },
         core: file.cores.first().copied(),
@@ -220,7 +329,9 @@ pub fn run(file: NodeFile) -> Result<(), Error> {
         }
     }
     let frontends = worker.take_frontends().ok_or_else(|| shutdown(Error::FrontendsKept))?;
+    let health = Arc::new(Health::new(worker.heartbeat(), source.status.clone()));
     let mut node = Node::new(facts, cluster, worker.commands(), frontends);
+    node.source = Some(source.status.clone());
     node.arp = match crate::arpwatch::ArpWatch::open(&file.uplink) {
         Ok(a) => Some(a),
         Err(e) => {
@@ -238,17 +349,19 @@ pub fn run(file: NodeFile) -> Result<(), Error> {
     let node_ip = node.facts.me.node_ip;
     let node = Arc::new(std::sync::Mutex::new(node));
     let server = crate::ctl::serve(&file.socket, node.clone(), stop.clone()).map_err(|e| shutdown(Error::Ctl(e)))?;
-    let metrics = if file.metrics.is_empty() {
-        None
-    } else {
-        match crate::metrics::serve(&file.metrics, node.clone(), stop.clone()) {
-            Ok(h) => Some(h),
-            Err(e) => {
-                tracing::warn!("{e}; no metrics");
-                None
-            }
+    // Metrics (with the probes too), and the probes alone on their own address.
+    let mut listeners = Vec::new();
+    for (addr, with_metrics) in [(&file.metrics, true), (&file.health, false)] {
+        if addr.is_empty() || (!with_metrics && *addr == file.metrics) {
+            continue;
         }
-    };
+        match crate::metrics::serve(addr, with_metrics.then(|| node.clone()), health.clone(), stop.clone()) {
+            Ok(h) => listeners.push(h),
+            Err(e) if with_metrics => tracing::warn!("{e}; no metrics"),
+            Err(e) => tracing::warn!("{e}; no /healthz or /readyz there"),
+        }
+    }
+    health.set_up(true);
     tracing::info!(
         "node {} up: uplink {}, VXLAN {node_ip}:{} VNI {}, ctl {}",
         file.node,
@@ -257,22 +370,37 @@ pub fn run(file: NodeFile) -> Result<(), Error> {
         file.vxlan.vni,
         file.socket.display()
     );
-    control_loop(&node, &updates, &stop);
-    tracing::info!("stopping");
+    let outcome = control_loop(&node, &updates, &stop, &mut worker, &mut source, &annotate, &health);
+    health.set_up(false);
+    match &outcome {
+        Ok(()) => tracing::info!("stopping"),
+        Err(e) => tracing::error!("{e}; cleaning up and exiting with status 1, to be restarted"),
+    }
+    stop.store(true, Ordering::Relaxed);
     worker.join();
     let _ = server.join();
-    if let Some(m) = metrics {
-        let _ = m.join();
+    for l in listeners {
+        let _ = l.join();
     }
     // Pods stay listed in the pods file so a restart re-attaches them.
     clean_up();
-    Ok(())
+    outcome
 }
 
 /// Until `stop`: cluster changes (everything queued applied as one snapshot), ARP claims on
 /// the uplink, and underlay refreshes as soon as the kernel's neighbour or route tables change
-/// (and every 10 s regardless).
-fn control_loop(node: &std::sync::Mutex<Node>, updates: &crossbeam_channel::Receiver<Update>, stop: &AtomicBool) {
+/// (and every 10 s regardless). On every turn: a dead worker (or a poisoned node) ends the loop
+/// with the error `run` exits with, a dead cluster source is restarted (`resend` then sends
+/// the Node annotations again), and a stalled worker is logged once per stall.
+fn control_loop(
+    node: &std::sync::Mutex<Node>,
+    updates: &crossbeam_channel::Receiver<Update>,
+    stop: &AtomicBool,
+    worker: &mut WorkerHost,
+    source: &mut Supervised,
+    resend: &dyn Fn(),
+    health: &Health,
+) -> Result<(), Error> {
     let dirty = Arc::new(AtomicBool::new(false));
     {
         let d = dirty.clone();
@@ -281,14 +409,27 @@ fn control_loop(node: &std::sync::Mutex<Node>, updates: &crossbeam_channel::Rece
         }
     }
     let mut last_refresh = Instant::now();
+    let mut stalled = false;
     while !stop.load(Ordering::Relaxed) {
+        if let Some(why) = worker.exited() {
+            return Err(Error::WorkerDied(why));
+        }
+        if source.check(stop) {
+            resend();
+        }
+        let age = health.heartbeat_age();
+        if age > HEARTBEAT_LIMIT && !stalled {
+            tracing::warn!("the worker's last pass started {age:?} ago: it is stalled (/healthz answers 503)");
+        } else if age <= HEARTBEAT_LIMIT && stalled {
+            tracing::info!("the worker passes again");
+        }
+        stalled = age > HEARTBEAT_LIMIT;
         if let Ok(first) = updates.recv_timeout(Duration::from_millis(100)) {
             let batch: Vec<Update> = std::iter::once(first).chain(updates.try_iter()).collect();
-            if let Ok(mut n) = node.lock() {
-                n.apply_updates(batch);
-            }
+            node.lock().map_err(|_| Error::Poisoned)?.apply_updates(batch);
         }
-        if let Ok(mut n) = node.lock() {
+        {
+            let mut n = node.lock().map_err(|_| Error::Poisoned)?;
             if let Some(a) = n.arp.as_mut() {
                 for line in a.poll() {
                     tracing::warn!("{line}");
@@ -296,10 +437,9 @@ fn control_loop(node: &std::sync::Mutex<Node>, updates: &crossbeam_channel::Rece
             }
         }
         if dirty.swap(false, Ordering::Relaxed) || last_refresh.elapsed() > Duration::from_secs(10) {
-            if let Ok(mut n) = node.lock() {
-                n.refresh_underlay();
-            }
+            node.lock().map_err(|_| Error::Poisoned)?.refresh_underlay();
             last_refresh = Instant::now();
         }
     }
+    Ok(())
 }

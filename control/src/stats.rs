@@ -40,6 +40,12 @@ pub struct WorkerStats {
     /// Handshake outcomes per Service endpoint.
     pub backends: Vec<BackendStats>,
     pub multi_buffer_frames: u64,
+    /// Aggregated frames sent to pods (software GRO, `pod_tx = "packet-gro"`) and the
+    /// segments inside them.
+    #[serde(default)]
+    pub gro_frames: u64,
+    #[serde(default)]
+    pub gro_segments: u64,
     #[serde(default)]
     pub table_swaps: SwapHistogram,
 }
@@ -208,6 +214,8 @@ pub fn snapshot(w: &Worker, v: &HostView) -> WorkerStats {
             b
         },
         multi_buffer_frames: w.io.multi_buffer_frames,
+        gro_frames: w.io.gro_frames,
+        gro_segments: w.io.gro_segments,
         table_swaps: SwapHistogram::from(&v.swaps),
     }
 }

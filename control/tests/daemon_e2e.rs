@@ -55,6 +55,37 @@ fn two_vxnat_nodes_carry_pod_and_node_traffic() {
     }
 }
 
+/// `pod_tx = "packet-gro"`: frames toward pods are merged by software GRO and leave through a
+/// packet socket with virtio-net headers, as aggregated frames the pods' kernels take whole.
+/// Real TCP stacks judge them: data across nodes and on one node, both directions, hashed;
+/// UDP and ping unaffected; the merging happened (segments per aggregated frame > 2) and every
+/// UMEM chunk is accounted for (the packet socket path returns chunks at once).
+#[test]
+fn aggregated_frames_to_pods_carry_tcp_intact() {
+    if !require_root("aggregated_frames_to_pods_carry_tcp_intact") {
+        return;
+    }
+    let c = cluster_with_config("", "pod_tx = \"packet-gro\"\n");
+    let (a1, a2, b1, b2) = (&c.pods[0], &c.pods[1], &c.pods[2], &c.pods[3]);
+    assert!(ping(&a1.ns, b1.ip), "a1 -> b1");
+    tcp(a1, b1, 64 << 20, 7000);
+    tcp(b2, a2, 16 << 20, 7100);
+    tcp(a2, a1, 16 << 20, 7200);
+    assert!(udp(a2, b2, 7300) >= 98, "UDP a2 -> b2");
+    std::thread::sleep(Duration::from_millis(300));
+    for n in &c.nodes {
+        let s = n.stats_json();
+        let (frames, segs) =
+            (s["worker"]["gro_frames"].as_u64().unwrap_or(0), s["worker"]["gro_segments"].as_u64().unwrap_or(0));
+        eprintln!("{}: {segs} segments to pods in {frames} aggregated frames", n.name);
+        assert!(frames > 0 && segs > 2 * frames, "{}: merged: {frames} frames, {segs} segments", n.name);
+        assert_eq!(s["worker"]["umem_balanced"], true, "{}: {}", n.name, s["worker"]);
+        let unexpected: Vec<_> = drops(&s).into_iter().filter(|(r, _)| r != "ipv6_unsupported").collect();
+        assert!(unexpected.is_empty(), "{}: unexpected drops {unexpected:?}", n.name);
+        assert!(n.ctl(&["stats"]).expect("stats").contains("aggregated frames"));
+    }
+}
+
 #[test]
 fn restart_and_kill9_leave_nothing_behind_and_traffic_resumes() {
     if !require_root("restart_and_kill9_leave_nothing_behind_and_traffic_resumes") {
@@ -652,6 +683,217 @@ fn a_reused_tuple_carries_a_lossy_sack_transfer_both_ways_and_closes_cleanly() {
     assert_eq!(served, 2);
     assert_eq!(json["worker"]["snat_reused_with_offsets"], 1, "the second connection reused the tuple: {stats}");
     assert!(!stats.contains("bare_ack_to_syn") && !stats.contains("snat ports exhausted"), "{stats}");
+}
+
+/// A reused tuple accepts a client whose timestamps are behind the previous client's and one
+/// whose ISN is behind, as real kernel TCP stacks judge them. One SNAT port and a backend
+/// that closes first: every connection after the first lands on the tuple the backend holds
+/// in TIME_WAIT. Captures on both sides give each SYN as the client sent it and what the
+/// backend last saw of the previous connection (its `rcv_nxt` and `ts_recent`). Linux hashes
+/// each connection's ISN over the 4-tuple and the client's port changes, so a raw ISN is
+/// behind with probability 1/2; the timestamp clock's offset is hashed too (over the address
+/// pair on older kernels, where the raw clock is behind from the third connection on, since
+/// the backend saw it jump 1000 ahead on each reuse; over the 4-tuple on newer ones, behind
+/// with probability 1/2). A second round with the client's timestamps off leaves the ISN the
+/// only thing the backend judges. Each kind is missing with probability 2^-15 at most. Every
+/// SYN at the backend must be answered by SYN|ACK, never the bare ACK that refuses it
+/// (without the TSval offset the first round fails, without the sequence offset the second).
+#[test]
+fn reused_tuples_accept_clients_whose_isn_or_timestamps_are_behind() {
+    if !require_root("reused_tuples_accept_clients_whose_isn_or_timestamps_are_behind") {
+        return;
+    }
+    let c = cluster_with_config(ONE_BACKEND, "[nat]\nsnat_ports = \"20000-20000\"\n");
+    let a2 = &c.pods[1];
+    let capture = |ns: &Netns, file: &str, port: &str| {
+        let pcap = c._dir.0.join(file);
+        let dump = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "tcpdump", "-i", "eth0", "-nn", "--immediate-mode", "-U", "-w"])
+            .arg(&pcap)
+            .args(["tcp", "port", port])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tcpdump");
+        (dump, pcap)
+    };
+    let (mut dump_b, pcap_b) = capture(&a2.ns, "backend.pcap", "8080");
+    let (mut dump_c, pcap_c) = capture(&c.client, "client.pcap", "30090");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let server = who_server(a2, "a2", false, stop.clone());
+    // tcpdump creates its file once it captures (and, in immediate mode, writes each packet
+    // as it comes rather than when a buffer fills or times out).
+    let t0 = Instant::now();
+    while !(pcap_b.exists() && pcap_c.exists()) && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    const N: usize = 16;
+    let node = Ipv4Addr::new(192, 168, 77, 1);
+    let fetch = |n: usize| -> Vec<Result<String, String>> {
+        let ns = Netns { name: c.client.name.clone() };
+        let h = ns.spawn(move || {
+            (0..n)
+                .map(|_| {
+                    let mut s = TcpStream::connect_timeout(&(node, 30090).into(), Duration::from_secs(3))
+                        .map_err(|e| e.kind().to_string())?;
+                    s.set_read_timeout(Some(Duration::from_secs(3))).map_err(|e| e.to_string())?;
+                    // Closing waits for the backend's ACK of our FIN (LAST_ACK to CLOSED): vxnat
+                    // has seen the flow close and holds the tuple before the next SYN. (Without
+                    // it that SYN can overtake the ACK and find the only tuple still in use.)
+                    socket2::SockRef::from(&s).set_linger(Some(Duration::from_secs(3))).map_err(|e| e.to_string())?;
+                    let mut text = String::new();
+                    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+                    Ok(text)
+                })
+                .collect()
+        });
+        std::mem::forget(ns);
+        h.join().expect("client")
+    };
+    let with_ts = fetch(N);
+    let ts_off = c.client.exec(&["sysctl", "-qw", "net.ipv4.tcp_timestamps=0"]);
+    assert!(ts_off.status.success(), "{ts_off:?}");
+    let without_ts = fetch(N);
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = server.join();
+    for d in [&mut dump_b, &mut dump_c] {
+        let _ = Command::new("kill").arg("-INT").arg(d.id().to_string()).status();
+        let _ = d.wait();
+    }
+    let stats = c.nodes[0].ctl(&["stats"]).expect("stats");
+    let json = c.nodes[0].stats_json();
+    assert!(
+        with_ts.iter().chain(&without_ts).all(|r| r.as_deref() == Ok("a2")),
+        "every connection served: {with_ts:?} {without_ts:?}\n{stats}"
+    );
+    // The client's SYNs as it sent them (a retransmission repeats port and ISN).
+    let mut raw: Vec<(u32, Option<u32>)> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for s in tcpdump_segments(&pcap_c).into_iter().filter(|s| s.flags.contains('S') && !s.flags.contains('.')) {
+        let isn = s.seq.expect("SYN seq").0;
+        if seen.insert((s.src, isn)) {
+            raw.push((isn, s.tsval));
+        }
+    }
+    // At the backend, one tuple: each connection runs from its SYN to the next one, and
+    // what the client side sent in it is what the backend judges the next SYN against.
+    struct Conn {
+        isn: u32,
+        tsval: Option<u32>,
+        end: u32,
+        last_ts: Option<u32>,
+    }
+    let after = |a: u32, b: u32| (a.wrapping_sub(b) as i32) > 0;
+    let mut conns: Vec<Conn> = Vec::new();
+    // Each SYN (retransmissions too) and what the backend answered it with first: a bare ACK
+    // makes the client reset the tuple out of TIME_WAIT and retransmit, so the connection
+    // is served all the same, a few milliseconds late.
+    let (mut syns, mut not_syn_acked, mut waiting) = (0, Vec::new(), None::<u32>);
+    for s in tcpdump_segments(&pcap_b) {
+        if !s.dst.ends_with(".8080") {
+            if let Some(isn) = waiting.take() {
+                if !(s.flags.contains('S') && s.ack == Some(isn.wrapping_add(1))) {
+                    not_syn_acked.push((conns.len() - 1, s.flags));
+                }
+            }
+            continue;
+        }
+        if s.flags.contains('S') {
+            let isn = s.seq.expect("SYN seq").0;
+            if conns.last().is_none_or(|c| c.isn != isn) {
+                conns.push(Conn { isn, tsval: s.tsval, end: isn.wrapping_add(1), last_ts: s.tsval });
+            }
+            syns += 1;
+            waiting = Some(isn);
+            continue;
+        }
+        let Some(conn) = conns.last_mut() else { continue };
+        if let Some((_, past)) = s.seq {
+            let end = past.wrapping_add(u32::from(s.flags.contains('F')));
+            if after(end, conn.end) {
+                conn.end = end;
+            }
+        }
+        if let Some(ts) = s.tsval.filter(|&ts| conn.last_ts.is_none_or(|l| after(ts, l))) {
+            conn.last_ts = Some(ts);
+        }
+    }
+    assert_eq!(raw.len(), 2 * N, "client SYNs in the capture");
+    assert_eq!(conns.len(), 2 * N, "SYNs at the backend");
+    assert!(
+        not_syn_acked.is_empty() && waiting.is_none() && syns == 2 * N,
+        "every SYN at the backend answered by SYN|ACK: {syns} SYNs; (connection, answer) otherwise: \
+         {not_syn_acked:?}\n{stats}"
+    );
+    let (mut ts_behind, mut isn_behind, mut isn_behind_no_ts) = (0, 0, 0);
+    for k in 1..conns.len() {
+        let (prev, now, (isn, tsval)) = (&conns[k - 1], &conns[k], raw[k]);
+        // What the backend got is past what it last saw, whatever the client sent.
+        assert!(after(now.isn, prev.end), "connection {k}: translated ISN {} not after {}", now.isn, prev.end);
+        if let (Some(t), Some(l)) = (now.tsval, prev.last_ts) {
+            assert!(after(t, l), "connection {k}: translated TSval {t} not after {l}");
+        }
+        if let (Some(t), Some(l)) = (tsval, prev.last_ts) {
+            ts_behind += usize::from(!after(t, l));
+        }
+        if !after(isn, prev.end) {
+            isn_behind += 1;
+            isn_behind_no_ts += usize::from(tsval.is_none());
+        }
+    }
+    eprintln!(
+        "{} reused SYNs as the client sent them, against what the backend last saw on the tuple: \
+         TSval behind {ts_behind} (of {} with timestamps), ISN behind {isn_behind} \
+         ({isn_behind_no_ts} of {N} without timestamps); all answered by SYN|ACK",
+        conns.len() - 1,
+        N - 1
+    );
+    assert!(ts_behind > 0, "no client TSval was behind: the test shows nothing about timestamps");
+    assert!(isn_behind_no_ts > 0, "no client ISN was behind (without timestamps): the test shows nothing about ISNs");
+    assert_eq!(json["worker"]["snat_reused_with_offsets"], 2 * N - 1, "every connection after the first: {stats}");
+    assert!(!stats.contains("bare_ack_to_syn"), "{stats}");
+}
+
+/// One TCP segment as `tcpdump -nn -S -r` prints it (absolute sequence numbers).
+struct Segment {
+    src: String,
+    dst: String,
+    /// As printed: "S" (SYN), "S." (SYN|ACK), "FP.", ...
+    flags: String,
+    /// The first sequence number and the one after the payload (SYN and FIN not counted),
+    /// when printed: not for a bare ACK.
+    seq: Option<(u32, u32)>,
+    ack: Option<u32>,
+    tsval: Option<u32>,
+}
+
+fn tcpdump_segments(pcap: &std::path::Path) -> Vec<Segment> {
+    let out = Command::new("tcpdump").args(["-nn", "-S", "-r"]).arg(pcap).output().expect("tcpdump -r");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() < 5 || f[1] != "IP" {
+                return None;
+            }
+            let field = |key: &str| l.find(key).map(|i| l[i + key.len()..].split([',', ']']).next().unwrap_or(""));
+            let num = |s: &str| s.split(|c: char| !c.is_ascii_digit()).next().and_then(|n| n.parse::<u32>().ok());
+            let seq = field(", seq ").map(|s| {
+                let (a, b) = s.split_once(':').unwrap_or((s, s));
+                (a.parse::<u32>().expect("seq"), b.parse::<u32>().expect("seq"))
+            });
+            Some(Segment {
+                src: f[2].to_string(),
+                dst: f[4].trim_end_matches(':').to_string(),
+                flags: field("Flags [")?.to_string(),
+                seq,
+                ack: field(", ack ").and_then(num),
+                tsval: field("TS val ").and_then(num),
+            })
+        })
+        .collect()
 }
 
 struct KernelOutcome {

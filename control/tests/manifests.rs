@@ -56,6 +56,22 @@ fn the_daemonset_manifest_is_valid_and_grants_what_the_source_uses() {
     assert_eq!(spec.host_network, Some(true));
     assert_eq!(spec.service_account_name.as_deref(), Some("vxnat"));
     assert!(spec.containers[0].env.iter().flatten().any(|e| e.name == "NODE_NAME"));
+    // The liveness and readiness probes ask vxnat's health address (node.toml's, or its
+    // default) for /healthz and /readyz.
+    let health: std::net::SocketAddr = f.health.parse().expect("health address");
+    for (probe, path) in
+        [(&spec.containers[0].liveness_probe, "/healthz"), (&spec.containers[0].readiness_probe, "/readyz")]
+    {
+        let get =
+            probe.as_ref().and_then(|p| p.http_get.as_ref()).unwrap_or_else(|| panic!("no httpGet probe of {path}"));
+        assert_eq!(get.path.as_deref(), Some(path));
+        assert_eq!(get.host.as_deref(), Some(health.ip().to_string().as_str()), "{path}: host");
+        let port = match &get.port {
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(p) => *p,
+            other => panic!("{path}: port {other:?} is not a number"),
+        };
+        assert_eq!(port, i32::from(health.port()), "{path}: port");
+    }
 }
 
 #[test]

@@ -9,6 +9,7 @@
 pub mod conntrack;
 pub mod cpu;
 pub mod filter;
+pub mod gro;
 pub mod gso;
 pub mod nat;
 pub mod observe;

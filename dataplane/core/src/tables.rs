@@ -340,6 +340,14 @@ impl Tables {
         ip == self.node.node_ip || self.host_addrs.contains(&ip)
     }
 
+    /// Whether `ip` is a node's underlay address, where its VXLAN socket listens: this node's
+    /// (`node_ip`, or another host address outside the cluster network) or a remote node's.
+    /// One hash probe; the packet path asks only about UDP to the VXLAN port.
+    #[inline]
+    pub fn is_node_underlay_addr(&self, ip: Ipv4Addr) -> bool {
+        (self.is_local_addr(ip) && !self.node.cluster_cidr.contains(ip)) || self.vtep(ip).is_some()
+    }
+
     /// Routes an IPv4 destination.
     #[inline]
     pub fn route(&self, dst: Ipv4Addr) -> Route {

@@ -6,12 +6,18 @@
 //!
 //! The loop: apply queued commands, poll every port once, and when idle long enough sleep on
 //! the ports' fds (adaptive polling) unless `busy_poll`.
+//!
+//! Supervision: each pass stores its clock in the [`Heartbeat`] (one relaxed store per pass, no
+//! lock, no syscall beyond the clock read the pass makes anyway), so health checks on other
+//! threads see a stalled worker; [`WorkerHost::exited`] tells the control thread the worker
+//! thread has ended (a panic included) and why. Attach and detach carry a [`Claim`], so one
+//! whose sender stopped waiting never takes effect later.
 
 use crate::bpf::{FrontendsMap, Mode};
 use crate::worker::{Worker, WorkerConfig};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use dataplane::tables::{PortId, Tables};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,10 +42,12 @@ pub type Job = Box<dyn FnOnce(&mut Worker, &HostView) + Send>;
 
 /// Commands to the worker, applied between polls in the order sent.
 pub enum Command {
-    /// Binds a pod port and swaps in `tables` (which list it) once bound.
-    Attach { port: PortId, ifname: String, tables: Arc<Tables>, reply: Sender<Result<(), String>> },
-    /// Swaps in `tables` (which no longer list it), then unbinds the port.
-    Detach { port: PortId, tables: Arc<Tables>, reply: Sender<Result<(), String>> },
+    /// Binds a pod port and swaps in `tables` (which list it) once bound; nothing at all if
+    /// the sender abandoned `claim` first.
+    Attach { port: PortId, ifname: String, tables: Arc<Tables>, claim: Arc<Claim>, reply: Sender<Result<(), String>> },
+    /// Swaps in `tables` (which no longer list it), then unbinds the port; nothing at all if
+    /// the sender abandoned `claim` first.
+    Detach { port: PortId, tables: Arc<Tables>, claim: Arc<Claim>, reply: Sender<Result<(), String>> },
     /// New tables, and when the change they carry was noticed (for the swap latency).
     Tables(Arc<Tables>, Instant),
     /// Runs a closure on the worker thread.
@@ -54,6 +62,71 @@ impl std::fmt::Debug for Command {
             Command::Tables(t, _) => write!(f, "Tables(generation {})", t.generation),
             Command::Run(_) => f.write_str("Run"),
         }
+    }
+}
+
+/// Settles a request between its sender, who may stop waiting for the answer, and the worker,
+/// who may reach it late (stalled, or busy with a long job): whichever comes first wins. The
+/// worker takes the claim before acting; a sender that timed out abandons it. So a request the
+/// sender gave up on (and reported as failed) never takes effect afterwards, and a sender whose
+/// abandon fails knows the worker is acting on it and that its answer is coming.
+#[derive(Debug, Default)]
+pub struct Claim(AtomicU8);
+
+impl Claim {
+    const PENDING: u8 = 0;
+    const TAKEN: u8 = 1;
+    const ABANDONED: u8 = 2;
+
+    /// The worker: true if it may act (the sender has not given up).
+    pub fn take(&self) -> bool {
+        self.0.compare_exchange(Self::PENDING, Self::TAKEN, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+
+    /// The sender: true if the worker will never act on the request; false if it already is.
+    pub fn abandon(&self) -> bool {
+        self.0.compare_exchange(Self::PENDING, Self::ABANDONED, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+}
+
+/// The worker's pulse: the clock of its last pass, and whether its thread still runs. Written
+/// by the worker once per pass (a relaxed store), read by health checks on any thread.
+#[derive(Debug)]
+pub struct Heartbeat {
+    /// The worker's clock starts here (the pipeline's `now` is nanoseconds since `epoch`).
+    epoch: Instant,
+    /// `now` at the start of the last pass.
+    last_ns: AtomicU64,
+    /// Set when the loop starts, cleared when the thread ends (however it ends).
+    running: AtomicBool,
+}
+
+impl Heartbeat {
+    fn new() -> Heartbeat {
+        Heartbeat { epoch: Instant::now(), last_ns: AtomicU64::new(0), running: AtomicBool::new(false) }
+    }
+
+    /// How long ago the worker last started a pass (since the host started, if never).
+    pub fn age(&self) -> Duration {
+        self.epoch.elapsed().saturating_sub(Duration::from_nanos(self.last_ns.load(Ordering::Relaxed)))
+    }
+
+    /// Whether the worker thread is in its loop (false before it starts and after it ends).
+    pub fn running(&self) -> bool {
+        self.running.load(Ordering::Relaxed)
+    }
+
+    fn beat(&self, now_ns: u64) {
+        self.last_ns.store(now_ns, Ordering::Relaxed);
+    }
+}
+
+/// Clears `running` when the worker thread leaves its loop, a panic included.
+struct Running<'a>(&'a Heartbeat);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.running.store(false, Ordering::Relaxed);
     }
 }
 
@@ -112,6 +185,8 @@ pub struct WorkerHost {
     commands: Sender<Command>,
     frontends: Option<FrontendsMap>,
     thread: Option<std::thread::JoinHandle<()>>,
+    heartbeat: Arc<Heartbeat>,
+    stop: Arc<AtomicBool>,
 }
 
 impl WorkerHost {
@@ -120,12 +195,16 @@ impl WorkerHost {
     pub fn spawn(cfg: HostConfig, tables: Arc<Tables>, stop: Arc<AtomicBool>) -> Result<WorkerHost, String> {
         let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
         let (ready_tx, ready_rx) = bounded(1);
+        let heartbeat = Arc::new(Heartbeat::new());
+        let (hb, worker_stop) = (heartbeat.clone(), stop.clone());
         let thread = std::thread::Builder::new()
             .name("vxnat-worker-0".into())
-            .spawn(move || worker_main(cfg, tables, cmd_rx, stop, ready_tx))
+            .spawn(move || worker_main(cfg, tables, cmd_rx, worker_stop, ready_tx, &hb))
             .map_err(|e| format!("starting the worker: {e}"))?;
         match ready_rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(Ok(frontends)) => Ok(WorkerHost { commands: cmd_tx, frontends: Some(frontends), thread: Some(thread) }),
+            Ok(Ok(frontends)) => {
+                Ok(WorkerHost { commands: cmd_tx, frontends: Some(frontends), thread: Some(thread), heartbeat, stop })
+            }
             Ok(Err(e)) => {
                 let _ = thread.join();
                 Err(e)
@@ -145,12 +224,40 @@ impl WorkerHost {
         self.frontends.take()
     }
 
+    /// The worker's heartbeat, for health checks.
+    pub fn heartbeat(&self) -> Arc<Heartbeat> {
+        self.heartbeat.clone()
+    }
+
+    /// Why the worker thread ended before `stop` was set (its panic message, or that it
+    /// returned), once it has; `None` while it runs or when it was asked to stop. Cheap: the
+    /// control loop asks on every turn.
+    pub fn exited(&mut self) -> Option<String> {
+        if self.stop.load(Ordering::Relaxed) || !self.thread.as_ref().is_some_and(|t| t.is_finished()) {
+            return None;
+        }
+        let t = self.thread.take()?;
+        Some(match t.join() {
+            Ok(()) => "the worker thread returned".to_string(),
+            Err(payload) => format!("the worker thread panicked: {}", panic_message(payload.as_ref())),
+        })
+    }
+
     /// Waits for the worker thread to end (after `stop`).
     pub fn join(mut self) {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
+}
+
+/// The message a panic carried (`panic!` with a literal or a format string), else a placeholder.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_string())
 }
 
 /// Runs `job` on the worker thread and waits up to `timeout` for its answer.
@@ -175,6 +282,7 @@ fn worker_main(
     commands: Receiver<Command>,
     stop: Arc<AtomicBool>,
     ready: Sender<Result<FrontendsMap, String>>,
+    heartbeat: &Heartbeat,
 ) {
     if let Some(c) = cfg.core {
         core_affinity::set_for_current(core_affinity::CoreId { id: c });
@@ -200,20 +308,25 @@ fn worker_main(
             return;
         }
     };
-    let start = Instant::now();
+    let start = heartbeat.epoch;
+    heartbeat.running.store(true, Ordering::Relaxed);
+    let _running = Running(heartbeat);
     let mut idle = 0u32;
     let mut swaps = SwapHistogram::default();
     while !stop.load(Ordering::Relaxed) {
         while let Ok(cmd) = commands.try_recv() {
             match cmd {
-                Command::Attach { port, ifname, tables: t, reply } => {
+                Command::Attach { claim, reply, .. } | Command::Detach { claim, reply, .. } if !claim.take() => {
+                    let _ = reply.send(Err("abandoned by its sender before the worker reached it".into()));
+                }
+                Command::Attach { port, ifname, tables: t, reply, .. } => {
                     let r = w.add_port(port, &ifname, Mode::All, node_ip, vxlan_port);
                     if r.is_ok() {
                         tables = t;
                     }
                     let _ = reply.send(r);
                 }
-                Command::Detach { port, tables: t, reply } => {
+                Command::Detach { port, tables: t, reply, .. } => {
                     tables = t;
                     let r = if w.remove_port(port) { Ok(()) } else { Err(format!("port {} not bound", port.0)) };
                     let _ = reply.send(r);
@@ -232,7 +345,9 @@ fn worker_main(
                 }
             }
         }
-        if w.poll(&tables, start.elapsed().as_nanos() as u64) > 0 {
+        let now = start.elapsed().as_nanos() as u64;
+        heartbeat.beat(now);
+        if w.poll(&tables, now) > 0 {
             idle = 0;
         } else {
             idle = idle.saturating_add(1);
@@ -241,5 +356,30 @@ fn worker_main(
                 w.wait(IDLE_SLEEP_MS);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_claim_goes_to_whoever_comes_first() {
+        let late_worker = Claim::default();
+        assert!(late_worker.abandon(), "the sender gives up before the worker reaches it");
+        assert!(!late_worker.take(), "the worker must not act on an abandoned request");
+        let busy_worker = Claim::default();
+        assert!(busy_worker.take(), "the worker reaches it first");
+        assert!(!busy_worker.abandon(), "the sender learns the worker is acting on it");
+    }
+
+    #[test]
+    fn a_heartbeat_ages_until_the_next_beat() {
+        let h = Heartbeat::new();
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(h.age() >= Duration::from_millis(20), "never beaten: as old as the host");
+        h.beat(h.epoch.elapsed().as_nanos() as u64);
+        assert!(h.age() < Duration::from_millis(20), "just beaten: {:?}", h.age());
+        assert!(!h.running());
     }
 }

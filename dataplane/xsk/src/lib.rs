@@ -12,8 +12,10 @@
 #![allow(unsafe_code)]
 
 pub mod bpf;
+mod bulk;
 pub mod fill;
 pub mod host;
+pub mod packet;
 pub mod port;
 pub mod umem;
 pub mod worker;

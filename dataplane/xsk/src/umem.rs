@@ -103,6 +103,14 @@ impl Umem {
         core::slice::from_raw_parts_mut(self.area.as_ptr().add(chunk as usize), FRAME_SIZE as usize)
     }
 
+    /// Where descriptor `addr`/`len` starts in memory, if it lies inside one chunk (for
+    /// iovecs handed to the kernel; reading or writing through it is the caller's to justify).
+    #[inline]
+    pub(crate) fn desc_ptr(&self, addr: u64, len: u32) -> Option<*mut u8> {
+        // SAFETY: in bounds of the mapping, checked just before.
+        self.valid_desc(addr, len).then(|| unsafe { self.area.as_ptr().add(addr as usize) })
+    }
+
     /// Whether `addr`..`addr+len` lies inside one chunk of this UMEM (descriptors from the
     /// kernel are checked before use).
     #[inline]

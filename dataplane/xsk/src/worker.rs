@@ -57,6 +57,19 @@ pub struct WorkerConfig {
     pub snat_ports: core::ops::RangeInclusive<u16>,
     pub snat_hold_ns: u64,
     pub timeouts: dataplane::conntrack::Timeouts,
+    /// How frames leave toward pods.
+    pub pod_tx: PodTx,
+}
+
+/// How a pod port transmits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PodTx {
+    /// Its AF_XDP socket: every frame at most an MTU (veth drops longer non-GSO frames).
+    #[default]
+    Xsk,
+    /// A packet socket with virtio-net headers, the frames of each flush merged by GRO
+    /// ([`crate::packet`], [`crate::bulk`]): the pod's stack gets up to 64 KiB at a time.
+    PacketGro,
 }
 
 impl Default for WorkerConfig {
@@ -72,6 +85,7 @@ impl Default for WorkerConfig {
             snat_ports: dataplane::nat::snat::DEFAULT_PORTS,
             snat_hold_ns: dataplane::nat::snat::DEFAULT_HOLD_NS,
             timeouts: dataplane::conntrack::Timeouts::default(),
+            pod_tx: PodTx::default(),
         }
     }
 }
@@ -90,6 +104,8 @@ dataplane::counter_set! {
         multi_buffer_frames: "frames received as descriptor chains (multi-buffer: larger than a chunk)",
         discarded_at_detach: "frames still in a port's rx ring when it was removed (never processed)",
         reclaimed_at_detach: "chunks that came back from the rings of removed sockets",
+        gro_frames: "aggregated frames sent to pods (two segments or more, one skb each)",
+        gro_segments: "segments that went to pods inside aggregated frames",
     }
 }
 
@@ -105,6 +121,10 @@ struct WorkerPort {
     xsk: XskPort,
     prog: XdpProgram,
     fill: PortFill,
+    /// The aggregated-frame transmit socket ([`PodTx::PacketGro`] pods).
+    bulk: Option<crate::packet::PacketTx>,
+    /// The last errno the kernel refused a frame on `bulk` with.
+    bulk_error: Option<i32>,
 }
 
 /// `owner` value of a chunk that no port's rings hold (it may be in the pool).
@@ -143,6 +163,8 @@ pub struct Worker {
     /// The port each pass starts at, one further each pass: a pass serves ports in turn, and
     /// when an egress is overloaded the first ones served get its room.
     first_port: usize,
+    /// Scratch for the aggregated-frame transmit path.
+    bulk: crate::bulk::BulkTx,
 }
 
 impl std::fmt::Debug for Worker {
@@ -179,6 +201,7 @@ impl Worker {
             last_now: 0,
             tx,
             first_port: 0,
+            bulk: crate::bulk::BulkTx::default(),
         })
     }
 
@@ -251,12 +274,26 @@ impl Worker {
                 return Err(e);
             }
         };
+        let bulk = if !node && mode != Mode::Uplink && self.cfg.pod_tx == PodTx::PacketGro {
+            match crate::packet::PacketTx::open(xsk.ifindex) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    let posted = fill.in_fill;
+                    drop(prog);
+                    drop(xsk);
+                    self.reclaim_owned(id.0, posted);
+                    return Err(format!("{ifname}: packet socket for aggregated frames: {e}"));
+                }
+            }
+        } else {
+            None
+        };
         if self.ports.len() <= i {
             self.ports.resize_with(i + 1, || None);
             self.staged.resize_with(i + 1, || Vec::with_capacity(BATCH * 2));
         }
         self.min_sum += u64::from(limits.min);
-        self.ports[i] = Some(WorkerPort { xsk, prog, fill });
+        self.ports[i] = Some(WorkerPort { xsk, prog, fill, bulk, bulk_error: None });
         self.rebuild_pollfds();
         Ok(())
     }
@@ -689,6 +726,10 @@ impl Worker {
             if self.staged[e].is_empty() {
                 continue;
             }
+            if self.ports.get(e).and_then(Option::as_ref).is_some_and(|p| p.bulk.is_some()) {
+                self.flush_bulk(e);
+                continue;
+            }
             let Some(Some(p)) = self.ports.get_mut(e) else {
                 let lost = self.staged[e].len() as u64;
                 self.state.counters.port_mut(PortId(e as u16)).drops[DropReason::EgressPortDown.index()] += lost;
@@ -743,6 +784,34 @@ impl Worker {
             }
             self.staged[e].clear();
         }
+    }
+}
+
+impl Worker {
+    /// Sends what is staged for pod port `e` through its packet socket, merged
+    /// ([`crate::bulk`]). The kernel copies what it takes, so every chunk is free again at once.
+    fn flush_bulk(&mut self, e: usize) {
+        let Some(Some(p)) = self.ports.get_mut(e) else { return };
+        let Some(sock) = p.bulk.as_ref() else { return };
+        let staged = &self.staged[e];
+        let out = self.bulk.flush(sock, staged, &self.umem);
+        if out.last_error.is_some() {
+            p.bulk_error = out.last_error;
+        }
+        for &(addr, _, _) in staged {
+            self.pool.push(Umem::chunk_of(addr));
+        }
+        self.tx.left += staged.len() as u32;
+        self.io.tx_packets += out.sent_segments;
+        self.io.tx_bytes += out.sent_bytes;
+        self.io.gro_frames += out.aggregated;
+        self.io.gro_segments += out.aggregated_segments;
+        let pc = self.state.counters.port_mut(PortId(e as u16));
+        pc.tx_packets += out.sent_segments;
+        pc.tx_bytes += out.sent_bytes;
+        pc.drops[DropReason::TxRefused.index()] += out.refused_segments;
+        pc.drops[DropReason::TxRingFull.index()] += out.full_segments;
+        self.staged[e].clear();
     }
 }
 

@@ -59,6 +59,7 @@ drop_reasons! {
     PodSpoofedMac = "pod_spoofed_mac": "source MAC is not the MAC of the pod attached to this port",
     PodSpoofedIp = "pod_spoofed_ip": "source IP is not the IP of the pod attached to this port",
     HostSpoofedMac = "host_spoofed_mac": "source MAC on the host port is not the node stack's interface",
+    PodToVxlanPort = "pod_to_vxlan_port": "UDP from a pod to the VXLAN port of a node's underlay address (this node's or another's): pods must not inject VXLAN frames (issue 17)",
     // IPv4
     Ipv4Truncated = "ipv4_truncated": "IPv4 header or datagram longer than the frame",
     Ipv4BadLength = "ipv4_bad_length": "IPv4 IHL below 5 or total length below the header length",
@@ -89,6 +90,7 @@ drop_reasons! {
     VxlanWrongVni = "vxlan_wrong_vni": "VXLAN network identifier is not this cluster's",
     VxlanInnerDstMac = "vxlan_inner_dst_mac": "inner frame not addressed to this node's VTEP MAC",
     VxlanInnerNotIpv4 = "vxlan_inner_not_ipv4": "inner frame is not untagged IPv4",
+    TunnelInnerSourceSpoofed = "tunnel_inner_source_spoofed": "decapsulated packet whose source is not in the sending node's pod CIDR (its pods, tunnel and gateway addresses): a spoofed inner source (issue 17; a pod may have hand-built the VXLAN frame)",
     VxlanInnerNotLocal = "vxlan_inner_not_local": "decapsulated packet is not for a pod or address on this node",
     // Encapsulation
     MtuExceeded = "mtu_exceeded": "packet larger than its egress MTU that could not be segmented or fragmented (DF set and no ICMP sent: the packet was an ICMP error or a non-first fragment; or headers alone exceed the MTU)",
@@ -104,6 +106,7 @@ drop_reasons! {
     ReusedTupleBadOptions = "reused_tuple_bad_options": "a segment of a flow on a SNAT tuple reused from the endpoint's TIME_WAIT has malformed TCP options: its sequence numbers and timestamps cannot be translated",
     // Transmit (counted against the egress port by the AF_XDP worker)
     TxRingFull = "tx_ring_full": "egress port's transmit ring full (its peer is not draining it fast enough)",
+    TxRefused = "tx_refused": "the kernel refused a frame on a pod's packet socket (the aggregated-frame path: a virtio-net header it found inconsistent, or a frame too long); the last errno is in `ctl ports`",
     TxBacklog = "tx_backlog": "egress port already holds its share of the worker's transmit chunks (frames arrive faster than it sends them); dropped here so that every port keeps its guaranteed fill ring",
     EgressPortDown = "egress_port_down": "egress port has no AF_XDP socket (not attached, or being detached)",
 }

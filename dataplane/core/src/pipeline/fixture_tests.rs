@@ -11,6 +11,11 @@ use core::net::Ipv4Addr;
 use std::collections::BTreeSet;
 
 const EXTERNAL: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+/// Node B's tunnel address (flannel.1's, the network address of its pod CIDR) and gateway.
+const TUNNEL_B: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 0);
+const GATEWAY_B: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
+/// An address in the cluster CIDR that is no node's (the issue 17 report's first spoof).
+const NO_NODES: Ipv4Addr = Ipv4Addr::new(10, 244, 5, 5);
 
 fn run(tables: &Tables, state: &mut WorkerState, now: Nanos, port: PortId, input: &[u8]) -> (Disposition, Vec<u8>) {
     let mut buf = umem(input);
@@ -29,6 +34,22 @@ fn tcp(src: Ipv4Addr, dst: Ipv4Addr, ttl: u8, payload: &[u8]) -> Vec<u8> {
     let mut ip = Ip::new(src, dst);
     ip.ttl = ttl;
     ipv4_with(&ip, &L4::Tcp { sport: 41000, dport: 80, seq: 1, ack: 0, flags: 0x002, payload })
+}
+
+/// UDP to the VXLAN port carrying a hand-built VXLAN frame (what a pod would send to inject one).
+fn udp_to_vxlan_port(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+    let inner = vxlan_frame(&Vxlan::b_to_a(), &udp(NO_NODES, POD1_IP, 64, b"injected"));
+    ipv4(src, dst, &L4::Udp { sport: 40002, dport: 8472, payload: &inner[42..] })
+}
+
+/// ICMP destination unreachable (`code`) from `src` to `dst`, quoting `orig`'s header and 8
+/// bytes.
+fn icmp_unreachable(src: Ipv4Addr, dst: Ipv4Addr, ttl: u8, code: u8, orig: &[u8]) -> Vec<u8> {
+    let mut body = vec![3, code, 0, 0, 0, 0, 0, 0];
+    body.extend_from_slice(&orig[..28]);
+    let c = crate::wire::checksum::checksum(&body);
+    body[2..4].copy_from_slice(&c.to_be_bytes());
+    ipv4_with(&Ip { ttl, ..Ip::new(src, dst) }, &L4::Raw { proto: 1, bytes: &body })
 }
 
 fn with<F: FnOnce(&mut Vec<u8>)>(mut v: Vec<u8>, f: F) -> Vec<u8> {
@@ -166,6 +187,53 @@ fn cases() -> Vec<Case> {
             "pod to a pod on node B is encapsulated",
             POD1,
             from_pod1(&udp(POD1_IP, REMOTE_POD_B, 64, payload)),
+            Forward(UPLINK),
+            None,
+        ),
+        // ---- pod port: no VXLAN injection (issue 17)
+        drop_case(
+            "pod UDP to a remote node's VXLAN port (a hand-built VXLAN frame)",
+            POD1,
+            from_pod1(&udp_to_vxlan_port(POD1_IP, NODE_B)),
+            R::PodToVxlanPort,
+        ),
+        drop_case(
+            "pod UDP to this node's VXLAN port",
+            POD1,
+            from_pod1(&udp_to_vxlan_port(POD1_IP, NODE_A)),
+            R::PodToVxlanPort,
+        ),
+        drop_case(
+            "pod UDP to a node's VXLAN port, first fragment",
+            POD1,
+            from_pod1(&ipv4_with(
+                &Ip { more_frags: true, dont_frag: false, ..Ip::new(POD1_IP, NODE_C) },
+                &L4::Udp { sport: 40002, dport: 8472, payload: &[8, 0, 0, 0, 0, 0, 1, 0] },
+            )),
+            R::PodToVxlanPort,
+        ),
+        case(
+            "pod UDP to another port of a remote node's underlay address: to the host stack as before",
+            POD1,
+            from_pod1(&udp(POD1_IP, NODE_B, 64, payload)),
+            ToHost,
+            Some(eth(HOST_STACK_MAC, HOST_PORT_MAC, 0x0800, &udp(POD1_IP, NODE_B, 64, payload))),
+        ),
+        case(
+            "pod TCP to a node's port 8472 is not VXLAN",
+            POD1,
+            from_pod1(&ipv4(
+                POD1_IP,
+                NODE_B,
+                &L4::Tcp { sport: 40003, dport: 8472, seq: 1, ack: 0, flags: 0x002, payload: b"" },
+            )),
+            ToHost,
+            None,
+        ),
+        case(
+            "pod UDP to port 8472 of a node's gateway: forwarded (replies to SNAT'd flows may use it)",
+            POD1,
+            from_pod1(&udp_to_vxlan_port(POD1_IP, GATEWAY_B)),
             Forward(UPLINK),
             None,
         ),
@@ -447,6 +515,69 @@ fn cases() -> Vec<Case> {
             ToHost,
             Some(eth(HOST_STACK_MAC, HOST_PORT_MAC, 0x0800, &udp(REMOTE_POD_B, NODE_A, 63, payload))),
         ),
+        // ---- uplink: the inner source must be the sending node's (issue 17)
+        drop_case(
+            "inner source that is no node's (a pod on node B hand-built the frame)",
+            UPLINK,
+            vx(&udp(NO_NODES, POD1_IP, 63, payload)),
+            R::TunnelInnerSourceSpoofed,
+        ),
+        drop_case(
+            "inner source in this node's own pod CIDR",
+            UPLINK,
+            vx(&udp(POD2_IP, POD1_IP, 63, payload)),
+            R::TunnelInnerSourceSpoofed,
+        ),
+        drop_case(
+            "inner source in another remote node's pod CIDR",
+            UPLINK,
+            vx(&udp(REMOTE_POD_C, POD1_IP, 63, payload)),
+            R::TunnelInnerSourceSpoofed,
+        ),
+        drop_case(
+            "inner source outside the cluster",
+            UPLINK,
+            vx(&udp(EXTERNAL, POD1_IP, 63, payload)),
+            R::TunnelInnerSourceSpoofed,
+        ),
+        drop_case(
+            "inner source is the sending node's underlay address (its stack sends from its pod network)",
+            UPLINK,
+            vx(&udp(NODE_B, POD1_IP, 63, payload)),
+            R::TunnelInnerSourceSpoofed,
+        ),
+        drop_case(
+            "a spoofed inner source is refused before routing",
+            UPLINK,
+            vx(&udp(NO_NODES, REMOTE_POD_C, 63, payload)),
+            R::TunnelInnerSourceSpoofed,
+        ),
+        case(
+            "inner source node B's gateway (its node stack, vxnat's SNAT and ICMP errors)",
+            UPLINK,
+            vx(&udp(GATEWAY_B, POD1_IP, 63, payload)),
+            Forward(POD1),
+            Some(eth(POD1_MAC, POD1_PORT_MAC, 0x0800, &udp(GATEWAY_B, POD1_IP, 62, payload))),
+        ),
+        case(
+            "inner source node B's tunnel address (flannel.1's: a flannel node's stack, kube-proxy's MASQUERADE)",
+            UPLINK,
+            vx(&udp(TUNNEL_B, POD1_IP, 63, payload)),
+            Forward(POD1),
+            Some(eth(POD1_MAC, POD1_PORT_MAC, 0x0800, &udp(TUNNEL_B, POD1_IP, 62, payload))),
+        ),
+        case(
+            "ICMP error from node B's gateway about a pod's packet",
+            UPLINK,
+            vx(&icmp_unreachable(GATEWAY_B, POD1_IP, 64, 3, &udp(POD1_IP, REMOTE_POD_B, 63, payload))),
+            Forward(POD1),
+            Some(eth(
+                POD1_MAC,
+                POD1_PORT_MAC,
+                0x0800,
+                &icmp_unreachable(GATEWAY_B, POD1_IP, 63, 3, &udp(POD1_IP, REMOTE_POD_B, 63, payload)),
+            )),
+        ),
         drop_case(
             "incident 1: corrupted outer UDP checksum",
             UPLINK,
@@ -641,6 +772,9 @@ fn every_drop_reason_has_a_fixture() {
         DropReason::TxRingFull,
         DropReason::TxBacklog,
         DropReason::EgressPortDown,
+        // Counted by the worker's packet-socket path (xsk's bulk.rs) when the kernel refuses a
+        // message; no test provokes the kernel into refusing one.
+        DropReason::TxRefused,
         // Service NAT reasons: service_tests.rs.
         DropReason::ServiceNoEndpoint,
         DropReason::SnatPortsExhausted,
@@ -841,4 +975,89 @@ fn offload_pending_outer_checksums_from_a_linux_sender() {
     bad[50 + 6] ^= 0x20;
     let mut state = WorkerState::new(0);
     assert_eq!(run(&tables, &mut state, 0, UPLINK, &bad).0, Disposition::Drop(DropReason::VxlanBadOuterChecksum));
+}
+
+/// Issue 17: each spoofed inner source is counted once by name against the uplink, is not
+/// counted as decapsulated, and a legitimate frame from the same node still is. A pod's UDP
+/// to a node's VXLAN port is counted by name against its pod port.
+#[test]
+fn spoofed_inner_sources_and_vxlan_injection_are_counted_by_name() {
+    let tables = tables();
+    let mut state = WorkerState::new(0);
+    let spoofs = [NO_NODES, Ipv4Addr::new(10, 244, 0, 9), REMOTE_POD_C];
+    for src in spoofs {
+        let (d, _) = run(&tables, &mut state, 0, UPLINK, &vxlan_frame(&Vxlan::b_to_a(), &udp(src, POD1_IP, 63, b"x")));
+        assert_eq!(d, Disposition::Drop(DropReason::TunnelInnerSourceSpoofed), "inner source {src}");
+    }
+    let uplink = state.counters.port(UPLINK).expect("uplink counted");
+    let named: Vec<_> = uplink.nonzero_drops().map(|(r, n)| (r.name(), n)).collect();
+    assert_eq!(named, vec![("tunnel_inner_source_spoofed", 3)]);
+    assert_eq!(uplink.events.decapsulated, 0, "a spoofed frame is not counted as decapsulated");
+    let (d, _) =
+        run(&tables, &mut state, 0, UPLINK, &vxlan_frame(&Vxlan::b_to_a(), &udp(REMOTE_POD_B, POD1_IP, 63, b"x")));
+    assert_eq!(d, Disposition::Forward(POD1));
+    assert_eq!(state.counters.port(UPLINK).map(|p| p.events.decapsulated), Some(1));
+
+    for dst in [NODE_A, NODE_B, NODE_C] {
+        let (d, _) = run(&tables, &mut state, 0, POD1, &from_pod1(&udp_to_vxlan_port(POD1_IP, dst)));
+        assert_eq!(d, Disposition::Drop(DropReason::PodToVxlanPort), "to {dst}");
+    }
+    let pod = state.counters.port(POD1).expect("pod port counted");
+    let named: Vec<_> = pod.nonzero_drops().map(|(r, n)| (r.name(), n)).collect();
+    assert_eq!(named, vec![("pod_to_vxlan_port", 3)]);
+    assert!(DropReason::TunnelInnerSourceSpoofed.help().contains("sending node's pod CIDR"));
+}
+
+/// Node B's tables: the testkit's node A seen from the other side (pod B on port 2).
+fn node_b_tables() -> Tables {
+    let node = crate::tables::NodeConfig {
+        node_ip: NODE_B,
+        uplink_mac: NODE_B_UPLINK_MAC,
+        vtep_mac: VTEP_B,
+        pod_cidr: "10.244.1.0/24".parse().expect("cidr"),
+        ..node_config()
+    };
+    TablesBuilder::new(node)
+        .uplink(PortId(0))
+        .and_then(|b| b.host(PortId(1), HOST_PORT_MAC, HOST_STACK_MAC))
+        .and_then(|b| b.pod(PortId(2), POD1_PORT_MAC, REMOTE_POD_B, POD1_MAC))
+        .and_then(|b| b.remote("node-a", NODE_A, VTEP_A, "10.244.0.0/24".parse().expect("cidr"), UPLINK_MAC))
+        .and_then(|b| b.build())
+        .expect("node B's tables")
+}
+
+/// Every inner source vxnat puts into the tunnel passes the receiving node's source check:
+/// its pods', its node stack's (from the gateway: the host port's route says `src`), its
+/// ICMP errors' (from the gateway) and its NodePort SNAT (to the gateway). Node A's output is
+/// fed, byte for byte, to node B's pipeline.
+#[test]
+fn what_vxnat_sends_through_the_tunnel_passes_the_peers_source_check() {
+    use crate::nat::service::{Endpoint, ServicePort, ServiceTable};
+    let mut svc = ServiceTable::default();
+    let ep = Endpoint { ip: REMOTE_POD_B, port: 8080, ready: true, serving: true, terminating: false, local: false };
+    let np = ServicePort::new("default/np:http".into(), &[ep], false, false, None, 16381).expect("port");
+    let i = svc.add_port(np);
+    svc.add_node_port(6, 30080, i).expect("node port");
+    let a = tables_with_services(svc);
+    let b = node_b_tables();
+    let client = eth(
+        UPLINK_MAC,
+        MacAddr([0x02, 0xcc, 0, 0, 0, 7]),
+        0x0800,
+        &ipv4(EXTERNAL, NODE_A, &L4::Tcp { sport: 50000, dport: 30080, seq: 1, ack: 0, flags: 0x002, payload: b"" }),
+    );
+    let inputs = [
+        ("a pod", POD1, from_pod1(&udp(POD1_IP, REMOTE_POD_B, 64, b"pod"))),
+        ("the node stack", HOST, eth(HOST_PORT_MAC, HOST_STACK_MAC, 0x0800, &udp(GATEWAY_A, REMOTE_POD_B, 64, b"n"))),
+        ("time exceeded", UPLINK, vxlan_frame(&Vxlan::b_to_a(), &udp(REMOTE_POD_B, POD1_IP, 1, b"traceroute"))),
+        ("NodePort SNAT", UPLINK, client),
+    ];
+    for (what, port, input) in inputs {
+        let mut sa = WorkerState::new(0);
+        let (d, out) = run(&a, &mut sa, 0, port, &input);
+        assert_eq!(d, Disposition::Forward(UPLINK), "{what}: node A encapsulates");
+        let mut sb = WorkerState::new(0);
+        let (d, _) = run(&b, &mut sb, 0, PortId(0), &out);
+        assert_eq!(d, Disposition::Forward(PortId(2)), "{what}: node B delivers to pod B");
+    }
 }

@@ -13,16 +13,20 @@
 //! same node is a routed hop here (decremented once) where flannel's bridge switches it. At
 //! TTL 1 the sender gets ICMP time exceeded ([`reply::time_exceeded`]).
 //!
-//! [`egress`] then sends a routed frame out: too large for its egress goes to
-//! [`oversize`]; a local pod or the host port gets its Ethernet addresses rewritten; a remote
-//! node is [`encap`]'s.
+//! Pods never reach a node's VXLAN port (issue 17): UDP from a pod to that port at a node's
+//! underlay address ([`crate::tables::Tables::is_node_underlay_addr`], this node's or a remote
+//! node's) is `pod_to_vxlan_port`, checked on the destination after Service NAT. Otherwise the
+//! node stack would route (and masquerade) a hand-built VXLAN frame, which then arrives with
+//! the node's address as outer source, a known VTEP. The pod-network addresses of nodes
+//! (gateways, flannel.1's 10.244.x.0) are left alone: vxnat's SNAT and the kernel's MASQUERADE
+//! put node traffic there, and replies to it may use any port, the VXLAN port included.
 
 use super::ctx::{Ctx, Ipv4Meta, Origin};
 use super::{encap, oversize, reply};
 use super::{Disposition, DropReason, FrameBuf};
 use crate::tables::{LocalPod, Route, Tables};
 use crate::wire::ethernet;
-use crate::wire::{EthernetFrame, Ipv4Packet, MacAddr};
+use crate::wire::{EthernetFrame, IpProtocol, Ipv4Packet, MacAddr};
 
 /// Routes a validated packet and hands it to its egress.
 #[inline(always)]
@@ -32,6 +36,13 @@ pub(crate) fn forward(
     m: &Ipv4Meta,
     origin: Origin,
 ) -> Result<Disposition, DropReason> {
+    if m.dport() == ctx.tables.node.vxlan_port
+        && origin == Origin::Pod
+        && m.protocol() == IpProtocol::Udp
+        && ctx.tables.is_node_underlay_addr(m.dst)
+    {
+        return Err(DropReason::PodToVxlanPort);
+    }
     let route = ctx.tables.route(m.dst);
     match (route, origin) {
         (Route::NoSuchPod, _) => Err(DropReason::NoSuchPod),

@@ -33,6 +33,7 @@ pub mod ipv4;
 pub mod pretty;
 pub mod tcp;
 pub mod udp;
+pub mod virtio_net;
 pub mod vxlan;
 
 pub use arp::{ArpOperation, ArpPacket, ArpRepr};
