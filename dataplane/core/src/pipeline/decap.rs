@@ -38,7 +38,7 @@ pub(crate) fn from_tunnel(
 ) -> Result<Disposition, DropReason> {
     let d = decap(ctx.tables, frame)?;
     let m = validate_ipv4(frame)?;
-    if !ctx.tables.remote(d.vtep).is_some_and(|r| r.pod_cidr.contains(m.src)) {
+    if !d.sender_pod_cidr.contains(m.src) {
         return Err(DropReason::TunnelInnerSourceSpoofed);
     }
     // A veth underlay delivers what the sender left to offloads: complete the inner checksum,

@@ -1061,3 +1061,19 @@ fn what_vxnat_sends_through_the_tunnel_passes_the_peers_source_check() {
         assert_eq!(d, Disposition::Forward(PortId(2)), "{what}: node B delivers to pod B");
     }
 }
+
+/// The spoof drop is not a `vxlan_*` reason because the frame was decapsulated: a trace shows
+/// the inner packet, with its spoofed source, at the post-decap point.
+#[test]
+fn a_trace_shows_the_decapsulated_packet_of_a_spoofed_source() {
+    use crate::observe::Observe;
+    let tables = tables();
+    let mut state = WorkerState::new(0);
+    state.observe = Some(Box::new(Observe::trace(crate::filter::Filter::default(), 1)));
+    let inner = udp(NO_NODES, POD1_IP, 63, b"x");
+    let (d, _) = run(&tables, &mut state, 0, UPLINK, &vxlan_frame(&Vxlan::b_to_a(), &inner));
+    assert_eq!(d, Disposition::Drop(DropReason::TunnelInnerSourceSpoofed));
+    let t = &state.observe.as_ref().expect("observing").traces[0];
+    assert_eq!(t.drop_reason(), Some(DropReason::TunnelInnerSourceSpoofed));
+    assert_eq!(t.post_decap.as_deref(), Some(&eth(VTEP_A, VTEP_B, 0x0800, &inner)[..]));
+}

@@ -15,11 +15,13 @@
 //!
 //! Pods never reach a node's VXLAN port (issue 17): UDP from a pod to that port at a node's
 //! underlay address ([`crate::tables::Tables::is_node_underlay_addr`], this node's or a remote
-//! node's) is `pod_to_vxlan_port`, checked on the destination after Service NAT. Otherwise the
-//! node stack would route (and masquerade) a hand-built VXLAN frame, which then arrives with
-//! the node's address as outer source, a known VTEP. The pod-network addresses of nodes
-//! (gateways, flannel.1's 10.244.x.0) are left alone: vxnat's SNAT and the kernel's MASQUERADE
-//! put node traffic there, and replies to it may use any port, the VXLAN port included.
+//! node's) is `pod_to_vxlan_port`. Otherwise the node stack would route (and masquerade) a
+//! hand-built VXLAN frame, which then arrives with the node's address as outer source, a known
+//! VTEP. Checked on the destination after Service NAT, and only where the route leads into the
+//! node stack (where underlay addresses route), so pod-to-pod traffic pays nothing for it. The
+//! pod-network addresses of nodes (gateways, flannel.1's 10.244.x.0) are left alone: vxnat's
+//! SNAT and the kernel's MASQUERADE put node traffic there, and replies to it may use any
+//! port, the VXLAN port included.
 
 use super::ctx::{Ctx, Ipv4Meta, Origin};
 use super::{encap, oversize, reply};
@@ -36,13 +38,6 @@ pub(crate) fn forward(
     m: &Ipv4Meta,
     origin: Origin,
 ) -> Result<Disposition, DropReason> {
-    if m.dport() == ctx.tables.node.vxlan_port
-        && origin == Origin::Pod
-        && m.protocol() == IpProtocol::Udp
-        && ctx.tables.is_node_underlay_addr(m.dst)
-    {
-        return Err(DropReason::PodToVxlanPort);
-    }
     let route = ctx.tables.route(m.dst);
     match (route, origin) {
         (Route::NoSuchPod, _) => Err(DropReason::NoSuchPod),
@@ -52,7 +47,12 @@ pub(crate) fn forward(
         (Route::Host | Route::External, Origin::Outside) => Err(DropReason::UplinkNotForNode),
         // Into the node stack: local delivery for node addresses; for destinations outside
         // the cluster the node stack routes (and masquerades) as it does behind flannel.
-        (Route::Host | Route::External, _) => deliver_host(ctx.tables, frame),
+        (Route::Host | Route::External, _) => {
+            if origin == Origin::Pod && to_vxlan_port_of_a_node(ctx.tables, m) {
+                return Err(DropReason::PodToVxlanPort);
+            }
+            deliver_host(ctx.tables, frame)
+        }
         (Route::LocalPod(_) | Route::Remote(_), _) => {
             if origin != Origin::Host {
                 if m.ttl <= 1 {
@@ -63,6 +63,12 @@ pub(crate) fn forward(
             egress(ctx, frame, route, m.flow_hash())
         }
     }
+}
+
+/// UDP to the VXLAN port of a node's underlay address.
+#[inline(always)]
+fn to_vxlan_port_of_a_node(tables: &Tables, m: &Ipv4Meta) -> bool {
+    m.dport() == tables.node.vxlan_port && m.protocol() == IpProtocol::Udp && tables.is_node_underlay_addr(m.dst)
 }
 
 /// Sends a routed frame (starting with a 14-byte Ethernet header) out of its egress.

@@ -7,7 +7,7 @@
 use crate::pipeline::{check_ipv4_header, vlan_error, DropReason, FrameBuf};
 use crate::tables::Tables;
 use crate::wire::{checksum, ethernet, udp};
-use crate::wire::{EtherType, EthernetFrame, IpProtocol, UdpPacket, VxlanPacket};
+use crate::wire::{EtherType, EthernetFrame, IpProtocol, Ipv4Cidr, UdpPacket, VxlanPacket};
 
 /// The outer UDP checksum as found, before the inner packet is looked at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +29,9 @@ pub enum OuterChecksum {
 pub struct Decapped {
     /// Index of the sending node.
     pub vtep: u32,
+    /// The sending node's pod CIDR: the inner sources it may send from (issue 17). Taken here,
+    /// with the node, so the check after validation is one prefix compare.
+    pub sender_pod_cidr: Ipv4Cidr,
     pub outer_checksum: OuterChecksum,
 }
 
@@ -40,7 +43,7 @@ pub struct Decapped {
 #[inline]
 pub fn decap(tables: &Tables, frame: &mut FrameBuf<'_>) -> Result<Decapped, DropReason> {
     let node = &tables.node;
-    let (inner_start, inner_end, vtep, outer_checksum) = {
+    let (inner_start, inner_end, vtep, sender_pod_cidr, outer_checksum) = {
         let d = frame.data();
         let Ok(eth) = EthernetFrame::new_fixed(d) else {
             return Err(DropReason::EthTruncated);
@@ -80,6 +83,7 @@ pub fn decap(tables: &Tables, frame: &mut FrameBuf<'_>) -> Result<Decapped, Drop
         }
         let src = h.src_addr();
         let vtep = tables.vtep(src).ok_or(DropReason::VxlanUnknownVtep)?;
+        let sender_pod_cidr = tables.remote(vtep).ok_or(DropReason::VxlanUnknownVtep)?.pod_cidr;
         let datagram = &datagram[..ulen];
         let stored = u.checksum();
         let outer_checksum = if stored == 0 {
@@ -105,7 +109,13 @@ pub fn decap(tables: &Tables, frame: &mut FrameBuf<'_>) -> Result<Decapped, Drop
             return Err(DropReason::VxlanWrongVni);
         }
         let udp_start = ethernet::HEADER_LEN + ihl;
-        (udp_start + udp::HEADER_LEN + crate::wire::vxlan::HEADER_LEN, udp_start + ulen, vtep, outer_checksum)
+        (
+            udp_start + udp::HEADER_LEN + crate::wire::vxlan::HEADER_LEN,
+            udp_start + ulen,
+            vtep,
+            sender_pod_cidr,
+            outer_checksum,
+        )
     };
     frame.truncate(inner_end);
     frame.pull_front(inner_start);
@@ -118,5 +128,5 @@ pub fn decap(tables: &Tables, frame: &mut FrameBuf<'_>) -> Result<Decapped, Drop
     if inner.dst_addr() != node.vtep_mac {
         return Err(DropReason::VxlanInnerDstMac);
     }
-    Ok(Decapped { vtep, outer_checksum })
+    Ok(Decapped { vtep, sender_pod_cidr, outer_checksum })
 }
