@@ -102,7 +102,8 @@ impl Coalescer {
             self.segs.push(seg);
             self.next.push(NONE);
             let i = i as u32;
-            let open = self.open.iter().position(|(f, _)| *f == seg.flow && seg.hdr_len != 0);
+            // (A frame that is not TCP has no flow to continue.)
+            let open = if seg.hdr_len == 0 { None } else { self.open.iter().position(|(f, _)| *f == seg.flow) };
             if let Some(at) = open {
                 let g = self.open[at].1;
                 if seg.ok

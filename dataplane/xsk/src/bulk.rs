@@ -123,7 +123,7 @@ impl BulkTx {
         // SAFETY: every iovec points at a header in `hdrs` or at UMEM bytes of chunks the
         // caller holds; neither moves nor is freed during the call.
         let sent = unsafe { sock.send(msgs) };
-        let mut out = Flushed { refused_segments: 0, last_error: sent.last_error, ..Flushed::default() };
+        let mut out = Flushed { last_error: sent.last_error, ..Flushed::default() };
         let tried = msgs.len() - sent.full;
         for (i, (m, &(_, _, segs))) in msgs.iter().zip(spans.iter()).enumerate() {
             let segs = u64::from(segs);

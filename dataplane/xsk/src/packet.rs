@@ -65,9 +65,10 @@ impl PacketTx {
         Ok(PacketTx { fd })
     }
 
-    /// Sends `msgs` (each a virtio-net header and a frame, as iovecs), in order. A message the
-    /// kernel refuses (a header it finds inconsistent, a frame too long) is skipped and
-    /// counted; a full socket buffer (`EAGAIN`/`ENOBUFS`) ends the call, the rest unsent.
+    /// Sends `msgs` (each a virtio-net header and a frame, as iovecs), in order. Each sent
+    /// message has its `msg_len` set by the kernel (set them to 0 before); a message the kernel
+    /// refuses (a header it finds inconsistent, a frame too long) is skipped, its `msg_len`
+    /// left at 0; a full socket buffer (`EAGAIN`/`ENOBUFS`) ends the call, the rest untried.
     ///
     /// # Safety
     /// Every iovec in `msgs` must point at memory readable for its length for the duration of
@@ -80,7 +81,6 @@ impl PacketTx {
             // SAFETY: `rest` is a valid mmsghdr array; the caller vouches for the iovecs.
             let r = unsafe { libc::sendmmsg(self.fd.as_raw_fd(), rest.as_mut_ptr(), rest.len() as u32, 0) };
             if r > 0 {
-                out.sent += r as usize;
                 at += r as usize;
                 continue;
             }
@@ -93,7 +93,6 @@ impl PacketTx {
                 }
                 // The first message of `rest` was refused: skip it, go on with the others.
                 _ => {
-                    out.refused += 1;
                     out.last_error = e.raw_os_error();
                     at += 1;
                 }
@@ -103,13 +102,12 @@ impl PacketTx {
     }
 }
 
-/// What [`PacketTx::send`] did with the messages.
+/// What [`PacketTx::send`] could not say per message (sent and refused ones are told apart
+/// by their `msg_len`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Sent {
-    pub sent: usize,
-    /// Refused by the kernel one by one (`last_error` is the last reason).
-    pub refused: usize,
-    /// Not tried: the socket buffer was full.
+    /// The last messages, not tried: the socket buffer was full.
     pub full: usize,
+    /// Why the kernel refused the last message it refused.
     pub last_error: Option<i32>,
 }

@@ -274,7 +274,7 @@ impl Worker {
                 return Err(e);
             }
         };
-        let bulk = if !node && mode != Mode::Uplink && self.cfg.pod_tx == PodTx::PacketGro {
+        let bulk = if !node && self.cfg.pod_tx == PodTx::PacketGro {
             match crate::packet::PacketTx::open(xsk.ifindex) {
                 Ok(b) => Some(b),
                 Err(e) => {
