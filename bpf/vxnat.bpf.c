@@ -23,10 +23,13 @@ static __always_inline int count(__u32 exit, int action)
 
 static __always_inline int redirect(struct xdp_md *ctx)
 {
-	/* XDP_PASS as the fallback when no socket is bound on this queue. */
-	if (bpf_redirect_map(&xsks_map, ctx->rx_queue_index, XDP_PASS) == XDP_REDIRECT)
+	/* No socket on this queue: vxnat is restarting (the program outlives the process for its
+	 * successor to replace). Dropped, not passed: TCP retransmits a dropped segment, while the
+	 * kernel would answer a NodePort segment with a RST (no listener) and route a pod's frame
+	 * out unencapsulated. */
+	if (bpf_redirect_map(&xsks_map, ctx->rx_queue_index, XDP_DROP) == XDP_REDIRECT)
 		return count(VXNAT_EXIT_REDIRECT, XDP_REDIRECT);
-	return count(VXNAT_EXIT_PASS_NO_SOCKET, XDP_PASS);
+	return count(VXNAT_EXIT_DROP_NO_SOCKET, XDP_DROP);
 }
 
 /* On the uplink vxnat owns: VXLAN to this node (untagged IPv4 to node_ip, not fragmented, UDP

@@ -14,7 +14,7 @@ enum vxnat_mode {
 enum vxnat_exit {
 	VXNAT_EXIT_REDIRECT = 0,        /* handed to vxnat's AF_XDP socket */
 	VXNAT_EXIT_PASS_NOT_OURS = 1,   /* uplink traffic vxnat does not own (SSH, ARP, ...) */
-	VXNAT_EXIT_PASS_NO_SOCKET = 2,  /* ours, but no socket on this queue: to the kernel */
+	VXNAT_EXIT_DROP_NO_SOCKET = 2,  /* ours, but no socket on this queue (restarting): dropped */
 	VXNAT_EXIT_PASS_UNCONFIGURED = 3, /* mode PASS */
 	VXNAT_EXIT_MAX = 4,
 };

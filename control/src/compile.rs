@@ -2,7 +2,9 @@
 //! Node, the uplink, the host port, the other nodes and their next hops, each pod's port MAC
 //! recorded at attach) and the compiled Service table to the immutable `Tables` snapshot the
 //! workers read. It reads nothing from the system, so a vanished interface can never make it
-//! fail, and it is tested without a network.
+//! fail, and it is tested without a network. The remotes it is given are chosen by
+//! `crate::remotes::select`, which leaves out (naming it) any Node the tables builder would
+//! refuse, so one bad Node cannot make it fail either.
 
 use crate::config::NodeFile;
 use crate::pods::Pod;
@@ -132,6 +134,7 @@ mod tests {
             mac: "02:00:00:00:00:05".into(),
             port: 2,
             port_mac: "02:00:00:00:00:04".into(),
+            ifindex: 0,
         };
         let t = compile(&facts, Arc::default(), std::slice::from_ref(&pod), 7).expect("tables");
         assert_eq!(t.generation, 7);

@@ -147,6 +147,11 @@ pub struct NodeFile {
     /// adaptively: busy under load, sleep on the ring fds when idle.
     #[serde(default)]
     pub busy_poll: bool,
+    /// A `vxnat run` started while another runs with the same socket asks it to hand over
+    /// (a planned restart with overlap, as a DaemonSet with `maxSurge` rolls out); `false`:
+    /// it refuses to start instead.
+    #[serde(default = "yes")]
+    pub handover: bool,
     /// XDP attach mode: "native" (xdpdrv, default) or "generic".
     #[serde(default)]
     pub xdp_mode: Option<String>,
@@ -309,7 +314,8 @@ pub struct NatSection {
     /// Seconds a (SNAT address, port, backend) tuple is held after its flow ends.
     #[serde(default = "default_hold")]
     pub snat_hold_s: u64,
-    /// Connections tracked at most (per worker); a full table refuses new flows.
+    /// Connections tracked at most (per worker). A full table makes room by dropping a flow
+    /// that never completed its handshake (early drop, per-source quota), else refuses.
     #[serde(default = "default_flows")]
     pub max_flows: usize,
 }

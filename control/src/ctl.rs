@@ -45,6 +45,11 @@ pub enum Request {
         count: usize,
         timeout_ms: u64,
     },
+    /// A successor `vxnat run` (`pid`) asks this one to stop forwarding and release its
+    /// sockets, flows and lock to it (`crate::run`, planned restarts). Answered once released.
+    Handover {
+        pid: u32,
+    },
     /// Test-only (feature `fault-injection`, see `crate::fault`).
     #[cfg(feature = "fault-injection")]
     Fault {
@@ -124,6 +129,12 @@ pub struct StatsReply {
     /// The cluster source and how often it died.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<crate::source::SourceReport>,
+    /// Nodes and Services left out of the tables or held at their last good version.
+    #[serde(default)]
+    pub skipped: crate::skips::SkipReport,
+    /// Pod ports detached because their interface vanished without a detach.
+    #[serde(default)]
+    pub pods_vanished: u64,
 }
 
 pub fn arp_conflicts(n: &Node) -> Vec<ArpConflict> {
@@ -247,6 +258,15 @@ fn handle(node: &Mutex<Node>, req: Request) -> Result<Value, String> {
     let lock = || node.lock().map_err(|_| "node state poisoned".to_string());
     // Long requests take what they need from the node and let go of it while they wait.
     match req {
+        Request::Handover { pid } => {
+            let ask = lock()?.handover.clone().ok_or("not handing over: this vxnat is not running yet")?;
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            ask.send((pid, tx)).map_err(|_| "not handing over: this vxnat is stopping".to_string())?;
+            return match rx.recv_timeout(Duration::from_secs(10)) {
+                Ok(r) => r.map(|()| json!({ "released": true })),
+                Err(_) => Err("no release within 10 s".to_string()),
+            };
+        }
         Request::Flows { filter: f } => {
             let f = filter(&f)?;
             let commands = lock()?.commands();
@@ -297,7 +317,9 @@ fn handle(node: &Mutex<Node>, req: Request) -> Result<Value, String> {
     }
     let mut n = lock()?;
     match req {
-        Request::Flows { .. } | Request::Trace { .. } | Request::Capture { .. } => Err("handled above".into()),
+        Request::Flows { .. } | Request::Trace { .. } | Request::Capture { .. } | Request::Handover { .. } => {
+            Err("handled above".into())
+        }
         #[cfg(feature = "fault-injection")]
         Request::Fault { .. } => Err("handled above".into()),
         Request::Attach { ifname, ip, mac } => {
@@ -320,6 +342,8 @@ fn handle(node: &Mutex<Node>, req: Request) -> Result<Value, String> {
                 worker,
                 arp_conflicts: arp_conflicts(&n),
                 source: n.source.as_ref().map(|s| s.report()),
+                skipped: n.cluster.skips.report(),
+                pods_vanished: n.vanished,
             })
         }
     }
@@ -505,6 +529,17 @@ pub fn render_stats(v: &StatsReply) -> String {
             if s.up { "up (restarted)" } else { "DOWN, waiting to restart" },
             s.failures,
             s.last_failure.as_deref().unwrap_or("?")
+        ));
+    }
+    for p in &v.skipped.current {
+        out.push_str(&format!("skipped {} {}: {}\n", p.kind, p.name, p.message));
+    }
+    let total: Vec<String> = v.skipped.total.iter().filter(|(_, n)| *n > 0).map(|(k, n)| format!("{k} {n}")).collect();
+    if !total.is_empty() || v.pods_vanished > 0 {
+        out.push_str(&format!(
+            "objects skipped since start: {}; pod ports detached because their interface vanished: {}\n",
+            if total.is_empty() { "none".to_string() } else { total.join(", ") },
+            v.pods_vanished
         ));
     }
     out.push_str(&format!(

@@ -16,8 +16,15 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run this node's dataplane in the foreground (SIGTERM/SIGINT stop it and clean up).
+    /// Run this node's dataplane in the foreground. SIGTERM/SIGINT stop it and leave the
+    /// datapath and the flows in place for the next `vxnat run` (a restart loses no flow).
     Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Remove what a stopped vxnat left in place (XDP programs, host port, nftables table,
+    /// socket, flow file): for an uninstall. Refused while vxnat runs.
+    Cleanup {
         #[arg(long)]
         config: PathBuf,
     },
@@ -154,6 +161,15 @@ fn main() {
                 1
             }
         },
+        Command::Cleanup { config } => {
+            match NodeFile::load(&config).map_err(Into::into).and_then(|f| vxnat_control::run::cleanup(&f)) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("vxnat cleanup: {e}");
+                    1
+                }
+            }
+        }
         Command::Ctl { socket, json, op } => {
             let mut pcap_path = None;
             let (req, view) = match op {

@@ -8,7 +8,7 @@
 
 use crate::health::Health;
 use crate::node::Node;
-use crate::stats::{WorkerStats, SWAP_BUCKETS_S};
+use crate::stats::{BackendStats, WorkerStats, SWAP_BUCKETS_S};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write};
@@ -43,6 +43,43 @@ impl Out {
     }
 }
 
+/// Label values that name objects the network or the cluster brings and takes away (endpoints,
+/// addresses) get at most this many series per family: the largest by count, in their usual
+/// order, and the rest summed as `other`. So the series count stays bounded however many
+/// endpoints churn or addresses a spoofer claims. (Per-endpoint counters also leave the worker
+/// with their endpoint: `dataplane::pipeline::BackendTable`.)
+pub const MAX_BACKEND_SERIES: usize = 256;
+/// Backends with SNAT refusals kept as series (see `MAX_BACKEND_SERIES`).
+pub const MAX_EXHAUSTED_SERIES: usize = 64;
+/// Addresses with ARP conflicts kept as series (see `MAX_BACKEND_SERIES`).
+pub const MAX_ARP_SERIES: usize = 64;
+/// The label value the rest are summed under.
+pub const OTHER: &str = "other";
+
+/// `items` split into those kept as series (at most `max - 1` when there are more than `max`,
+/// leaving one for `other`; the largest `weight`, ties by position; in their original order)
+/// and the rest.
+fn bounded<T>(items: &[T], max: usize, weight: impl Fn(&T) -> u64) -> (Vec<&T>, Vec<&T>) {
+    if items.len() <= max {
+        return (items.iter().collect(), Vec::new());
+    }
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(weight(&items[i])), i));
+    let mut keep = vec![false; items.len()];
+    for &i in &order[..max.saturating_sub(1)] {
+        keep[i] = true;
+    }
+    let (mut kept, mut rest) = (Vec::new(), Vec::new());
+    for (i, item) in items.iter().enumerate() {
+        if keep[i] {
+            kept.push(item);
+        } else {
+            rest.push(item);
+        }
+    }
+    (kept, rest)
+}
+
 /// The metrics text for a worker's stats, port names by number, and the uplink's ARP conflicts
 /// (ip, count).
 pub fn render(s: &WorkerStats, names: &BTreeMap<u16, String>, arp: &[(String, u64)]) -> String {
@@ -75,6 +112,16 @@ pub fn render(s: &WorkerStats, names: &BTreeMap<u16, String>, arp: &[(String, u6
     o.sample("vxnat_flows", &[], s.flows);
     o.family("vxnat_flows_capacity", "gauge", "Connections the table can track.");
     o.sample("vxnat_flows_capacity", &[], s.flows_max);
+    o.family(
+        "vxnat_flows_unassured",
+        "gauge",
+        "Connections not yet assured (handshake incomplete, UDP unanswered): what a full table may evict (upper bound).",
+    );
+    o.sample("vxnat_flows_unassured", &[], s.flows_unassured);
+    o.family("vxnat_affinity_clients", "gauge", "ClientIP-affinity clients remembered.");
+    o.sample("vxnat_affinity_clients", &[], s.affinity);
+    o.family("vxnat_affinity_capacity", "gauge", "ClientIP-affinity clients the table can remember.");
+    o.sample("vxnat_affinity_capacity", &[], s.affinity_max);
     o.family("vxnat_snat_tuples", "gauge", "SNAT tuples in use, and held after close for the backend's TIME_WAIT.");
     o.sample("vxnat_snat_tuples", &[("state", "in_use")], s.snat_in_use);
     o.sample("vxnat_snat_tuples", &[("state", "held")], s.snat_held);
@@ -97,19 +144,42 @@ pub fn render(s: &WorkerStats, names: &BTreeMap<u16, String>, arp: &[(String, u6
         "counter",
         "Connections refused because no SNAT tuple toward the backend was free.",
     );
-    for (backend, n) in &s.snat_exhausted {
+    let (kept, rest) = bounded(&s.snat_exhausted, MAX_EXHAUSTED_SERIES, |(_, n)| *n);
+    for (backend, n) in kept {
         o.sample("vxnat_snat_exhausted_total", &[("backend", backend)], n);
     }
-    o.family("vxnat_backend_syns_total", "counter", "TCP handshakes per Service endpoint, by outcome.");
-    for b in &s.backends {
-        for (outcome, n) in [
+    if !rest.is_empty() {
+        o.sample("vxnat_snat_exhausted_total", &[("backend", OTHER)], rest.iter().map(|(_, n)| n).sum::<u64>());
+    }
+    o.family(
+        "vxnat_backend_syns_total",
+        "counter",
+        "TCP handshakes per Service endpoint (current endpoints, the busiest, the rest as backend=\"other\"), by outcome.",
+    );
+    let outcomes = |b: &BackendStats| {
+        [
             ("sent", b.syns),
             ("retransmitted", b.syn_retransmits),
             ("answered", b.syn_answered),
             ("unanswered", b.syn_unanswered),
             ("bare_ack", b.bare_ack_to_syn),
-        ] {
+        ]
+    };
+    let (kept, rest) = bounded(&s.backends, MAX_BACKEND_SERIES, |b| b.syns + b.syn_unanswered);
+    for b in kept {
+        for (outcome, n) in outcomes(b) {
             o.sample("vxnat_backend_syns_total", &[("backend", &b.endpoint), ("outcome", outcome)], n);
+        }
+    }
+    if !rest.is_empty() {
+        let mut sum = [0u64; 5];
+        for b in rest {
+            for (i, (_, n)) in outcomes(b).into_iter().enumerate() {
+                sum[i] += n;
+            }
+        }
+        for (i, (outcome, _)) in outcomes(&BackendStats::default()).into_iter().enumerate() {
+            o.sample("vxnat_backend_syns_total", &[("backend", OTHER), ("outcome", outcome)], sum[i]);
         }
     }
     o.family(
@@ -117,8 +187,12 @@ pub fn render(s: &WorkerStats, names: &BTreeMap<u16, String>, arp: &[(String, u6
         "counter",
         "ARP claims on the uplink that disagreed with another MAC for the same address.",
     );
-    for (ip, n) in arp {
+    let (kept, rest) = bounded(arp, MAX_ARP_SERIES, |(_, n)| *n);
+    for (ip, n) in kept {
         o.sample("vxnat_arp_conflicts_total", &[("ip", ip)], n);
+    }
+    if !rest.is_empty() {
+        o.sample("vxnat_arp_conflicts_total", &[("ip", OTHER)], rest.iter().map(|(_, n)| n).sum::<u64>());
     }
     o.family("vxnat_tables_generation", "gauge", "Generation of the tables the worker uses.");
     o.sample("vxnat_tables_generation", &[], s.tables_generation);
@@ -152,6 +226,35 @@ pub fn render_health(h: &Health) -> String {
     o.sample("vxnat_source_up", &[], u8::from(h.source().up()));
     o.family("vxnat_source_failures_total", "counter", "Times the cluster source's thread died (each is restarted).");
     o.sample("vxnat_source_failures_total", &[], h.source().failures());
+    o.text
+}
+
+/// The cluster objects left out of the tables (by kind only: the label set stays bounded however
+/// many go bad; `vxnat ctl stats` names them) and the pod ports detached because their
+/// interface vanished.
+pub fn render_objects(skips: &crate::skips::Skips, vanished: u64) -> String {
+    let mut o = Out { text: String::new(), declared: Vec::new() };
+    use crate::skips::KINDS;
+    o.family(
+        "vxnat_skipped_objects",
+        "gauge",
+        "Nodes and Services now left out of the tables or held at their last good version (ctl stats names them).",
+    );
+    for kind in KINDS {
+        o.sample("vxnat_skipped_objects", &[("kind", kind)], skips.count(kind));
+    }
+    o.family("vxnat_objects_skipped_total", "counter", "Problems with Nodes and Services that appeared since start.");
+    let total = skips.report().total;
+    for kind in KINDS {
+        let n = total.iter().find(|(k, _)| k == kind).map_or(0, |(_, n)| *n);
+        o.sample("vxnat_objects_skipped_total", &[("kind", kind)], n);
+    }
+    o.family(
+        "vxnat_pods_vanished_total",
+        "counter",
+        "Pod ports detached because their interface vanished without a detach.",
+    );
+    o.sample("vxnat_pods_vanished_total", &[], vanished);
     o.text
 }
 
@@ -199,10 +302,13 @@ pub fn serve(
                             .iter()
                             .flat_map(|a| a.claims.conflicts().map(|c| (c.ip.to_string(), c.count)))
                             .collect();
-                        n.stats().ok().map(|s| (s, n.port_names(), arp))
+                        let objects = render_objects(&n.cluster.skips, n.vanished);
+                        n.stats().ok().map(|s| (s, n.port_names(), arp, objects))
                     });
                     match stats {
-                        Some((s, names, arp)) => ("200 OK", render(&s, &names, &arp) + &render_health(&health)),
+                        Some((s, names, arp, objects)) => {
+                            ("200 OK", render(&s, &names, &arp) + &render_health(&health) + &objects)
+                        }
                         None => ("503 Service Unavailable", "the worker did not answer\n".to_string()),
                     }
                 } else if node.is_some() {
@@ -218,4 +324,70 @@ pub fn serve(
             }
         })
         .map_err(|e| format!("metrics thread: {e}"))
+}
+
+#[cfg(test)]
+mod label_bounds {
+    use super::*;
+
+    fn series(text: &str) -> usize {
+        text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()).count()
+    }
+
+    fn stats(backends: std::ops::Range<u32>) -> WorkerStats {
+        WorkerStats {
+            backends: backends
+                .clone()
+                .map(|i| BackendStats {
+                    endpoint: format!("10.{}.{}.{}:8080", i >> 16, (i >> 8) & 255, i & 255),
+                    syns: u64::from(i % 7),
+                    ..BackendStats::default()
+                })
+                .collect(),
+            snat_exhausted: backends.map(|i| (format!("10.0.{}.{}:80/tcp", i >> 8, i & 255), 1)).collect(),
+            ..WorkerStats::default()
+        }
+    }
+
+    /// Endpoints churn (every scrape a different set, growing) and a spoofer claims addresses:
+    /// the series count stays flat once past the bounds, and nothing counted is lost (the rest
+    /// is under `other`).
+    #[test]
+    fn series_stay_bounded_under_churn() {
+        let names = BTreeMap::new();
+        let arp = |n: u32| -> Vec<(String, u64)> { (0..n).map(|i| (format!("192.0.2.{i}"), 2)).collect() };
+        let small = series(&render(&stats(0..10), &names, &arp(3)));
+        let churned = series(&render(&stats(1000..1010), &names, &arp(3)));
+        assert_eq!(small, churned, "a new set of endpoints, as many series");
+        let big = render(&stats(0..5000), &names, &arp(5000));
+        let bigger = render(&stats(100_000..120_000), &names, &arp(60_000));
+        assert_eq!(series(&big), series(&bigger), "flat past the bounds");
+        let per_family =
+            |text: &str, family: &str| text.lines().filter(|l| l.starts_with(&format!("{family}{{"))).count();
+        assert_eq!(per_family(&bigger, "vxnat_backend_syns_total"), MAX_BACKEND_SERIES * 5);
+        assert_eq!(per_family(&bigger, "vxnat_snat_exhausted_total"), MAX_EXHAUSTED_SERIES);
+        assert_eq!(per_family(&bigger, "vxnat_arp_conflicts_total"), MAX_ARP_SERIES);
+        // Nothing is lost: the kept series and `other` add up to the whole.
+        let sum = |text: &str, prefix: &str| -> f64 {
+            text.lines()
+                .filter(|l| l.starts_with(prefix))
+                .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+                .sum()
+        };
+        assert_eq!(sum(&bigger, "vxnat_snat_exhausted_total{"), 20_000.0);
+        assert_eq!(sum(&bigger, "vxnat_arp_conflicts_total{"), 120_000.0);
+        let sent: u64 = (100_000..120_000u32).map(|i| u64::from(i % 7)).sum();
+        let sent_text: f64 = bigger
+            .lines()
+            .filter(|l| l.starts_with("vxnat_backend_syns_total{") && l.contains("outcome=\"sent\""))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum();
+        assert_eq!(sent_text, sent as f64);
+        // The busiest are the ones named.
+        assert!(bigger.contains("backend=\"other\""));
+        assert!(!bigger.lines().any(|l| l.starts_with("vxnat_backend_syns_total{")
+            && l.contains("outcome=\"sent\"")
+            && l.ends_with(" 0")
+            && !l.contains("other")));
+    }
 }

@@ -129,7 +129,8 @@ pub fn next_hop_mac(dst: Ipv4Addr) -> Result<Option<MacAddr>, Error> {
 /// Creates the host port: a veth pair `ifname` (vxnat's end) / `{ifname}h` (the node stack's),
 /// both up, the pod gateway `gateway/32` on the node end (the node owns it, as flannel's cni0
 /// does) and the cluster network routed over the link from that address (vxnat answers ARP
-/// for cluster addresses on it). Removes a leftover pair first.
+/// for cluster addresses on it). A pair left by a predecessor is kept and brought to this
+/// configuration; a lone leftover end is removed first.
 pub fn create_host_port(
     ifname: &str,
     gateway: Ipv4Addr,
@@ -139,14 +140,19 @@ pub fn create_host_port(
     services: &str,
 ) -> Result<String, Error> {
     let stack = format!("{ifname}h");
-    if exists(ifname) {
+    // A predecessor's pair (vxnat restarted) is kept, with its MACs, so the node stack's
+    // neighbour entries and its connections to pods go on; anything else by that name goes.
+    let reuse = exists(ifname) && exists(&stack);
+    if !reuse && exists(ifname) {
         ip(&["link", "del", ifname])?;
     }
-    ip(&["link", "add", ifname, "type", "veth", "peer", "name", &stack])?;
+    if !reuse {
+        ip(&["link", "add", ifname, "type", "veth", "peer", "name", &stack])?;
+    }
     let mtu = mtu.to_string();
     ip(&["link", "set", ifname, "mtu", &mtu, "up"])?;
     ip(&["link", "set", &stack, "mtu", &mtu, "up"])?;
-    ip(&["addr", "add", &format!("{gateway}/32"), "dev", &stack])?;
+    ip(&["addr", "replace", &format!("{gateway}/32"), "dev", &stack])?;
     ip(&["route", "replace", cluster, "dev", &stack, "scope", "link", "src", &gateway.to_string()])?;
     // Service addresses: through vxnat too, via a cluster address it answers ARP for.
     ip(&["route", "replace", services, "via", &net.to_string(), "dev", &stack, "onlink", "src", &gateway.to_string()])?;
@@ -215,10 +221,12 @@ pub struct NodeRules<'a> {
 }
 
 pub fn install_node_rules(r: &NodeRules<'_>) -> Result<(), Error> {
-    remove_masquerade();
     let (cluster, services, gw) = (r.cluster, r.services, r.gateway);
-    let mut out =
-        String::from("table ip vxnat {\n chain output {\n  type nat hook output priority -100; policy accept;\n");
+    // One transaction replaces the table (created empty if absent, deleted, written again):
+    // a restart never leaves a moment without NodePort or masquerade rules.
+    let mut out = String::from(
+        "table ip vxnat\ndelete table ip vxnat\ntable ip vxnat {\n chain output {\n  type nat hook output priority -100; policy accept;\n",
+    );
     for (proto, np, vip, port) in r.node_ports {
         out.push_str(&format!("  fib daddr type local {proto} dport {np} dnat to {vip}:{port}\n"));
     }

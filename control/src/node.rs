@@ -19,6 +19,7 @@ use crate::model::{Model, Update};
 use crate::netinfo;
 use crate::pods::{self, Pod};
 use crate::services::Compiler;
+use crate::skips::{Problem, Skips, SERVICE};
 use crate::state::NodeView;
 use crate::stats::{snapshot, WorkerStats};
 use core::net::Ipv4Addr;
@@ -91,8 +92,9 @@ pub struct Cluster {
     pub services: Arc<ServiceTable>,
     /// NodePorts as the node-local nftables rules were last written.
     pub node_ports: Vec<(&'static str, u16, Ipv4Addr, u16)>,
-    /// Problems last reported (so each is logged once, when it appears).
-    problems: Vec<String>,
+    /// Services and Nodes left out or held at their last good version (each logged and
+    /// counted once, when it appears).
+    pub skips: Skips,
 }
 
 impl Cluster {
@@ -103,19 +105,11 @@ impl Cluster {
             model,
             services: Arc::default(),
             node_ports: Vec::new(),
-            problems: Vec::new(),
+            skips: Skips::default(),
         };
         c.compile_services(None);
         c.node_ports = crate::services::node_port_redirects(c.model.services.values());
         c
-    }
-
-    /// Logs the problems not reported last time.
-    fn report(&mut self, problems: Vec<String>) {
-        for p in problems.iter().filter(|p| !self.problems.contains(p)) {
-            tracing::warn!("skipped: {p}");
-        }
-        self.problems = problems;
     }
 
     /// Compiles the Services `dirty` names (all of them when `None`) and assembles the table.
@@ -124,33 +118,38 @@ impl Cluster {
             None => self.compiler.compile_all(&self.model),
             Some(d) => self.compiler.compile_changed(&self.model, d),
         };
-        let (table, conflicts) = self.compiler.table();
-        let mut problems = self.compiler.problems();
-        problems.extend(conflicts);
-        self.report(problems);
+        let (table, conflicts) = self.compiler.table_keyed();
+        // One entry per Service: its compile error, then any frontend it lost.
+        let mut by_service: std::collections::BTreeMap<crate::model::Key, Vec<String>> = Default::default();
+        for (k, e) in self.compiler.keyed_problems().map(|(k, e)| (k.clone(), e.clone())).chain(conflicts) {
+            by_service.entry(k).or_default().push(e);
+        }
+        let problems = by_service
+            .into_iter()
+            .map(|((ns, name), es)| Problem::new(SERVICE, format!("{ns}/{name}"), es.join("; ")))
+            .collect();
+        self.skips.update(SERVICE, problems);
         self.services = Arc::new(table);
     }
 
-    /// The other Nodes of the model with the underlay next hop toward each: known ones keep
-    /// theirs (`known`), new ones are resolved. This node's own Node cannot change live (its pod
-    /// CIDR and address are wired into the host port and the XDP program): a change is
-    /// reported.
-    pub fn remotes(&self, me: &NodeView, known: &[(NodeView, MacAddr)]) -> Vec<(NodeView, MacAddr)> {
+    /// The other Nodes of the model with the underlay next hop toward each, chosen object by
+    /// object against `known` (the remotes of the tables in use; see `crate::remotes` for who
+    /// wins a conflict): a Node that is invalid or conflicts is named, counted and left out (or
+    /// held at its last good version), never failing the tables. Known Nodes keep their next
+    /// hop, new ones are resolved (only once chosen: a bad Node costs no lookup). This node's
+    /// own Node cannot change live (its pod CIDR and address are wired into the host port and
+    /// the XDP program): a change is reported.
+    pub fn remotes(
+        &mut self,
+        me: &NodeView,
+        cluster: Ipv4Cidr,
+        known: &[(NodeView, MacAddr)],
+    ) -> Vec<(NodeView, MacAddr)> {
+        let last: Vec<NodeView> = known.iter().map(|(v, _)| v.clone()).collect();
+        let chosen = crate::remotes::select(me, cluster, &self.model.nodes, &last);
+        self.skips.update(crate::remotes::KIND, chosen.problems);
         let mut remotes = Vec::new();
-        for n in self.model.nodes.values() {
-            let v = match NodeView::from_node(n) {
-                Ok(v) => v,
-                Err(e) => {
-                    tracing::warn!("skipped: {e}");
-                    continue;
-                }
-            };
-            if v.name == me.name {
-                if v.pod_cidr != me.pod_cidr || v.node_ip != me.node_ip {
-                    tracing::warn!("Node {}: podCIDR or address changed; restart vxnat to apply it", v.name);
-                }
-                continue;
-            }
+        for v in chosen.remotes {
             let hop = known
                 .iter()
                 .find(|(r, _)| r.node_ip == v.node_ip)
@@ -180,7 +179,14 @@ pub struct Node {
     pub worker_wait: Duration,
     /// The cluster source's state (for `ctl stats`), once supervised.
     pub source: Option<Arc<crate::source::SourceStatus>>,
+    /// Pod ports detached because their interface vanished without a detach.
+    pub vanished: u64,
+    /// Where a successor's handover request goes (`crate::run`); `None` until running.
+    pub handover: Option<Sender<HandoverAsk>>,
 }
+
+/// A successor's handover request: its pid, and where to say the node has released.
+pub type HandoverAsk = (u32, Sender<Result<(), String>>);
 
 /// What became of an attach or detach sent to the worker.
 enum Answer {
@@ -210,9 +216,29 @@ impl Node {
             started: Instant::now(),
             worker_wait: WORKER_WAIT,
             source: None,
+            vanished: 0,
+            handover: None,
         };
         node.sync_frontends();
         node
+    }
+
+    /// Takes `pods` as attached: the worker bound them at its start (a restart brings back
+    /// the pods of the pods file), with tables of this node's generation 1 listing them.
+    pub fn adopt(&mut self, pods: Vec<Pod>) {
+        self.pods = pods;
+        self.save_pods();
+    }
+
+    /// Sends the worker tables compiled from the current state and pods.
+    pub fn republish(&mut self) {
+        let pods = self.pods.clone();
+        match self.compile(&pods) {
+            Ok(t) => {
+                let _ = self.commands.send(Command::Tables(t, Instant::now()));
+            }
+            Err(e) => tracing::error!("compiling tables: {e}"),
+        }
     }
 
     fn next_port(&self) -> u16 {
@@ -240,6 +266,9 @@ impl Node {
         if !netinfo::exists(ifname) {
             return Err(Error::NoSuchInterface { ifname: ifname.to_string() });
         }
+        // A pod whose interface vanished and whose link event is not handled yet would hold its
+        // address (or, under a reused name, its port) against this one: detach those first.
+        self.detach_vanished(None);
         if self.pods.iter().any(|p| p.ifname == ifname) {
             return Err(Error::AlreadyAttached { ifname: ifname.to_string() });
         }
@@ -247,14 +276,16 @@ impl Node {
             Some(m) => m,
             None => netinfo::veth_peer_mac(ifname)?,
         };
-        // The port's own MAC, captured now: compiling never reads the system.
+        // The port's own MAC and index, captured now: compiling never reads the system.
         let port_mac = netinfo::mac(ifname)?;
+        let ifindex = netinfo::ifindex(ifname)?;
         let pod = Pod {
             ifname: ifname.to_string(),
             ip,
             mac: mac.to_string(),
             port: self.next_port(),
             port_mac: port_mac.to_string(),
+            ifindex,
         };
         let mut pods = self.pods.clone();
         pods.push(pod.clone());
@@ -333,6 +364,46 @@ impl Node {
         Ok(pod)
     }
 
+    /// Detaches, as `vxnat ctl detach` does, every pod port whose interface is gone: those the
+    /// kernel reported deleted (`Some`: (index, name) of each RTM_DELLINK), or, with `None`,
+    /// those found gone now (no interface by that name, or another one under it: for link
+    /// events that were lost). Each is logged by name and counted in `vanished`. Returns the
+    /// pods detached.
+    pub fn detach_vanished(&mut self, deleted: Option<&[(u32, String)]>) -> Vec<Pod> {
+        let gone: Vec<Pod> = self
+            .pods
+            .iter()
+            .filter(|p| match deleted {
+                // The index when recorded: a new interface may already carry the name.
+                Some(links) => links.iter().any(|(i, n)| if p.ifindex != 0 { *i == p.ifindex } else { *n == p.ifname }),
+                None => match netinfo::ifindex(&p.ifname) {
+                    Ok(i) => p.ifindex != 0 && i != p.ifindex,
+                    Err(_) => true,
+                },
+            })
+            .cloned()
+            .collect();
+        let mut done = Vec::new();
+        for p in gone {
+            match self.detach(&p.ifname) {
+                Ok(_) => {
+                    self.vanished += 1;
+                    tracing::warn!(
+                        "pod {} on {}: its interface vanished without a detach; port {} detached",
+                        p.ip,
+                        p.ifname,
+                        p.port
+                    );
+                    done.push(p);
+                }
+                Err(e) => {
+                    tracing::error!("pod {} on {}: its interface vanished; detaching it failed: {e}", p.ip, p.ifname)
+                }
+            }
+        }
+        done
+    }
+
     fn save_pods(&self) {
         let path = pods::pods_file(&self.facts.file.socket);
         if let Err(e) = pods::save(&path, &self.pods) {
@@ -391,7 +462,7 @@ impl Node {
             return None;
         }
         if dirty.nodes {
-            self.facts.remotes = self.cluster.remotes(&self.facts.me, &self.facts.remotes);
+            self.facts.remotes = self.cluster.remotes(&self.facts.me, self.facts.cluster, &self.facts.remotes);
         }
         if !dirty.services.is_empty() {
             self.cluster.compile_services(Some(&dirty.services));

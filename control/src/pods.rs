@@ -1,7 +1,13 @@
-//! The pods attached to this node, and their persistence. The list is written to
-//! `<socket>.pods.json` after every attach and detach (to a temporary file, then renamed over
-//! the old one, so a crash never leaves half a file), and read back at start so a restart
+//! The pods attached to this node (the pod registry), and their persistence. The list is written
+//! to `<socket>.pods.json` after every attach and detach, and read back at start so a restart
 //! re-attaches them by itself.
+//!
+//! Contract: a [`Pod`] carries everything compiling the tables needs about it, read from the
+//! system once, at attach (its port's MAC, its interface index), so compiling never reads the
+//! system and an interface that vanishes cannot make it fail. The file is replaced atomically:
+//! written to a temporary file in the same directory, fsynced, renamed over the old one, and the
+//! directory fsynced, so a crash or power loss leaves the old list or the new one, never half a
+//! file.
 
 use core::net::Ipv4Addr;
 use serde::{Deserialize, Serialize};
@@ -19,6 +25,11 @@ pub struct Pod {
     /// The MAC of `ifname`, read once at attach so compiling tables never reads the system.
     #[serde(default)]
     pub port_mac: String,
+    /// The interface index of `ifname` at attach: a link event names the interface that
+    /// vanished by it, and a new interface under the same name is told apart by it (0: not
+    /// known, from a file written before it was recorded).
+    #[serde(default)]
+    pub ifindex: u32,
 }
 
 /// Where the pods of the node whose ctl socket is `socket` are remembered.
@@ -28,14 +39,22 @@ pub fn pods_file(socket: &Path) -> PathBuf {
     p.into()
 }
 
-/// Writes `pods` atomically: a temporary file beside the target, then a rename.
+/// Writes `pods` atomically: a temporary file beside the target (same directory, so the rename
+/// cannot cross filesystems), fsynced before the rename (else a crash after it could leave an
+/// empty file under the old name), then the directory fsynced so the rename itself is durable.
 pub fn save(path: &Path, pods: &[Pod]) -> std::io::Result<()> {
+    use std::io::Write;
     let text = serde_json::to_string_pretty(pods).map_err(std::io::Error::other)?;
     let mut tmp = path.to_path_buf().into_os_string();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// The pods remembered at `path`; none if the file is missing or unreadable (reported).
@@ -64,6 +83,7 @@ mod tests {
             mac: "02:00:00:00:00:02".into(),
             port: 2,
             port_mac: "02:00:00:00:00:01".into(),
+            ifindex: 7,
         }];
         save(&path, &pods).expect("save");
         assert_eq!(load(&path), pods);
@@ -76,7 +96,7 @@ mod tests {
         // A file from before port_mac existed still loads.
         std::fs::write(&path, r#"[{"ifname":"vxa1","ip":"10.244.0.2","mac":"02:00:00:00:00:02","port":2}]"#)
             .expect("old");
-        assert_eq!(load(&path)[0].port_mac, "");
+        assert_eq!((load(&path)[0].port_mac.as_str(), load(&path)[0].ifindex), ("", 0));
         std::fs::write(&path, "{ broken").expect("broken");
         assert!(load(&path).is_empty());
         let _ = std::fs::remove_dir_all(&dir);

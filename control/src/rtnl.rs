@@ -69,6 +69,15 @@ impl Rtnl {
         self.sock.recv(&mut &mut buf[..], 0).map_err(Error::Recv)
     }
 
+    /// Makes `recv` give up after `timeout` (a `WouldBlock` or `TimedOut` error), so a watch
+    /// thread can notice it should stop; and asks for a receive buffer of `rcvbuf` bytes, so a
+    /// burst of events (a node deleting many pods at once) is not lost.
+    pub fn set_watch_options(&self, timeout: std::time::Duration, rcvbuf: usize) -> Result<(), Error> {
+        let s = socket2::SockRef::from(&self.sock);
+        s.set_read_timeout(Some(timeout)).map_err(Error::Socket)?;
+        s.set_recv_buffer_size(rcvbuf).map_err(Error::Socket)
+    }
+
     /// Sends a request to the kernel; returns its sequence number.
     fn send(&mut self, msg: RouteNetlinkMessage, flags: u16) -> Result<u32, Error> {
         self.seq = self.seq.wrapping_add(1);
@@ -138,7 +147,7 @@ fn encode(msg: RouteNetlinkMessage, flags: u16, seq: u32) -> Vec<u8> {
 }
 
 /// Splits a datagram into (sequence number, whole message); stops at anything malformed.
-fn messages(mut b: &[u8]) -> Vec<(u32, &[u8])> {
+pub(crate) fn messages(mut b: &[u8]) -> Vec<(u32, &[u8])> {
     let mut out = Vec::new();
     // `new_checked` refuses a header that is short or whose length runs past the datagram.
     while let Ok(nb) = NetlinkBuffer::new_checked(b) {

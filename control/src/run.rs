@@ -1,7 +1,17 @@
-//! `vxnat run`: wiring only. Take the single-instance lock, clean up what a killed predecessor
-//! left, start the cluster source, capture the node facts, start the worker host, serve ctl,
+//! `vxnat run`: wiring only. Take the single-instance lock, start the cluster source, capture
+//! the node facts, take over what a predecessor left (host port, nftables table, XDP programs,
+//! replaced in place; its flows, from the flow file), start the worker host, serve ctl,
 //! metrics and the health probes, and run the control loop (cluster updates, ARP watch,
-//! underlay refreshes, supervision) until SIGTERM/SIGINT; then clean up.
+//! underlay refreshes, supervision) until SIGTERM/SIGINT; then stop, leaving the datapath in
+//! place for the successor.
+//!
+//! **Restarts are replacements** (issue 17). kube-proxy and flanneld restart without touching
+//! traffic because the kernel keeps their state; vxnat's state is its flows, so they live in a
+//! file mapped shared (`xsk::flowfile`), written as they change, and read back by the next
+//! process, whether this one stopped on SIGTERM or was killed. Nothing is torn down on the way
+//! out: the XDP programs stay attached (a frame meets a program without a socket and goes to
+//! the stack until the successor's attach replaces it atomically), the host port keeps its
+//! MACs, the nftables table is replaced in one transaction. The gap is the successor's start.
 //!
 //! **Supervision.** The control loop checks on every turn (at most ~100 ms apart) that the
 //! worker thread still runs. If it ended (a panic, or any return) vxnat does not try to carry
@@ -26,6 +36,7 @@ use crate::node::{install_rules, Cluster, Node};
 use crate::pods::{self, Pod};
 use crate::source::Supervised;
 use crate::state::{derived_vtep_mac, ClusterState, NodeView};
+use dataplane::tables::PortId;
 use dataplane::wire::Ipv4Cidr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -104,8 +115,9 @@ pub fn lock_file(socket: &Path) -> PathBuf {
 
 /// Takes `<socket>.lock` (flock(2), exclusive, not waiting) for as long as the returned file
 /// is open, i.e. the process lives (the kernel lets go when it exits, however it exits). It is
-/// taken before anything else, so a second `vxnat run` with the same socket stops before
-/// `cleanup_leftovers` could detach the first one's programs and delete its socket. The file
+/// taken before anything else, so a second `vxnat run` with the same socket stops before it
+/// could replace the first one's programs or write its flow file (and `vxnat cleanup` refuses
+/// while a vxnat runs). The file
 /// holds the holder's pid, for the refusal message. It is never removed: a removed lock file
 /// would let a third process lock a new file while the second still holds the old one.
 pub fn lock_instance(socket: &Path) -> Result<std::fs::File, Error> {
@@ -195,10 +207,24 @@ fn initial_model(
     Ok(model)
 }
 
-/// Removes what a killed vxnat may have left: XDP programs on the uplink and on the pods it
-/// had attached, the host port veth, the ctl socket.
-pub fn cleanup_leftovers(file: &NodeFile, pods: &[Pod]) {
-    for ifname in std::iter::once(&file.uplink).chain(pods.iter().map(|p| &p.ifname)) {
+/// Where the worker keeps its flows across restarts (`xsk::flowfile`): beside the ctl socket,
+/// on the tmpfs `/run` is.
+pub fn flows_file(socket: &Path) -> PathBuf {
+    let mut p = socket.to_path_buf().into_os_string();
+    p.push(".flows");
+    p.into()
+}
+
+/// `vxnat cleanup`: removes what vxnat leaves in place when it stops (for its successor) —
+/// XDP programs on the uplink and on the pods it had attached, the host port veth, its
+/// nftables table, the ctl socket and the flow file — for an uninstall. Refused while a vxnat
+/// runs with this socket (its lock). The pods file stays: a later `vxnat run` re-attaches
+/// the pods listed there.
+pub fn cleanup(file: &NodeFile) -> Result<(), Error> {
+    let _lock = lock_instance(&file.socket)?;
+    for ifname in
+        std::iter::once(&file.uplink).chain(pods::load(&pods::pods_file(&file.socket)).iter().map(|p| &p.ifname))
+    {
         if let Ok(i) = netinfo::ifindex(ifname) {
             XdpProgram::detach_any(i);
         }
@@ -206,6 +232,8 @@ pub fn cleanup_leftovers(file: &NodeFile, pods: &[Pod]) {
     netinfo::delete_link(&file.host.ifname);
     netinfo::remove_masquerade();
     let _ = std::fs::remove_file(&file.socket);
+    let _ = std::fs::remove_file(flows_file(&file.socket));
+    Ok(())
 }
 
 /// Creates the host port (the node stack's way into the cluster network, as flannel's cni0).
@@ -227,13 +255,24 @@ fn host_port(file: &NodeFile, facts: &NodeFacts) -> Result<HostPort, Error> {
 
 /// Runs the node until SIGTERM/SIGINT; cleans up on the way out.
 pub fn run(file: NodeFile) -> Result<(), Error> {
-    let _lock = lock_instance(&file.socket)?;
+    // A running predecessor (its lock held) is asked to hand over once this process is ready
+    // to bind (`take_over`), unless handovers are off.
+    let (lock, predecessor) = match lock_instance(&file.socket) {
+        Ok(l) => (Some(l), None),
+        Err(Error::Locked { holder, .. }) if file.handover => (None, Some(holder)),
+        Err(e) => return Err(e),
+    };
+    let lock = Arc::new(std::sync::Mutex::new(lock));
+    if let Some(holder) = &predecessor {
+        tracing::info!("another vxnat ({holder}) runs with this socket: preparing to take over from it");
+    }
     let pods_path = pods::pods_file(&file.socket);
     let previous = pods::load(&pods_path);
-    cleanup_leftovers(&file, &previous);
-    let stop = Arc::new(AtomicBool::new(false));
+    // `stop` ends every thread (SIGTERM, SIGINT, a handover); `term` is the signal alone.
+    let (stop, term) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, stop.clone()).map_err(Error::Signal)?;
+        signal_hook::flag::register(sig, term.clone()).map_err(Error::Signal)?;
     }
     // The cluster source: the state file, followed for changes, or the Kubernetes API.
     // Supervised: started again (after a backoff) whenever its thread dies.
@@ -270,8 +309,8 @@ pub fn run(file: NodeFile) -> Result<(), Error> {
     let mut source = Supervised::start(&source_name, spawn_source).map_err(Error::Source)?;
     let model = initial_model(&file, &updates, &mut source, &stop, Duration::from_secs(60))?;
     let mut facts = gather(&file, &model)?;
-    let cluster = Cluster::new(model, &facts.me.name, file.maglev_table_size);
-    facts.remotes = cluster.remotes(&facts.me, &[]);
+    let mut cluster = Cluster::new(model, &facts.me.name, file.maglev_table_size);
+    facts.remotes = cluster.remotes(&facts.me, facts.cluster, &[]);
     // Sent again whenever the Kubernetes source restarts (the one that died may have taken
     // them without publishing them).
     let annotations = file.state.is_none().then(|| {
@@ -290,9 +329,10 @@ pub fn run(file: NodeFile) -> Result<(), Error> {
     if file.masquerade && std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "0") {
         tracing::warn!("net.ipv4.ip_forward is 0: pod traffic leaving the cluster will not be forwarded by this node (set it to 1, as flannel nodes have it)");
     }
-    // Pods attached before a restart come back if their interface still exists.
+    // Pods attached before a restart come back if their interface still exists: bound by the
+    // worker at its start, with the uplink (the first tables list them).
     let pods: Vec<Pod> = previous.into_iter().filter(|p| netinfo::exists(&p.ifname)).collect();
-    let tables = Arc::new(compile(&facts, cluster.services.clone(), &[], 1)?);
+    let tables = Arc::new(compile(&facts, cluster.services.clone(), &pods, 1)?);
     let cfg = HostConfig {
         worker: WorkerConfig {
             frames: file.umem.frames_for(file.max_pods),
@@ -311,17 +351,24 @@ pub fn run(file: NodeFile) -> Result<(), Error> {
         node_ip: facts.me.node_ip.octets(),
         vxlan_port: file.vxlan.port,
         busy_poll: file.busy_poll,
+        flow_file: Some(flows_file(&file.socket)),
+        pods: pods.iter().map(|p| (PortId(p.port), p.ifname.clone())).collect(),
     };
+    // What a predecessor left (XDP programs, the host port, the nftables table, the flow
+    // file) is taken over in place, and left in place for the successor: a restart is a
+    // replacement, never a teardown (`vxnat cleanup` removes it all for an uninstall).
     let clean_up = || {
-        netinfo::delete_link(&file.host.ifname);
-        netinfo::remove_masquerade();
         let _ = std::fs::remove_file(&file.socket);
     };
     let shutdown = |why: Error| {
         clean_up();
         why
     };
-    let mut worker = WorkerHost::spawn(cfg, tables, stop.clone()).map_err(|e| shutdown(Error::Worker(e)))?;
+    let gate = predecessor.map(|holder| -> xsk::host::Gate {
+        let (socket, lock) = (file.socket.clone(), lock.clone());
+        Box::new(move || take_over(&socket, &holder, &lock))
+    });
+    let mut worker = WorkerHost::spawn(cfg, tables, stop.clone(), gate).map_err(|e| shutdown(Error::Worker(e)))?;
     // Control (this thread: ctl, refreshes) on a core the worker does not use.
     if let Some(worker_core) = file.cores.first() {
         if let Some(c) = core_affinity::get_core_ids().unwrap_or_default().into_iter().find(|c| c.id != *worker_core) {
@@ -329,6 +376,19 @@ pub fn run(file: NodeFile) -> Result<(), Error> {
         }
     }
     let frontends = worker.take_frontends().ok_or_else(|| shutdown(Error::FrontendsKept))?;
+    if let Some(c) = worker.carried() {
+        if c.flows + c.refused + c.corrupt > 0 {
+            tracing::info!(
+                "carried over {} flows from the previous process ({} refused: table full or duplicate; {} torn records skipped)",
+                c.flows,
+                c.refused,
+                c.corrupt
+            );
+        }
+        for p in &c.problems {
+            tracing::warn!("{p}");
+        }
+    }
     let health = Arc::new(Health::new(worker.heartbeat(), source.status.clone()));
     let mut node = Node::new(facts, cluster, worker.commands(), frontends);
     node.source = Some(source.status.clone());
@@ -339,13 +399,25 @@ pub fn run(file: NodeFile) -> Result<(), Error> {
             None
         }
     };
-    for p in &pods {
-        let mac = p.mac.parse().ok();
-        match node.attach(&p.ifname, p.ip, mac) {
-            Ok(_) => tracing::info!("re-attached pod {} on {}", p.ip, p.ifname),
+    let mut bound = Vec::new();
+    for (p, r) in pods.into_iter().zip(worker.pods()) {
+        match r {
+            Ok(()) => {
+                tracing::info!("re-attached pod {} on {}", p.ip, p.ifname);
+                bound.push(p);
+            }
             Err(e) => tracing::warn!("could not re-attach pod {} on {}: {e}", p.ip, p.ifname),
         }
     }
+    let failed = bound.len() < worker.pods().len();
+    node.adopt(bound);
+    if failed {
+        // The first tables listed every remembered pod: the worker gets tables without the
+        // ones it could not bind.
+        node.republish();
+    }
+    let (handover_tx, handovers) = crossbeam_channel::bounded(1);
+    node.handover = Some(handover_tx);
     let node_ip = node.facts.me.node_ip;
     let node = Arc::new(std::sync::Mutex::new(node));
     let server = crate::ctl::serve(&file.socket, node.clone(), stop.clone()).map_err(|e| shutdown(Error::Ctl(e)))?;
@@ -361,6 +433,11 @@ pub fn run(file: NodeFile) -> Result<(), Error> {
             Err(e) => tracing::warn!("{e}; no /healthz or /readyz there"),
         }
     }
+    // Pod ports whose interface vanishes are detached (rtnetlink link events).
+    match crate::linkwatch::spawn(node.clone(), stop.clone()) {
+        Ok(h) => listeners.push(h),
+        Err(e) => tracing::warn!("{e}; pods whose interface vanishes are detached only at the next attach"),
+    }
     health.set_up(true);
     tracing::info!(
         "node {} up: uplink {}, VXLAN {node_ip}:{} VNI {}, ctl {}",
@@ -370,21 +447,61 @@ pub fn run(file: NodeFile) -> Result<(), Error> {
         file.vxlan.vni,
         file.socket.display()
     );
-    let outcome = control_loop(&node, &updates, &stop, &mut worker, &mut source, &annotate, &health);
+    let outcome = control_loop(&node, &updates, &handovers, &stop, &mut worker, &mut source, &annotate, &health);
     health.set_up(false);
     match &outcome {
-        Ok(()) => tracing::info!("stopping"),
-        Err(e) => tracing::error!("{e}; cleaning up and exiting with status 1, to be restarted"),
+        Ok(None) => tracing::info!("stopping; the datapath and the flows stay for the next vxnat"),
+        Ok(Some((pid, _))) => tracing::info!("handing over to pid {pid}"),
+        Err(e) => tracing::error!("{e}; exiting with status 1, to be restarted"),
     }
     stop.store(true, Ordering::Relaxed);
+    // The worker's last pass wrote the flow file; its sockets close with it, its programs stay.
     worker.join();
+    if let Ok(Some((pid, released))) = outcome {
+        // The successor binds as soon as the lock is free: release it, then say so.
+        drop(lock.lock().map(|mut l| l.take()));
+        let _ = released.send(Ok(()));
+        let _ = server.join();
+        for l in listeners {
+            let _ = l.join();
+        }
+        // The socket is the successor's now. Stay until told to stop, so a supervisor (the
+        // kubelet of a DaemonSet rolling out with maxSurge) does not restart this process,
+        // which would then take over back.
+        tracing::info!("handed over to pid {pid}; idle until SIGTERM");
+        while !term.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        return Ok(());
+    }
     let _ = server.join();
     for l in listeners {
         let _ = l.join();
     }
     // Pods stay listed in the pods file so a restart re-attaches them.
     clean_up();
-    outcome
+    outcome.map(|_| ())
+}
+
+/// A successor's side of a handover (`Gate`, run by the worker once its UMEM is ready and
+/// before it binds anything): ask the predecessor to release, then take the lock it let go.
+/// Everything slow (the cluster's first list, compiling, the UMEM) is done by then, so the
+/// forwarding gap is the predecessor's release and this process's binds.
+fn take_over(socket: &Path, holder: &str, lock: &std::sync::Mutex<Option<std::fs::File>>) -> Result<(), String> {
+    let refused = |why: String| format!("another vxnat ({holder}) runs with ctl socket {}: {why}", socket.display());
+    crate::ctl::request(socket, &crate::ctl::Request::Handover { pid: std::process::id() })
+        .map_err(|e| refused(format!("it did not hand over ({e})")))?;
+    let until = Instant::now() + Duration::from_secs(3);
+    loop {
+        match lock_instance(socket) {
+            Ok(f) => {
+                *lock.lock().map_err(|_| "lock slot poisoned".to_string())? = Some(f);
+                return Ok(());
+            }
+            Err(Error::Locked { .. }) if Instant::now() < until => std::thread::sleep(Duration::from_millis(1)),
+            Err(e) => return Err(refused(format!("its lock was not released ({e})"))),
+        }
+    }
 }
 
 /// Until `stop`: cluster changes (everything queued applied as one snapshot), ARP claims on
@@ -392,15 +509,17 @@ pub fn run(file: NodeFile) -> Result<(), Error> {
 /// (and every 10 s regardless). On every turn: a dead worker (or a poisoned node) ends the loop
 /// with the error `run` exits with, a dead cluster source is restarted (`resend` then sends
 /// the Node annotations again), and a stalled worker is logged once per stall.
+#[allow(clippy::too_many_arguments)]
 fn control_loop(
     node: &std::sync::Mutex<Node>,
     updates: &crossbeam_channel::Receiver<Update>,
+    handovers: &crossbeam_channel::Receiver<crate::node::HandoverAsk>,
     stop: &AtomicBool,
     worker: &mut WorkerHost,
     source: &mut Supervised,
     resend: &dyn Fn(),
     health: &Health,
-) -> Result<(), Error> {
+) -> Result<Option<crate::node::HandoverAsk>, Error> {
     let dirty = Arc::new(AtomicBool::new(false));
     {
         let d = dirty.clone();
@@ -424,9 +543,15 @@ fn control_loop(
             tracing::info!("the worker passes again");
         }
         stalled = age > HEARTBEAT_LIMIT;
-        if let Ok(first) = updates.recv_timeout(Duration::from_millis(100)) {
-            let batch: Vec<Update> = std::iter::once(first).chain(updates.try_iter()).collect();
-            node.lock().map_err(|_| Error::Poisoned)?.apply_updates(batch);
+        crossbeam_channel::select! {
+            recv(updates) -> first => if let Ok(first) = first {
+                let batch: Vec<Update> = std::iter::once(first).chain(updates.try_iter()).collect();
+                node.lock().map_err(|_| Error::Poisoned)?.apply_updates(batch);
+            },
+            recv(handovers) -> ask => if let Ok(ask) = ask {
+                return Ok(Some(ask));
+            },
+            default(Duration::from_millis(100)) => {}
         }
         {
             let mut n = node.lock().map_err(|_| Error::Poisoned)?;
@@ -441,5 +566,5 @@ fn control_loop(
             last_refresh = Instant::now();
         }
     }
-    Ok(())
+    Ok(None)
 }

@@ -120,6 +120,11 @@ impl Compiler {
         self.problems.values().cloned().collect()
     }
 
+    /// Every Service's current problem with the Service's key, in key order.
+    pub fn keyed_problems(&self) -> impl Iterator<Item = (&Key, &String)> {
+        self.problems.iter()
+    }
+
     /// Compiles every Service of `model`, on all cores. Returns the problems found.
     pub fn compile_all(&mut self, model: &Model) -> Vec<String> {
         self.cache.clear();
@@ -191,19 +196,25 @@ impl Compiler {
     /// The table of every cached Service, in key order (so when two Services claim one
     /// frontend, the same one wins on every node), and the conflicts found.
     pub fn table(&self) -> (ServiceTable, Vec<String>) {
+        let (table, conflicts) = self.table_keyed();
+        (table, conflicts.into_iter().map(|(_, e)| e).collect())
+    }
+
+    /// As [`Compiler::table`], each conflict with the key of the Service that lost it.
+    pub fn table_keyed(&self) -> (ServiceTable, Vec<(Key, String)>) {
         let mut table = ServiceTable::default();
         let mut problems = Vec::new();
-        for c in self.cache.values() {
+        for (key, c) in &self.cache {
             for p in &c.ports {
                 let idx = table.add_shared_port(p.port.clone());
                 for &(f, kind) in &p.frontends {
                     if let Err(e) = table.add_frontend(f, kind, idx) {
-                        problems.push(format!("{}: {e}", p.field));
+                        problems.push((key.clone(), format!("{}: {e}", p.field)));
                     }
                 }
                 for &(proto, np) in &p.node_ports {
                     if let Err(e) = table.add_node_port(proto, np, idx) {
-                        problems.push(format!("{}.nodePort: {e}", p.field));
+                        problems.push((key.clone(), format!("{}.nodePort: {e}", p.field)));
                     }
                 }
             }

@@ -26,6 +26,14 @@ pub struct WorkerStats {
     pub tables_generation: u64,
     pub flows: usize,
     pub flows_max: usize,
+    /// Flows on the early-drop list: unassured ones (an upper bound; issue 17).
+    #[serde(default)]
+    pub flows_unassured: usize,
+    /// ClientIP-affinity clients remembered, and how many the table can hold.
+    #[serde(default)]
+    pub affinity: usize,
+    #[serde(default)]
+    pub affinity_max: usize,
     pub snat_in_use: u64,
     pub snat_held: u64,
     /// SNAT'd flows ended, by cause (`dataplane::nat::snat::End::NAMES`): only
@@ -179,6 +187,9 @@ pub fn snapshot(w: &Worker, v: &HostView) -> WorkerStats {
         tables_generation: generation,
         flows: w.state().flows.len(),
         flows_max: w.state().flows.capacity(),
+        flows_unassured: w.state().flows.unassured_len(),
+        affinity: w.state().affinity.len(),
+        affinity_max: w.state().affinity.capacity(),
         snat_in_use: snat.in_use,
         snat_held: snat.held,
         snat_ended: dataplane::nat::snat::End::NAMES

@@ -52,7 +52,15 @@ fn the_daemonset_manifest_is_valid_and_grants_what_the_source_uses() {
     let f = NodeFile::parse(&format!("node = \"node-1\"\n{toml}"), Path::new("node.toml")).expect("node.toml");
     assert_eq!(f.state, None, "the DaemonSet uses the Kubernetes API");
     // The DaemonSet passes NODE_NAME and runs on the host network.
-    let spec = ds.expect("ds").spec.expect("spec").template.spec.expect("pod spec");
+    let ds_spec = ds.expect("ds").spec.expect("spec");
+    // A rollout starts the new pod beside the old one, which hands over to it (issue 17).
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let rolling = ds_spec.update_strategy.as_ref().and_then(|u| u.rolling_update.as_ref()).expect("rollingUpdate");
+    assert_eq!(
+        (&rolling.max_surge, &rolling.max_unavailable),
+        (&Some(IntOrString::Int(1)), &Some(IntOrString::Int(0)))
+    );
+    let spec = ds_spec.template.spec.expect("pod spec");
     assert_eq!(spec.host_network, Some(true));
     assert_eq!(spec.service_account_name.as_deref(), Some("vxnat"));
     assert!(spec.containers[0].env.iter().flatten().any(|e| e.name == "NODE_NAME"));

@@ -19,7 +19,7 @@ pub enum Mode {
 
 /// `enum vxnat_exit` of bpf/vxnat.h, in order (`VXNAT_EXIT_` + the upper-cased name; the test
 /// below reads the header and fails if the two lists differ).
-pub const EXIT_NAMES: [&str; 4] = ["redirect", "pass_not_ours", "pass_no_socket", "pass_unconfigured"];
+pub const EXIT_NAMES: [&str; 4] = ["redirect", "pass_not_ours", "drop_no_socket", "pass_unconfigured"];
 
 /// The Service frontends the uplink's program redirects to vxnat (its `frontends` map).
 #[derive(Debug)]
@@ -64,6 +64,8 @@ pub struct XdpProgram {
     object: Object,
     ifindex: i32,
     attach: AttachMode,
+    /// Left attached when dropped (`leave_attached`).
+    leave: bool,
 }
 
 impl std::fmt::Debug for XdpProgram {
@@ -86,15 +88,29 @@ fn err(what: &str, e: impl std::fmt::Display) -> String {
     format!("{what}: {e}")
 }
 
+/// The program loaded and configured for one port, not attached yet (`XdpProgram::load`): what
+/// a successor prepares before it asks its predecessor to hand over, so the takeover itself
+/// only binds and attaches.
+pub struct LoadedProgram {
+    object: Object,
+    mode: Mode,
+}
+
+impl std::fmt::Debug for LoadedProgram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedProgram").field("mode", &self.mode).finish_non_exhaustive()
+    }
+}
+
+impl LoadedProgram {
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+}
+
 impl XdpProgram {
-    /// Loads the program, writes its configuration and attaches it to `ifindex`.
-    pub fn attach(
-        ifindex: u32,
-        mode: Mode,
-        node_ip: [u8; 4],
-        vxlan_port: u16,
-        attach: AttachMode,
-    ) -> Result<XdpProgram, String> {
+    /// Loads the program (the verifier runs here) and writes its configuration.
+    pub fn load(mode: Mode, node_ip: [u8; 4], vxlan_port: u16) -> Result<LoadedProgram, String> {
         let mut open = ObjectBuilder::default().open_memory(OBJECT).map_err(|e| err("opening the XDP object", e))?;
         if mode != Mode::Uplink {
             // Only the uplink's program looks Service frontends up. The map is preallocated,
@@ -113,12 +129,45 @@ impl XdpProgram {
         Self::map(&object, "config")?
             .update(&0u32.to_ne_bytes(), &cfg, MapFlags::ANY)
             .map_err(|e| err("writing the XDP config", e))?;
-        let prog = object.progs().find(|p| p.name() == "vxnat_xdp").ok_or("XDP object has no vxnat_xdp program")?;
-        let ifindex = ifindex as i32;
-        Xdp::new(prog.as_fd())
-            .attach(ifindex, flags(attach))
-            .map_err(|e| err(&format!("attaching XDP to ifindex {ifindex}"), e))?;
-        Ok(XdpProgram { object, ifindex, attach })
+        Ok(LoadedProgram { object, mode })
+    }
+
+    /// Puts the AF_XDP socket `socket` (queue, fd) in the XSKMAP of `loaded`, writes the
+    /// uplink's Service `frontends` and attaches it to `ifindex`, in that order: attaching
+    /// replaces at once whatever program is there (one a predecessor left, whose sockets are
+    /// gone), and the new one redirects from its first frame (a NodePort segment it passed to
+    /// the kernel for want of its frontend would be reset). A program of the other mode
+    /// (native or generic) cannot be replaced in place: it is removed first.
+    pub fn attach(
+        loaded: LoadedProgram,
+        ifindex: u32,
+        attach: AttachMode,
+        socket: (u32, RawFd),
+        frontends: &[(std::net::Ipv4Addr, u16, u8)],
+    ) -> Result<XdpProgram, String> {
+        // Not attached yet: nothing to detach if anything below fails.
+        let mut program = XdpProgram { object: loaded.object, ifindex: ifindex as i32, attach, leave: true };
+        program.bind_socket(socket.0, socket.1)?;
+        if !frontends.is_empty() {
+            program.frontends()?.set(frontends)?;
+        }
+        let prog =
+            program.object.progs().find(|p| p.name() == "vxnat_xdp").ok_or("XDP object has no vxnat_xdp program")?;
+        let xdp = Xdp::new(prog.as_fd());
+        if xdp.attach(program.ifindex, flags(attach)).is_err() {
+            Self::detach_any(ifindex);
+            xdp.attach(program.ifindex, flags(attach))
+                .map_err(|e| err(&format!("attaching XDP to ifindex {ifindex}"), e))?;
+        }
+        program.leave = false;
+        Ok(program)
+    }
+
+    /// Leaves the program attached when this is dropped, for a successor to replace (a
+    /// restart): until then a frame meets a program without a socket (`drop_no_socket`), and
+    /// the successor's attach is one atomic replacement.
+    pub fn leave_attached(&mut self) {
+        self.leave = true;
     }
 
     fn map<'a>(object: &'a Object, name: &str) -> Result<libbpf_rs::Map<'a>, String> {
@@ -126,7 +175,7 @@ impl XdpProgram {
     }
 
     /// Puts the AF_XDP socket `fd` in the XSKMAP slot of `queue`.
-    pub fn bind_socket(&self, queue: u32, fd: RawFd) -> Result<(), String> {
+    fn bind_socket(&self, queue: u32, fd: RawFd) -> Result<(), String> {
         Self::map(&self.object, "xsks_map")?
             .update(&queue.to_ne_bytes(), &(fd as u32).to_ne_bytes(), MapFlags::ANY)
             .map_err(|e| err("inserting the socket into the XSKMAP", e))
@@ -185,6 +234,9 @@ impl XdpProgram {
 
 impl Drop for XdpProgram {
     fn drop(&mut self) {
+        if self.leave {
+            return;
+        }
         if let Some(prog) = self.object.progs().find(|p| p.name() == "vxnat_xdp") {
             let _ = Xdp::new(prog.as_fd()).detach(self.ifindex, flags(self.attach));
         }

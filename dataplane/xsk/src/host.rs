@@ -14,6 +14,7 @@
 //! whose sender stopped waiting never takes effect later.
 
 use crate::bpf::{FrontendsMap, Mode};
+use crate::flowfile::{FlowFile, LoadError};
 use crate::worker::{Worker, WorkerConfig};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use dataplane::tables::{PortId, Tables};
@@ -95,6 +96,8 @@ impl Claim {
 pub struct Heartbeat {
     /// The worker's clock starts here (the pipeline's `now` is nanoseconds since `epoch`).
     epoch: Instant,
+    /// `epoch` on CLOCK_MONOTONIC, which other processes share (the flow file's times).
+    origin: u64,
     /// `now` at the start of the last pass.
     last_ns: AtomicU64,
     /// Set when the loop starts, cleared when the thread ends (however it ends).
@@ -103,7 +106,9 @@ pub struct Heartbeat {
 
 impl Heartbeat {
     fn new() -> Heartbeat {
-        Heartbeat { epoch: Instant::now(), last_ns: AtomicU64::new(0), running: AtomicBool::new(false) }
+        // Instant is CLOCK_MONOTONIC on Linux: the two readings are the same clock, ns apart.
+        let (epoch, origin) = (Instant::now(), crate::flowfile::monotonic_ns());
+        Heartbeat { epoch, origin, last_ns: AtomicU64::new(0), running: AtomicBool::new(false) }
     }
 
     /// How long ago the worker last started a pass (since the host started, if never).
@@ -170,6 +175,34 @@ pub struct HostConfig {
     pub vxlan_port: u16,
     /// Spin even when idle.
     pub busy_poll: bool,
+    /// Where the flows live across restarts (`crate::flowfile`): read at start, then kept
+    /// current. `None`: flows die with the process.
+    pub flow_file: Option<std::path::PathBuf>,
+    /// Pod ports to bind at start, with the uplink and host port (the pods a restart brings
+    /// back; `tables` lists them): (port, interface).
+    pub pods: Vec<(PortId, String)>,
+}
+
+/// Runs on the worker thread once the UMEM is ready and before any port is bound (a
+/// successor's takeover: the predecessor releases its sockets, flows and lock here). An error
+/// ends the start.
+pub type Gate = Box<dyn FnOnce() -> Result<(), String> + Send>;
+
+/// What the worker thread reports once its start is over.
+type Started = Result<(FrontendsMap, Option<Carried>, Vec<Result<(), String>>), String>;
+
+/// What the worker carried over from the flow file an earlier process left (for the log).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Carried {
+    /// Flows tracked again, with their NAT state and SNAT tuples.
+    pub flows: usize,
+    /// Intact records not tracked again (the table is smaller now, or a duplicate key).
+    pub refused: usize,
+    /// Records torn by a crash or damaged, skipped.
+    pub corrupt: usize,
+    /// Why nothing was read, or why the flows are not being kept from now on (the file could
+    /// not be written): the flows then die with this process.
+    pub problems: Vec<String>,
 }
 
 /// The uplink's port number.
@@ -187,30 +220,54 @@ pub struct WorkerHost {
     thread: Option<std::thread::JoinHandle<()>>,
     heartbeat: Arc<Heartbeat>,
     stop: Arc<AtomicBool>,
+    carried: Option<Carried>,
+    pods: Vec<Result<(), String>>,
 }
 
 impl WorkerHost {
-    /// Starts the worker thread, binds the uplink and host port, and returns once they are
-    /// bound (or with why they could not be). The thread runs until `stop`.
-    pub fn spawn(cfg: HostConfig, tables: Arc<Tables>, stop: Arc<AtomicBool>) -> Result<WorkerHost, String> {
+    /// Starts the worker thread, which maps the UMEM, passes `gate`, binds the uplink, the host
+    /// port and `cfg.pods`, and carries the flows over; returns once that is done (or with why
+    /// the uplink or host port could not be bound). The thread runs until `stop`.
+    pub fn spawn(
+        cfg: HostConfig,
+        tables: Arc<Tables>,
+        stop: Arc<AtomicBool>,
+        gate: Option<Gate>,
+    ) -> Result<WorkerHost, String> {
         let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
         let (ready_tx, ready_rx) = bounded(1);
         let heartbeat = Arc::new(Heartbeat::new());
         let (hb, worker_stop) = (heartbeat.clone(), stop.clone());
         let thread = std::thread::Builder::new()
             .name("vxnat-worker-0".into())
-            .spawn(move || worker_main(cfg, tables, cmd_rx, worker_stop, ready_tx, &hb))
+            .spawn(move || worker_main(cfg, tables, gate, cmd_rx, worker_stop, ready_tx, &hb))
             .map_err(|e| format!("starting the worker: {e}"))?;
         match ready_rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(Ok(frontends)) => {
-                Ok(WorkerHost { commands: cmd_tx, frontends: Some(frontends), thread: Some(thread), heartbeat, stop })
-            }
+            Ok(Ok((frontends, carried, pods))) => Ok(WorkerHost {
+                commands: cmd_tx,
+                frontends: Some(frontends),
+                thread: Some(thread),
+                heartbeat,
+                stop,
+                carried,
+                pods,
+            }),
             Ok(Err(e)) => {
                 let _ = thread.join();
                 Err(e)
             }
             Err(_) => Err("the worker did not start within 20 s".into()),
         }
+    }
+
+    /// What was carried over from a predecessor's flow file (`None` without a flow file).
+    pub fn carried(&self) -> Option<&Carried> {
+        self.carried.as_ref()
+    }
+
+    /// How binding each of `HostConfig::pods` went, in order.
+    pub fn pods(&self) -> &[Result<(), String>] {
+        &self.pods
     }
 
     /// The channel to the worker.
@@ -279,9 +336,10 @@ pub fn ask<R: Send + 'static>(
 fn worker_main(
     cfg: HostConfig,
     mut tables: Arc<Tables>,
+    gate: Option<Gate>,
     commands: Receiver<Command>,
     stop: Arc<AtomicBool>,
-    ready: Sender<Result<FrontendsMap, String>>,
+    ready: Sender<Started>,
     heartbeat: &Heartbeat,
 ) {
     if let Some(c) = cfg.core {
@@ -290,18 +348,37 @@ fn worker_main(
     let (node_ip, vxlan_port) = (cfg.node_ip, cfg.vxlan_port);
     let started = (|| {
         let mut w = Worker::new(0, cfg.worker.clone()).map_err(|e| e.to_string())?;
-        w.add_port(UPLINK, &cfg.uplink, Mode::Uplink, node_ip, vxlan_port)
+        if let Some(gate) = gate {
+            // Everything that does not need the predecessor's sockets, before it lets go.
+            let host = cfg.host.iter().map(|_| (HOST, Mode::All));
+            let pods = cfg.pods.iter().map(|(p, _)| (*p, Mode::All));
+            for (port, mode) in std::iter::once((UPLINK, Mode::Uplink)).chain(host).chain(pods) {
+                w.preload(port, mode, node_ip, vxlan_port)?;
+            }
+            gate()?;
+        }
+        let frontends = tables.services().uplink_frontends(std::net::Ipv4Addr::from(node_ip));
+        w.add_uplink(UPLINK, &cfg.uplink, node_ip, vxlan_port, &frontends)
             .map_err(|e| format!("uplink {}: {e}", cfg.uplink))?;
         if let Some(h) = &cfg.host {
             w.add_host_port(HOST, h, node_ip, vxlan_port).map_err(|e| format!("host port {h}: {e}"))?;
         }
+        let pods: Vec<Result<(), String>> =
+            cfg.pods.iter().map(|(port, ifname)| w.add_port(*port, ifname, Mode::All, node_ip, vxlan_port)).collect();
         let frontends = w.frontends(UPLINK)?;
-        Ok::<_, String>((w, frontends))
+        Ok::<_, String>((w, frontends, pods))
     })();
-    let mut w = match started {
-        Ok((w, frontends)) => {
-            let _ = ready.send(Ok(frontends));
-            w
+    let (mut w, mut flow_file) = match started {
+        Ok((mut w, frontends, pods)) => {
+            let (file, carried) = match &cfg.flow_file {
+                Some(path) => {
+                    let (file, carried) = carry_flows(path, &mut w, heartbeat);
+                    (file, Some(carried))
+                }
+                None => (None, None),
+            };
+            let _ = ready.send(Ok((frontends, carried, pods)));
+            (w, file)
         }
         Err(e) => {
             let _ = ready.send(Err(e));
@@ -347,7 +424,11 @@ fn worker_main(
         }
         let now = start.elapsed().as_nanos() as u64;
         heartbeat.beat(now);
-        if w.poll(&tables, now) > 0 {
+        let busy = w.poll(&tables, now) > 0;
+        if let Some(f) = flow_file.as_mut() {
+            f.write_changes(&mut w.state_mut().flows);
+        }
+        if busy {
             idle = 0;
         } else {
             idle = idle.saturating_add(1);
@@ -355,6 +436,36 @@ fn worker_main(
             if !cfg.busy_poll && idle > IDLE_PASSES {
                 w.wait(IDLE_SLEEP_MS);
             }
+        }
+    }
+    // Asked to stop (SIGTERM: a restart or an upgrade, as a rollout does it): the programs
+    // stay for the successor to replace, and the flow file holds every change up to the last
+    // pass. A panic unwinds past this and detaches them (the successor attaches afresh).
+    w.leave_attached();
+    // The sockets close here, the UMEM's registration with them (the successor binds their
+    // queues next); unmapping its memory (tens of ms for ~150 MB) is not for it to wait for.
+    let umem = w.into_umem().unregister();
+    let _ = std::thread::Builder::new().name("vxnat-umem-free".into()).spawn(move || drop(umem));
+}
+
+/// Restores the flows a predecessor left in `path` into the worker and starts a new flow file
+/// there holding them (and, from then on, every change).
+fn carry_flows(path: &std::path::Path, w: &mut Worker, heartbeat: &Heartbeat) -> (Option<FlowFile>, Carried) {
+    let mut carried = Carried::default();
+    let now = heartbeat.epoch.elapsed().as_nanos() as u64;
+    match FlowFile::load(path, heartbeat.origin) {
+        Ok(loaded) => {
+            let r = dataplane::pipeline::restore(w.state_mut(), loaded.flows, now);
+            (carried.flows, carried.refused, carried.corrupt) = (r.flows, r.refused, loaded.corrupt);
+        }
+        Err(LoadError::Missing) => {}
+        Err(e) => carried.problems.push(format!("{}: {e}", path.display())),
+    }
+    match FlowFile::create(path, &mut w.state_mut().flows, heartbeat.origin) {
+        Ok(f) => (Some(f), carried),
+        Err(e) => {
+            carried.problems.push(format!("{}: {e}; flows will not survive a restart", path.display()));
+            (None, carried)
         }
     }
 }

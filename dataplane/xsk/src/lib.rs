@@ -14,6 +14,7 @@
 pub mod bpf;
 mod bulk;
 pub mod fill;
+pub mod flowfile;
 pub mod host;
 pub mod packet;
 pub mod port;

@@ -65,11 +65,15 @@ impl std::fmt::Debug for XskPort {
     }
 }
 
+/// How long a bind retries a queue still held by a socket closed just before.
+const BIND_BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 // SAFETY: a port is owned and used by one worker thread.
 unsafe impl Send for XskPort {}
 
 impl XskPort {
-    /// Binds a socket on `ifname` queue 0. libxdp's own program loading is inhibited: vxnat
+    /// Binds a socket on `ifname` queue 0 (retrying for `BIND_BUSY_WAIT` while the queue is
+    /// still held by a socket closed just before). libxdp's own program loading is inhibited: vxnat
     /// loads its program and inserts the socket into its XSKMAP itself.
     pub fn bind(umem: &mut Umem, ifname: &str, cfg: PortConfig) -> Result<XskPort, XskError> {
         let name = CString::new(ifname).map_err(|_| XskError {
@@ -95,8 +99,22 @@ impl XskPort {
         }
         // Multi-buffer first; a kernel without it refuses the flag, and the socket is bound
         // without (frames larger than a chunk are then dropped by the kernel, in its counters).
-        match Self::create(umem, &name, ifname, cfg, bind_flags, &mut rx, &mut tx, &mut fill, &mut comp) {
+        // A queue whose previous socket was just closed (a predecessor's, handing over or
+        // killed) stays registered until a kernel work item releases it after the close
+        // returned: EBUSY meanwhile, retried with the same rings (not the flag's fault: binding
+        // without it moments later would lose multi-buffer for the port's life).
+        let busy_until = std::time::Instant::now() + BIND_BUSY_WAIT;
+        let first = loop {
+            match Self::create(umem, &name, ifname, cfg, bind_flags, &mut rx, &mut tx, &mut fill, &mut comp) {
+                Err(e) if e.source.raw_os_error() == Some(libc::EBUSY) && std::time::Instant::now() < busy_until => {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                r => break r,
+            }
+        };
+        match first {
             Ok((raw, fd)) => Ok(XskPort::new(ifname, ifindex, raw, fd, rx, tx, fill, comp, true)),
+            Err(e) if e.source.raw_os_error() == Some(libc::EBUSY) => Err(e),
             Err(_) => {
                 let (raw, fd) = Self::create(
                     umem,

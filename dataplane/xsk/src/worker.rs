@@ -156,6 +156,8 @@ pub struct Worker {
     pollfds: Vec<libc::pollfd>,
     /// When the last idle expiry sweep ran (worker clock, ns).
     last_idle_sweep: u64,
+    /// Programs loaded ahead of their port's bind (`preload`), by port.
+    preloaded: Vec<(PortId, crate::bpf::LoadedProgram)>,
     /// The clock of the last poll (for ports bound between polls).
     last_now: u64,
     /// What may still be staged for transmit this pass.
@@ -198,6 +200,7 @@ impl Worker {
             min_sum: 0,
             pollfds: Vec::new(),
             last_idle_sweep: 0,
+            preloaded: Vec::new(),
             last_now: 0,
             tx,
             first_port: 0,
@@ -218,17 +221,41 @@ impl Worker {
         vxlan_port: u16,
     ) -> Result<(), String> {
         let node = mode == Mode::Uplink;
-        self.bind(id, ifname, mode, node, node_ip, vxlan_port)
+        self.bind(id, ifname, mode, node, node_ip, vxlan_port, &[])
+    }
+
+    /// Loads and configures port `id`'s program now, for its bind later (`add_port` with the
+    /// same `mode`): a successor does this before the takeover, so the forwarding gap holds
+    /// only binds and attaches, not the verifier.
+    pub fn preload(&mut self, id: PortId, mode: Mode, node_ip: [u8; 4], vxlan_port: u16) -> Result<(), String> {
+        let loaded = XdpProgram::load(mode, node_ip, vxlan_port)?;
+        self.preloaded.retain(|(p, _)| *p != id);
+        self.preloaded.push((id, loaded));
+        Ok(())
+    }
+
+    /// `add_port` for the uplink, with the Service frontends its program redirects in place
+    /// before it is attached (`XdpProgram::attach`).
+    pub fn add_uplink(
+        &mut self,
+        id: PortId,
+        ifname: &str,
+        node_ip: [u8; 4],
+        vxlan_port: u16,
+        frontends: &[(std::net::Ipv4Addr, u16, u8)],
+    ) -> Result<(), String> {
+        self.bind(id, ifname, Mode::Uplink, true, node_ip, vxlan_port, frontends)
     }
 
     /// Binds the host port (the node stack's side, the destination of `Disposition::ToHost`)
     /// with the node ports' rings and fill budget.
     pub fn add_host_port(&mut self, id: PortId, ifname: &str, node_ip: [u8; 4], vxlan_port: u16) -> Result<(), String> {
-        self.bind(id, ifname, Mode::All, true, node_ip, vxlan_port)?;
+        self.bind(id, ifname, Mode::All, true, node_ip, vxlan_port, &[])?;
         self.host = Some(id);
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn bind(
         &mut self,
         id: PortId,
@@ -237,6 +264,7 @@ impl Worker {
         node: bool,
         node_ip: [u8; 4],
         vxlan_port: u16,
+        frontends: &[(std::net::Ipv4Addr, u16, u8)],
     ) -> Result<(), String> {
         let i = usize::from(id.0);
         if id.0 == NO_OWNER {
@@ -263,8 +291,12 @@ impl Worker {
         // socket whose fill ring is still empty would be dropped by the kernel.
         let deficit = self.total_deficit() + fill.deficit();
         stock(&mut xsk, &mut fill, &mut self.pool, &mut self.owner, id.0, deficit, self.cfg.fill.reserve, &mut self.io);
-        let prog = XdpProgram::attach(xsk.ifindex, mode, node_ip, vxlan_port, self.cfg.attach)
-            .and_then(|prog| prog.bind_socket(xsk.queue, xsk.fd()).map(|()| prog));
+        let loaded = match self.preloaded.iter().position(|(p, l)| *p == id && l.mode() == mode) {
+            Some(i) => Ok(self.preloaded.swap_remove(i).1),
+            None => XdpProgram::load(mode, node_ip, vxlan_port),
+        };
+        let prog =
+            loaded.and_then(|l| XdpProgram::attach(l, xsk.ifindex, self.cfg.attach, (xsk.queue, xsk.fd()), frontends));
         let prog = match prog {
             Ok(prog) => prog,
             Err(e) => {
@@ -415,6 +447,31 @@ impl Worker {
     /// The pipeline state, to start or stop a capture or trace between polls.
     pub fn state_mut(&mut self) -> &mut WorkerState {
         &mut self.state
+    }
+
+    /// Leaves every port's XDP program attached when the worker is dropped (a restart: the
+    /// successor replaces them, `XdpProgram::leave_attached`).
+    pub fn leave_attached(&mut self) {
+        for p in self.ports.iter_mut().flatten() {
+            p.prog.leave_attached();
+        }
+    }
+
+    /// Closes every port's socket now (programs left attached if `leave_attached` was called),
+    /// the UMEM staying mapped until the worker is dropped: a stopping worker frees the queues
+    /// for its successor first.
+    pub fn close_ports(&mut self) {
+        for p in &mut self.ports {
+            drop(p.take());
+        }
+        self.pollfds.clear();
+    }
+
+    /// The UMEM alone, every port closed first (to free it on another thread: `Worker` is not
+    /// `Send`, the UMEM is).
+    pub fn into_umem(mut self) -> crate::umem::Umem {
+        self.close_ports();
+        self.umem
     }
 
     /// XDP exit counters of the program on port `id`.

@@ -1,13 +1,18 @@
 //! Connection tracking: flows keyed by 5-tuple in both directions, a TCP state machine after
 //! Linux nf_conntrack's (with its default timeouts), UDP and ICMP echo pseudo-states, expiry
-//! with `now` passed in, and a bounded table: when it is full a new flow is refused (the caller
-//! drops the packet with a named reason), never an existing one evicted.
+//! with `now` passed in, and a bounded table: when it is full a new flow takes the slot of an
+//! unassured one (a handshake that never completed, UDP never answered; `early_drop.rs`, with a
+//! per-source quota), or, when none may go, is refused (the caller drops the packet with a named
+//! reason); an established flow is never evicted.
 //!
 //! Storage: flows live in a slab of fixed capacity; a hash index maps each direction's key to
 //! its slot. Expired flows are removed lazily on lookup and by an incremental sweep, and handed
 //! back to the caller (so it can release their SNAT ports) through `take_expired`.
 
+mod early_drop;
 mod index;
+mod journal;
+pub mod record;
 mod tcp;
 
 pub use index::KeyHash;
@@ -201,6 +206,10 @@ pub struct ConnTrack {
     timeouts: Timeouts,
     sweep_at: usize,
     expired: Vec<Flow>,
+    /// Slots whose persistent fields changed since the last `drain_journal` (when enabled).
+    journal: Option<journal::Journal>,
+    /// Unassured flows, for early drop when the table is full (`early_drop.rs`).
+    early: early_drop::EarlyDrop,
 }
 
 impl ConnTrack {
@@ -218,7 +227,58 @@ impl ConnTrack {
             timeouts,
             sweep_at: 0,
             expired: Vec::new(),
+            journal: None,
+            early: early_drop::EarlyDrop::new(capacity),
         }
+    }
+
+    /// Starts recording which slots change (a flow created, removed, its state or NAT fields
+    /// changed; not its counters or timer), for `drain_journal`. Every live flow is recorded
+    /// as changed, so the first drain writes the whole table.
+    pub fn enable_journal(&mut self) {
+        let mut j = journal::Journal::new(self.slots.len());
+        for (i, s) in self.slots.iter().enumerate() {
+            if s.0.is_some() {
+                j.mark(i as u32);
+            }
+        }
+        self.journal = Some(j);
+    }
+
+    /// Hands each slot changed since the last call, with its flow (`None`: now empty), to
+    /// `write`, once per slot, and forgets them. Nothing if the journal is not enabled.
+    pub fn drain_journal(&mut self, mut write: impl FnMut(u32, Option<&Flow>)) {
+        let Some(j) = self.journal.as_mut() else { return };
+        let slots = &self.slots;
+        j.drain(|slot| write(slot, slots.get(slot as usize).and_then(|s| s.0.as_ref())));
+    }
+
+    #[inline]
+    fn changed(&mut self, slot: u32) {
+        if let Some(j) = self.journal.as_mut() {
+            j.mark(slot);
+        }
+    }
+
+    /// Tracks a flow carried over from an earlier process (`record::decode`), every field as
+    /// it was (its creation time already shifted to this clock) except its timer, which
+    /// restarts: the record holds the timer of the flow's last state change, not of its last
+    /// packet, so a live UDP stream would otherwise come back expired. Refused like `insert`
+    /// when a key is already tracked or the table is full.
+    pub fn restore(&mut self, mut f: Flow, now: u64) -> Result<FlowId, CtError> {
+        f.expires_at = now.saturating_add(self.timeouts.of(f.state));
+        let (ho, hr) = (KeyHash::of(&f.orig), KeyHash::of(&f.reply));
+        if f.orig == f.reply || self.find(&f.orig, ho).is_some() || self.find(&f.reply, hr).is_some() {
+            return Err(CtError::Exists);
+        }
+        let Some(slot) = self.free.pop() else {
+            return Err(CtError::Full);
+        };
+        self.slots[slot as usize] = Slot(Some(f));
+        self.index.insert(ho, slot, Dir::Orig);
+        self.index.insert(hr, slot, Dir::Reply);
+        self.changed(slot);
+        Ok(FlowId(slot))
     }
 
     pub fn len(&self) -> usize {
@@ -233,10 +293,15 @@ impl ConnTrack {
         self.slots.len()
     }
 
-    /// Bytes of memory per flow at capacity: its slot plus its index buckets (two keys per
-    /// flow, the index at most half full).
+    /// Bytes of memory per flow at capacity: its slot, its index buckets (two keys per flow,
+    /// the index at most half full), early drop's bookkeeping, and the journal's (a list
+    /// entry and a bit, when enabled, as a daemon keeping a flow file has it).
     pub fn memory_per_flow() -> usize {
-        core::mem::size_of::<Slot>() + 4 * index::Index::entry_size()
+        core::mem::size_of::<Slot>()
+            + 4 * index::Index::entry_size()
+            + Self::early_drop_memory_per_flow()
+            + core::mem::size_of::<u32>()
+            + 1
     }
 
     /// Batch prefetch, stage 1 (VPP style): the index bucket of each key. Non-blocking: the
@@ -274,7 +339,8 @@ impl ConnTrack {
         if orig == reply || self.find(&orig, ho).is_some() || self.find(&reply, hr).is_some() {
             return Err(CtError::Exists);
         }
-        let Some(slot) = self.free.pop() else {
+        // Full: take the slot of an unassured flow if one may go (`early_drop.rs`).
+        let Some(slot) = self.free.pop().or_else(|| self.early_drop(orig.src, now)) else {
             return Err(CtError::Full);
         };
         let state = match IpProtocol::from(orig.proto) {
@@ -301,6 +367,8 @@ impl ConnTrack {
         }));
         self.index.insert(ho, slot, Dir::Orig);
         self.index.insert(hr, slot, Dir::Reply);
+        self.changed(slot);
+        self.early.track(slot, orig.src, now);
         Ok(FlowId(slot))
     }
 
@@ -326,7 +394,10 @@ impl ConnTrack {
         self.slots.get(id.0 as usize)?.0.as_ref()
     }
 
+    /// The flow, to change: recorded in the journal as changed (callers change NAT fields
+    /// here, at a flow's start and end, not per packet).
     pub fn get_mut(&mut self, id: FlowId) -> Option<&mut Flow> {
+        self.changed(id.0);
         self.slots.get_mut(id.0 as usize)?.0.as_mut()
     }
 
@@ -339,6 +410,7 @@ impl ConnTrack {
         };
         f.packets[dir.index()] += 1;
         f.bytes[dir.index()] += len as u64;
+        let (state, first_fin) = (f.state, f.first_fin);
         let mut event = TcpEvent::None;
         f.state = match f.state {
             FlowState::Tcp(t) => {
@@ -354,6 +426,10 @@ impl ConnTrack {
             s => s,
         };
         f.expires_at = now.saturating_add(timeouts.of(f.state));
+        // The journal records state changes only: a restored flow's timer restarts anyway.
+        if f.state != state || f.first_fin != first_fin {
+            self.changed(id.0);
+        }
         event
     }
 
@@ -385,6 +461,7 @@ impl ConnTrack {
         self.index.remove(KeyHash::of(&f.orig), slot, Dir::Orig);
         self.index.remove(KeyHash::of(&f.reply), slot, Dir::Reply);
         self.free.push(slot);
+        self.changed(slot);
         if to_expired {
             self.expired.push(f);
             None

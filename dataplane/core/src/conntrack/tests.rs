@@ -98,24 +98,49 @@ fn icmp_echo_keys_pair_by_identifier() {
 }
 
 #[test]
-fn a_full_table_refuses_new_flows_and_never_evicts() {
+fn a_full_table_refuses_new_flows_and_never_evicts_established_ones() {
     let mut ct = ConnTrack::new(2, Timeouts::default());
     let a = ct.insert(tcp_key(1).0, tcp_key(1).1, 0, 1).unwrap();
-    ct.insert(tcp_key(2).0, tcp_key(2).1, 0, 2).unwrap();
+    let b = ct.insert(tcp_key(2).0, tcp_key(2).1, 0, 2).unwrap();
+    for id in [a, b] {
+        ct.update(id, Dir::Orig, SYN, 60, 0);
+        ct.update(id, Dir::Reply, SYNACK, 60, 0);
+        ct.update(id, Dir::Orig, ACK, 52, 0);
+    }
     assert_eq!(ct.insert(tcp_key(3).0, tcp_key(3).1, 0, 3), Err(CtError::Full));
     assert_eq!(ct.insert(tcp_key(1).0, tcp_key(9).1, 0, 3), Err(CtError::Exists));
     assert_eq!(ct.get(a).unwrap().tag, 1, "existing flows untouched");
-    // After the SYN_SENT timeout a sweep frees both slots.
-    ct.sweep(120 * S, 10);
+    assert_eq!(ct.early_drops(), 0);
+    // After the ESTABLISHED timeout a sweep frees both slots.
+    ct.sweep(432_000 * S, 10);
     assert_eq!(ct.take_expired().len(), 2);
-    assert!(ct.insert(tcp_key(3).0, tcp_key(3).1, 120 * S, 3).is_ok());
+    assert!(ct.insert(tcp_key(3).0, tcp_key(3).1, 432_000 * S, 3).is_ok());
+}
+
+/// netfilter's early_drop: a table full of handshakes that never completed takes a new flow
+/// in place of the oldest of them (handed back as expired, for its SNAT port).
+#[test]
+fn a_full_table_of_unassured_flows_early_drops_the_oldest() {
+    let mut ct = ConnTrack::new(2, Timeouts::default());
+    let a = ct.insert(tcp_key(1).0, tcp_key(1).1, 0, 1).unwrap();
+    ct.update(a, Dir::Orig, SYN, 60, 0);
+    let b = ct.insert(tcp_key(2).0, tcp_key(2).1, S, 2).unwrap();
+    ct.update(b, Dir::Orig, SYN, 60, S);
+    let c = ct.insert(tcp_key(3).0, tcp_key(3).1, 2 * S, 3).expect("early drop");
+    assert_eq!(ct.early_drops(), 1);
+    let gone = ct.take_expired();
+    assert_eq!((gone.len(), gone[0].tag, gone[0].expires_at), (1, 1, 2 * S), "the oldest, expired now");
+    assert!(ct.lookup(&tcp_key(1).0, 2 * S).is_none() && ct.lookup(&tcp_key(1).1, 2 * S).is_none());
+    assert_eq!(ct.get(b).unwrap().tag, 2);
+    assert_eq!(ct.get(c).unwrap().tag, 3);
 }
 
 #[test]
 fn memory_per_flow_is_small() {
     let m = ConnTrack::memory_per_flow();
-    // Two cache lines of flow plus four 8-byte index buckets.
-    assert!(m <= 160, "{m} bytes per flow");
+    // Two cache lines of flow, four 8-byte index buckets, early drop's 40 bytes and the
+    // journal's 5 (rounded up).
+    assert!(m <= 208, "{m} bytes per flow");
     // What a lookup and the per-packet update touch sits on the flow's first line.
     assert!(core::mem::offset_of!(Flow, packets) + 16 <= 64);
     assert!(core::mem::offset_of!(Flow, expires_at) + 8 <= 64);
@@ -144,7 +169,9 @@ fn agrees_with_a_reference_model() {
             match kind {
                 0 => {
                     let expired_in_model: Vec<u16> = model.iter().filter(|(_, &e)| e <= now).map(|(k, _)| *k).collect();
+                    let (full, drops) = (ct.len() == cap, ct.early_drops());
                     let res = ct.insert(key(p), key(p).reversed(), now, u64::from(p));
+                    prop_assert!(ct.early_drops() == drops || full, "early drop with room left");
                     match res {
                         Ok(id) => {
                             prop_assert!(!live_in_model);
@@ -180,7 +207,12 @@ fn agrees_with_a_reference_model() {
                     }
                 }
             }
-            gone += ct.take_expired().len();
+            // Expired, or evicted by early drop (an unreplied flow in a full table): gone
+            // from the model too.
+            for f in ct.take_expired() {
+                model.remove(&f.orig.sport);
+                gone += 1;
+            }
             prop_assert!(ct.len() <= cap);
             prop_assert_eq!(ct.len() + gone, created, "every flow leaves exactly once");
         }

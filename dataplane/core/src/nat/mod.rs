@@ -1,6 +1,8 @@
-//! Service NAT building blocks: the TIME_WAIT-safe SNAT port allocator and Maglev backend
-//! selection. (DNAT/SNAT rewriting in the pipeline and the Service tables build on these.)
+//! Service NAT building blocks: the TIME_WAIT-safe SNAT port allocator, Maglev backend
+//! selection and the bounded ClientIP affinity table. (DNAT/SNAT rewriting in the pipeline and
+//! the Service tables build on these.)
 
+pub mod affinity;
 pub mod maglev;
 pub mod seqadj;
 pub mod service;

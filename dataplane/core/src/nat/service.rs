@@ -83,6 +83,9 @@ pub struct ServicePort {
     terminating: Option<Candidates>,
     local_ready: Option<Candidates>,
     local_terminating: Option<Candidates>,
+    /// Every endpoint given, ready or not, sorted: which endpoints this port still has (for
+    /// keeping per-endpoint counters only while the endpoint exists).
+    all: Vec<(Ipv4Addr, u16)>,
 }
 
 /// Why no endpoint could be chosen.
@@ -117,7 +120,11 @@ impl ServicePort {
                 Candidates::build(v, table_size).map(Some)
             }
         };
+        let mut all: Vec<(Ipv4Addr, u16)> = endpoints.iter().map(|e| (e.ip, e.port)).collect();
+        all.sort_unstable();
+        all.dedup();
         Ok(ServicePort {
+            all,
             ready: set(&|e| e.ready)?,
             terminating: set(&|e| !e.ready && e.serving && e.terminating)?,
             local_ready: set(&|e| e.local && e.ready)?,
@@ -135,7 +142,13 @@ impl ServicePort {
             .into_iter()
             .flatten()
             .map(|c| c.table.size() * 4 + c.endpoints.len() * core::mem::size_of::<Endpoint>())
-            .sum()
+            .sum::<usize>()
+            + self.all.len() * core::mem::size_of::<(Ipv4Addr, u16)>()
+    }
+
+    /// Whether `ip:port` is one of this port's endpoints (ready, terminating or neither).
+    pub fn has_endpoint(&self, ip: Ipv4Addr, port: u16) -> bool {
+        self.all.binary_search(&(ip, port)).is_ok()
     }
 
     /// `e` if it is still a candidate for a new flow of this kind (ClientIP affinity keeps a

@@ -129,6 +129,37 @@ struct Pool {
     in_use: u32,
     /// Allocations refused toward this destination.
     exhausted: u64,
+    /// Ports restored in use or held (`restore`) that the fresh sequence has not reached yet:
+    /// it passes over them, as they come back through `release` when their flow ends.
+    skip: ahash::AHashSet<u16>,
+}
+
+impl Pool {
+    fn new(start: u32) -> Pool {
+        Pool {
+            fresh_used: 0,
+            start,
+            free: VecDeque::new(),
+            held: VecDeque::new(),
+            in_use: 0,
+            exhausted: 0,
+            skip: ahash::AHashSet::new(),
+        }
+    }
+
+    /// The next never-used port, if any is left.
+    #[inline]
+    fn fresh(&mut self, lo: u16, span: u32, stride: u32) -> Option<u16> {
+        while self.fresh_used < span {
+            let off = (u64::from(self.start) + u64::from(self.fresh_used) * u64::from(stride)) % u64::from(span);
+            self.fresh_used += 1;
+            let port = lo + off as u16;
+            if self.skip.is_empty() || !self.skip.remove(&port) {
+                return Some(port);
+            }
+        }
+        None
+    }
 }
 
 /// Allocator statistics.
@@ -201,22 +232,25 @@ impl SnatAllocator {
         (h % u64::from(self.span)) as u32
     }
 
-    /// A tuple for a new flow toward `d`, or `Exhausted`.
+    /// A tuple for a new flow toward `d`, or `Exhausted` (counted, per destination too).
     pub fn allocate(&mut self, d: Destination, now: u64) -> Result<Grant, SnatError> {
+        self.try_allocate(d, now).ok_or_else(|| {
+            self.exhausted += 1;
+            if let Some(pool) = self.pools.get_mut(&d) {
+                pool.exhausted += 1;
+            }
+            SnatError::Exhausted
+        })
+    }
+
+    /// `allocate` without counting a refusal: for a caller that can still make room (early
+    /// drop of a flow holding a tuple toward `d`) and then calls `allocate`.
+    pub fn try_allocate(&mut self, d: Destination, now: u64) -> Option<Grant> {
         let start = self.start_for(&d);
         let (span, stride, lo) = (self.span, self.stride, self.lo);
-        let pool = self.pools.entry(d).or_insert_with(|| Pool {
-            fresh_used: 0,
-            start,
-            free: VecDeque::new(),
-            held: VecDeque::new(),
-            in_use: 0,
-            exhausted: 0,
-        });
-        let grant = if pool.fresh_used < span {
-            let off = (u64::from(pool.start) + u64::from(pool.fresh_used) * u64::from(stride)) % u64::from(span);
-            pool.fresh_used += 1;
-            Grant { port: lo + off as u16, reuse: None }
+        let pool = self.pools.entry(d).or_insert_with(|| Pool::new(start));
+        let grant = if let Some(port) = pool.fresh(lo, span, stride) {
+            Grant { port, reuse: None }
         } else if let Some(port) = pool.free.pop_front() {
             Grant { port, reuse: None }
         } else if pool.held.front().is_some_and(|h| h.available_at <= now) {
@@ -227,12 +261,10 @@ impl SnatAllocator {
             self.reused += 1;
             Grant { port: h.port, reuse: h.mark }
         } else {
-            self.exhausted += 1;
-            pool.exhausted += 1;
-            return Err(SnatError::Exhausted);
+            return None;
         };
         pool.in_use += 1;
-        Ok(grant)
+        Some(grant)
     }
 
     /// The flow that used `port` toward `d` ended at `now`, as `end` says: its tuple is held or
@@ -250,6 +282,24 @@ impl SnatAllocator {
         }
     }
 
+    /// A tuple that a flow carried over from an earlier process (a restart) uses
+    /// (`hold: None`), or that such a flow released and the backend may still hold until
+    /// `available_at` (with the flow's mark, if it has one). Call before any allocation toward
+    /// `d`: the tuple is never handed out again until its flow releases it, or its hold
+    /// passes.
+    pub fn restore(&mut self, d: Destination, port: u16, hold: Option<(u64, Option<Mark>)>) {
+        let start = self.start_for(&d);
+        let pool = self.pools.entry(d).or_insert_with(|| Pool::new(start));
+        pool.skip.insert(port);
+        match hold {
+            None => pool.in_use += 1,
+            Some((available_at, mark)) => {
+                let at = pool.held.partition_point(|h| h.available_at <= available_at);
+                pool.held.insert(at, Held { port, available_at, mark });
+            }
+        }
+    }
+
     /// Refusals per destination (backend), non-zero only: `snat ports exhausted` per backend.
     pub fn exhausted_by_destination(&self) -> Vec<(Destination, u64)> {
         let mut v: Vec<(Destination, u64)> =
@@ -261,8 +311,23 @@ impl SnatAllocator {
     /// Forgets destinations whose ports are all free and past their hold (bounded memory for
     /// backends that come and go). Call off the hot path.
     pub fn compact(&mut self, now: u64) {
-        self.pools
-            .retain(|_, p| p.in_use > 0 || p.exhausted > 0 || p.held.back().is_some_and(|h| h.available_at > now));
+        self.compact_where(now, |_| true);
+    }
+
+    /// `compact`, also forgetting the refusal count of an idle destination unless
+    /// `keep_exhausted` says it still matters (its backend still exists): without that, every
+    /// backend that ever ran out of ports would be kept, with its metric series. O(pools).
+    pub fn compact_where(&mut self, now: u64, keep_exhausted: impl Fn(&Destination) -> bool) {
+        self.pools.retain(|d, p| {
+            p.in_use > 0
+                || p.held.back().is_some_and(|h| h.available_at > now)
+                || (p.exhausted > 0 && keep_exhausted(d))
+        });
+    }
+
+    /// Destinations with a pool (in use, held, or remembered for their refusals).
+    pub fn pools(&self) -> usize {
+        self.pools.len()
     }
 
     pub fn stats(&self, now: u64) -> SnatStats {
@@ -406,6 +471,21 @@ mod tests {
     }
 
     #[test]
+    fn compact_where_forgets_refusals_of_backends_that_are_gone() {
+        let mut a = SnatAllocator::new(4000..=4000, 5 * S, 1);
+        for d in [dest(1), dest(2)] {
+            let p = port(&mut a, d, 0).unwrap();
+            assert_eq!(a.allocate(d, 0), Err(SnatError::Exhausted));
+            a.release(d, p, 0, End::Reset);
+        }
+        a.compact(S);
+        assert_eq!(a.pools(), 2, "plain compact keeps refusal counts");
+        a.compact_where(S, |d| *d == dest(1));
+        assert_eq!(a.exhausted_by_destination(), vec![(dest(1), 1)]);
+        assert_eq!(a.stats(S).exhausted, 2, "the total stays");
+    }
+
+    #[test]
     fn compact_forgets_idle_destinations_only() {
         let mut a = SnatAllocator::new(4000..=4009, 5 * S, 1);
         let p = port(&mut a, dest(1), 0).unwrap();
@@ -421,6 +501,24 @@ mod tests {
     /// operations with time driven by the test; the allocator must never hand out a tuple the
     /// model says is in use, must hand out a held one only with its mark, and must only report
     /// exhaustion when the model has neither a free tuple nor a marked one.
+    /// Tuples restored in use or held (a restart) are never handed out fresh; they come back
+    /// only through `release`, or once their hold has passed.
+    #[test]
+    fn restored_tuples_are_not_handed_out_again() {
+        let mut a = SnatAllocator::new(4000..=4009, 5 * S, 1);
+        for p in [4001, 4004, 4007] {
+            a.restore(dest(1), p, None);
+        }
+        a.restore(dest(1), 4009, Some((3 * S, None)));
+        let got: Vec<u16> = (0..6).map(|_| port(&mut a, dest(1), 0).unwrap()).collect();
+        assert!(got.iter().all(|p| ![4001, 4004, 4007, 4009].contains(p)), "{got:?}");
+        assert_eq!(port(&mut a, dest(1), 0), Err(SnatError::Exhausted), "held until 3 s");
+        assert_eq!(port(&mut a, dest(1), 3 * S), Ok(4009));
+        a.release(dest(1), 4004, 3 * S, End::Reset);
+        assert_eq!(port(&mut a, dest(1), 3 * S), Ok(4004));
+        assert_eq!(a.stats(3 * S).in_use, 10, "every port of the range");
+    }
+
     #[test]
     fn agrees_with_a_reference_model() {
         use proptest::prelude::*;

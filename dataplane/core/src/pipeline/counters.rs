@@ -52,6 +52,8 @@ counter_set! {
         decapsulated: "frames decapsulated from a remote node",
         icmp_time_exceeded_sent: "ICMP time exceeded messages generated",
         service_flows: "new Service flows (DNAT to an endpoint)",
+        conntrack_early_drops: "unassured flows (handshake never completed, UDP never answered) evicted from a full conntrack table or SNAT pool to make room for a new flow (netfilter's early_drop)",
+        affinity_full: "new clients of a ClientIP-affinity Service not remembered: the affinity table was full (the client still gets the endpoint its address hashes to)",
         tcp_resets_sent: "TCP resets sent to refuse a connection (no endpoint, SNAT exhausted)",
         bare_ack_to_syn: "SYNs answered by a bare ACK: the endpoint still holds the 5-tuple (incident 2)",
         snat_reuse_bare_ack: "of those, SYNs on a SNAT tuple reused from the endpoint's TIME_WAIT with sequence/timestamp offsets (the offsets did not satisfy it: expected to stay 0)",

@@ -30,7 +30,7 @@ pub(crate) struct Ctx<'a> {
     pub(crate) counters: &'a mut PortCounters,
     pub(crate) flows: &'a mut crate::conntrack::ConnTrack,
     pub(crate) snat: &'a mut crate::nat::snat::SnatAllocator,
-    pub(crate) affinity: &'a mut ahash::AHashMap<super::AffinityKey, ((Ipv4Addr, u16), Nanos)>,
+    pub(crate) affinity: &'a mut crate::nat::affinity::AffinityTable,
     /// The current frame's flow key as the batch's prefetch pass guessed it, with its hash
     /// (so a lookup of that key does not hash it again).
     pub(crate) hint: Option<(crate::conntrack::FlowKey, crate::conntrack::KeyHash)>,
@@ -38,7 +38,7 @@ pub(crate) struct Ctx<'a> {
     pub(crate) spill: &'a mut super::Spill,
     /// A capture or trace in progress.
     pub(crate) observe: Option<&'a mut crate::observe::Observe>,
-    pub(crate) backends: &'a mut ahash::AHashMap<(Ipv4Addr, u16), super::BackendCounters>,
+    pub(crate) backends: &'a mut super::BackendTable,
 }
 
 impl Ctx<'_> {

@@ -39,6 +39,7 @@
 //! Nothing here allocates, locks or makes a syscall per packet, and nothing panics on any
 //! input: lengths are checked once by the `wire` views and every failure maps to a reason.
 
+mod backends;
 mod classify;
 mod counters;
 mod ctx;
@@ -57,8 +58,11 @@ mod validate;
 #[cfg(test)]
 mod fixture_tests;
 #[cfg(test)]
+mod flood_tests;
+#[cfg(test)]
 mod service_tests;
 
+pub use backends::{BackendTable, EndpointKey, FrontendKey};
 pub(crate) use classify::vlan_error;
 pub use counters::{BackendCounters, Counters, EventCounters, PortCounters};
 pub use drop::DropReason;
@@ -134,28 +138,40 @@ pub struct WorkerState {
     pub flows: crate::conntrack::ConnTrack,
     /// SNAT ports, held after their flows end (incident 2).
     pub snat: crate::nat::snat::SnatAllocator,
-    /// ClientIP session affinity: (frontend, client) -> (endpoint, expiry).
-    pub affinity: ahash::AHashMap<AffinityKey, ((core::net::Ipv4Addr, u16), Nanos)>,
+    /// ClientIP session affinity: (frontend, client) -> (endpoint, expiry); bounded, O(1)
+    /// expiry (`nat::affinity`).
+    pub affinity: crate::nat::affinity::AffinityTable,
     /// Segments and fragments of oversized frames, for the worker to send and clear.
     pub spill: Spill,
     /// A capture or trace in progress (`None`: the pipeline does not look).
     pub observe: Option<Box<crate::observe::Observe>>,
-    /// Handshake outcomes per Service endpoint (touched on SYNs, SYN|ACKs and expiries only).
-    pub backends: ahash::AHashMap<(core::net::Ipv4Addr, u16), BackendCounters>,
+    /// Handshake outcomes per Service endpoint (touched on SYNs, SYN|ACKs and expiries only),
+    /// kept while the endpoint is in the tables (`backends.rs`).
+    pub backends: BackendTable,
+    /// SNAT destinations (pools) beyond which `maintain` forgets idle ones.
+    snat_compact_at: usize,
 }
 
 /// (protocol, frontend address, frontend port, client address).
-pub type AffinityKey = (u8, core::net::Ipv4Addr, u16, core::net::Ipv4Addr);
+pub type AffinityKey = crate::nat::affinity::Key;
 
 /// Conntrack tables larger than this are prefetched batch by batch.
 const PREFETCH_FROM_FLOWS: usize = 4096;
 /// Frames of a batch that get a prefetch pass and a key hint.
 const HINTS: usize = 64;
 
-/// Affinity entries kept before expired ones are purged.
-const AFFINITY_PURGE_AT: usize = 65536;
+/// Affinity entries reclaimed per batch at most (and per `maintain` call): more than a batch
+/// can add, so expired entries never pile up, and a bounded cost per batch.
+const AFFINITY_EXPIRE_PER_BATCH: usize = 2 * HINTS;
+/// Endpoint counters looked at per `maintain` call (`BackendTable::prune`).
+const BACKENDS_PRUNE_PER_CALL: usize = 4;
+/// Unassured-flow list nodes looked at per `maintain` call, per flow slot the sweep looks at
+/// (`ConnTrack::prune_unassured`): each is a flow read out of order, so fewer than the sweep's.
+const UNASSURED_PRUNE_DIVISOR: usize = 2;
+/// SNAT destinations kept before idle ones are forgotten (then twice what is left).
+const SNAT_COMPACT_FROM: usize = 1024;
 
-/// Default flows per worker (145 bytes each at capacity).
+/// Default flows per worker (`ConnTrack::memory_per_flow` bytes each at capacity: ~205).
 pub const DEFAULT_FLOWS: usize = 65536;
 
 impl WorkerState {
@@ -169,11 +185,21 @@ impl WorkerState {
         Self::with_flows_and_timeouts(worker, flows, crate::conntrack::Timeouts::default())
     }
 
-    /// A worker tracking at most `flows` connections with these timeouts.
+    /// A worker tracking at most `flows` connections with these timeouts, remembering as many
+    /// ClientIP-affinity clients as it tracks flows, from 1,024 up to
+    /// `nat::affinity::DEFAULT_CAPACITY` (65,536: 3.5 MiB). (A small flow table, as tests and
+    /// the fuzzer build one per input, gets a small affinity table too.)
     pub fn with_flows_and_timeouts(worker: u16, flows: usize, timeouts: crate::conntrack::Timeouts) -> Self {
+        let affinity = flows.clamp(1024, crate::nat::affinity::DEFAULT_CAPACITY);
+        Self::with_capacities(worker, flows, affinity, timeouts)
+    }
+
+    /// A worker tracking at most `flows` connections and remembering at most `affinity`
+    /// ClientIP-affinity clients (`nat::affinity`), with these timeouts.
+    pub fn with_capacities(worker: u16, flows: usize, affinity: usize, timeouts: crate::conntrack::Timeouts) -> Self {
         WorkerState {
             flows: crate::conntrack::ConnTrack::new(flows, timeouts),
-            affinity: ahash::AHashMap::new(),
+            affinity: crate::nat::affinity::AffinityTable::new(affinity),
             snat: crate::nat::snat::SnatAllocator::with_defaults(
                 u64::from(worker).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5eed,
             ),
@@ -182,13 +208,14 @@ impl WorkerState {
             icmp_limit: TokenBucket::new(1000, 50),
             spill: Spill::default(),
             observe: None,
-            backends: ahash::AHashMap::new(),
+            backends: BackendTable::default(),
+            snat_compact_at: SNAT_COMPACT_FROM,
         }
     }
 
     /// The stages' view of this state for a batch received on `ingress`.
     fn ctx<'a>(&'a mut self, tables: &'a Tables, now: Nanos, ingress: PortId) -> ctx::Ctx<'a> {
-        let WorkerState { counters, ident, icmp_limit, flows, snat, affinity, spill, observe, backends } = self;
+        let WorkerState { counters, ident, icmp_limit, flows, snat, affinity, spill, observe, backends, .. } = self;
         ctx::Ctx {
             tables,
             now,
@@ -231,9 +258,9 @@ pub fn process_batch(
     if let Some(o) = state.observe.as_deref_mut() {
         o.before(ingress, frames[..n].iter().map(|f| f.data()));
     }
-    if state.affinity.len() > AFFINITY_PURGE_AT {
-        state.affinity.retain(|_, (_, expires)| *expires > now);
-    }
+    // Expired affinity entries go a few per batch, from the heads of the expiry queues: never
+    // a scan, however many clients a flood brought.
+    state.affinity.expire(now, AFFINITY_EXPIRE_PER_BATCH);
     // Expiry costs a few slots per batch: a full pass over the table every capacity/8 batches.
     state.flows.sweep(now, 8);
     let port = state.counters.port_mut(ingress);
@@ -339,7 +366,9 @@ fn release_expired(ctx: &mut ctx::Ctx<'_>) {
     for f in ctx.flows.take_expired() {
         let ended = f.expires_at;
         if f.state == crate::conntrack::FlowState::Tcp(crate::conntrack::TcpState::SynSent) {
-            ctx.backends.entry((f.reply.src, f.reply.sport)).or_default().syn_unanswered += 1;
+            ctx.backends
+                .entry((f.reply.src, f.reply.sport), (f.orig.proto, f.orig.dst, f.orig.dport))
+                .syn_unanswered += 1;
         }
         service_nat::release_snat(ctx, &f, ended);
     }
@@ -351,6 +380,48 @@ fn release_expired(ctx: &mut ctx::Ctx<'_>) {
 pub fn maintain(tables: &Tables, state: &mut WorkerState, now: Nanos, budget: usize) {
     state.flows.sweep(now, budget);
     release_expired(&mut state.ctx(tables, now, tables.uplink()));
+    // Bounded state under floods and churn, each a few entries per call (issue 17): expired
+    // affinity clients, the unassured-flow list's per-source counts, counters of endpoints
+    // that left the tables, and SNAT pools of destinations gone idle.
+    state.affinity.expire(now, AFFINITY_EXPIRE_PER_BATCH);
+    state.flows.prune_unassured(budget / UNASSURED_PRUNE_DIVISOR);
+    state.backends.prune(tables, BACKENDS_PRUNE_PER_CALL);
+    if state.snat.pools() > state.snat_compact_at {
+        // Amortized O(1) per destination created: the pass runs only once the pools doubled
+        // since the last one. Exhaustion counts stay while their endpoint has counters.
+        let backends = &state.backends;
+        state.snat.compact_where(now, |d| backends.contains(&(d.backend_ip, d.backend_port)));
+        state.snat_compact_at = (2 * state.snat.pools()).max(SNAT_COMPACT_FROM);
+    }
+}
+
+/// What `restore` made of the flows of an earlier process.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Restored {
+    pub flows: usize,
+    /// Not tracked again: a key already tracked, or the table full (a smaller `max_flows`).
+    pub refused: usize,
+}
+
+/// Carries over the flows an earlier process tracked (a restart): each is tracked again with
+/// its NAT state and its timer restarted, and its SNAT tuple is marked in use, or held, so it
+/// is never handed out again while the backend may hold it. Call before the first batch.
+pub fn restore(
+    state: &mut WorkerState,
+    flows: impl IntoIterator<Item = crate::conntrack::Flow>,
+    now: Nanos,
+) -> Restored {
+    let mut r = Restored::default();
+    for f in flows {
+        match state.flows.restore(f.clone(), now) {
+            Ok(_) => {
+                service_nat::restore_snat(&mut state.snat, &f, now);
+                r.flows += 1;
+            }
+            Err(_) => r.refused += 1,
+        }
+    }
+    r
 }
 
 /// Convenience for one frame (tests, tools); the batch function is the hot path.

@@ -220,6 +220,10 @@ fn a_full_flow_table_refuses_new_flows() {
     let t = tables();
     let mut st = WorkerState::with_flows(0, 1);
     run(&t, &mut st, 0, POD1, &from_pod1(&tcp(POD1_IP, VIP_POD2, 43000, 80, 0x002, 1, 0)));
+    // Established (a handshake in progress would be early-dropped instead: flood_tests.rs).
+    let synack = eth(POD2_PORT_MAC, POD2_MAC, 0x0800, &tcp(POD2_IP, POD1_IP, 8080, 43000, 0x012, 9, 2));
+    run(&t, &mut st, 0, POD2, &synack);
+    run(&t, &mut st, 0, POD1, &from_pod1(&tcp(POD1_IP, VIP_POD2, 43000, 80, 0x010, 2, 10)));
     let (d, _) = run(&t, &mut st, 0, POD1, &from_pod1(&tcp(POD1_IP, VIP_POD2, 43001, 80, 0x002, 1, 0)));
     assert_eq!(d, Disposition::Drop(DropReason::ConntrackFull));
 }
@@ -647,4 +651,92 @@ fn icmp_frag_needed_from_the_endpoint_is_translated_for_the_client() {
     assert!(q.verify_checksum(), "quoted header checksum");
     assert_eq!((q.src_addr(), q.dst_addr()), (POD1_IP, VIP_WEB), "the quote is the packet as the client sent it");
     assert_eq!(&q.payload()[..4], &[(sp >> 8) as u8, sp as u8, 0, 80]);
+}
+
+/// A restart (`restore`): the flows a process wrote out through the conntrack journal, read
+/// back by a new process (record by record, as the flow file holds them), carry on as they
+/// were. An open SNAT'd flow keeps its tuple and its translation both ways, a ClusterIP flow its
+/// endpoint, and a tuple the endpoint closed first stays held with its mark: the next
+/// connection is not given the open flow's tuple, and reuses the held one past the old
+/// connection's last sequence number, exactly as the old process would have.
+#[test]
+fn flows_carried_over_a_restart_keep_their_nat_and_their_tuples() {
+    use crate::conntrack::record::{self, RECORD_LEN};
+    let t = tables();
+    let mut st = WorkerState::with_flows(0, 16);
+    st.snat = SnatAllocator::new(2000..=2001, 65 * S, 1);
+    st.flows.enable_journal();
+    let c = |sp: u16, flags: u16, seq: u32, ack: u32| from_pod1(&tcp(POD1_IP, VIP_SELF, sp, 80, flags, seq, ack));
+    let e =
+        |port: u16, flags: u16, seq: u32, ack: u32| from_pod1(&tcp(POD1_IP, GATEWAY_A, 8080, port, flags, seq, ack));
+    let snat_port = |out: &[u8]| tcp_view(&inner_ip(out, false)).2;
+    // Flow A: open.
+    let a = snat_port(&run(&t, &mut st, 0, POD1, &c(44000, 0x002, 100, 0)).1);
+    run(&t, &mut st, 0, POD1, &e(a, 0x012, 900, 101));
+    run(&t, &mut st, 0, POD1, &c(44000, 0x010, 101, 901));
+    // Flow B: the endpoint closes first; its tuple is held with the mark 102.
+    let b = snat_port(&run(&t, &mut st, 0, POD1, &c(44001, 0x002, 100, 0)).1);
+    run(&t, &mut st, 0, POD1, &e(b, 0x012, 900, 101));
+    run(&t, &mut st, 0, POD1, &c(44001, 0x010, 101, 901));
+    run(&t, &mut st, S, POD1, &e(b, 0x011, 901, 101));
+    run(&t, &mut st, S, POD1, &c(44001, 0x011, 101, 902));
+    run(&t, &mut st, S, POD1, &e(b, 0x010, 902, 102));
+    // A ClusterIP flow to the local endpoint.
+    let sp = sport_toward(&t, POD2_IP);
+    run(&t, &mut st, 0, POD1, &from_pod1(&tcp(POD1_IP, VIP_WEB, sp, 80, 0x002, 1000, 0)));
+    assert_eq!((st.flows.len(), st.snat.stats(S).held), (3, 1));
+    // What the flow file would hold.
+    let mut file = vec![[0u8; RECORD_LEN]; st.flows.capacity()];
+    st.flows.drain_journal(|slot, f| match f {
+        Some(f) => record::encode(f, &mut file[slot as usize]),
+        None => file[slot as usize] = [0; RECORD_LEN],
+    });
+    // The new process, at its own clock's 10 s.
+    let now = 10 * S;
+    let mut st2 = WorkerState::with_flows(0, 16);
+    st2.snat = SnatAllocator::new(2000..=2001, 65 * S, 1);
+    let flows = file.iter().filter_map(|r| record::decode(r).expect("intact"));
+    assert_eq!(restore(&mut st2, flows, now), Restored { flows: 3, refused: 0 });
+    assert_eq!((st2.snat.stats(now).in_use, st2.snat.stats(now).held), (1, 1));
+    // Flow A goes on with its tuple, both ways.
+    let (_, out) = run(&t, &mut st2, now, POD1, &c(44000, 0x018, 101, 901));
+    let (src, dst, sport, dport, ..) = tcp_view(&inner_ip(&out, false));
+    assert_eq!((src, dst, sport, dport), (GATEWAY_A, POD1_IP, a, 8080), "same tuple");
+    let (_, out) = run(&t, &mut st2, now, POD1, &e(a, 0x010, 901, 102));
+    let (src, _, sport, dport, ..) = tcp_view(&inner_ip(&out, false));
+    assert_eq!((src, sport, dport), (VIP_SELF, 80, 44000));
+    // The ClusterIP flow's reply is translated back to the Service address.
+    let back = eth(POD2_PORT_MAC, POD2_MAC, 0x0800, &tcp(POD2_IP, POD1_IP, 8080, sp, 0x012, 5000, 1001));
+    let (_, out) = run(&t, &mut st2, now, POD2, &back);
+    assert_eq!(tcp_view(&inner_ip(&out, false)).0, VIP_WEB);
+    // A new connection gets the held tuple, past its mark, not the open one's.
+    let (_, out) = run(&t, &mut st2, now, POD1, &c(44002, 0x002, 5000, 0));
+    let (src, _, port, _, flags, seq, _) = tcp_view(&inner_ip(&out, false));
+    assert_eq!((src, port, flags, seq), (GATEWAY_A, b, TcpFlags::SYN, 102 + (1 << 17)));
+    // And a third, with both tuples taken, is refused.
+    let (_, out) = run(&t, &mut st2, now, POD1, &c(44003, 0x002, 5000, 0));
+    assert_eq!(tcp_view(&inner_ip(&out, false)).4, TcpFlags::RST | TcpFlags::ACK);
+}
+
+/// The journal hands out what changed since the last drain: a new flow, a state change, a
+/// removal; not a packet that changes nothing but counters.
+#[test]
+fn the_journal_records_state_changes_not_every_packet() {
+    let t = tables();
+    let mut st = WorkerState::with_flows(0, 16);
+    st.flows.enable_journal();
+    let sp = sport_toward(&t, POD2_IP);
+    let drained = |st: &mut WorkerState| {
+        let mut v = Vec::new();
+        st.flows.drain_journal(|slot, f| v.push((slot, f.map(|f| f.state.name()))));
+        v
+    };
+    let syn = from_pod1(&tcp(POD1_IP, VIP_WEB, sp, 80, 0x002, 1000, 0));
+    run(&t, &mut st, 0, POD1, &syn);
+    let first = drained(&mut st);
+    assert_eq!(first.len(), 1, "{first:?}");
+    run(&t, &mut st, 0, POD1, &syn); // a retransmitted SYN: same state
+    assert_eq!(drained(&mut st), []);
+    run(&t, &mut st, 0, POD2, &eth(POD2_PORT_MAC, POD2_MAC, 0x0800, &tcp(POD2_IP, POD1_IP, 8080, sp, 0x012, 5, 1001)));
+    assert_eq!(drained(&mut st), [(first[0].0, Some("SYN_RECV"))]);
 }

@@ -151,7 +151,7 @@ pub(crate) fn receiver_mss(ctx: &mut Ctx<'_>, key: &FlowKey) -> Option<u16> {
 #[cold]
 fn backend_event(ctx: &mut Ctx<'_>, id: crate::conntrack::FlowId, f: impl FnOnce(&mut super::BackendCounters)) {
     if let Some(flow) = ctx.flows.get(id) {
-        f(ctx.backends.entry((flow.reply.src, flow.reply.sport)).or_default());
+        f(ctx.backends.entry((flow.reply.src, flow.reply.sport), (flow.orig.proto, flow.orig.dst, flow.orig.dport)));
     }
 }
 
@@ -188,6 +188,24 @@ pub(crate) fn release_snat(ctx: &mut Ctx<'_>, f: &Flow, now: u64) {
     if is_snat(f) && !f.snat_released {
         ctx.snat.release(destination(f), f.reply.dport, now, end_of(f));
     }
+}
+
+/// The SNAT tuple of a flow carried over from an earlier process (`pipeline::restore`): in
+/// use while the flow has not given it back; once given back, held as the flow's end says,
+/// from `now` (when it was given back is not recorded, so its hold restarts: it ends later
+/// than it would have, never earlier).
+pub(crate) fn restore_snat(snat: &mut crate::nat::snat::SnatAllocator, f: &Flow, now: u64) {
+    if !is_snat(f) {
+        return;
+    }
+    let until = now.saturating_add(snat.hold_ns());
+    let hold = match (f.snat_released, end_of(f)) {
+        (false, _) => None,
+        (true, End::BackendClosedFirst(mark)) => Some((until, mark)),
+        (true, End::Idle) => Some((until, None)),
+        (true, _) => return,
+    };
+    snat.restore(destination(f), f.reply.dport, hold);
 }
 
 fn destination(f: &Flow) -> Destination {

@@ -8,11 +8,17 @@
 //! an answer (`Answered`: TCP RST, ICMP port unreachable), counted as the reason; UDP from
 //! outside with no endpoint, or no SNAT port for UDP: dropped. A flow that cannot be tracked
 //! (`conntrack_full`, `conntrack_collision`) gives its SNAT port back and is dropped.
+//!
+//! Floods (issue 17): a full conntrack table, or every SNAT tuple toward the endpoint taken,
+//! first evicts an unassured flow (a handshake that never completed; `conntrack::early_drop`,
+//! counted as `conntrack_early_drops`) and is refused only when none may go. A ClientIP
+//! affinity client is remembered only once its flow is tracked, in a table of fixed capacity
+//! (`nat::affinity`; full: not remembered, counted as `affinity_full`).
 
 use super::{Nat, TAG_UPLINK_RETURN};
 use crate::conntrack::{CtError, Dir, FlowKey};
 use crate::nat::seqadj::{self, SeqAdj};
-use crate::nat::snat::{Destination, End, Mark};
+use crate::nat::snat::{Destination, End, Grant, Mark};
 use crate::pipeline::ctx::{Ctx, Ipv4Meta, Origin};
 use crate::pipeline::{reply, DropReason, FrameBuf};
 use crate::wire::{IpProtocol, MacAddr, TcpFlags, TcpPacket};
@@ -39,21 +45,16 @@ pub(super) fn new_flow(
         None => u64::from(m.flow_hash()).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(m.flow_hash()),
     };
     // ClientIP affinity: the client's last endpoint while within the timeout and still a
-    // candidate; otherwise a fresh choice, remembered.
+    // candidate; otherwise a fresh choice, remembered once the flow is tracked (below).
+    let affinity_key = (key.proto, key.dst, key.dport, key.src);
     let sticky = sp.affinity_ns.and_then(|_| {
-        let (e, expires) = *ctx.affinity.get(&(key.proto, key.dst, key.dport, key.src))?;
-        (expires > ctx.now).then_some(e).and_then(|e| sp.still_usable(kind, from_outside, e))
+        let e = ctx.affinity.get(&affinity_key, ctx.now)?;
+        sp.still_usable(kind, from_outside, e)
     });
     let chosen = match sticky {
         Some(c) => Ok(c),
         None => sp.choose(kind, from_outside, hash),
     };
-    if let (Some(t), Ok(c)) = (sp.affinity_ns, &chosen) {
-        ctx.affinity.insert(
-            (key.proto, key.dst, key.dport, key.src),
-            ((c.endpoint.ip, c.endpoint.port), ctx.now.saturating_add(t)),
-        );
-    }
     let Ok(choice) = chosen else {
         ctx.counters.drops[DropReason::ServiceNoEndpoint.index()] += 1;
         let answer = if let (Some(mac), true) = (client_mac.filter(|_| origin == Origin::Outside), tcp) {
@@ -81,7 +82,11 @@ pub(super) fn new_flow(
     let mut reuse = None;
     let (snat_ip, snat_port) = if snat {
         let d = Destination { proto: key.proto, snat_ip: tables.gateway(), backend_ip: ep.ip, backend_port: ep.port };
-        match ctx.snat.allocate(d, ctx.now) {
+        let granted = match ctx.snat.try_allocate(d, ctx.now) {
+            Some(g) => Ok(g),
+            None => allocate_after_early_drop(ctx, d, key.src),
+        };
+        match granted {
             Ok(g) => {
                 reuse = g.reuse;
                 (tables.gateway(), g.port)
@@ -107,6 +112,7 @@ pub(super) fn new_flow(
         }
         _ => 0,
     };
+    let early_drops = ctx.flows.early_drops();
     let mut inserted = ctx.flows.insert(key, reply_key, ctx.now, tag);
     if inserted == Err(CtError::Exists) && snat {
         // The tuple's previous flow has closed (its tuple was given back when it did) but is
@@ -131,13 +137,25 @@ pub(super) fn new_flow(
             });
         }
     };
+    // A full table took the slot of an unassured flow (queued as expired: its SNAT tuple is
+    // released with the batch's expired flows).
+    let evicted = ctx.flows.early_drops() - early_drops;
+    if evicted > 0 {
+        ctx.events().conntrack_early_drops += evicted;
+    }
     ctx.flows.update(id, Dir::Orig, flags, m.total_len, ctx.now);
     if flags.contains(TcpFlags::SYN) {
         super::record_mss(ctx, frame, m, id, Dir::Orig);
     }
     ctx.events().service_flows += 1;
     if tcp && flags.contains(TcpFlags::SYN) {
-        ctx.backends.entry((ep.ip, ep.port)).or_default().syns += 1;
+        ctx.backends.entry((ep.ip, ep.port), (key.proto, key.dst, key.dport)).syns += 1;
+    }
+    if let Some(t) = sp.affinity_ns {
+        // Only now that the flow exists: a refused connection leaves no trace here.
+        if ctx.affinity.remember(affinity_key, (ep.ip, ep.port), t, ctx.now).is_err() {
+            ctx.events().affinity_full += 1;
+        }
     }
     super::rewrite(frame, m, (snat_ip, snat_port), (ep.ip, ep.port));
     if let Some(mark) = reuse {
@@ -152,6 +170,38 @@ pub(super) fn new_flow(
         super::seq_adjust(frame, m, adj, Dir::Orig)?;
     }
     Ok(Nat::Translated { dir: Dir::Orig, uplink_return: None })
+}
+
+/// How long a handshake must have waited before SNAT exhaustion may evict it: the initial SYN
+/// retransmission timeout. A handshake that old has lost its first round anyway (its client
+/// retransmits, and gets a new flow), while younger ones are most likely legitimate
+/// connections in progress, which a burst of new ones should be refused beside rather than
+/// cut. (A full conntrack table evicts without it, as netfilter does: refusing is all that
+/// is left there.)
+const SNAT_EARLY_DROP_AGE_NS: u64 = 1_000_000_000;
+
+/// Every SNAT tuple toward `d` is taken: evict an unassured flow holding one that has waited
+/// `SNAT_EARLY_DROP_AGE_NS` (a handshake that never completed, as a full conntrack table does;
+/// `conntrack::early_drop`, same rules and per-source quota), give its tuple back at once, and
+/// allocate again (`Exhausted`, counted, if none may go).
+#[cold]
+fn allocate_after_early_drop(
+    ctx: &mut Ctx<'_>,
+    d: Destination,
+    src: core::net::Ipv4Addr,
+) -> Result<Grant, crate::nat::snat::SnatError> {
+    let now = ctx.now;
+    let holds_tuple = |f: &crate::conntrack::Flow| {
+        super::is_snat(f)
+            && !f.snat_released
+            && super::destination(f) == d
+            && now.saturating_sub(f.created) >= SNAT_EARLY_DROP_AGE_NS
+    };
+    if ctx.flows.early_drop_where(src, now, holds_tuple) {
+        ctx.events().conntrack_early_drops += 1;
+        crate::pipeline::release_expired(ctx);
+    }
+    ctx.snat.allocate(d, ctx.now)
 }
 
 /// How far past the old connection's last sequence number a reused tuple's SYN lands: beyond
