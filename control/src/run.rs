@@ -340,6 +340,7 @@ pub fn run(file: NodeFile) -> Result<(), Error> {
             flows: file.nat.max_flows,
             snat_ports: file.nat.ports()?,
             snat_hold_ns: file.nat.snat_hold_s.saturating_mul(1_000_000_000),
+            vxlan_port: file.vxlan.port,
             timeouts: file.conntrack.timeouts(),
             attach: if file.xdp_mode.as_deref() == Some("generic") { AttachMode::Generic } else { AttachMode::Native },
             pod_tx: if file.pod_tx.as_deref() == Some("packet-gro") { PodTx::PacketGro } else { PodTx::Xsk },

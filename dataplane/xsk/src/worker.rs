@@ -56,6 +56,8 @@ pub struct WorkerConfig {
     /// SNAT source ports and how long a tuple is held after its flow ends.
     pub snat_ports: core::ops::RangeInclusive<u16>,
     pub snat_hold_ns: u64,
+    /// The VXLAN port: never a SNAT port (`SnatAllocator::exclude`).
+    pub vxlan_port: u16,
     pub timeouts: dataplane::conntrack::Timeouts,
     /// How frames leave toward pods.
     pub pod_tx: PodTx,
@@ -84,6 +86,7 @@ impl Default for WorkerConfig {
             flows: dataplane::pipeline::DEFAULT_FLOWS,
             snat_ports: dataplane::nat::snat::DEFAULT_PORTS,
             snat_hold_ns: dataplane::nat::snat::DEFAULT_HOLD_NS,
+            vxlan_port: dataplane::wire::vxlan::FLANNEL_PORT,
             timeouts: dataplane::conntrack::Timeouts::default(),
             pod_tx: PodTx::default(),
         }
@@ -183,6 +186,7 @@ impl Worker {
         let mut state = WorkerState::with_flows_and_timeouts(id, cfg.flows, cfg.timeouts);
         state.snat =
             dataplane::nat::snat::SnatAllocator::new(cfg.snat_ports.clone(), cfg.snat_hold_ns, u64::from(id) ^ 0x5eed);
+        state.snat.exclude(cfg.vxlan_port);
         let limits = cfg.fill.tx_limits(BATCH as u32);
         let tx = TxBudget { left: 0, total: limits.total, per_port: limits.per_port, pressure: false };
         Ok(Worker {

@@ -147,14 +147,14 @@ impl Pool {
         }
     }
 
-    /// The next never-used port, if any is left.
+    /// The next never-used port, if any is left (never `excluded`).
     #[inline]
-    fn fresh(&mut self, lo: u16, span: u32, stride: u32) -> Option<u16> {
+    fn fresh(&mut self, lo: u16, span: u32, stride: u32, excluded: Option<u16>) -> Option<u16> {
         while self.fresh_used < span {
             let off = (u64::from(self.start) + u64::from(self.fresh_used) * u64::from(stride)) % u64::from(span);
             self.fresh_used += 1;
             let port = lo + off as u16;
-            if self.skip.is_empty() || !self.skip.remove(&port) {
+            if Some(port) != excluded && (self.skip.is_empty() || !self.skip.remove(&port)) {
                 return Some(port);
             }
         }
@@ -182,6 +182,8 @@ pub struct SnatAllocator {
     stride: u32,
     hold: u64,
     pools: AHashMap<Destination, Pool>,
+    /// A port of the range never handed out (`exclude`).
+    excluded: Option<u16>,
     exhausted: u64,
     ended: [u64; 6],
     reused: u64,
@@ -213,11 +215,19 @@ impl SnatAllocator {
             stride: stride.max(1) % span.max(1),
             hold: hold_ns,
             pools: AHashMap::new(),
+            excluded: None,
             exhausted: 0,
             ended: [0; 6],
             reused: 0,
             seed,
         }
+    }
+
+    /// Never hands out `port`, should the range include it: the VXLAN port, so that pods can
+    /// be refused anything to a node's VXLAN port (`pod_to_vxlan_port`) without refusing
+    /// replies to SNAT'd flows.
+    pub fn exclude(&mut self, port: u16) {
+        self.excluded = Some(port);
     }
 
     pub fn with_defaults(seed: u64) -> SnatAllocator {
@@ -247,9 +257,9 @@ impl SnatAllocator {
     /// drop of a flow holding a tuple toward `d`) and then calls `allocate`.
     pub fn try_allocate(&mut self, d: Destination, now: u64) -> Option<Grant> {
         let start = self.start_for(&d);
-        let (span, stride, lo) = (self.span, self.stride, self.lo);
+        let (span, stride, lo, excluded) = (self.span, self.stride, self.lo, self.excluded);
         let pool = self.pools.entry(d).or_insert_with(|| Pool::new(start));
-        let grant = if let Some(port) = pool.fresh(lo, span, stride) {
+        let grant = if let Some(port) = pool.fresh(lo, span, stride, excluded) {
             Grant { port, reuse: None }
         } else if let Some(port) = pool.free.pop_front() {
             Grant { port, reuse: None }
@@ -517,6 +527,18 @@ mod tests {
         a.release(dest(1), 4004, 3 * S, End::Reset);
         assert_eq!(port(&mut a, dest(1), 3 * S), Ok(4004));
         assert_eq!(a.stats(3 * S).in_use, 10, "every port of the range");
+    }
+
+    /// The excluded port (the VXLAN port) is never handed out, whatever the order.
+    #[test]
+    fn an_excluded_port_is_never_handed_out() {
+        for seed in 0..32 {
+            let mut a = SnatAllocator::new(8470..=8474, 5 * S, seed);
+            a.exclude(8472);
+            let got: Vec<u16> = (0..4).map(|_| port(&mut a, dest(1), 0).unwrap()).collect();
+            assert!(!got.contains(&8472), "seed {seed}: {got:?}");
+            assert_eq!(port(&mut a, dest(1), 0), Err(SnatError::Exhausted), "seed {seed}");
+        }
     }
 
     #[test]

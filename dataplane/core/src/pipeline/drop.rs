@@ -59,7 +59,7 @@ drop_reasons! {
     PodSpoofedMac = "pod_spoofed_mac": "source MAC is not the MAC of the pod attached to this port",
     PodSpoofedIp = "pod_spoofed_ip": "source IP is not the IP of the pod attached to this port",
     HostSpoofedMac = "host_spoofed_mac": "source MAC on the host port is not the node stack's interface",
-    PodToVxlanPort = "pod_to_vxlan_port": "UDP from a pod to the VXLAN port of a node's underlay address (this node's or another's): pods must not inject VXLAN frames (issue 17)",
+    PodToVxlanPort = "pod_to_vxlan_port": "UDP from a pod to the VXLAN port of a node's underlay address (this node's or another's) or of a remote node's pod-network address (.0, .1): pods must not inject VXLAN frames (issue 17)",
     // IPv4
     Ipv4Truncated = "ipv4_truncated": "IPv4 header or datagram longer than the frame",
     Ipv4BadLength = "ipv4_bad_length": "IPv4 IHL below 5 or total length below the header length",

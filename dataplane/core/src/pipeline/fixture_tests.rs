@@ -230,10 +230,22 @@ fn cases() -> Vec<Case> {
             ToHost,
             None,
         ),
-        case(
-            "pod UDP to port 8472 of a node's gateway: forwarded (replies to SNAT'd flows may use it)",
+        drop_case(
+            "pod UDP to port 8472 of a remote node's gateway (a flannel node's VXLAN socket listens there)",
             POD1,
             from_pod1(&udp_to_vxlan_port(POD1_IP, GATEWAY_B)),
+            R::PodToVxlanPort,
+        ),
+        drop_case(
+            "pod UDP to port 8472 of a remote node's pod-network address (flannel.1's 10.244.1.0)",
+            POD1,
+            from_pod1(&udp_to_vxlan_port(POD1_IP, Ipv4Addr::new(10, 244, 1, 0))),
+            R::PodToVxlanPort,
+        ),
+        case(
+            "pod UDP to port 8472 of a remote pod: forwarded (pods may use any port among themselves)",
+            POD1,
+            from_pod1(&udp_to_vxlan_port(POD1_IP, REMOTE_POD_B)),
             Forward(UPLINK),
             None,
         ),

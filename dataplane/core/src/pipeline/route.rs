@@ -13,15 +13,19 @@
 //! same node is a routed hop here (decremented once) where flannel's bridge switches it. At
 //! TTL 1 the sender gets ICMP time exceeded ([`reply::time_exceeded`]).
 //!
-//! Pods never reach a node's VXLAN port (issue 17): UDP from a pod to that port at a node's
-//! underlay address ([`crate::tables::Tables::is_node_underlay_addr`], this node's or a remote
-//! node's) is `pod_to_vxlan_port`. Otherwise the node stack would route (and masquerade) a
-//! hand-built VXLAN frame, which then arrives with the node's address as outer source, a known
-//! VTEP. Checked on the destination after Service NAT, and only where the route leads into the
-//! node stack (where underlay addresses route), so pod-to-pod traffic pays nothing for it. The
-//! pod-network addresses of nodes (gateways, flannel.1's 10.244.x.0) are left alone: vxnat's
-//! SNAT and the kernel's MASQUERADE put node traffic there, and replies to it may use any
-//! port, the VXLAN port included.
+//! Pods never reach a node's VXLAN port (issue 17): UDP from a pod to that port is
+//! `pod_to_vxlan_port` at
+//! - a node's underlay address ([`crate::tables::Tables::is_node_underlay_addr`], this node's
+//!   or a remote node's): the node stack would route (and masquerade) a hand-built VXLAN
+//!   frame, which then arrives with the node's address as outer source, a known VTEP;
+//! - a remote node's pod-network address, its pod CIDR's network address (flannel.1's
+//!   10.244.X.0) or gateway (.1): a flannel node's kernel VXLAN socket listens on every
+//!   address, so the frame would be decapsulated there, inner source unchecked.
+//!
+//! Checked on the destination after Service NAT; pod-to-pod traffic pays one compare of the
+//! destination port. Replies to SNAT'd flows never go to the VXLAN port: no vxnat hands it
+//! out as a SNAT port (`SnatAllocator::exclude`), and the kernel's masquerade uses
+//! 32768-60999.
 
 use super::ctx::{Ctx, Ipv4Meta, Origin};
 use super::{encap, oversize, reply};
@@ -54,6 +58,9 @@ pub(crate) fn forward(
             deliver_host(ctx.tables, frame)
         }
         (Route::LocalPod(_) | Route::Remote(_), _) => {
+            if origin == Origin::Pod && to_vxlan_port_in_a_remote_pod_network(ctx.tables, m, route) {
+                return Err(DropReason::PodToVxlanPort);
+            }
             if origin != Origin::Host {
                 if m.ttl <= 1 {
                     return reply::time_exceeded(ctx, frame, m);
@@ -69,6 +76,20 @@ pub(crate) fn forward(
 #[inline(always)]
 fn to_vxlan_port_of_a_node(tables: &Tables, m: &Ipv4Meta) -> bool {
     m.dport() == tables.node.vxlan_port && m.protocol() == IpProtocol::Udp && tables.is_node_underlay_addr(m.dst)
+}
+
+/// UDP to the VXLAN port of a remote node's pod-network address: its pod CIDR's network
+/// address or gateway.
+#[inline(always)]
+fn to_vxlan_port_in_a_remote_pod_network(tables: &Tables, m: &Ipv4Meta, route: Route) -> bool {
+    let Route::Remote(idx) = route else { return false };
+    if m.dport() != tables.node.vxlan_port || m.protocol() != IpProtocol::Udp {
+        return false;
+    }
+    tables.remote(idx).is_some_and(|r| {
+        let host = u32::from(m.dst).wrapping_sub(u32::from(r.pod_cidr.network().address()));
+        host <= 1
+    })
 }
 
 /// Sends a routed frame (starting with a 14-byte Ethernet header) out of its egress.
