@@ -378,10 +378,11 @@ pub fn run(file: NodeFile) -> Result<(), Error> {
     }
     let frontends = worker.take_frontends().ok_or_else(|| shutdown(Error::FrontendsKept))?;
     if let Some(c) = worker.carried() {
-        if c.flows + c.refused + c.corrupt > 0 {
+        if c.flows + c.held + c.refused + c.corrupt > 0 {
             tracing::info!(
-                "carried over {} flows from the previous process ({} refused: table full or duplicate; {} torn records skipped)",
+                "carried over {} flows from the previous process, and {} SNAT tuples still held for flows gone ({} refused: table full or duplicate; {} torn records skipped)",
                 c.flows,
+                c.held,
                 c.refused,
                 c.corrupt
             );

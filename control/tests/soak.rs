@@ -14,8 +14,8 @@
 //! - a 200 Hz UDP probe a1 -> b2 through both nodes.
 //!
 //! Judged at the end, once traffic has stopped and closed flows have expired: node B (never
-//! restarted, it sees all the churn) ends with the flows, free UMEM chunks, RSS (within 8 MiB)
-//! and open fds it had after the warm-up; node A's last process holds as many fds as a
+//! restarted, it sees all the churn) ends with the flows, RSS (within 8 MiB) and open fds it
+//! had after the warm-up and every UMEM chunk accounted for; node A's last process holds as many fds as a
 //! freshly started one; every stream arrived intact; no short connection failed outside the
 //! restarts' gaps (each failure is printed with when it happened).
 
@@ -112,6 +112,7 @@ fn endpoint(pod: &Pod, name: &'static str, stop: Arc<AtomicBool>) -> std::thread
 /// Short client-first connections to `to` until `stop`, one every `every`: successes, and the
 /// failures with when they happened (seconds since `t0`).
 fn short_connections(
+    name: &'static str,
     from: &Netns,
     to: SocketAddrV4,
     every: Duration,
@@ -136,7 +137,7 @@ fn short_connections(
             })();
             match r {
                 Ok(()) => ok += 1,
-                Err(e) => failures.lock().expect("failures").push((t0.elapsed().as_secs_f64(), e)),
+                Err(e) => failures.lock().expect("failures").push((t0.elapsed().as_secs_f64(), format!("{name}: {e}"))),
             }
             std::thread::sleep(every);
         }
@@ -215,7 +216,7 @@ fn soak_mixed_traffic_restarts_and_churn() {
     let mut c = cluster_with(&state(true, true));
     let state_path = c._dir.0.join("cluster.yaml");
     let base = std::fs::read_to_string(&state_path).expect("state");
-    let base = base[..base.find("apiVersion: v1\nkind: List").unwrap_or(base.len())].to_string();
+    let base = base[..base.rfind("apiVersion: v1\nkind: List").unwrap_or(base.len())].to_string();
     let stop_servers = Arc::new(AtomicBool::new(false));
     let servers: Vec<_> = [(1, "a2"), (2, "b1"), (3, "b2")]
         .into_iter()
@@ -227,10 +228,25 @@ fn soak_mixed_traffic_restarts_and_churn() {
     let stop = Arc::new(AtomicBool::new(false));
     let failures = Arc::new(Mutex::new(Vec::new()));
     let who = SocketAddrV4::new(VIP, 80);
-    let pod_short =
-        short_connections(&c.pods[0].ns, who, Duration::from_millis(20), t0, stop.clone(), failures.clone());
+    let pod_short = short_connections(
+        "pod -> ClusterIP",
+        &c.pods[0].ns,
+        who,
+        Duration::from_millis(20),
+        t0,
+        stop.clone(),
+        failures.clone(),
+    );
     let np = SocketAddrV4::new(NODE_A, 30098);
-    let outside_short = short_connections(&c.client, np, Duration::from_millis(20), t0, stop.clone(), failures.clone());
+    let outside_short = short_connections(
+        "outside -> NodePort",
+        &c.client,
+        np,
+        Duration::from_millis(20),
+        t0,
+        stop.clone(),
+        failures.clone(),
+    );
     let stream = streams(&c.pods[1].ns, SocketAddrV4::new(VIP, 81), stop.clone());
     let probes = Arc::new(AtomicU64::new(0));
     let (a1_ip, b2_ip) = (c.pods[0].ip, c.pods[3].ip);
@@ -310,6 +326,9 @@ fn soak_mixed_traffic_restarts_and_churn() {
         b_end = snapshot(&c.nodes[1]);
     }
     let a_end = snapshot(&c.nodes[0]);
+    for n in &c.nodes {
+        eprintln!("{}:\n{}", n.name, n.ctl(&["stats"]).unwrap_or_default());
+    }
     let failures = failures.lock().expect("failures").clone();
     eprintln!(
         "soak: {minutes} min, {restarts} restarts of node A ({restart_log:?}), {churns} endpoint changes\n\
@@ -329,7 +348,9 @@ fn soak_mixed_traffic_restarts_and_churn() {
     assert!(damaged.is_empty(), "damaged streams: {damaged:?}");
     assert!(intact > 0, "no stream completed");
     assert!(b_end.flows <= b_start.flows, "node B's flows grew: {} -> {}", b_start.flows, b_end.flows);
-    assert!(b_end.balanced && b_end.umem_free == b_start.umem_free, "node B's UMEM: {b_start:?} -> {b_end:?}");
+    // Free chunks move with the adaptive fill targets; a leak shows as unaccounted chunks.
+    eprintln!("node B: free UMEM chunks {} -> {} (they follow the fill targets)", b_start.umem_free, b_end.umem_free);
+    assert!(b_start.balanced && b_end.balanced, "node B's UMEM: {b_start:?} -> {b_end:?}");
     assert_eq!(b_end.holdings.fds, b_start.holdings.fds, "node B's fds");
     assert!(b_end.holdings.rss_kib <= b_start.holdings.rss_kib + 8 * 1024, "node B's RSS: {b_start:?} -> {b_end:?}");
     assert_eq!(a_end.holdings.fds, fresh_fds_a, "node A's last process holds more fds than a fresh one");

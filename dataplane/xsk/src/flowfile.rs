@@ -21,9 +21,13 @@
 //!   replaced by `create`: the flows are lost, never misread.
 //!
 //! Layout: a 128-byte header (magic, record version, record length, slot count, the writer's
-//! clock origin, and how many slots from the first were ever written: a reader reads no
-//! further, so a restart reads what the table held, not its capacity), then one
-//! `RECORD_LEN`-byte record per slot.
+//! clock origin, how many slots from the first were ever written (a reader reads no further,
+//! so a restart reads what the table held, not its capacity), and how many retired flows were
+//! ever written), then one `RECORD_LEN`-byte record per slot, then a ring of as many records
+//! of retired flows: flows that left the table while the backend may still hold their SNAT
+//! tuple (`ConnTrack::retire`; a new connection reopened the key, or the flow expired open).
+//! Their `expires_at` is when the hold ends; a ring full of holds younger than the hold time
+//! (more tuples retired per hold time than the table has slots) loses the oldest.
 
 use dataplane::conntrack::record::{self, RECORD_LEN};
 use dataplane::conntrack::{ConnTrack, Flow};
@@ -47,6 +51,9 @@ pub fn monotonic_ns() -> u64 {
 pub struct Loaded {
     /// Intact flows, creation times on the reader's clock.
     pub flows: Vec<Flow>,
+    /// Retired flows (module docs), newest first, `expires_at` (the hold's end) on the
+    /// reader's clock.
+    pub retired: Vec<Flow>,
     /// Records that were neither empty nor intact (torn by a crash, or damaged).
     pub corrupt: usize,
 }
@@ -78,6 +85,8 @@ pub struct FlowFile {
     slots: usize,
     /// Slots `0..written` may hold records (the header says so).
     written: usize,
+    /// Retired flows ever written into the ring.
+    retired: u64,
     path: PathBuf,
 }
 
@@ -111,16 +120,39 @@ impl FlowFile {
         if version != u32::from(record::VERSION) || len != RECORD_LEN {
             return Err(LoadError::Format(format!("record version {version}, length {len}")));
         }
-        let (writer_origin, written) = (u64_at(24), u64_at(32));
+        let (slots, writer_origin, written, retired) = (u64_at(16), u64_at(24), u64_at(32), u64_at(40));
         let mut bytes = Vec::new();
-        file.take(written.saturating_mul(RECORD_LEN as u64)).read_to_end(&mut bytes).map_err(LoadError::Io)?;
+        (&mut file).take(written.saturating_mul(RECORD_LEN as u64)).read_to_end(&mut bytes).map_err(LoadError::Io)?;
         let mut out = Loaded::default();
+        let to_reader = |t: u64| writer_origin.saturating_add(t).saturating_sub(origin);
+        // The ring, newest first (a tuple retired twice: its later hold counts).
+        let ring = slots.max(1);
+        let mut ring_bytes = vec![0u8; (retired.min(ring) as usize).saturating_mul(RECORD_LEN)];
+        {
+            use std::os::unix::fs::FileExt;
+            let at = HEADER_LEN as u64 + slots.saturating_mul(RECORD_LEN as u64);
+            file.read_exact_at(&mut ring_bytes, at).map_err(LoadError::Io)?;
+        }
+        for k in 1..=retired.min(ring) {
+            let i = ((retired - k) % ring) as usize * RECORD_LEN;
+            let Some(r) = ring_bytes.get(i..i + RECORD_LEN).and_then(|r| <&[u8; RECORD_LEN]>::try_from(r).ok()) else {
+                continue;
+            };
+            match record::decode(r) {
+                Ok(Some(mut f)) => {
+                    f.expires_at = to_reader(f.expires_at);
+                    out.retired.push(f);
+                }
+                Ok(None) => {}
+                Err(_) => out.corrupt += 1,
+            }
+        }
         for r in bytes.chunks_exact(RECORD_LEN) {
             let r: &[u8; RECORD_LEN] = r.try_into().expect("chunks_exact");
             match record::decode(r) {
                 Ok(Some(mut f)) => {
                     // Writer's clock to the reader's: absolute, then relative to `origin`.
-                    f.created = writer_origin.saturating_add(f.created).saturating_sub(origin);
+                    f.created = to_reader(f.created);
                     out.flows.push(f);
                 }
                 Ok(None) => {}
@@ -135,7 +167,7 @@ impl FlowFile {
     /// current. `origin`: the writer's clock origin on CLOCK_MONOTONIC.
     pub fn create(path: &Path, ct: &mut ConnTrack, origin: u64) -> std::io::Result<FlowFile> {
         let slots = ct.capacity();
-        let len = HEADER_LEN + slots * RECORD_LEN;
+        let len = HEADER_LEN + 2 * slots * RECORD_LEN;
         let mut tmp = path.as_os_str().to_owned();
         tmp.push(".new");
         let tmp = PathBuf::from(tmp);
@@ -158,7 +190,7 @@ impl FlowFile {
             return Err(std::io::Error::last_os_error());
         }
         let map = NonNull::new(area.cast::<u8>()).ok_or_else(|| std::io::Error::other("mmap returned null"))?;
-        let mut f = FlowFile { map, len, slots, written: 0, path: path.to_path_buf() };
+        let mut f = FlowFile { map, len, slots, written: 0, retired: 0, path: path.to_path_buf() };
         let h = f.bytes_mut(0, HEADER_LEN).ok_or_else(|| std::io::Error::other("flow file shorter than its header"))?;
         h[..8].copy_from_slice(&MAGIC);
         h[8..12].copy_from_slice(&u32::from(record::VERSION).to_le_bytes());
@@ -195,6 +227,21 @@ impl FlowFile {
             }
             written = written.max(slot as usize + 1);
         });
+        let (ring, mut retired) = (self.slots.max(1), self.retired);
+        ct.drain_retired(|flow| {
+            let at = HEADER_LEN + (self.slots + (retired % ring as u64) as usize) * RECORD_LEN;
+            if let Some(r) = self.bytes_mut(at, RECORD_LEN).and_then(|b| <&mut [u8; RECORD_LEN]>::try_from(b).ok()) {
+                record::encode(flow, r);
+                retired += 1;
+            }
+        });
+        if retired > self.retired {
+            // After the records, as `written` below.
+            self.retired = retired;
+            if let Some(h) = self.bytes_mut(40, 8) {
+                h.copy_from_slice(&retired.to_le_bytes());
+            }
+        }
         if written > self.written {
             // After the records it covers, so it never covers an unwritten one; a crash
             // between the two loses this pass's new slots, as a crash may lose any pass.
@@ -220,7 +267,7 @@ impl Drop for FlowFile {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dataplane::conntrack::{FlowKey, Timeouts};
+    use dataplane::conntrack::{Flow, FlowKey, Timeouts};
     use std::net::Ipv4Addr;
 
     fn key(i: u16) -> FlowKey {
@@ -264,6 +311,26 @@ mod tests {
         let _file2 = FlowFile::create(&path, &mut ct2, 6_000_000).unwrap();
         let again = FlowFile::load(&path, 6_000_000).unwrap();
         assert_eq!(again.flows.iter().map(|f| f.orig.sport).collect::<Vec<_>>(), [100]);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    /// Retired flows (their tuple held after they left the table) come back newest first,
+    /// their hold's end on the reader's clock; the ring keeps the newest when it wraps.
+    #[test]
+    fn retired_flows_come_back_newest_first_and_the_ring_keeps_the_newest() {
+        let path = dir().join("flows");
+        let mut ct = ConnTrack::new(4, Timeouts::default());
+        let mut file = FlowFile::create(&path, &mut ct, 1_000).unwrap();
+        let id = ct.insert(key(1), key(1).reversed(), 0, 0).unwrap();
+        let f = ct.get(id).unwrap().clone();
+        for i in 0..6u64 {
+            ct.retire(&Flow { tag: i, ..f.clone() }, 5_000 + i);
+        }
+        file.write_changes(&mut ct);
+        let loaded = FlowFile::load(&path, 2_000).unwrap();
+        let got: Vec<(u64, u64)> = loaded.retired.iter().map(|f| (f.tag, f.expires_at)).collect();
+        assert_eq!(got, [(5, 4_005), (4, 4_004), (3, 4_003), (2, 4_002)], "a ring of 4, newest first");
+        assert!(loaded.retired.iter().all(|f| f.snat_released));
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 

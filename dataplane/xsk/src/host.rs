@@ -196,6 +196,8 @@ type Started = Result<(FrontendsMap, Option<Carried>, Vec<Result<(), String>>), 
 pub struct Carried {
     /// Flows tracked again, with their NAT state and SNAT tuples.
     pub flows: usize,
+    /// SNAT tuples held again for flows that had already left the table (retired).
+    pub held: usize,
     /// Intact records not tracked again (the table is smaller now, or a duplicate key).
     pub refused: usize,
     /// Records torn by a crash or damaged, skipped.
@@ -453,16 +455,27 @@ fn worker_main(
 fn carry_flows(path: &std::path::Path, w: &mut Worker, heartbeat: &Heartbeat) -> (Option<FlowFile>, Carried) {
     let mut carried = Carried::default();
     let now = heartbeat.epoch.elapsed().as_nanos() as u64;
+    let mut retired = Vec::new();
     match FlowFile::load(path, heartbeat.origin) {
         Ok(loaded) => {
-            let r = dataplane::pipeline::restore(w.state_mut(), loaded.flows, now);
-            (carried.flows, carried.refused, carried.corrupt) = (r.flows, r.refused, loaded.corrupt);
+            retired = loaded.retired;
+            let r = dataplane::pipeline::restore(w.state_mut(), loaded.flows, retired.iter().cloned(), now);
+            (carried.flows, carried.held, carried.refused, carried.corrupt) =
+                (r.flows, r.held, r.refused, loaded.corrupt);
         }
         Err(LoadError::Missing) => {}
         Err(e) => carried.problems.push(format!("{}: {e}", path.display())),
     }
     match FlowFile::create(path, &mut w.state_mut().flows, heartbeat.origin) {
-        Ok(f) => (Some(f), carried),
+        Ok(mut f) => {
+            // Holds still running go on in the new file, for the restart after this one.
+            let flows = &mut w.state_mut().flows;
+            for r in retired.iter().rev().filter(|r| r.expires_at > now) {
+                flows.retire(r, r.expires_at);
+            }
+            f.write_changes(flows);
+            (Some(f), carried)
+        }
         Err(e) => {
             carried.problems.push(format!("{}: {e}; flows will not survive a restart", path.display()));
             (None, carried)

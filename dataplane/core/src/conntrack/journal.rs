@@ -10,11 +10,17 @@ pub(super) struct Journal {
     /// One bit per slot: already listed in `dirty`.
     listed: Vec<u64>,
     dirty: Vec<u32>,
+    /// Flows that left the table with their SNAT tuple still held (`ConnTrack::retire`).
+    pub(super) retired: Vec<super::Flow>,
 }
 
 impl Journal {
     pub(super) fn new(slots: usize) -> Journal {
-        Journal { listed: vec![0; slots.div_ceil(64)], dirty: Vec::with_capacity(slots) }
+        Journal {
+            listed: vec![0; slots.div_ceil(64)],
+            dirty: Vec::with_capacity(slots),
+            retired: Vec::with_capacity(256),
+        }
     }
 
     #[inline]

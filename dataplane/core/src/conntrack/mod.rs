@@ -253,6 +253,25 @@ impl ConnTrack {
         j.drain(|slot| write(slot, slots.get(slot as usize).and_then(|s| s.0.as_ref())));
     }
 
+    /// Records, when the journal is enabled, that `f` left the table while the backend may
+    /// hold its SNAT tuple until `held_until` (then in its `expires_at`; `snat_released` set):
+    /// a successor must keep holding the tuple though no flow carries it
+    /// (`drain_retired`). Called per connection that ends so, never per packet.
+    pub fn retire(&mut self, f: &Flow, held_until: u64) {
+        if let Some(j) = self.journal.as_mut() {
+            j.retired.push(Flow { expires_at: held_until, snat_released: true, ..f.clone() });
+        }
+    }
+
+    /// Hands each flow retired since the last call to `write`, and forgets them.
+    pub fn drain_retired(&mut self, mut write: impl FnMut(&Flow)) {
+        if let Some(j) = self.journal.as_mut() {
+            for f in j.retired.drain(..) {
+                write(&f);
+            }
+        }
+    }
+
     #[inline]
     fn changed(&mut self, slot: u32) {
         if let Some(j) = self.journal.as_mut() {

@@ -399,6 +399,8 @@ pub fn maintain(tables: &Tables, state: &mut WorkerState, now: Nanos, budget: us
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Restored {
     pub flows: usize,
+    /// Tuples held again for flows that had already left the table (`retired`).
+    pub held: usize,
     /// Not tracked again: a key already tracked, or the table full (a smaller `max_flows`).
     pub refused: usize,
 }
@@ -406,19 +408,35 @@ pub struct Restored {
 /// Carries over the flows an earlier process tracked (a restart): each is tracked again with
 /// its NAT state and its timer restarted, and its SNAT tuple is marked in use, or held, so it
 /// is never handed out again while the backend may hold it. Call before the first batch.
+///
+/// `retired` are flows that had left the table while their tuple was still held
+/// (`ConnTrack::retire`, their `expires_at` the hold's end on this clock): each tuple no
+/// restored flow uses or holds is held again until then.
 pub fn restore(
     state: &mut WorkerState,
     flows: impl IntoIterator<Item = crate::conntrack::Flow>,
+    retired: impl IntoIterator<Item = crate::conntrack::Flow>,
     now: Nanos,
 ) -> Restored {
     let mut r = Restored::default();
+    let mut taken = ahash::AHashSet::new();
     for f in flows {
         match state.flows.restore(f.clone(), now) {
             Ok(_) => {
-                service_nat::restore_snat(&mut state.snat, &f, now);
+                if let Some((d, port, hold)) = service_nat::snat_restore_of(&state.snat, &f, now) {
+                    taken.insert((d, port));
+                    state.snat.restore(d, port, hold);
+                }
                 r.flows += 1;
             }
             Err(_) => r.refused += 1,
+        }
+    }
+    for f in retired {
+        let Some((d, port, Some((_, mark)))) = service_nat::snat_restore_of(&state.snat, &f, now) else { continue };
+        if f.expires_at > now && taken.insert((d, port)) {
+            state.snat.restore(d, port, Some((f.expires_at, mark)));
+            r.held += 1;
         }
     }
     r

@@ -696,7 +696,7 @@ fn flows_carried_over_a_restart_keep_their_nat_and_their_tuples() {
     let mut st2 = WorkerState::with_flows(0, 16);
     st2.snat = SnatAllocator::new(2000..=2001, 65 * S, 1);
     let flows = file.iter().filter_map(|r| record::decode(r).expect("intact"));
-    assert_eq!(restore(&mut st2, flows, now), Restored { flows: 3, refused: 0 });
+    assert_eq!(restore(&mut st2, flows, [], now), Restored { flows: 3, held: 0, refused: 0 });
     assert_eq!((st2.snat.stats(now).in_use, st2.snat.stats(now).held), (1, 1));
     // Flow A goes on with its tuple, both ways.
     let (_, out) = run(&t, &mut st2, now, POD1, &c(44000, 0x018, 101, 901));
@@ -739,4 +739,47 @@ fn the_journal_records_state_changes_not_every_packet() {
     assert_eq!(drained(&mut st), []);
     run(&t, &mut st, 0, POD2, &eth(POD2_PORT_MAC, POD2_MAC, 0x0800, &tcp(POD2_IP, POD1_IP, 8080, sp, 0x012, 5, 1001)));
     assert_eq!(drained(&mut st), [(first[0].0, Some("SYN_RECV"))]);
+}
+
+/// A tuple whose flow has left the table while the endpoint still holds it in TIME_WAIT (the
+/// client reused its port: the new SYN reopened the flow's key) lives on only in the
+/// allocator; the journal hands the flow out as retired, and a restart holds the tuple again
+/// with its mark: the next connection reuses it past the mark, not as a fresh port.
+#[test]
+fn a_held_tuple_whose_flow_left_the_table_is_still_held_after_a_restart() {
+    use crate::conntrack::record::{self, RECORD_LEN};
+    let t = tables();
+    let mut st = WorkerState::with_flows(0, 16);
+    st.snat = SnatAllocator::new(2000..=2001, 65 * S, 1);
+    st.flows.enable_journal();
+    let c = |sp: u16, flags: u16, seq: u32, ack: u32| from_pod1(&tcp(POD1_IP, VIP_SELF, sp, 80, flags, seq, ack));
+    let e =
+        |port: u16, flags: u16, seq: u32, ack: u32| from_pod1(&tcp(POD1_IP, GATEWAY_A, 8080, port, flags, seq, ack));
+    let snat_port = |out: &[u8]| tcp_view(&inner_ip(out, false)).2;
+    let held = snat_port(&run(&t, &mut st, 0, POD1, &c(44000, 0x002, 100, 0)).1);
+    run(&t, &mut st, 0, POD1, &e(held, 0x012, 900, 101));
+    run(&t, &mut st, 0, POD1, &c(44000, 0x010, 101, 901));
+    run(&t, &mut st, S, POD1, &e(held, 0x011, 901, 101));
+    run(&t, &mut st, S, POD1, &c(44000, 0x011, 101, 902));
+    run(&t, &mut st, S, POD1, &e(held, 0x010, 902, 102));
+    // The client's next connection from the same port: the old flow leaves the table, the
+    // new one takes the other tuple (fresh ones come before held ones).
+    let other = snat_port(&run(&t, &mut st, 2 * S, POD1, &c(44000, 0x002, 7000, 0)).1);
+    assert_ne!(other, held);
+    let mut slots = vec![[0u8; RECORD_LEN]; st.flows.capacity()];
+    st.flows.drain_journal(|slot, f| match f {
+        Some(f) => record::encode(f, &mut slots[slot as usize]),
+        None => slots[slot as usize] = [0; RECORD_LEN],
+    });
+    let mut retired = Vec::new();
+    st.flows.drain_retired(|f| retired.push(f.clone()));
+    assert_eq!(retired.len(), 1, "the reopened flow, its tuple held");
+    let now = 10 * S;
+    let mut st2 = WorkerState::with_flows(0, 16);
+    st2.snat = SnatAllocator::new(2000..=2001, 65 * S, 1);
+    let flows = slots.iter().filter_map(|r| record::decode(r).expect("intact"));
+    assert_eq!(restore(&mut st2, flows, retired, now), Restored { flows: 1, held: 1, refused: 0 });
+    let (_, out) = run(&t, &mut st2, now, POD1, &c(44001, 0x002, 5000, 0));
+    let (_, _, port, _, flags, seq, _) = tcp_view(&inner_ip(&out, false));
+    assert_eq!((port, flags, seq), (held, TcpFlags::SYN, 102 + (1 << 17)), "reused past its mark, not fresh");
 }

@@ -182,30 +182,44 @@ fn end_of(f: &Flow) -> End {
     }
 }
 
-/// Returns the SNAT tuple of a flow that ended (if it had one, and it was not given back when
-/// the flow closed) to the allocator.
+/// Returns the SNAT tuple of a flow that leaves the table (if it had one, and it was not given
+/// back when the flow closed) to the allocator. A tuple held once its flow is gone would live
+/// on only in the allocator, so whenever a tuple is held (here, or when its flow closed,
+/// `snat_closing`) the flow is also handed to the conntrack journal as retired
+/// (`ConnTrack::retire`), for a successor process to keep holding it (`pipeline::restore`).
 pub(crate) fn release_snat(ctx: &mut Ctx<'_>, f: &Flow, now: u64) {
-    if is_snat(f) && !f.snat_released {
-        ctx.snat.release(destination(f), f.reply.dport, now, end_of(f));
+    if !is_snat(f) || f.snat_released {
+        return;
+    }
+    let end = end_of(f);
+    ctx.snat.release(destination(f), f.reply.dport, now, end);
+    if holds(end) {
+        ctx.flows.retire(f, now.saturating_add(ctx.snat.hold_ns()));
     }
 }
 
-/// The SNAT tuple of a flow carried over from an earlier process (`pipeline::restore`): in
-/// use while the flow has not given it back; once given back, held as the flow's end says,
-/// from `now` (when it was given back is not recorded, so its hold restarts: it ends later
-/// than it would have, never earlier).
-pub(crate) fn restore_snat(snat: &mut crate::nat::snat::SnatAllocator, f: &Flow, now: u64) {
+/// The SNAT tuple of a flow carried over from an earlier process (`pipeline::restore`), and
+/// until when it is held (`None`: in use while the flow has not given it back). Once given
+/// back, held as the flow's end says, from `now` (when it was given back is not recorded, so
+/// its hold restarts: it ends later than it would have, never earlier). Nothing for a flow
+/// without a tuple, or whose tuple is free.
+#[allow(clippy::type_complexity)]
+pub(crate) fn snat_restore_of(
+    snat: &crate::nat::snat::SnatAllocator,
+    f: &Flow,
+    now: u64,
+) -> Option<(Destination, u16, Option<(u64, Option<Mark>)>)> {
     if !is_snat(f) {
-        return;
+        return None;
     }
     let until = now.saturating_add(snat.hold_ns());
     let hold = match (f.snat_released, end_of(f)) {
         (false, _) => None,
         (true, End::BackendClosedFirst(mark)) => Some((until, mark)),
         (true, End::Idle) => Some((until, None)),
-        (true, _) => return,
+        (true, _) => return None,
     };
-    snat.restore(destination(f), f.reply.dport, hold);
+    Some((destination(f), f.reply.dport, hold))
 }
 
 fn destination(f: &Flow) -> Destination {
@@ -256,8 +270,19 @@ fn snat_closing(ctx: &mut Ctx<'_>, frame: &FrameBuf<'_>, m: &Ipv4Meta, id: FlowI
     if matches!(f.state, FlowState::Tcp(TcpState::TimeWait | TcpState::Close)) && !f.snat_released {
         f.snat_released = true;
         let (d, port, end) = (destination(f), f.reply.dport, end_of(f));
+        let retired = holds(end).then(|| f.clone());
         ctx.snat.release(d, port, now, end);
+        if let Some(f) = retired {
+            // The flow may leave the table before the hold ends (a new SYN reopens its key),
+            // and its state then no longer says how it ended.
+            ctx.flows.retire(&f, now.saturating_add(ctx.snat.hold_ns()));
+        }
     }
+}
+
+/// Whether a flow that ended so leaves its tuple held.
+fn holds(end: End) -> bool {
+    matches!(end, End::BackendClosedFirst(_) | End::Idle)
 }
 
 /// Applies a reused tuple's offsets to a packet of its flow (already translated). A segment
