@@ -653,6 +653,50 @@ fn icmp_frag_needed_from_the_endpoint_is_translated_for_the_client() {
     assert_eq!(&q.payload()[..4], &[(sp >> 8) as u8, sp as u8, 0, 80]);
 }
 
+/// A state whose SNAT range is two ports (hairpin flows through VIP_SELF take them), its
+/// conntrack journal on, as a process keeping a flow file has it.
+fn two_port_state(journal: bool) -> WorkerState {
+    let mut st = WorkerState::with_flows(0, 16);
+    st.snat = SnatAllocator::new(2000..=2001, 65 * S, 1);
+    if journal {
+        st.flows.enable_journal();
+    }
+    st
+}
+
+/// Pod1 as the client of VIP_SELF from `sport`.
+fn hairpin_client(sport: u16, flags: u16, seq: u32, ack: u32) -> Vec<u8> {
+    from_pod1(&tcp(POD1_IP, VIP_SELF, sport, 80, flags, seq, ack))
+}
+
+/// Pod1 as the endpoint, answering SNAT port `port`.
+fn hairpin_endpoint(port: u16, flags: u16, seq: u32, ack: u32) -> Vec<u8> {
+    from_pod1(&tcp(POD1_IP, GATEWAY_A, 8080, port, flags, seq, ack))
+}
+
+/// A hairpin connection from `sport` opened at 0 (client ISN 100, endpoint's 900) and closed
+/// by the endpoint first at 1 s: its tuple, held with the mark 102.
+fn hairpin_closed_by_endpoint(t: &Tables, st: &mut WorkerState, sport: u16) -> u16 {
+    let port = tcp_view(&inner_ip(&run(t, st, 0, POD1, &hairpin_client(sport, 0x002, 100, 0)).1, false)).2;
+    run(t, st, 0, POD1, &hairpin_endpoint(port, 0x012, 900, 101));
+    run(t, st, 0, POD1, &hairpin_client(sport, 0x010, 101, 901));
+    run(t, st, S, POD1, &hairpin_endpoint(port, 0x011, 901, 101));
+    run(t, st, S, POD1, &hairpin_client(sport, 0x011, 101, 902));
+    run(t, st, S, POD1, &hairpin_endpoint(port, 0x010, 902, 102));
+    port
+}
+
+/// The slot records a flow file would hold for `st`'s journal.
+fn flow_file_of(st: &mut WorkerState) -> Vec<[u8; crate::conntrack::record::RECORD_LEN]> {
+    use crate::conntrack::record::{self, RECORD_LEN};
+    let mut file = vec![[0u8; RECORD_LEN]; st.flows.capacity()];
+    st.flows.drain_journal(|slot, f| match f {
+        Some(f) => record::encode(f, &mut file[slot as usize]),
+        None => file[slot as usize] = [0; RECORD_LEN],
+    });
+    file
+}
+
 /// A restart (`restore`): the flows a process wrote out through the conntrack journal, read
 /// back by a new process (record by record, as the flow file holds them), carry on as they
 /// were. An open SNAT'd flow keeps its tuple and its translation both ways, a ClusterIP flow its
@@ -661,40 +705,25 @@ fn icmp_frag_needed_from_the_endpoint_is_translated_for_the_client() {
 /// connection's last sequence number, exactly as the old process would have.
 #[test]
 fn flows_carried_over_a_restart_keep_their_nat_and_their_tuples() {
-    use crate::conntrack::record::{self, RECORD_LEN};
+    use crate::conntrack::record;
     let t = tables();
-    let mut st = WorkerState::with_flows(0, 16);
-    st.snat = SnatAllocator::new(2000..=2001, 65 * S, 1);
-    st.flows.enable_journal();
-    let c = |sp: u16, flags: u16, seq: u32, ack: u32| from_pod1(&tcp(POD1_IP, VIP_SELF, sp, 80, flags, seq, ack));
-    let e =
-        |port: u16, flags: u16, seq: u32, ack: u32| from_pod1(&tcp(POD1_IP, GATEWAY_A, 8080, port, flags, seq, ack));
-    let snat_port = |out: &[u8]| tcp_view(&inner_ip(out, false)).2;
+    let mut st = two_port_state(true);
+    let (c, e) = (hairpin_client, hairpin_endpoint);
     // Flow A: open.
-    let a = snat_port(&run(&t, &mut st, 0, POD1, &c(44000, 0x002, 100, 0)).1);
+    let a = tcp_view(&inner_ip(&run(&t, &mut st, 0, POD1, &c(44000, 0x002, 100, 0)).1, false)).2;
     run(&t, &mut st, 0, POD1, &e(a, 0x012, 900, 101));
     run(&t, &mut st, 0, POD1, &c(44000, 0x010, 101, 901));
     // Flow B: the endpoint closes first; its tuple is held with the mark 102.
-    let b = snat_port(&run(&t, &mut st, 0, POD1, &c(44001, 0x002, 100, 0)).1);
-    run(&t, &mut st, 0, POD1, &e(b, 0x012, 900, 101));
-    run(&t, &mut st, 0, POD1, &c(44001, 0x010, 101, 901));
-    run(&t, &mut st, S, POD1, &e(b, 0x011, 901, 101));
-    run(&t, &mut st, S, POD1, &c(44001, 0x011, 101, 902));
-    run(&t, &mut st, S, POD1, &e(b, 0x010, 902, 102));
+    let b = hairpin_closed_by_endpoint(&t, &mut st, 44001);
     // A ClusterIP flow to the local endpoint.
     let sp = sport_toward(&t, POD2_IP);
     run(&t, &mut st, 0, POD1, &from_pod1(&tcp(POD1_IP, VIP_WEB, sp, 80, 0x002, 1000, 0)));
     assert_eq!((st.flows.len(), st.snat.stats(S).held), (3, 1));
     // What the flow file would hold.
-    let mut file = vec![[0u8; RECORD_LEN]; st.flows.capacity()];
-    st.flows.drain_journal(|slot, f| match f {
-        Some(f) => record::encode(f, &mut file[slot as usize]),
-        None => file[slot as usize] = [0; RECORD_LEN],
-    });
+    let file = flow_file_of(&mut st);
     // The new process, at its own clock's 10 s.
     let now = 10 * S;
-    let mut st2 = WorkerState::with_flows(0, 16);
-    st2.snat = SnatAllocator::new(2000..=2001, 65 * S, 1);
+    let mut st2 = two_port_state(false);
     let flows = file.iter().filter_map(|r| record::decode(r).expect("intact"));
     assert_eq!(restore(&mut st2, flows, [], now), Restored { flows: 3, held: 0, refused: 0 });
     assert_eq!((st2.snat.stats(now).in_use, st2.snat.stats(now).held), (1, 1));
@@ -747,36 +776,21 @@ fn the_journal_records_state_changes_not_every_packet() {
 /// with its mark: the next connection reuses it past the mark, not as a fresh port.
 #[test]
 fn a_held_tuple_whose_flow_left_the_table_is_still_held_after_a_restart() {
-    use crate::conntrack::record::{self, RECORD_LEN};
+    use crate::conntrack::record;
     let t = tables();
-    let mut st = WorkerState::with_flows(0, 16);
-    st.snat = SnatAllocator::new(2000..=2001, 65 * S, 1);
-    st.flows.enable_journal();
-    let c = |sp: u16, flags: u16, seq: u32, ack: u32| from_pod1(&tcp(POD1_IP, VIP_SELF, sp, 80, flags, seq, ack));
-    let e =
-        |port: u16, flags: u16, seq: u32, ack: u32| from_pod1(&tcp(POD1_IP, GATEWAY_A, 8080, port, flags, seq, ack));
-    let snat_port = |out: &[u8]| tcp_view(&inner_ip(out, false)).2;
-    let held = snat_port(&run(&t, &mut st, 0, POD1, &c(44000, 0x002, 100, 0)).1);
-    run(&t, &mut st, 0, POD1, &e(held, 0x012, 900, 101));
-    run(&t, &mut st, 0, POD1, &c(44000, 0x010, 101, 901));
-    run(&t, &mut st, S, POD1, &e(held, 0x011, 901, 101));
-    run(&t, &mut st, S, POD1, &c(44000, 0x011, 101, 902));
-    run(&t, &mut st, S, POD1, &e(held, 0x010, 902, 102));
+    let mut st = two_port_state(true);
+    let c = hairpin_client;
+    let held = hairpin_closed_by_endpoint(&t, &mut st, 44000);
     // The client's next connection from the same port: the old flow leaves the table, the
     // new one takes the other tuple (fresh ones come before held ones).
-    let other = snat_port(&run(&t, &mut st, 2 * S, POD1, &c(44000, 0x002, 7000, 0)).1);
+    let other = tcp_view(&inner_ip(&run(&t, &mut st, 2 * S, POD1, &c(44000, 0x002, 7000, 0)).1, false)).2;
     assert_ne!(other, held);
-    let mut slots = vec![[0u8; RECORD_LEN]; st.flows.capacity()];
-    st.flows.drain_journal(|slot, f| match f {
-        Some(f) => record::encode(f, &mut slots[slot as usize]),
-        None => slots[slot as usize] = [0; RECORD_LEN],
-    });
+    let slots = flow_file_of(&mut st);
     let mut retired = Vec::new();
     st.flows.drain_retired(|f| retired.push(f.clone()));
     assert_eq!(retired.len(), 1, "the reopened flow, its tuple held");
     let now = 10 * S;
-    let mut st2 = WorkerState::with_flows(0, 16);
-    st2.snat = SnatAllocator::new(2000..=2001, 65 * S, 1);
+    let mut st2 = two_port_state(false);
     let flows = slots.iter().filter_map(|r| record::decode(r).expect("intact"));
     assert_eq!(restore(&mut st2, flows, retired, now), Restored { flows: 1, held: 1, refused: 0 });
     let (_, out) = run(&t, &mut st2, now, POD1, &c(44001, 0x002, 5000, 0));
