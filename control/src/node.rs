@@ -442,10 +442,7 @@ impl Node {
             }
         }
         if changed {
-            let pods = self.pods.clone();
-            if let Ok(t) = self.compile(&pods) {
-                let _ = self.commands.send(Command::Tables(t, Instant::now()));
-            }
+            self.republish();
         }
     }
 
