@@ -258,15 +258,6 @@ fn handle(node: &Mutex<Node>, req: Request) -> Result<Value, String> {
     let lock = || node.lock().map_err(|_| "node state poisoned".to_string());
     // Long requests take what they need from the node and let go of it while they wait.
     match req {
-        Request::Handover { pid } => {
-            let ask = lock()?.handover.clone().ok_or("not handing over: this vxnat is not running yet")?;
-            let (tx, rx) = crossbeam_channel::bounded(1);
-            ask.send((pid, tx)).map_err(|_| "not handing over: this vxnat is stopping".to_string())?;
-            return match rx.recv_timeout(Duration::from_secs(10)) {
-                Ok(r) => r.map(|()| json!({ "released": true })),
-                Err(_) => Err("no release within 10 s".to_string()),
-            };
-        }
         Request::Flows { filter: f } => {
             let f = filter(&f)?;
             let commands = lock()?.commands();
@@ -390,6 +381,21 @@ pub fn serve(
         .map_err(|e| format!("ctl thread: {e}"))
 }
 
+/// A successor's handover (`Request::Handover`): the running node stops its worker, which
+/// hands its datapath over, releases its lock and answers with the descriptors
+/// (`xsk::handoff`), sent with the reply line.
+fn handover(node: &Mutex<Node>, pid: u32) -> Result<Vec<std::os::fd::OwnedFd>, String> {
+    let ask = node
+        .lock()
+        .map_err(|_| "node state poisoned".to_string())?
+        .handover
+        .clone()
+        .ok_or("not handing over: this vxnat is not running yet")?;
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    ask.send((pid, tx)).map_err(|_| "not handing over: this vxnat is stopping".to_string())?;
+    rx.recv_timeout(Duration::from_secs(10)).map_err(|_| "no release within 10 s".to_string())?
+}
+
 fn serve_one(conn: UnixStream, node: &Mutex<Node>) {
     let _ = conn.set_nonblocking(false);
     let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
@@ -398,6 +404,16 @@ fn serve_one(conn: UnixStream, node: &Mutex<Node>) {
     let mut reader = BufReader::new(&conn);
     let resp = match reader.read_line(&mut line) {
         Ok(_) => match serde_json::from_str::<Request>(line.trim()) {
+            Ok(Request::Handover { pid }) => match handover(node, pid) {
+                Ok(fds) => {
+                    let line = json!({"ok": true, "result": {"released": true, "descriptors": fds.len()}});
+                    if let Err(e) = xsk::handoff::send_with_fds(&conn, format!("{line}\n").as_bytes(), &fds) {
+                        tracing::warn!("handing over to pid {pid}: sending the descriptors: {e}");
+                    }
+                    return;
+                }
+                Err(e) => json!({"ok": false, "error": e}),
+            },
             Ok(req) => match handle(node, req) {
                 Ok(v) => json!({"ok": true, "result": v}),
                 Err(e) => json!({"ok": false, "error": e}),
@@ -413,6 +429,28 @@ fn serve_one(conn: UnixStream, node: &Mutex<Node>) {
 /// Sends one request and decodes its `result` as `T` (the reply types above).
 pub fn request_as<T: serde::de::DeserializeOwned>(socket: &Path, req: &Request) -> Result<T, String> {
     serde_json::from_value(request(socket, req)?).map_err(|e| format!("bad answer: {e}"))
+}
+
+/// Sends a handover request; returns the `result` and the descriptors that came with it.
+pub fn request_handover(socket: &Path, pid: u32) -> Result<(Value, Vec<std::os::fd::OwnedFd>), String> {
+    let at = |e: std::io::Error| format!("{}: {e}", socket.display());
+    let mut conn = UnixStream::connect(socket).map_err(|e| format!("{}: {e} (is vxnat running?)", socket.display()))?;
+    conn.set_read_timeout(Some(Duration::from_secs(20))).map_err(at)?;
+    let line = serde_json::to_string(&Request::Handover { pid }).map_err(|e| e.to_string())?;
+    writeln!(conn, "{line}").map_err(at)?;
+    let count = |line: &[u8]| {
+        serde_json::from_slice::<Value>(line)
+            .ok()
+            .and_then(|v| v.pointer("/result/descriptors").and_then(Value::as_u64))
+            .unwrap_or(0) as usize
+    };
+    let (line, fds) = xsk::handoff::recv_with_fds(&conn, count).map_err(at)?;
+    let v: Value = serde_json::from_slice(&line).map_err(|e| format!("bad response: {e}"))?;
+    if v.get("ok").and_then(Value::as_bool) == Some(true) {
+        Ok((v.get("result").cloned().unwrap_or(Value::Null), fds))
+    } else {
+        Err(v.get("error").and_then(Value::as_str).unwrap_or("unknown error").to_string())
+    }
 }
 
 /// Sends one request; returns the `result` or the server's error.
@@ -560,6 +598,12 @@ pub fn render_stats(v: &StatsReply) -> String {
             w.gro_segments,
             w.gro_frames,
             w.gro_segments as f64 / w.gro_frames as f64
+        ));
+    }
+    if w.programs_not_replaced > 0 {
+        out.push_str(&format!(
+            "takeover: {} ports kept the previous process's XDP program (it could not be replaced; it still redirects to them)\n",
+            w.programs_not_replaced
         ));
     }
     out

@@ -185,8 +185,9 @@ pub struct Node {
     pub handover: Option<Sender<HandoverAsk>>,
 }
 
-/// A successor's handover request: its pid, and where to say the node has released.
-pub type HandoverAsk = (u32, Sender<Result<(), String>>);
+/// A successor's handover request: its pid, and where to say the node has released (with the
+/// datapath's descriptors, `xsk::handoff`; none when the worker could not hand it over).
+pub type HandoverAsk = (u32, Sender<Result<Vec<std::os::fd::OwnedFd>, String>>);
 
 /// What became of an attach or detach sent to the worker.
 enum Answer {

@@ -232,7 +232,12 @@ pub fn cleanup(file: &NodeFile) -> Result<(), Error> {
     netinfo::delete_link(&file.host.ifname);
     netinfo::remove_masquerade();
     let _ = std::fs::remove_file(&file.socket);
-    let _ = std::fs::remove_file(flows_file(&file.socket));
+    let flows = flows_file(&file.socket);
+    for suffix in ["", ".new", ".old"] {
+        let mut p = flows.clone().into_os_string();
+        p.push(suffix);
+        let _ = std::fs::remove_file(p);
+    }
     Ok(())
 }
 
@@ -377,6 +382,18 @@ pub fn run(file: NodeFile) -> Result<(), Error> {
         }
     }
     let frontends = worker.take_frontends().ok_or_else(|| shutdown(Error::FrontendsKept))?;
+    match worker.taken_over() {
+        Some(xsk::host::TakenOver::Sockets(ports)) => {
+            tracing::info!("took over {} sockets from the previous process without unbinding them", ports.len())
+        }
+        Some(xsk::host::TakenOver::Refused(why)) => {
+            tracing::warn!("did not take over the previous process's sockets ({why}); bound afresh")
+        }
+        Some(xsk::host::TakenOver::Nothing) => {
+            tracing::info!("the previous process handed over no sockets; bound afresh")
+        }
+        None => {}
+    }
     if let Some(c) = worker.carried() {
         if c.flows + c.held + c.refused + c.corrupt > 0 {
             tracing::info!(
@@ -456,13 +473,27 @@ pub fn run(file: NodeFile) -> Result<(), Error> {
         Ok(Some((pid, _))) => tracing::info!("handing over to pid {pid}"),
         Err(e) => tracing::error!("{e}; exiting with status 1, to be restarted"),
     }
+    // A successor gets the worker's datapath (sockets, UMEM, where every chunk is): nothing
+    // closes or unbinds, and frames wait in the rings for it. Without one, the worker's last
+    // pass wrote the flow file; its sockets close with it, its programs stay.
+    let handoff = match &outcome {
+        Ok(Some((pid, _))) => {
+            match worker.hand_off(Duration::from_secs(5)).and_then(|h| h.into_fds().map_err(|e| e.to_string())) {
+                Ok(fds) => fds,
+                Err(e) => {
+                    tracing::warn!("could not hand the datapath to pid {pid} ({e}): it binds afresh");
+                    Vec::new()
+                }
+            }
+        }
+        _ => Vec::new(),
+    };
     stop.store(true, Ordering::Relaxed);
-    // The worker's last pass wrote the flow file; its sockets close with it, its programs stay.
     worker.join();
     if let Ok(Some((pid, released))) = outcome {
-        // The successor binds as soon as the lock is free: release it, then say so.
+        // The successor takes the lock once answered: release it, then answer.
         drop(lock.lock().map(|mut l| l.take()));
-        let _ = released.send(Ok(()));
+        let _ = released.send(Ok(handoff));
         let _ = server.join();
         for l in listeners {
             let _ = l.join();
@@ -489,16 +520,32 @@ pub fn run(file: NodeFile) -> Result<(), Error> {
 /// before it binds anything): ask the predecessor to release, then take the lock it let go.
 /// Everything slow (the cluster's first list, compiling, the UMEM) is done by then, so the
 /// forwarding gap is the predecessor's release and this process's binds.
-fn take_over(socket: &Path, holder: &str, lock: &std::sync::Mutex<Option<std::fs::File>>) -> Result<(), String> {
+fn take_over(
+    socket: &Path,
+    holder: &str,
+    lock: &std::sync::Mutex<Option<std::fs::File>>,
+) -> Result<Option<xsk::handoff::Handoff>, String> {
     let refused = |why: String| format!("another vxnat ({holder}) runs with ctl socket {}: {why}", socket.display());
-    crate::ctl::request(socket, &crate::ctl::Request::Handover { pid: std::process::id() })
+    let (_, fds) = crate::ctl::request_handover(socket, std::process::id())
         .map_err(|e| refused(format!("it did not hand over ({e})")))?;
+    // No descriptors: an older vxnat, or its worker could not hand over; its sockets are
+    // closed and this process binds afresh.
+    let handoff = match fds.is_empty() {
+        true => None,
+        false => match xsk::handoff::Handoff::from_fds(fds) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                tracing::warn!("the datapath {holder} handed over is unreadable ({e}); binding afresh");
+                None
+            }
+        },
+    };
     let until = Instant::now() + Duration::from_secs(3);
     loop {
         match lock_instance(socket) {
             Ok(f) => {
                 *lock.lock().map_err(|_| "lock slot poisoned".to_string())? = Some(f);
-                return Ok(());
+                return Ok(handoff);
             }
             Err(Error::Locked { .. }) if Instant::now() < until => std::thread::sleep(Duration::from_millis(1)),
             Err(e) => return Err(refused(format!("its lock was not released ({e})"))),

@@ -54,6 +54,9 @@ pub struct WorkerStats {
     pub gro_frames: u64,
     #[serde(default)]
     pub gro_segments: u64,
+    /// Ports taken over from a predecessor whose XDP program could not be replaced.
+    #[serde(default)]
+    pub programs_not_replaced: u64,
     #[serde(default)]
     pub table_swaps: SwapHistogram,
 }
@@ -227,6 +230,7 @@ pub fn snapshot(w: &Worker, v: &HostView) -> WorkerStats {
         multi_buffer_frames: w.io.multi_buffer_frames,
         gro_frames: w.io.gro_frames,
         gro_segments: w.io.gro_segments,
+        programs_not_replaced: w.io.programs_not_replaced,
         table_swaps: SwapHistogram::from(&v.swaps),
     }
 }

@@ -54,6 +54,20 @@ fn starvation(stats: &serde_json::Value) -> Vec<String> {
     bad
 }
 
+/// The kernel's drops into each socket (`xsk_*` drop reasons), by "port N name".
+fn xsk_drops(stats: &serde_json::Value) -> std::collections::HashMap<String, u64> {
+    let mut by = std::collections::HashMap::new();
+    for p in stats["worker"]["ports"].as_array().into_iter().flatten() {
+        for d in p["drops"].as_array().into_iter().flatten() {
+            let name = d[0].as_str().unwrap_or("");
+            if name.starts_with("xsk_") {
+                by.insert(format!("port {} {name}", p["port"]), d[1].as_u64().unwrap_or(0));
+            }
+        }
+    }
+    by
+}
+
 /// Floods `to` (UDP port 9) from every pod in `from` for `dur`: two threads (one per core),
 /// each going round its half of the pods' sockets with 8 datagrams per pod per turn. Returns
 /// (datagrams sent, datagrams received at `to` by source).
@@ -200,6 +214,55 @@ fn a_node_with_110_pods_forwards_for_all_of_them_at_once_and_refuses_the_111th()
     assert!(sorted[0] * 4 >= median, "every pod gets a share: {per_pod:?}");
     assert_eq!(after["worker"]["umem_balanced"], true, "{}", after["worker"]);
 
+    // A planned restart (a DaemonSet rollout) with all 110 pods pinging through node A every
+    // 20 ms: the successor takes the sockets over, so no pod's traffic stops for longer than
+    // the handover itself (closing and binding 112 sockets would take seconds).
+    let probes = 150u64;
+    // The kernel's socket counters live as long as the sockets, which the successor keeps:
+    // the flood's drops are in them already.
+    let before = xsk_drops(&c.nodes[0].stats_json());
+    let trains: Vec<Child> = on_a.iter().map(|p| ping_child(&p.ns, remote, probes as u32, "0.02")).collect();
+    std::thread::sleep(Duration::from_millis(700));
+    let t2 = Instant::now();
+    c.nodes[0].take_over();
+    let takeover_s = t2.elapsed().as_secs_f64();
+    let mut lost = Vec::new();
+    for child in trains {
+        let o = child.wait_with_output().expect("ping output");
+        let (sent, got) = ping_summary(&String::from_utf8_lossy(&o.stdout));
+        lost.push(sent.saturating_sub(got));
+    }
+    let a = &c.nodes[0];
+    let log = std::fs::read_to_string(&a.log).unwrap_or_default();
+    let max_lost = lost.iter().copied().max().unwrap_or(0);
+    eprintln!(
+        "takeover with 110 pods: successor up in {takeover_s:.2} s; probes lost per pod (20 ms apart, {probes} each): \
+         max {max_lost}, total {} of {}",
+        lost.iter().sum::<u64>(),
+        probes * 110
+    );
+    assert!(log.contains("took over 112 sockets"), "every socket handed over, none bound afresh: {log}");
+    // At most a second of forwarding lost by any pod (the issue's bound after a crash; a
+    // planned restart measures tens of ms in a release build, the README has the figures).
+    assert!(max_lost * 20 <= 1000, "a pod lost {max_lost} probes 20 ms apart across the takeover: {lost:?}");
+    let after = a.stats_json();
+    assert_eq!(after["worker"]["umem_balanced"], true, "{}", after["worker"]);
+    assert_eq!(after["worker"]["programs_not_replaced"], 0, "every program replaced: {}", after["worker"]);
+    let bad: Vec<String> = starvation(&after).into_iter().filter(|b| b.contains("fill starved")).collect();
+    assert!(bad.is_empty(), "fill starvation across the takeover: {bad:?}");
+    let grew: Vec<String> = xsk_drops(&after)
+        .into_iter()
+        .filter(|(k, n)| *n > before.get(k).copied().unwrap_or(0))
+        .map(|(k, n)| format!("{k}: {} -> {n}", before.get(&k).copied().unwrap_or(0)))
+        .collect();
+    assert!(grew.is_empty(), "the kernel dropped frames on their way into vxnat across the takeover: {grew:?}");
+    let out: Vec<Child> = on_a.iter().map(|p| ping_child(&p.ns, remote, 2, "0.2")).collect();
+    for (p, child) in on_a.iter().zip(out) {
+        let o = child.wait_with_output().expect("ping output");
+        let (sent, got) = ping_summary(&String::from_utf8_lossy(&o.stdout));
+        assert!(got > 0, "{} -> {remote} after the takeover: {got}/{sent}", p.ip);
+    }
+
     // The 111th pod is refused, by ctl and by the CNI plugin (before any address is taken).
     let extra = make_pod(&a.ns, "vxs110", Ipv4Addr::new(10, 244, 0, 200));
     let e = a.ctl(&["attach", "--ifname", &extra.host_if, "--ip", &extra.ip.to_string()]).expect_err("111th attach");
@@ -215,6 +278,10 @@ fn a_node_with_110_pods_forwards_for_all_of_them_at_once_and_refuses_the_111th()
     // A pod leaving makes room again.
     a.ctl(&["detach", "--ifname", &c.pods[5].host_if]).expect("detach");
     a.ctl(&["attach", "--ifname", &extra.host_if, "--ip", &extra.ip.to_string()]).expect("attach after a detach");
+    // Bound on the UMEM taken over (shared through the uplink's socket, not by libxdp): it forwards.
+    let o = ping_child(&extra.ns, remote, 3, "0.2").wait_with_output().expect("ping output");
+    let (sent, got) = ping_summary(&String::from_utf8_lossy(&o.stdout));
+    assert!(got > 0, "a pod attached after the takeover: {got}/{sent}");
 }
 
 #[test]

@@ -28,6 +28,19 @@ pub struct FrontendsMap {
 }
 
 impl FrontendsMap {
+    fn of(object: &Object) -> Result<FrontendsMap, String> {
+        let map = XdpProgram::map(object, "frontends")?;
+        let handle = libbpf_rs::MapHandle::try_from(&map).map_err(|e| err("duplicating the frontends map", e))?;
+        Ok(FrontendsMap { handle })
+    }
+
+    /// A second handle on the same map.
+    pub fn try_clone(&self) -> Result<FrontendsMap, String> {
+        let handle =
+            libbpf_rs::MapHandle::try_from(&self.handle).map_err(|e| err("duplicating the frontends map", e))?;
+        Ok(FrontendsMap { handle })
+    }
+
     /// Replaces the frontends: (address, port, protocol). New ones are added before stale ones
     /// are removed, so a frontend in both lists is never missing.
     pub fn set(&self, list: &[(std::net::Ipv4Addr, u16, u8)]) -> Result<(), String> {
@@ -64,6 +77,7 @@ pub struct XdpProgram {
     object: Object,
     ifindex: i32,
     attach: AttachMode,
+    mode: Mode,
     /// Left attached when dropped (`leave_attached`).
     leave: bool,
 }
@@ -106,9 +120,18 @@ impl LoadedProgram {
     pub fn mode(&self) -> Mode {
         self.mode
     }
+
+    /// Its frontends map (`XdpProgram::frontends`), writable before it is attached.
+    pub fn frontends(&self) -> Result<FrontendsMap, String> {
+        FrontendsMap::of(&self.object)
+    }
 }
 
 impl XdpProgram {
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
     /// Loads the program (the verifier runs here) and writes its configuration.
     pub fn load(mode: Mode, node_ip: [u8; 4], vxlan_port: u16) -> Result<LoadedProgram, String> {
         let mut open = ObjectBuilder::default().open_memory(OBJECT).map_err(|e| err("opening the XDP object", e))?;
@@ -146,7 +169,8 @@ impl XdpProgram {
         frontends: &[(std::net::Ipv4Addr, u16, u8)],
     ) -> Result<XdpProgram, String> {
         // Not attached yet: nothing to detach if anything below fails.
-        let mut program = XdpProgram { object: loaded.object, ifindex: ifindex as i32, attach, leave: true };
+        let mut program =
+            XdpProgram { object: loaded.object, ifindex: ifindex as i32, attach, mode: loaded.mode, leave: true };
         program.bind_socket(socket.0, socket.1)?;
         if !frontends.is_empty() {
             program.frontends()?.set(frontends)?;
@@ -184,9 +208,7 @@ impl XdpProgram {
     /// A handle on this program's frontends map that another thread can write (a duplicated
     /// map fd): the control thread keeps the uplink's redirects current, off the data path.
     pub fn frontends(&self) -> Result<FrontendsMap, String> {
-        let map = Self::map(&self.object, "frontends")?;
-        let handle = libbpf_rs::MapHandle::try_from(&map).map_err(|e| err("duplicating the frontends map", e))?;
-        Ok(FrontendsMap { handle })
+        FrontendsMap::of(&self.object)
     }
 
     /// Exit counters summed over CPUs, in `EXIT_NAMES` order.

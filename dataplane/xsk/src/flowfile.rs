@@ -166,12 +166,22 @@ impl FlowFile {
     /// renamed over `path` once written; enables `ct`'s journal so `write_changes` keeps it
     /// current. `origin`: the writer's clock origin on CLOCK_MONOTONIC.
     pub fn create(path: &Path, ct: &mut ConnTrack, origin: u64) -> std::io::Result<FlowFile> {
-        let slots = ct.capacity();
+        let mut f = Self::prepare(path, ct.capacity(), origin)?;
+        f.publish(ct)?;
+        Ok(f)
+    }
+
+    /// `create` in two steps, so a successor makes the file (beside `path`, not yet in its
+    /// place) before its predecessor stops, and its forwarding gap holds only `publish`.
+    /// `slots`: the capacity of the table it will mirror.
+    pub fn prepare(path: &Path, slots: usize, origin: u64) -> std::io::Result<FlowFile> {
         let len = HEADER_LEN + 2 * slots * RECORD_LEN;
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".new");
-        let tmp = PathBuf::from(tmp);
-        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&tmp)?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(Self::new_path(path))?;
         // Sparse: tmpfs keeps pages only for the records written.
         file.set_len(len as u64)?;
         // SAFETY: a shared read-write mapping of the whole file just sized to `len`; checked
@@ -197,10 +207,40 @@ impl FlowFile {
         h[12..16].copy_from_slice(&(RECORD_LEN as u32).to_le_bytes());
         h[16..24].copy_from_slice(&(slots as u64).to_le_bytes());
         h[24..32].copy_from_slice(&origin.to_le_bytes());
-        ct.enable_journal();
-        f.write_changes(ct);
-        std::fs::rename(&tmp, path)?;
         Ok(f)
+    }
+
+    /// Writes every flow `ct` tracks into a prepared file, enables `ct`'s journal and puts
+    /// the file in place of the old one. The old one's pages are freed on another thread
+    /// (kept alive by a second link until then): a replaced file of many flows takes
+    /// milliseconds to free, in no one's way.
+    pub fn publish(&mut self, ct: &mut ConnTrack) -> std::io::Result<()> {
+        if ct.capacity() != self.slots {
+            return Err(std::io::Error::other(format!(
+                "flow file of {} slots for a table of {}",
+                self.slots,
+                ct.capacity()
+            )));
+        }
+        ct.enable_journal();
+        self.write_changes(ct);
+        let mut old = self.path.as_os_str().to_owned();
+        old.push(".old");
+        let old = PathBuf::from(old);
+        let _ = std::fs::remove_file(&old);
+        let kept = std::fs::hard_link(&self.path, &old).is_ok();
+        std::fs::rename(Self::new_path(&self.path), &self.path)?;
+        if kept {
+            let _ =
+                std::thread::Builder::new().name("vxnat-flows-free".into()).spawn(move || std::fs::remove_file(old));
+        }
+        Ok(())
+    }
+
+    fn new_path(path: &Path) -> PathBuf {
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".new");
+        PathBuf::from(tmp)
     }
 
     fn bytes_mut(&mut self, at: usize, n: usize) -> Option<&mut [u8]> {

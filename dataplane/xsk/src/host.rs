@@ -53,6 +53,9 @@ pub enum Command {
     Tables(Arc<Tables>, Instant),
     /// Runs a closure on the worker thread.
     Run(Job),
+    /// Ends the worker after handing its datapath over (`Worker::hand_off`): its sockets and
+    /// UMEM go to `reply`, for a successor process, and its programs stay attached.
+    HandOff(Sender<Result<crate::handoff::Handoff, String>>),
 }
 
 impl std::fmt::Debug for Command {
@@ -62,6 +65,7 @@ impl std::fmt::Debug for Command {
             Command::Detach { port, .. } => write!(f, "Detach({port})"),
             Command::Tables(t, _) => write!(f, "Tables(generation {})", t.generation),
             Command::Run(_) => f.write_str("Run"),
+            Command::HandOff(_) => f.write_str("HandOff"),
         }
     }
 }
@@ -184,12 +188,23 @@ pub struct HostConfig {
 }
 
 /// Runs on the worker thread once the UMEM is ready and before any port is bound (a
-/// successor's takeover: the predecessor releases its sockets, flows and lock here). An error
-/// ends the start.
-pub type Gate = Box<dyn FnOnce() -> Result<(), String> + Send>;
+/// successor's takeover: the predecessor releases its sockets, flows and lock here, and
+/// hands its datapath over when it can). An error ends the start.
+pub type Gate = Box<dyn FnOnce() -> Result<Option<crate::handoff::Handoff>, String> + Send>;
 
 /// What the worker thread reports once its start is over.
-type Started = Result<(FrontendsMap, Option<Carried>, Vec<Result<(), String>>), String>;
+type Started = Result<(FrontendsMap, Option<Carried>, Vec<Result<(), String>>, Option<TakenOver>), String>;
+
+/// How a takeover's handoff went (for the log).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TakenOver {
+    /// The predecessor's sockets taken over (port numbers); the rest were bound afresh.
+    Sockets(Vec<PortId>),
+    /// Why the handoff was not used (everything bound afresh).
+    Refused(String),
+    /// The predecessor handed over no sockets (an older vxnat, or its worker had stopped).
+    Nothing,
+}
 
 /// What the worker carried over from the flow file an earlier process left (for the log).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -224,6 +239,7 @@ pub struct WorkerHost {
     stop: Arc<AtomicBool>,
     carried: Option<Carried>,
     pods: Vec<Result<(), String>>,
+    taken_over: Option<TakenOver>,
 }
 
 impl WorkerHost {
@@ -245,7 +261,7 @@ impl WorkerHost {
             .spawn(move || worker_main(cfg, tables, gate, cmd_rx, worker_stop, ready_tx, &hb))
             .map_err(|e| format!("starting the worker: {e}"))?;
         match ready_rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(Ok((frontends, carried, pods))) => Ok(WorkerHost {
+            Ok(Ok((frontends, carried, pods, taken_over))) => Ok(WorkerHost {
                 commands: cmd_tx,
                 frontends: Some(frontends),
                 thread: Some(thread),
@@ -253,6 +269,7 @@ impl WorkerHost {
                 stop,
                 carried,
                 pods,
+                taken_over,
             }),
             Ok(Err(e)) => {
                 let _ = thread.join();
@@ -265,6 +282,18 @@ impl WorkerHost {
     /// What was carried over from a predecessor's flow file (`None` without a flow file).
     pub fn carried(&self) -> Option<&Carried> {
         self.carried.as_ref()
+    }
+
+    /// How taking over a predecessor's datapath went (`None` without a predecessor).
+    pub fn taken_over(&self) -> Option<&TakenOver> {
+        self.taken_over.as_ref()
+    }
+
+    /// Hands the datapath over and ends the worker thread (`Command::HandOff`); join it next.
+    pub fn hand_off(&self, timeout: Duration) -> Result<crate::handoff::Handoff, String> {
+        let (tx, rx) = bounded(1);
+        self.commands.send(Command::HandOff(tx)).map_err(|_| "worker stopped".to_string())?;
+        rx.recv_timeout(timeout).map_err(|_| "the worker did not hand over".to_string())?
     }
 
     /// How binding each of `HostConfig::pods` went, in order.
@@ -350,36 +379,71 @@ fn worker_main(
     let (node_ip, vxlan_port) = (cfg.node_ip, cfg.vxlan_port);
     let started = (|| {
         let mut w = Worker::new(0, cfg.worker.clone()).map_err(|e| e.to_string())?;
+        let uplink_frontends = tables.services().uplink_frontends(std::net::Ipv4Addr::from(node_ip));
+        let host = cfg.host.iter().map(|h| (HOST, h.as_str(), Mode::All));
+        let pods = cfg.pods.iter().map(|(p, ifname)| (*p, ifname.as_str(), Mode::All));
+        let want: Vec<(PortId, &str, Mode)> =
+            std::iter::once((UPLINK, cfg.uplink.as_str(), Mode::Uplink)).chain(host).chain(pods).collect();
+        let mut adopted = Vec::new();
+        let mut taken_over = None;
+        let mut prepared = None;
         if let Some(gate) = gate {
             // Everything that does not need the predecessor's sockets, before it lets go.
-            let host = cfg.host.iter().map(|_| (HOST, Mode::All));
-            let pods = cfg.pods.iter().map(|(p, _)| (*p, Mode::All));
-            for (port, mode) in std::iter::once((UPLINK, Mode::Uplink)).chain(host).chain(pods) {
+            for &(port, _, mode) in &want {
                 w.preload(port, mode, node_ip, vxlan_port)?;
             }
-            gate()?;
+            if let Some(path) = &cfg.flow_file {
+                prepared = Some(FlowFile::prepare(path, w.state().flows.capacity(), heartbeat.origin));
+            }
+            let g = gate()?;
+            taken_over = Some(match g {
+                Some(h) => match w.adopt(h, &want, node_ip, vxlan_port, &uplink_frontends) {
+                    Ok((ports, fresh)) => {
+                        // The UMEM made for a start from nothing: freed off the gap.
+                        let area = fresh.unregister();
+                        let _ = std::thread::Builder::new().name("vxnat-umem-free".into()).spawn(move || drop(area));
+                        adopted = ports.clone();
+                        TakenOver::Sockets(ports)
+                    }
+                    Err(e) => TakenOver::Refused(e),
+                },
+                None => TakenOver::Nothing,
+            });
         }
-        let frontends = tables.services().uplink_frontends(std::net::Ipv4Addr::from(node_ip));
-        w.add_uplink(UPLINK, &cfg.uplink, node_ip, vxlan_port, &frontends)
-            .map_err(|e| format!("uplink {}: {e}", cfg.uplink))?;
-        if let Some(h) = &cfg.host {
+        let bound = |p: PortId| adopted.contains(&p);
+        if !bound(UPLINK) {
+            w.add_uplink(UPLINK, &cfg.uplink, node_ip, vxlan_port, &uplink_frontends)
+                .map_err(|e| format!("uplink {}: {e}", cfg.uplink))?;
+        }
+        if let Some(h) = cfg.host.as_ref().filter(|_| !bound(HOST)) {
             w.add_host_port(HOST, h, node_ip, vxlan_port).map_err(|e| format!("host port {h}: {e}"))?;
         }
-        let pods: Vec<Result<(), String>> =
-            cfg.pods.iter().map(|(port, ifname)| w.add_port(*port, ifname, Mode::All, node_ip, vxlan_port)).collect();
+        let pods: Vec<Result<(), String>> = cfg
+            .pods
+            .iter()
+            .map(
+                |(port, ifname)| {
+                    if bound(*port) {
+                        Ok(())
+                    } else {
+                        w.add_port(*port, ifname, Mode::All, node_ip, vxlan_port)
+                    }
+                },
+            )
+            .collect();
         let frontends = w.frontends(UPLINK)?;
-        Ok::<_, String>((w, frontends, pods))
+        Ok::<_, String>((w, frontends, pods, taken_over, prepared))
     })();
     let (mut w, mut flow_file) = match started {
-        Ok((mut w, frontends, pods)) => {
+        Ok((mut w, frontends, pods, taken_over, prepared)) => {
             let (file, carried) = match &cfg.flow_file {
                 Some(path) => {
-                    let (file, carried) = carry_flows(path, &mut w, heartbeat);
+                    let (file, carried) = carry_flows(path, &mut w, heartbeat, prepared);
                     (file, Some(carried))
                 }
                 None => (None, None),
             };
-            let _ = ready.send(Ok((frontends, carried, pods)));
+            let _ = ready.send(Ok((frontends, carried, pods, taken_over)));
             (w, file)
         }
         Err(e) => {
@@ -392,7 +456,8 @@ fn worker_main(
     let _running = Running(heartbeat);
     let mut idle = 0u32;
     let mut swaps = SwapHistogram::default();
-    while !stop.load(Ordering::Relaxed) {
+    let mut handing_off = None;
+    'passes: while !stop.load(Ordering::Relaxed) {
         while let Ok(cmd) = commands.try_recv() {
             match cmd {
                 Command::Attach { claim, reply, .. } | Command::Detach { claim, reply, .. } if !claim.take() => {
@@ -422,6 +487,10 @@ fn worker_main(
                     };
                     job(&mut w, &view);
                 }
+                Command::HandOff(reply) => {
+                    handing_off = Some(reply);
+                    break 'passes;
+                }
             }
         }
         let now = start.elapsed().as_nanos() as u64;
@@ -440,6 +509,13 @@ fn worker_main(
             }
         }
     }
+    if let Some(reply) = handing_off {
+        // Between passes: the flow file holds the last one, every chunk is in the pool or a
+        // ring. The sockets live on in the handoff's descriptors; this worker's close.
+        let r = w.hand_off().map_err(|e| e.to_string());
+        let _ = reply.send(r);
+        return;
+    }
     // Asked to stop (SIGTERM: a restart or an upgrade, as a rollout does it): the programs
     // stay for the successor to replace, and the flow file holds every change up to the last
     // pass. A panic unwinds past this and detaches them (the successor attaches afresh).
@@ -452,7 +528,13 @@ fn worker_main(
 
 /// Restores the flows a predecessor left in `path` into the worker and starts a new flow file
 /// there holding them (and, from then on, every change).
-fn carry_flows(path: &std::path::Path, w: &mut Worker, heartbeat: &Heartbeat) -> (Option<FlowFile>, Carried) {
+/// `prepared`: the new file, made before a takeover (`FlowFile::prepare`), or why it could not be.
+fn carry_flows(
+    path: &std::path::Path,
+    w: &mut Worker,
+    heartbeat: &Heartbeat,
+    prepared: Option<std::io::Result<FlowFile>>,
+) -> (Option<FlowFile>, Carried) {
     let mut carried = Carried::default();
     let now = heartbeat.epoch.elapsed().as_nanos() as u64;
     let mut retired = Vec::new();
@@ -466,7 +548,12 @@ fn carry_flows(path: &std::path::Path, w: &mut Worker, heartbeat: &Heartbeat) ->
         Err(LoadError::Missing) => {}
         Err(e) => carried.problems.push(format!("{}: {e}", path.display())),
     }
-    match FlowFile::create(path, &mut w.state_mut().flows, heartbeat.origin) {
+    let flows = &mut w.state_mut().flows;
+    let c = match prepared {
+        Some(p) => p.and_then(|mut f| f.publish(flows).map(|()| f)),
+        None => FlowFile::create(path, flows, heartbeat.origin),
+    };
+    match c {
         Ok(mut f) => {
             // Holds still running go on in the new file, for the restart after this one.
             let flows = &mut w.state_mut().flows;

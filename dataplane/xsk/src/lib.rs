@@ -15,6 +15,7 @@ pub mod bpf;
 mod bulk;
 pub mod fill;
 pub mod flowfile;
+pub mod handoff;
 pub mod host;
 pub mod packet;
 pub mod port;

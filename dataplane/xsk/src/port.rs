@@ -1,11 +1,18 @@
 //! One AF_XDP socket bound to (interface, queue 0) on the worker's shared UMEM, with its own
 //! rx/tx rings and fill/completion rings (shared UMEM across devices, Linux 5.10+).
+//!
+//! Sockets are made by libxdp, except where libxdp has no object to make them with: a socket
+//! a predecessor process handed over (`XskPort::adopt`: its rings are mapped here from the
+//! kernel's offsets, with the indices where the predecessor left them), and a new socket on a
+//! UMEM that came that way (`Umem::adopt`: bound with `XDP_SHARED_UMEM` to a socket already
+//! on it, which is all libxdp itself does for a second socket).
 
 use crate::umem::Umem;
 use crate::{last_err, os_err, XskError};
 use libxdp_sys as sys;
 use std::ffi::CString;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 /// Multi-buffer sockets (Linux 6.6+; not in libxdp-sys's headers yet): a frame larger than a
 /// chunk arrives as several descriptors, all but the last with `XDP_PKT_CONTD` in `options`.
@@ -39,11 +46,49 @@ dataplane::counter_set! {
     }
 }
 
+/// The entries of a socket's four rings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingSizes {
+    pub rx: u32,
+    pub tx: u32,
+    pub fill: u32,
+    pub comp: u32,
+}
+
+impl RingSizes {
+    fn valid(&self) -> bool {
+        [self.rx, self.tx, self.fill, self.comp].iter().all(|n| n.is_power_of_two())
+    }
+}
+
+/// A socket made or adopted without libxdp: its ring mappings (unmapped first) and its fd.
+struct OwnSocket {
+    _maps: RingMaps,
+    _fd: OwnedFd,
+}
+
+/// The four ring mappings of a socket, unmapped on drop.
+struct RingMaps([(*mut libc::c_void, usize); 4]);
+
+impl Drop for RingMaps {
+    fn drop(&mut self) {
+        for &(ptr, len) in &self.0 {
+            if !ptr.is_null() {
+                // SAFETY: a ring mapping this socket made, unmapped once.
+                unsafe { libc::munmap(ptr, len) };
+            }
+        }
+    }
+}
+
 pub struct XskPort {
     pub ifname: String,
     pub ifindex: u32,
     pub queue: u32,
+    /// libxdp's socket; null for one made or adopted without it (`own`).
     raw: *mut sys::xsk_socket,
+    /// Dropped after `raw`'s deletion, for its effect (unmap, close).
+    _own: Option<OwnSocket>,
     fd: RawFd,
     pub(crate) rx: Box<sys::xsk_ring_cons>,
     pub(crate) tx: Box<sys::xsk_ring_prod>,
@@ -104,6 +149,9 @@ impl XskPort {
         // returned: EBUSY meanwhile, retried with the same rings (not the flag's fault: binding
         // without it moments later would lose multi-buffer for the port's life).
         let busy_until = std::time::Instant::now() + BIND_BUSY_WAIT;
+        if umem.raw.is_null() {
+            return Self::bind_shared(umem, ifname, ifindex, cfg, rx, tx, fill, comp);
+        }
         let first = loop {
             match Self::create(umem, &name, ifname, cfg, bind_flags, &mut rx, &mut tx, &mut fill, &mut comp) {
                 Err(e) if e.source.raw_os_error() == Some(libc::EBUSY) && std::time::Instant::now() < busy_until => {
@@ -144,7 +192,159 @@ impl XskPort {
         comp: Box<sys::xsk_ring_cons>,
         sg: bool,
     ) -> XskPort {
-        XskPort { ifname: ifname.to_string(), ifindex, queue: 0, raw, fd, rx, tx, fill, comp, in_tx: 0, sg }
+        XskPort { ifname: ifname.to_string(), ifindex, queue: 0, raw, _own: None, fd, rx, tx, fill, comp, in_tx: 0, sg }
+    }
+
+    /// Takes over a socket a predecessor bound on `ifname` (`ifindex` when it did: an
+    /// interface of that name made since is not the socket's) and left with `in_tx` chunks on
+    /// its tx ring: its rings are mapped again and read from where the predecessor left them.
+    pub fn adopt(
+        fd: OwnedFd,
+        ifname: &str,
+        ifindex: u32,
+        sizes: RingSizes,
+        sg: bool,
+        in_tx: u32,
+    ) -> Result<XskPort, XskError> {
+        let invalid = |what: String| XskError { what, source: std::io::Error::from(std::io::ErrorKind::InvalidData) };
+        let name = CString::new(ifname).map_err(|_| invalid(format!("interface name {ifname:?}")))?;
+        // SAFETY: name is a valid C string.
+        let now = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        if now != ifindex {
+            return Err(invalid(format!(
+                "{ifname} is interface {now} now, not {ifindex} as when its socket was bound"
+            )));
+        }
+        if !sizes.valid() {
+            return Err(invalid(format!("{ifname}: ring sizes {sizes:?} are not powers of two")));
+        }
+        // SAFETY (zeroed): plain C ring structs, filled in by `map_rings`.
+        let (mut rx, mut tx): (Box<sys::xsk_ring_cons>, Box<sys::xsk_ring_prod>) =
+            (Box::new(unsafe { core::mem::zeroed() }), Box::new(unsafe { core::mem::zeroed() }));
+        let (mut fill, mut comp): (Box<sys::xsk_ring_prod>, Box<sys::xsk_ring_cons>) =
+            (Box::new(unsafe { core::mem::zeroed() }), Box::new(unsafe { core::mem::zeroed() }));
+        let maps = map_rings(fd.as_raw_fd(), ifname, sizes, &mut rx, &mut tx, &mut fill, &mut comp)?;
+        let raw_fd = fd.as_raw_fd();
+        Ok(XskPort {
+            ifname: ifname.to_string(),
+            ifindex,
+            queue: 0,
+            raw: core::ptr::null_mut(),
+            _own: Some(OwnSocket { _maps: maps, _fd: fd }),
+            fd: raw_fd,
+            rx,
+            tx,
+            fill,
+            comp,
+            in_tx,
+            sg,
+        })
+    }
+
+    /// A new socket on an adopted UMEM (`Umem::adopt`), shared through `umem.share`: ring
+    /// sizes set, rings mapped, then bound with `XDP_SHARED_UMEM` alone (the kernel takes
+    /// copy mode, need_wakeup and multi-buffer from the socket it shares with, and refuses
+    /// them as flags here). EBUSY is retried as in `bind`.
+    #[allow(clippy::too_many_arguments)]
+    fn bind_shared(
+        umem: &Umem,
+        ifname: &str,
+        ifindex: u32,
+        cfg: PortConfig,
+        mut rx: Box<sys::xsk_ring_cons>,
+        mut tx: Box<sys::xsk_ring_prod>,
+        mut fill: Box<sys::xsk_ring_prod>,
+        mut comp: Box<sys::xsk_ring_cons>,
+    ) -> Result<XskPort, XskError> {
+        let Some(share) = umem.share.as_ref().map(AsRawFd::as_raw_fd) else {
+            return Err(XskError {
+                what: format!("binding {ifname}: the adopted UMEM has no socket to share it through"),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            });
+        };
+        let sizes = RingSizes { rx: cfg.ring_size, tx: cfg.ring_size, fill: umem.ring_size, comp: umem.ring_size };
+        // SAFETY: a new socket; the result is checked and owned from here on.
+        let fd = unsafe { libc::socket(libc::AF_XDP, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(last_err(format!("an AF_XDP socket for {ifname}")));
+        }
+        // SAFETY: fd was just created and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        for (opt, n) in [
+            (libc::XDP_RX_RING, sizes.rx),
+            (libc::XDP_TX_RING, sizes.tx),
+            (libc::XDP_UMEM_FILL_RING, sizes.fill),
+            (libc::XDP_UMEM_COMPLETION_RING, sizes.comp),
+        ] {
+            // SAFETY: a u32 option value of the size given.
+            let rc = unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_XDP,
+                    opt,
+                    (&n as *const u32).cast(),
+                    core::mem::size_of::<u32>() as libc::socklen_t,
+                )
+            };
+            if rc != 0 {
+                return Err(last_err(format!("sizing the rings of {ifname}'s socket")));
+            }
+        }
+        let maps = map_rings(fd.as_raw_fd(), ifname, sizes, &mut rx, &mut tx, &mut fill, &mut comp)?;
+        // SAFETY: all-zero is a valid sockaddr_xdp, completed below.
+        let mut sa: libc::sockaddr_xdp = unsafe { core::mem::zeroed() };
+        sa.sxdp_family = libc::AF_XDP as u16;
+        sa.sxdp_flags = libc::XDP_SHARED_UMEM;
+        sa.sxdp_ifindex = ifindex;
+        sa.sxdp_queue_id = 0;
+        sa.sxdp_shared_umem_fd = share as u32;
+        let busy_until = std::time::Instant::now() + BIND_BUSY_WAIT;
+        loop {
+            // SAFETY: binding our socket to a sockaddr_xdp of the size given.
+            let rc = unsafe {
+                libc::bind(
+                    fd.as_raw_fd(),
+                    (&sa as *const libc::sockaddr_xdp).cast(),
+                    core::mem::size_of::<libc::sockaddr_xdp>() as libc::socklen_t,
+                )
+            };
+            if rc == 0 {
+                break;
+            }
+            let e = last_err(format!("binding an AF_XDP socket on {ifname} queue 0"));
+            if e.source.raw_os_error() != Some(libc::EBUSY) || std::time::Instant::now() >= busy_until {
+                return Err(e);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let raw_fd = fd.as_raw_fd();
+        Ok(XskPort {
+            ifname: ifname.to_string(),
+            ifindex,
+            queue: 0,
+            raw: core::ptr::null_mut(),
+            _own: Some(OwnSocket { _maps: maps, _fd: fd }),
+            fd: raw_fd,
+            rx,
+            tx,
+            fill,
+            comp,
+            in_tx: 0,
+            sg: umem.sg,
+        })
+    }
+
+    /// The sizes of this socket's rings (for a successor, with `dup_fd`).
+    pub fn ring_sizes(&self) -> RingSizes {
+        RingSizes { rx: self.rx.size, tx: self.tx.size, fill: self.fill.size, comp: self.comp.size }
+    }
+
+    /// A second descriptor of this socket, for a successor: the socket lives while either is open.
+    pub fn dup_fd(&self) -> Result<OwnedFd, XskError> {
+        // SAFETY: self.fd is open for as long as self lives.
+        unsafe { BorrowedFd::borrow_raw(self.fd) }
+            .try_clone_to_owned()
+            .map_err(|source| XskError { what: format!("duplicating {}'s socket", self.ifname), source })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -298,7 +498,93 @@ impl XskPort {
 
 impl Drop for XskPort {
     fn drop(&mut self) {
-        // SAFETY: raw came from xsk_socket__create_shared and is deleted once.
-        unsafe { sys::xsk_socket__delete(self.raw) };
+        if !self.raw.is_null() {
+            // SAFETY: raw came from xsk_socket__create_shared and is deleted once.
+            unsafe { sys::xsk_socket__delete(self.raw) };
+        }
+        // An own socket's rings are unmapped and its fd closed as `own` drops.
     }
+}
+
+/// Maps the four rings of socket `fd` (sizes `sizes`) and points the ring structs at them,
+/// their cached indices read from the kernel's (a socket may have been in use by another
+/// process: its rings go on from there).
+fn map_rings(
+    fd: RawFd,
+    ifname: &str,
+    sizes: RingSizes,
+    rx: &mut sys::xsk_ring_cons,
+    tx: &mut sys::xsk_ring_prod,
+    fill: &mut sys::xsk_ring_prod,
+    comp: &mut sys::xsk_ring_cons,
+) -> Result<RingMaps, XskError> {
+    // SAFETY: a plain C struct of offsets; all-zero is valid.
+    let mut off: sys::xdp_mmap_offsets = unsafe { core::mem::zeroed() };
+    let mut len = core::mem::size_of::<sys::xdp_mmap_offsets>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `off`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_XDP,
+            sys::XDP_MMAP_OFFSETS as i32,
+            (&mut off as *mut sys::xdp_mmap_offsets).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(last_err(format!("XDP_MMAP_OFFSETS of {ifname}'s socket")));
+    }
+    let desc = core::mem::size_of::<sys::xdp_desc>() as u64;
+    let addr = core::mem::size_of::<u64>() as u64;
+    let plan = [
+        (u64::from(sys::XDP_PGOFF_RX_RING), off.rx, u64::from(sizes.rx) * desc),
+        (u64::from(sys::XDP_PGOFF_TX_RING), off.tx, u64::from(sizes.tx) * desc),
+        (sys::XDP_UMEM_PGOFF_FILL_RING, off.fr, u64::from(sizes.fill) * addr),
+        (sys::XDP_UMEM_PGOFF_COMPLETION_RING, off.cr, u64::from(sizes.comp) * addr),
+    ];
+    let mut maps = RingMaps([(core::ptr::null_mut(), 0); 4]);
+    for (k, (pgoff, o, bytes)) in plan.iter().enumerate() {
+        let len = (o.desc + bytes) as usize;
+        // SAFETY: mapping a ring of our socket at the offset the kernel names for it; the
+        // result is checked against MAP_FAILED.
+        let p = unsafe {
+            libc::mmap(
+                core::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                fd,
+                *pgoff as libc::off_t,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(last_err(format!("mapping ring {k} of {ifname}'s socket ({len} bytes)")));
+        }
+        maps.0[k] = (p, len);
+    }
+    let at = |k: usize, o: u64| -> *mut u8 {
+        // SAFETY: o is inside mapping k (the kernel's offsets, within the length mapped).
+        unsafe { maps.0[k].0.cast::<u8>().add(o as usize) }
+    };
+    // SAFETY: the index words are u32s the kernel keeps aligned in the mappings.
+    let load = |p: *mut u8| unsafe { AtomicU32::from_ptr(p.cast()) }.load(Ordering::Acquire);
+    macro_rules! point {
+        ($ring:expr, $k:expr, $o:expr, $size:expr, $producer_side:expr) => {{
+            let (producer, consumer) = (at($k, $o.producer), at($k, $o.consumer));
+            $ring.mask = $size - 1;
+            $ring.size = $size;
+            $ring.producer = producer.cast();
+            $ring.consumer = consumer.cast();
+            $ring.ring = at($k, $o.desc).cast();
+            $ring.flags = at($k, $o.flags).cast();
+            $ring.cached_prod = load(producer);
+            // libxdp keeps a producer ring's cached consumer one ring ahead (free = cons - prod).
+            $ring.cached_cons = load(consumer).wrapping_add(if $producer_side { $size } else { 0 });
+        }};
+    }
+    point!(rx, 0, off.rx, sizes.rx, false);
+    point!(tx, 1, off.tx, sizes.tx, true);
+    point!(fill, 2, off.fr, sizes.fill, true);
+    point!(comp, 3, off.cr, sizes.comp, false);
+    Ok(maps)
 }

@@ -1,11 +1,14 @@
 //! The UMEM: one mmap'd region of aligned 4 KiB chunks shared by every port of a worker, and
-//! the pool of free chunks. A chunk is always in exactly one place: the free pool, a fill ring,
+//! the pool of free chunks. The region is a memfd mapped shared, so a successor process given
+//! the memfd and the sockets (`crate::handoff`) maps the very pages the kernel has pinned and
+//! goes on where this process stopped. A chunk is always in exactly one place: the free pool, a fill ring,
 //! an rx ring or the pipeline (briefly), a tx ring, or a completion ring; `FrameAccount` counts
 //! the kernel-held ones so a leak shows as a mismatch, never silently.
 
 use crate::{last_err, os_err, XskError};
 use core::ptr::NonNull;
 use libxdp_sys as sys;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 /// Chunk size (aligned mode: descriptors may point anywhere inside their chunk).
 pub const FRAME_SIZE: u32 = 4096;
@@ -19,9 +22,23 @@ pub struct Umem {
     area: NonNull<u8>,
     size: usize,
     frames: u32,
+    /// The region's file: what a successor maps (`adopt`).
+    memfd: OwnedFd,
+    /// libxdp's registration; null for an adopted UMEM (registered by a predecessor, whose
+    /// sockets this process holds) and after `unregister`.
     pub(crate) raw: *mut sys::xsk_umem,
     /// Rings created with the UMEM, moved into the first port.
     pub(crate) first_rings: Option<(Box<sys::xsk_ring_prod>, Box<sys::xsk_ring_cons>)>,
+    /// For an adopted UMEM, a bound socket on it that new sockets share it through
+    /// (`XDP_SHARED_UMEM`): a second descriptor of the uplink's (whatever becomes of the
+    /// uplink port, it stays valid while the UMEM lives).
+    pub(crate) share: Option<OwnedFd>,
+    /// Entries of the fill and completion rings of sockets bound to it.
+    pub(crate) ring_size: u32,
+    /// Whether its first socket was bound multi-buffer (sockets sharing it are too).
+    pub(crate) sg: bool,
+    /// Whether dropping unmaps the region (not once `unregister` handed it on).
+    mapped: bool,
 }
 
 impl std::fmt::Debug for Umem {
@@ -34,26 +51,22 @@ impl std::fmt::Debug for Umem {
 unsafe impl Send for Umem {}
 
 impl Umem {
-    /// Maps `frames` chunks and registers them as a UMEM with rings of `ring_size` entries.
+    /// Maps `frames` chunks of a new memfd and registers them as a UMEM with rings of
+    /// `ring_size` entries.
     pub fn new(frames: u32, ring_size: u32) -> Result<Umem, XskError> {
         let size = frames as usize * FRAME_SIZE as usize;
-        // SAFETY: anonymous private mapping; the result is checked against MAP_FAILED.
-        let area = unsafe {
-            libc::mmap(
-                core::ptr::null_mut(),
-                size,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
-                -1,
-                0,
-            )
-        };
-        if area == libc::MAP_FAILED {
-            return Err(last_err(format!("mmap of a {size}-byte UMEM")));
+        // SAFETY: a NUL-terminated name; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"vxnat-umem".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(last_err("memfd_create for the UMEM"));
         }
-        let Some(area) = NonNull::new(area.cast::<u8>()) else {
-            return Err(last_err("mmap returned null"));
-        };
+        // SAFETY: fd is the memfd just created, owned from here on.
+        let memfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: resizing our own memfd.
+        if unsafe { libc::ftruncate(memfd.as_raw_fd(), size as libc::off_t) } != 0 {
+            return Err(last_err(format!("sizing the UMEM memfd to {size} bytes")));
+        }
+        let area = map_shared(&memfd, size, true)?;
         // SAFETY: plain C structs that libxdp initialises; all-zero is their "unset" state.
         let mut fill: Box<sys::xsk_ring_prod> = Box::new(unsafe { core::mem::zeroed() });
         let mut comp: Box<sys::xsk_ring_cons> = Box::new(unsafe { core::mem::zeroed() });
@@ -74,7 +87,58 @@ impl Umem {
             unsafe { libc::munmap(area.as_ptr().cast(), size) };
             return Err(os_err("registering the UMEM (xsk_umem__create)", rc));
         }
-        Ok(Umem { area, size, frames, raw, first_rings: Some((fill, comp)) })
+        Ok(Umem {
+            area,
+            size,
+            frames,
+            memfd,
+            raw,
+            first_rings: Some((fill, comp)),
+            share: None,
+            ring_size,
+            sg: false,
+            mapped: true,
+        })
+    }
+
+    /// Maps a predecessor's UMEM (its memfd, `memfd_of`): the same pages, registered with the
+    /// kernel through the predecessor's sockets, which the caller adopts next. `frames` must
+    /// be what the predecessor had (a memfd of another size is refused), `ring_size` its
+    /// sockets' fill and completion ring size, `sg` whether they were bound multi-buffer.
+    pub fn adopt(memfd: OwnedFd, frames: u32, ring_size: u32, sg: bool) -> Result<Umem, XskError> {
+        let size = frames as usize * FRAME_SIZE as usize;
+        // SAFETY: fstat into a zeroed stat struct.
+        let mut st: libc::stat = unsafe { core::mem::zeroed() };
+        // SAFETY: as above; fd is live (owned).
+        if unsafe { libc::fstat(memfd.as_raw_fd(), &mut st) } != 0 {
+            return Err(last_err("fstat of the handed-over UMEM"));
+        }
+        if st.st_size as usize != size {
+            return Err(XskError {
+                what: format!("the handed-over UMEM is {} bytes, not {frames} chunks", st.st_size),
+                source: std::io::Error::from(std::io::ErrorKind::InvalidData),
+            });
+        }
+        // Not populated: the pages exist, and mapping all of them (a page table entry per
+        // 4 KiB) would lengthen the takeover's gap; they fault in as frames touch them.
+        let area = map_shared(&memfd, size, false)?;
+        Ok(Umem {
+            area,
+            size,
+            frames,
+            memfd,
+            raw: core::ptr::null_mut(),
+            first_rings: None,
+            share: None,
+            ring_size,
+            sg,
+            mapped: true,
+        })
+    }
+
+    /// The region's memfd, for a successor (`crate::handoff`).
+    pub fn memfd(&self) -> BorrowedFd<'_> {
+        self.memfd.as_fd()
     }
 
     pub fn frame_count(&self) -> u32 {
@@ -125,11 +189,27 @@ impl Umem {
     /// first port's queue) and returns its memory, unmapped when that is dropped: freeing
     /// ~150 MB takes tens of ms a stopping worker's successor need not wait for.
     pub fn unregister(mut self) -> UmemArea {
-        // SAFETY: raw came from xsk_umem__create; deleted once (Drop sees null).
-        unsafe { sys::xsk_umem__delete(self.raw) };
-        self.raw = core::ptr::null_mut();
+        if !self.raw.is_null() {
+            // SAFETY: raw came from xsk_umem__create; deleted once (Drop sees null).
+            unsafe { sys::xsk_umem__delete(self.raw) };
+            self.raw = core::ptr::null_mut();
+        }
+        self.mapped = false;
         UmemArea { area: self.area, size: self.size }
     }
+}
+
+/// Maps `size` bytes of `memfd` shared (populated if `populate`).
+fn map_shared(memfd: &OwnedFd, size: usize, populate: bool) -> Result<NonNull<u8>, XskError> {
+    let flags = libc::MAP_SHARED | if populate { libc::MAP_POPULATE } else { 0 };
+    // SAFETY: a new shared mapping of our memfd; the result is checked against MAP_FAILED.
+    let area = unsafe {
+        libc::mmap(core::ptr::null_mut(), size, libc::PROT_READ | libc::PROT_WRITE, flags, memfd.as_raw_fd(), 0)
+    };
+    if area == libc::MAP_FAILED {
+        return Err(last_err(format!("mmap of a {size}-byte UMEM")));
+    }
+    NonNull::new(area.cast::<u8>()).ok_or_else(|| last_err("mmap returned null"))
 }
 
 /// A UMEM's memory after `Umem::unregister`, unmapped on drop.
@@ -152,11 +232,13 @@ impl Drop for UmemArea {
 impl Drop for Umem {
     fn drop(&mut self) {
         // Ports (sockets) must be dropped first; the worker drops them before the UMEM.
-        // SAFETY: raw came from xsk_umem__create (or is null after `unregister`, which
-        // unmaps through its `UmemArea`); area/size from mmap.
+        // SAFETY: raw came from xsk_umem__create (null when adopted or after `unregister`);
+        // area/size from mmap, unmapped here unless `unregister` handed them to a `UmemArea`.
         unsafe {
             if !self.raw.is_null() {
                 sys::xsk_umem__delete(self.raw);
+            }
+            if self.mapped {
                 libc::munmap(self.area.as_ptr().cast(), self.size);
             }
         }

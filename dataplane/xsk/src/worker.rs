@@ -109,6 +109,7 @@ dataplane::counter_set! {
         reclaimed_at_detach: "chunks that came back from the rings of removed sockets",
         gro_frames: "aggregated frames sent to pods (two segments or more, one skb each)",
         gro_segments: "segments that went to pods inside aggregated frames",
+        programs_not_replaced: "ports taken over from a predecessor whose XDP program could not be replaced (the predecessor's still redirects to the socket)",
     }
 }
 
@@ -119,10 +120,34 @@ pub struct PortReport {
     pub socket: Option<crate::port::SocketStats>,
 }
 
+/// A port's XDP program.
+enum PortProgram {
+    /// Attached by this worker.
+    Own(XdpProgram),
+    /// The port was taken over with its socket (`Worker::adopt`): the predecessor's program
+    /// redirects to it still, while a helper thread attaches this worker's in its place.
+    Replacing(Mode),
+    /// That replacement failed (why): the predecessor's program stays, redirecting to the same
+    /// socket, so the port forwards; its exit counters are not readable.
+    Predecessors(Mode, String),
+}
+
+impl PortProgram {
+    fn mode(&self) -> Mode {
+        match self {
+            PortProgram::Own(p) => p.mode(),
+            PortProgram::Replacing(m) | PortProgram::Predecessors(m, _) => *m,
+        }
+    }
+}
+
+/// What the program-replacing helper thread reports per port.
+type Replaced = (PortId, Result<XdpProgram, String>);
+
 struct WorkerPort {
     // Field order matters: the socket is deleted before the program is detached.
     xsk: XskPort,
-    prog: XdpProgram,
+    prog: PortProgram,
     fill: PortFill,
     /// The aggregated-frame transmit socket ([`PodTx::PacketGro`] pods).
     bulk: Option<crate::packet::PacketTx>,
@@ -170,6 +195,13 @@ pub struct Worker {
     first_port: usize,
     /// Scratch for the aggregated-frame transmit path.
     bulk: crate::bulk::BulkTx,
+    /// Programs being attached in place of a predecessor's (`adopt`), and how many are due.
+    replacing: Option<crossbeam_channel::Receiver<Replaced>>,
+    replacements_left: usize,
+    /// Programs `adopt` leaves for the helper thread: (port, program, interface, socket).
+    replace_later: Vec<(PortId, crate::bpf::LoadedProgram, u32, std::os::fd::OwnedFd)>,
+    /// The frontends map of the uplink's program while it replaces a predecessor's.
+    adopted_frontends: Option<crate::bpf::FrontendsMap>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -209,6 +241,10 @@ impl Worker {
             tx,
             first_port: 0,
             bulk: crate::bulk::BulkTx::default(),
+            replacing: None,
+            replacements_left: 0,
+            replace_later: Vec::new(),
+            adopted_frontends: None,
         })
     }
 
@@ -270,6 +306,7 @@ impl Worker {
         vxlan_port: u16,
         frontends: &[(std::net::Ipv4Addr, u16, u8)],
     ) -> Result<(), String> {
+        self.settle_replacements();
         let i = usize::from(id.0);
         if id.0 == NO_OWNER {
             return Err(format!("port {id}: out of range"));
@@ -277,9 +314,7 @@ impl Worker {
         if self.ports.get(i).is_some_and(Option::is_some) {
             return Err(format!("port {id} already bound"));
         }
-        let (limits, ring_size) =
-            if node { (self.cfg.fill.node, self.cfg.ring_size) } else { (self.cfg.fill.pod, self.cfg.pod_ring_size) };
-        let limits = FillLimits { min: limits.min.min(ring_size), max: limits.max.min(ring_size) };
+        let (limits, ring_size) = self.port_limits(node);
         if !self.cfg.fill.admits(self.cfg.frames, self.min_sum + u64::from(limits.min)) {
             return Err(format!(
                 "UMEM full: {} chunks cannot guarantee {} more to {ifname} beside the {} the bound ports need \
@@ -310,11 +345,26 @@ impl Worker {
                 return Err(e);
             }
         };
+        self.install(id, xsk, PortProgram::Own(prog), fill, node)
+    }
+
+    /// Puts a bound socket with its attached program in slot `id` (with the packet socket a
+    /// `PodTx::PacketGro` pod transmits aggregated frames on); on failure both are closed and
+    /// the chunks their rings held come back.
+    fn install(
+        &mut self,
+        id: PortId,
+        xsk: XskPort,
+        prog: PortProgram,
+        fill: PortFill,
+        node: bool,
+    ) -> Result<(), String> {
+        let i = usize::from(id.0);
         let bulk = if !node && self.cfg.pod_tx == PodTx::PacketGro {
             match crate::packet::PacketTx::open(xsk.ifindex) {
                 Ok(b) => Some(b),
                 Err(e) => {
-                    let posted = fill.in_fill;
+                    let (posted, ifname) = (fill.in_fill + xsk.in_tx, xsk.ifname.clone());
                     drop(prog);
                     drop(xsk);
                     self.reclaim_owned(id.0, posted);
@@ -328,10 +378,218 @@ impl Worker {
             self.ports.resize_with(i + 1, || None);
             self.staged.resize_with(i + 1, || Vec::with_capacity(BATCH * 2));
         }
-        self.min_sum += u64::from(limits.min);
+        self.min_sum += u64::from(fill.limits.min);
         self.ports[i] = Some(WorkerPort { xsk, prog, fill, bulk, bulk_error: None });
         self.rebuild_pollfds();
         Ok(())
+    }
+
+    /// The fill limits and ring size of a port of kind `node` (uplink, host port) or pod.
+    fn port_limits(&self, node: bool) -> (FillLimits, u32) {
+        let (limits, ring_size) =
+            if node { (self.cfg.fill.node, self.cfg.ring_size) } else { (self.cfg.fill.pod, self.cfg.pod_ring_size) };
+        (FillLimits { min: limits.min.min(ring_size), max: limits.max.min(ring_size) }, ring_size)
+    }
+
+    /// Hands this worker's datapath over (`crate::handoff`): call between polls. The programs
+    /// stay attached and the sockets open in the handoff's descriptors; this worker's own
+    /// descriptors close as it drops.
+    pub fn hand_off(mut self) -> Result<crate::handoff::Handoff, XskError> {
+        use crate::handoff::{Handoff, Meta, PortMeta, FREE};
+        self.leave_attached();
+        let mut owner = self.owner.clone();
+        for &c in &self.pool {
+            if let Some(o) = owner.get_mut((c / u64::from(FRAME_SIZE)) as usize) {
+                *o = FREE;
+            }
+        }
+        let mut ports = Vec::new();
+        let mut sockets = Vec::new();
+        let mut sg = false;
+        for (i, p) in self.ports.iter().enumerate() {
+            let Some(p) = p else { continue };
+            let id = i as u16;
+            let mode = p.prog.mode();
+            let host = self.host == Some(PortId(id));
+            sg |= mode == Mode::Uplink && p.xsk.sg;
+            sockets.push(p.xsk.dup_fd()?);
+            ports.push(PortMeta {
+                id,
+                mode,
+                node: mode == Mode::Uplink || host,
+                host,
+                ifname: p.xsk.ifname.clone(),
+                ifindex: p.xsk.ifindex,
+                sizes: p.xsk.ring_sizes(),
+                sg: p.xsk.sg,
+                in_fill: p.fill.in_fill,
+                in_tx: p.xsk.in_tx,
+            });
+        }
+        let umem = self
+            .umem
+            .memfd()
+            .try_clone_to_owned()
+            .map_err(|source| XskError { what: "duplicating the UMEM memfd".into(), source })?;
+        let meta = Meta { frames: self.umem.frame_count(), ring_size: self.umem.ring_size, sg, ports, owner };
+        // This process's descriptors and mappings go on another thread (the handoff's keep
+        // the sockets): unmapping 4 rings per socket and the UMEM is milliseconds at 110
+        // pods, not for the successor to wait for. Sockets first, then the UMEM.
+        let (ports, umem_view) = (std::mem::take(&mut self.ports), self.umem);
+        let _ = std::thread::Builder::new().name("vxnat-umem-free".into()).spawn(move || {
+            drop(ports);
+            drop(umem_view.unregister());
+        });
+        Ok(Handoff { meta, umem, sockets })
+    }
+
+    /// Takes over a predecessor's datapath (`hand_off` in the other process): its UMEM
+    /// replaces this worker's fresh one, which is returned to be freed off the hot path, and
+    /// each of its sockets that `want` lists (port, interface, program mode, node kind) becomes
+    /// that port again, with the program preloaded for it (or loaded now) attached in place of
+    /// the predecessor's. Call before any port is bound. Sockets not wanted, and wanted ones
+    /// that cannot be taken (their interface was replaced), are closed and their chunks
+    /// reclaimed; the caller binds the wanted ports this does not return. An error means
+    /// nothing was taken (the handoff's descriptors are closed, the predecessor's sockets
+    /// with them) and this worker is as it was.
+    #[allow(clippy::too_many_arguments)]
+    pub fn adopt(
+        &mut self,
+        handoff: crate::handoff::Handoff,
+        want: &[(PortId, &str, Mode)],
+        node_ip: [u8; 4],
+        vxlan_port: u16,
+        frontends: &[(std::net::Ipv4Addr, u16, u8)],
+    ) -> Result<(Vec<PortId>, Umem), String> {
+        use crate::handoff::FREE;
+        if self.ports.iter().any(Option::is_some) {
+            return Err("ports are bound already".into());
+        }
+        let crate::handoff::Handoff { meta, umem, sockets } = handoff;
+        let Some(up) = meta.ports.iter().position(|p| p.mode == Mode::Uplink) else {
+            return Err("the handoff has no uplink socket".into());
+        };
+        if meta.owner.len() != meta.frames as usize {
+            return Err(format!("{} chunk owners for {} chunks", meta.owner.len(), meta.frames));
+        }
+        let umem = Umem::adopt(umem, meta.frames, meta.ring_size, meta.sg).map_err(|e| e.to_string())?;
+        let fresh = core::mem::replace(&mut self.umem, umem);
+        self.cfg.frames = meta.frames;
+        self.pool = (0..meta.frames)
+            .filter(|&k| meta.owner[k as usize] == FREE)
+            .map(|k| u64::from(k) * u64::from(FRAME_SIZE))
+            .collect();
+        self.owner = meta.owner.iter().map(|&o| if o == FREE { NO_OWNER } else { o }).collect();
+        // The uplink first: new sockets share the UMEM through it.
+        let mut order: Vec<usize> = (0..meta.ports.len()).collect();
+        order.swap(0, up);
+        let mut sockets: Vec<Option<std::os::fd::OwnedFd>> = sockets.into_iter().map(Some).collect();
+        let mut adopted = Vec::new();
+        for k in order {
+            let m = &meta.ports[k];
+            let Some(fd) = sockets[k].take() else { continue };
+            let id = PortId(m.id);
+            let wanted = want.iter().any(|&(p, ifname, mode)| p == id && ifname == m.ifname && mode == m.mode);
+            let taken =
+                if wanted { self.adopt_port(m, fd, node_ip, vxlan_port, frontends) } else { Err(String::new()) };
+            match taken {
+                Ok(()) => adopted.push(id),
+                Err(_) if k == up => {
+                    // Nothing can share the UMEM without its first socket: give it all back.
+                    let umem = core::mem::replace(&mut self.umem, fresh);
+                    for p in &mut self.ports {
+                        drop(p.take());
+                    }
+                    self.pool = self.umem.chunk_addrs().collect();
+                    self.owner = vec![NO_OWNER; self.umem.frame_count() as usize];
+                    self.cfg.frames = self.umem.frame_count();
+                    self.min_sum = 0;
+                    self.host = None;
+                    self.rebuild_pollfds();
+                    drop(umem);
+                    return Err(format!("the uplink socket on {} could not be taken over", m.ifname));
+                }
+                // Closed with `fd` (the last reference: the kernel releases it before close
+                // returns), so its chunks are back in our hands.
+                Err(_) => self.reclaim_owned(m.id, m.in_fill + m.in_tx),
+            }
+        }
+        self.start_replacing();
+        Ok((adopted, fresh))
+    }
+
+    /// One port of `adopt`.
+    fn adopt_port(
+        &mut self,
+        m: &crate::handoff::PortMeta,
+        fd: std::os::fd::OwnedFd,
+        node_ip: [u8; 4],
+        vxlan_port: u16,
+        frontends: &[(std::net::Ipv4Addr, u16, u8)],
+    ) -> Result<(), String> {
+        let id = PortId(m.id);
+        let xsk = XskPort::adopt(fd, &m.ifname, m.ifindex, m.sizes, m.sg, m.in_tx).map_err(|e| e.to_string())?;
+        if m.mode == Mode::Uplink {
+            self.umem.share = Some(xsk.dup_fd().map_err(|e| e.to_string())?);
+        }
+        let (limits, _) = self.port_limits(m.node);
+        let mut fill =
+            if m.node { PortFill::new_busy(limits, self.last_now) } else { PortFill::new(limits, self.last_now) };
+        fill.in_fill = m.in_fill;
+        let loaded = match self.preloaded.iter().position(|(p, l)| *p == id && l.mode() == m.mode) {
+            Some(i) => Ok(self.preloaded.swap_remove(i).1),
+            None => XdpProgram::load(m.mode, node_ip, vxlan_port),
+        };
+        let loaded = loaded?;
+        if m.mode == Mode::Uplink {
+            // The control thread keeps this map current from now on; the predecessor's
+            // program redirects by its own map (as the predecessor left it) until replaced.
+            let map = loaded.frontends()?;
+            map.set(frontends)?;
+            self.adopted_frontends = Some(map);
+        }
+        // An attach costs ~12 ms here (a grace period in the kernel), 1.3 s for 110 pods: not
+        // for the forwarding gap, nor for the worker, since the predecessor's program
+        // redirects to this very socket meanwhile. A helper thread replaces them, the uplink's
+        // first (`start_replacing`).
+        let socket = xsk.dup_fd().map_err(|e| e.to_string())?;
+        self.replace_later.push((id, loaded, xsk.ifindex, socket));
+        let prog = PortProgram::Replacing(m.mode);
+        if m.host {
+            self.host = Some(id);
+        }
+        self.install(id, xsk, prog, fill, m.node)
+    }
+
+    /// Starts the helper thread that attaches the programs `adopt_port` left to replace.
+    fn start_replacing(&mut self) {
+        let jobs = std::mem::take(&mut self.replace_later);
+        if jobs.is_empty() {
+            return;
+        }
+        let (tx, rx) = crossbeam_channel::unbounded();
+        self.replacements_left = jobs.len();
+        self.replacing = Some(rx);
+        let attach = self.cfg.attach;
+        let spawned = std::thread::Builder::new().name("vxnat-attach".into()).spawn(move || {
+            for (id, loaded, ifindex, socket) in jobs {
+                let r = XdpProgram::attach(loaded, ifindex, attach, (0, std::os::fd::AsRawFd::as_raw_fd(&socket)), &[]);
+                if tx.send((id, r)).is_err() {
+                    break;
+                }
+            }
+        });
+        if spawned.is_err() {
+            // No thread: the predecessor's programs stay, and forward.
+            self.replacing = None;
+            self.replacements_left = 0;
+            for p in self.ports.iter_mut().flatten() {
+                if let PortProgram::Replacing(m) = p.prog {
+                    p.prog = PortProgram::Predecessors(m, "no thread to replace it".into());
+                    self.io.programs_not_replaced += 1;
+                }
+            }
+        }
     }
 
     /// Unbinds a port and takes back every chunk its rings held. Frames still in its rx ring
@@ -339,6 +597,7 @@ impl Worker {
     /// kernel waits for in-flight receives, and copy mode has copied whatever it transmits),
     /// so the chunks recorded as this port's in `owner` are free again.
     pub fn remove_port(&mut self, id: PortId) -> bool {
+        self.settle_replacements();
         let i = usize::from(id.0);
         let Some(Some(_)) = self.ports.get(i) else { return false };
         self.reclaim(i);
@@ -456,8 +715,45 @@ impl Worker {
     /// Leaves every port's XDP program attached when the worker is dropped (a restart: the
     /// successor replaces them, `XdpProgram::leave_attached`).
     pub fn leave_attached(&mut self) {
+        self.settle_replacements();
         for p in self.ports.iter_mut().flatten() {
-            p.prog.leave_attached();
+            if let PortProgram::Own(prog) = &mut p.prog {
+                prog.leave_attached();
+            }
+        }
+    }
+
+    /// Takes the programs the helper thread attached in place of a predecessor's (`adopt`)
+    /// onto their ports; with `wait`, until every one has come.
+    fn collect_replacements(&mut self, wait: bool) {
+        let Some(rx) = &self.replacing else { return };
+        while self.replacements_left > 0 {
+            let next = if wait { rx.recv().ok() } else { rx.try_recv().ok() };
+            let Some((id, r)) = next else { break };
+            self.replacements_left -= 1;
+            if let Some(Some(p)) = self.ports.get_mut(usize::from(id.0)) {
+                let mode = p.prog.mode();
+                p.prog = match r {
+                    Ok(prog) => PortProgram::Own(prog),
+                    Err(e) => {
+                        self.io.programs_not_replaced += 1;
+                        PortProgram::Predecessors(mode, e)
+                    }
+                };
+            }
+        }
+        if self.replacements_left == 0 || wait {
+            // All in, or the helper is gone (a closed channel): none is coming.
+            self.replacing = None;
+            self.replacements_left = 0;
+        }
+    }
+
+    /// Waits for every pending program replacement: before a port is bound or removed (a
+    /// late replacement must not land on a port bound since), and before a stop.
+    fn settle_replacements(&mut self) {
+        if self.replacements_left > 0 {
+            self.collect_replacements(true);
         }
     }
 
@@ -480,14 +776,22 @@ impl Worker {
 
     /// XDP exit counters of the program on port `id`.
     pub fn xdp_exits(&self, id: PortId) -> Option<Result<[u64; 4], String>> {
-        self.ports.get(usize::from(id.0))?.as_ref().map(|p| p.prog.exits())
+        self.ports.get(usize::from(id.0))?.as_ref().map(|p| match &p.prog {
+            PortProgram::Own(prog) => prog.exits(),
+            PortProgram::Replacing(_) => Err("the predecessor's program is being replaced".into()),
+            PortProgram::Predecessors(_, why) => Err(format!("the predecessor's program stays ({why})")),
+        })
     }
 
     /// A handle on the frontends map of the XDP program on port `id` (the uplink), for the
     /// control thread to write.
     pub fn frontends(&self, id: PortId) -> Result<crate::bpf::FrontendsMap, String> {
         match self.ports.get(usize::from(id.0)) {
-            Some(Some(p)) => p.prog.frontends(),
+            Some(Some(WorkerPort { prog: PortProgram::Own(prog), .. })) => prog.frontends(),
+            Some(Some(WorkerPort { prog: PortProgram::Replacing(Mode::Uplink), .. })) => {
+                self.adopted_frontends.as_ref().ok_or_else(|| format!("port {id}: no frontends map"))?.try_clone()
+            }
+            Some(Some(_)) => Err(format!("port {id}: its program is not this worker's")),
             _ => Err(format!("port {id} not bound")),
         }
     }
@@ -495,6 +799,9 @@ impl Worker {
     /// One pass over every port. Returns the frames received.
     pub fn poll(&mut self, tables: &Tables, now: Nanos) -> usize {
         self.last_now = now;
+        if self.replacements_left > 0 {
+            self.collect_replacements(false);
+        }
         let mut received = 0;
         // What every port lacks below its minimum, kept current through the pass: chunks
         // beyond a port's minimum are granted only out of what covers all of these.

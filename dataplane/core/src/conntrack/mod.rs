@@ -237,9 +237,17 @@ impl ConnTrack {
     /// as changed, so the first drain writes the whole table.
     pub fn enable_journal(&mut self) {
         let mut j = journal::Journal::new(self.slots.len());
+        // The scan ends at the last live flow: a restarted worker enables the journal with
+        // its carried flows in the lowest slots (the free list hands them out in order), and
+        // reading the whole table (tens of MB) would lengthen a takeover's gap.
+        let mut left = self.len();
         for (i, s) in self.slots.iter().enumerate() {
+            if left == 0 {
+                break;
+            }
             if s.0.is_some() {
                 j.mark(i as u32);
+                left -= 1;
             }
         }
         self.journal = Some(j);
