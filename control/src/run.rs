@@ -312,6 +312,9 @@ pub fn run(file: NodeFile) -> Result<(), Error> {
         }
     };
     let mut source = Supervised::start(&source_name, spawn_source).map_err(Error::Source)?;
+    // The UMEM is made meanwhile (the slowest part of a start without a predecessor to take
+    // it from; unused, and freed, when one hands its own over).
+    let umem = xsk::umem::Umem::prepare(file.umem.frames_for(file.max_pods), WorkerConfig::default().ring_size);
     let model = initial_model(&file, &updates, &mut source, &stop, Duration::from_secs(60))?;
     let mut facts = gather(&file, &model)?;
     let mut cluster = Cluster::new(model, &facts.me.name, file.maglev_table_size);
@@ -374,7 +377,8 @@ pub fn run(file: NodeFile) -> Result<(), Error> {
         let (socket, lock) = (file.socket.clone(), lock.clone());
         Box::new(move || take_over(&socket, &holder, &lock))
     });
-    let mut worker = WorkerHost::spawn(cfg, tables, stop.clone(), gate).map_err(|e| shutdown(Error::Worker(e)))?;
+    let mut worker =
+        WorkerHost::spawn(cfg, tables, stop.clone(), gate, Some(umem)).map_err(|e| shutdown(Error::Worker(e)))?;
     // Control (this thread: ctl, refreshes) on a core the worker does not use.
     if let Some(worker_core) = file.cores.first() {
         if let Some(c) = core_affinity::get_core_ids().unwrap_or_default().into_iter().find(|c| c.id != *worker_core) {

@@ -251,6 +251,7 @@ impl WorkerHost {
         tables: Arc<Tables>,
         stop: Arc<AtomicBool>,
         gate: Option<Gate>,
+        umem: Option<crate::umem::PreparedUmem>,
     ) -> Result<WorkerHost, String> {
         let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
         let (ready_tx, ready_rx) = bounded(1);
@@ -258,7 +259,7 @@ impl WorkerHost {
         let (hb, worker_stop) = (heartbeat.clone(), stop.clone());
         let thread = std::thread::Builder::new()
             .name("vxnat-worker-0".into())
-            .spawn(move || worker_main(cfg, tables, gate, cmd_rx, worker_stop, ready_tx, &hb))
+            .spawn(move || worker_main(cfg, tables, gate, umem, cmd_rx, worker_stop, ready_tx, &hb))
             .map_err(|e| format!("starting the worker: {e}"))?;
         match ready_rx.recv_timeout(Duration::from_secs(20)) {
             Ok(Ok((frontends, carried, pods, taken_over))) => Ok(WorkerHost {
@@ -364,10 +365,12 @@ pub fn ask<R: Send + 'static>(
 }
 
 /// The worker thread's body: bind the uplink and host port, then poll until `stop`.
+#[allow(clippy::too_many_arguments)]
 fn worker_main(
     cfg: HostConfig,
     mut tables: Arc<Tables>,
     gate: Option<Gate>,
+    umem: Option<crate::umem::PreparedUmem>,
     commands: Receiver<Command>,
     stop: Arc<AtomicBool>,
     ready: Sender<Started>,
@@ -378,7 +381,14 @@ fn worker_main(
     }
     let (node_ip, vxlan_port) = (cfg.node_ip, cfg.vxlan_port);
     let started = (|| {
-        let mut w = Worker::new(0, cfg.worker.clone()).map_err(|e| e.to_string())?;
+        let mut w = match umem {
+            Some(u) => Worker::with_umem(
+                0,
+                cfg.worker.clone(),
+                u.take(cfg.worker.frames, cfg.worker.ring_size).map_err(|e| e.to_string())?,
+            ),
+            None => Worker::new(0, cfg.worker.clone()).map_err(|e| e.to_string())?,
+        };
         let uplink_frontends = tables.services().uplink_frontends(std::net::Ipv4Addr::from(node_ip));
         let host = cfg.host.iter().map(|h| (HOST, h.as_str(), Mode::All));
         let pods = cfg.pods.iter().map(|(p, ifname)| (*p, ifname.as_str(), Mode::All));

@@ -141,6 +141,13 @@ impl Umem {
         self.memfd.as_fd()
     }
 
+    /// `new` on another thread, started now: a process creates its UMEM (100-170 ms for
+    /// 150 MB here: shared memory, zeroed page by page) while it does its other start-up work.
+    pub fn prepare(frames: u32, ring_size: u32) -> PreparedUmem {
+        let h = std::thread::Builder::new().name("vxnat-umem".into()).spawn(move || Umem::new(frames, ring_size));
+        PreparedUmem { frames, ring_size, thread: h.ok() }
+    }
+
     pub fn frame_count(&self) -> u32 {
         self.frames
     }
@@ -196,6 +203,30 @@ impl Umem {
         }
         self.mapped = false;
         UmemArea { area: self.area, size: self.size }
+    }
+}
+
+/// A UMEM being made on another thread (`Umem::prepare`).
+#[derive(Debug)]
+pub struct PreparedUmem {
+    frames: u32,
+    ring_size: u32,
+    thread: Option<std::thread::JoinHandle<Result<Umem, XskError>>>,
+}
+
+impl PreparedUmem {
+    /// The UMEM, once made, if it has `frames` chunks and rings of `ring_size` (made here if
+    /// its thread could not start).
+    pub fn take(self, frames: u32, ring_size: u32) -> Result<Umem, XskError> {
+        let made = match self.thread {
+            Some(t) => t.join().unwrap_or_else(|_| Umem::new(self.frames, self.ring_size)),
+            None => Umem::new(self.frames, self.ring_size),
+        }?;
+        if (self.frames, self.ring_size) == (frames, ring_size) {
+            Ok(made)
+        } else {
+            Umem::new(frames, ring_size)
+        }
     }
 }
 

@@ -213,6 +213,11 @@ impl std::fmt::Debug for Worker {
 impl Worker {
     pub fn new(id: u16, cfg: WorkerConfig) -> Result<Worker, XskError> {
         let umem = Umem::new(cfg.frames, cfg.ring_size)?;
+        Ok(Self::with_umem(id, cfg, umem))
+    }
+
+    /// `new` with a UMEM made already (`Umem::prepare`) of `cfg.frames` chunks.
+    pub fn with_umem(id: u16, cfg: WorkerConfig, umem: Umem) -> Worker {
         let pool: Vec<u64> = umem.chunk_addrs().collect();
         let owner = vec![NO_OWNER; cfg.frames as usize];
         let mut state = WorkerState::with_flows_and_timeouts(id, cfg.flows, cfg.timeouts);
@@ -221,7 +226,7 @@ impl Worker {
         state.snat.exclude(cfg.vxlan_port);
         let limits = cfg.fill.tx_limits(BATCH as u32);
         let tx = TxBudget { left: 0, total: limits.total, per_port: limits.per_port, pressure: false };
-        Ok(Worker {
+        Worker {
             ports: Vec::new(),
             umem,
             pool,
@@ -245,7 +250,7 @@ impl Worker {
             replacements_left: 0,
             replace_later: Vec::new(),
             adopted_frontends: None,
-        })
+        }
     }
 
     /// Binds `ifname` as port `id`: loads and attaches the XDP program in `mode`, binds an
@@ -761,10 +766,17 @@ impl Worker {
     /// the UMEM staying mapped until the worker is dropped: a stopping worker frees the queues
     /// for its successor first.
     pub fn close_ports(&mut self) {
+        // Releasing a bound socket waits for an RCU grace period (~15 ms here): one after the
+        // other, 1.7 s at 110 pods, and a successor's binds wait on each. Second descriptors
+        // keep the sockets through libxdp's teardown (not thread-safe: one at a time, and
+        // quick while they are held); closing those on several threads at once lets the
+        // grace periods overlap. Returns once every socket is released.
+        let held: Vec<std::os::fd::OwnedFd> = self.ports.iter().flatten().filter_map(|p| p.xsk.dup_fd().ok()).collect();
         for p in &mut self.ports {
             drop(p.take());
         }
         self.pollfds.clear();
+        close_together(held);
     }
 
     /// The UMEM alone, every port closed first (to free it on another thread: `Worker` is not
@@ -1184,6 +1196,22 @@ impl Worker {
 }
 
 /// Returns to the pool every chunk on `xsk`'s completion ring (a ring read, no syscall).
+/// Closes `fds` on up to 16 threads at once, returning when all are closed.
+fn close_together(mut fds: Vec<std::os::fd::OwnedFd>) {
+    const THREADS: usize = 16;
+    let per = fds.len().div_ceil(THREADS).max(1);
+    std::thread::scope(|s| {
+        while fds.len() > per {
+            let part = fds.split_off(fds.len() - per);
+            if std::thread::Builder::new().name("vxnat-close".into()).spawn_scoped(s, move || drop(part)).is_err() {
+                // No thread: closed here, one after the other, as the rest.
+                break;
+            }
+        }
+        drop(fds);
+    });
+}
+
 fn take_completions(xsk: &mut XskPort, pool: &mut Vec<u64>, tx: &mut TxBudget) {
     loop {
         let mut idx = 0u32;
