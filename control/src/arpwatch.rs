@@ -20,6 +20,11 @@ use std::time::{Duration, Instant};
 
 /// Two claims further apart than this are a change of owner, not a conflict.
 const WINDOW: Duration = Duration::from_secs(60);
+/// Addresses whose last claim is remembered at most (a link's hosts, with room; ARP with
+/// made-up sender addresses would otherwise grow the map without end).
+const MAX_CLAIMS: usize = 65_536;
+/// Addresses in conflict remembered at most.
+const MAX_CONFLICTS: usize = 4096;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Conflict {
@@ -35,6 +40,11 @@ pub struct ArpClaims {
     pub ifname: String,
     last: HashMap<Ipv4Addr, (MacAddr, Instant)>,
     conflicts: BTreeMap<Ipv4Addr, Conflict>,
+    /// Claims not checked for want of room (new addresses while `last` is full of recent
+    /// ones, new conflicts past `MAX_CONFLICTS`).
+    pub untracked: u64,
+    /// When a full `last` may next be pruned (at most once per second: a prune is a scan).
+    prune_at: Option<Instant>,
 }
 
 /// The packet socket and the claims it feeds.
@@ -102,7 +112,13 @@ fn link_address(ifname: &str) -> Result<LinkAddr, Error> {
 
 impl ArpClaims {
     pub fn new(ifname: &str) -> ArpClaims {
-        ArpClaims { ifname: ifname.to_string(), last: HashMap::new(), conflicts: BTreeMap::new() }
+        ArpClaims {
+            ifname: ifname.to_string(),
+            last: HashMap::new(),
+            conflicts: BTreeMap::new(),
+            untracked: 0,
+            prune_at: None,
+        }
     }
 
     /// One ARP frame (Ethernet header included): the sender's claim.
@@ -117,9 +133,30 @@ impl ArpClaims {
         if spa.is_unspecified() || !sha.is_unicast() {
             return None;
         }
+        if self.last.len() >= MAX_CLAIMS && !self.last.contains_key(&spa) {
+            if self.prune_at.is_none_or(|t| now >= t) {
+                self.last.retain(|_, (_, at)| now.duration_since(*at) <= WINDOW);
+                self.prune_at = Some(now + Duration::from_secs(1));
+            }
+            if self.last.len() >= MAX_CLAIMS {
+                self.untracked += 1;
+                return (self.untracked == 1).then(|| {
+                    format!(
+                        "ARP on {}: {MAX_CLAIMS} addresses claimed within {}s, the most tracked; claims from new \
+                         addresses go unchecked for conflicts until older ones age out",
+                        self.ifname,
+                        WINDOW.as_secs()
+                    )
+                });
+            }
+        }
         let prev = self.last.insert(spa, (sha, now));
         let (old, at) = prev?;
         if old == sha || now.duration_since(at) > WINDOW {
+            return None;
+        }
+        if self.conflicts.len() >= MAX_CONFLICTS && !self.conflicts.contains_key(&spa) {
+            self.untracked += 1;
             return None;
         }
         let c = self.conflicts.entry(spa).or_insert_with(|| Conflict { ip: spa, macs: BTreeSet::new(), count: 0 });
@@ -152,6 +189,26 @@ mod tests {
         f.extend_from_slice(&spa);
         f.extend_from_slice(&[0; 10]);
         f
+    }
+
+    /// ARP from made-up senders cannot grow the claims without end: past the cap, new
+    /// addresses are counted and not tracked (said once), and once the old claims age out
+    /// there is room again.
+    #[test]
+    fn a_flood_of_made_up_senders_is_bounded() {
+        let mut w = ArpClaims::new("ul");
+        let t0 = Instant::now();
+        let mut said = Vec::new();
+        for i in 0..(MAX_CLAIMS as u32 + 1000) {
+            said.extend(w.observe(&arp(2, [2, 0, 0, 0, 0, 1], (0x0a00_0000 + i).to_be_bytes()), t0));
+        }
+        assert_eq!(w.last.len(), MAX_CLAIMS);
+        assert_eq!(w.untracked, 1000);
+        assert_eq!(said.len(), 1, "said once: {said:?}");
+        assert!(said[0].contains("unchecked"), "{}", said[0]);
+        let later = t0 + WINDOW + Duration::from_secs(2);
+        assert_eq!(w.observe(&arp(2, [2, 0, 0, 0, 0, 2], [192, 168, 0, 1]), later), None);
+        assert_eq!(w.last.len(), 1, "aged-out claims pruned to make room");
     }
 
     #[test]

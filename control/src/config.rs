@@ -64,6 +64,8 @@ pub enum Error {
     Cidr { key: &'static str, value: String },
     #[error("maglev_table_size: {0} is not a prime of at least 7")]
     MaglevTableSize(usize),
+    #[error("nat.max_affinity_clients: {0} is not between 1 and 2^31")]
+    MaxAffinityClients(usize),
     #[error("nat.max_flows: must be at least 1")]
     MaxFlows,
     #[error("vxlan.vni: {0} does not fit 24 bits")]
@@ -318,11 +320,20 @@ pub struct NatSection {
     /// that never completed its handshake (early drop, per-source quota), else refuses.
     #[serde(default = "default_flows")]
     pub max_flows: usize,
+    /// ClientIP-affinity clients remembered at most (per worker); unset: as many as
+    /// `max_flows`, from 1,024 to 65,536. Past it, a new client is not remembered.
+    #[serde(default)]
+    pub max_affinity_clients: Option<usize>,
 }
 
 impl Default for NatSection {
     fn default() -> Self {
-        NatSection { snat_ports: default_snat_ports(), snat_hold_s: default_hold(), max_flows: default_flows() }
+        NatSection {
+            snat_ports: default_snat_ports(),
+            snat_hold_s: default_hold(),
+            max_flows: default_flows(),
+            max_affinity_clients: None,
+        }
     }
 }
 
@@ -448,6 +459,9 @@ impl NodeFile {
         f.nat.ports()?;
         if f.nat.max_flows == 0 {
             return Err(Error::MaxFlows);
+        }
+        if let Some(n) = f.nat.max_affinity_clients.filter(|n| !(1..=1 << 31).contains(n)) {
+            return Err(Error::MaxAffinityClients(n));
         }
         if f.vxlan.vni > 0x00ff_ffff {
             return Err(Error::Vni(f.vxlan.vni));
@@ -585,6 +599,12 @@ port = 8472
             .unwrap_err()
             .to_string();
         assert!(e.contains("nat.snat_ports") && e.contains("NodePort"), "{e}");
+        let e = NodeFile::parse("node = \"a\"\nuplink = \"e\"\n[nat]\nmax_affinity_clients = 0\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nat.max_affinity_clients"), "{e}");
+        let f = NodeFile::parse("node = \"a\"\nuplink = \"e\"\n[nat]\nmax_affinity_clients = 4096\n", p).unwrap();
+        assert_eq!(f.nat.max_affinity_clients, Some(4096));
         let e = NodeFile::parse("node = \"a\"\nuplink = \"e\"\nhealth = \"localhost\"\n", p).unwrap_err().to_string();
         assert!(e.contains("health"), "{e}");
         let f = NodeFile::parse("node = \"a\"\nuplink = \"e\"\n", p).unwrap();

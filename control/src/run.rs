@@ -346,6 +346,7 @@ pub fn run(file: NodeFile) -> Result<(), Error> {
             frames: file.umem.frames_for(file.max_pods),
             fill: file.umem.plan(),
             flows: file.nat.max_flows,
+            affinity: file.nat.max_affinity_clients,
             snat_ports: file.nat.ports()?,
             snat_hold_ns: file.nat.snat_hold_s.saturating_mul(1_000_000_000),
             vxlan_port: file.vxlan.port,

@@ -224,21 +224,7 @@ impl XskPort {
         let (mut fill, mut comp): (Box<sys::xsk_ring_prod>, Box<sys::xsk_ring_cons>) =
             (Box::new(unsafe { core::mem::zeroed() }), Box::new(unsafe { core::mem::zeroed() }));
         let maps = map_rings(fd.as_raw_fd(), ifname, sizes, &mut rx, &mut tx, &mut fill, &mut comp)?;
-        let raw_fd = fd.as_raw_fd();
-        Ok(XskPort {
-            ifname: ifname.to_string(),
-            ifindex,
-            queue: 0,
-            raw: core::ptr::null_mut(),
-            _own: Some(OwnSocket { _maps: maps, _fd: fd }),
-            fd: raw_fd,
-            rx,
-            tx,
-            fill,
-            comp,
-            in_tx,
-            sg,
-        })
+        Ok(Self::own(ifname, ifindex, fd, maps, (rx, tx, fill, comp), in_tx, sg))
     }
 
     /// A new socket on an adopted UMEM (`Umem::adopt`), shared through `umem.share`: ring
@@ -317,8 +303,27 @@ impl XskPort {
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
+        Ok(Self::own(ifname, ifindex, fd, maps, (rx, tx, fill, comp), 0, umem.sg))
+    }
+
+    /// A port on a socket made or adopted without libxdp (`adopt`, `bind_shared`).
+    #[allow(clippy::type_complexity)]
+    fn own(
+        ifname: &str,
+        ifindex: u32,
+        fd: OwnedFd,
+        maps: RingMaps,
+        (rx, tx, fill, comp): (
+            Box<sys::xsk_ring_cons>,
+            Box<sys::xsk_ring_prod>,
+            Box<sys::xsk_ring_prod>,
+            Box<sys::xsk_ring_cons>,
+        ),
+        in_tx: u32,
+        sg: bool,
+    ) -> XskPort {
         let raw_fd = fd.as_raw_fd();
-        Ok(XskPort {
+        XskPort {
             ifname: ifname.to_string(),
             ifindex,
             queue: 0,
@@ -329,9 +334,9 @@ impl XskPort {
             tx,
             fill,
             comp,
-            in_tx: 0,
-            sg: umem.sg,
-        })
+            in_tx,
+            sg,
+        }
     }
 
     /// The sizes of this socket's rings (for a successor, with `dup_fd`).

@@ -53,6 +53,8 @@ pub struct WorkerConfig {
     pub attach: AttachMode,
     /// Connections tracked at most.
     pub flows: usize,
+    /// ClientIP-affinity clients remembered at most (`None`: as `WorkerState::with_flows_and_timeouts`).
+    pub affinity: Option<usize>,
     /// SNAT source ports and how long a tuple is held after its flow ends.
     pub snat_ports: core::ops::RangeInclusive<u16>,
     pub snat_hold_ns: u64,
@@ -84,6 +86,7 @@ impl Default for WorkerConfig {
             fill,
             attach: AttachMode::Native,
             flows: dataplane::pipeline::DEFAULT_FLOWS,
+            affinity: None,
             snat_ports: dataplane::nat::snat::DEFAULT_PORTS,
             snat_hold_ns: dataplane::nat::snat::DEFAULT_HOLD_NS,
             vxlan_port: dataplane::wire::vxlan::FLANNEL_PORT,
@@ -220,7 +223,10 @@ impl Worker {
     pub fn with_umem(id: u16, cfg: WorkerConfig, umem: Umem) -> Worker {
         let pool: Vec<u64> = umem.chunk_addrs().collect();
         let owner = vec![NO_OWNER; cfg.frames as usize];
-        let mut state = WorkerState::with_flows_and_timeouts(id, cfg.flows, cfg.timeouts);
+        let mut state = match cfg.affinity {
+            Some(clients) => WorkerState::with_capacities(id, cfg.flows, clients, cfg.timeouts),
+            None => WorkerState::with_flows_and_timeouts(id, cfg.flows, cfg.timeouts),
+        };
         state.snat =
             dataplane::nat::snat::SnatAllocator::new(cfg.snat_ports.clone(), cfg.snat_hold_ns, u64::from(id) ^ 0x5eed);
         state.snat.exclude(cfg.vxlan_port);

@@ -20,12 +20,39 @@ const EMPTY: u64 = u64::MAX;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeyHash(u32);
 
+/// The secret a table's hashes are keyed with (`ConnTrack::hash`), random per table: the
+/// tuples are the sender's to choose, and with a hash anyone can compute, spoofed packets
+/// can be made to share one probe run of the index (linear probing), turning every lookup
+/// into a scan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashKey(u64, u64);
+
+impl HashKey {
+    /// A fresh random key (the process's random source, through ahash).
+    pub fn random() -> HashKey {
+        let s = ahash::RandomState::new();
+        HashKey(s.hash_one(0x5eed_u64), s.hash_one(0x5eed_u64 + 1))
+    }
+
+    /// A fixed key, for tests that compare runs.
+    pub const FIXED: HashKey = HashKey(0, 0);
+}
+
 impl KeyHash {
+    /// `keyed` with `HashKey::FIXED`.
     #[inline]
     pub fn of(k: &FlowKey) -> KeyHash {
+        Self::keyed(k, HashKey::FIXED)
+    }
+
+    /// The key's hash under `key`. Each half of the tuple is offset by a secret and
+    /// multiplied before they are combined (multiplication does not distribute over XOR, so
+    /// the secrets do not cancel out of a collision), then mixed (murmur3's finalizer).
+    #[inline]
+    pub fn keyed(k: &FlowKey, key: HashKey) -> KeyHash {
         let a = (u64::from(u32::from(k.src)) << 32) | u64::from(u32::from(k.dst));
         let b = (u64::from(k.sport) << 24) | (u64::from(k.dport) << 8) | u64::from(k.proto);
-        let mut h = a ^ b.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let mut h = (a ^ key.0).wrapping_mul(0xbf58_476d_1ce4_e5b9) ^ (b ^ key.1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         h ^= h >> 33;
         h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
         h ^= h >> 33;
@@ -163,6 +190,29 @@ impl Index {
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    /// Tuples a sender picks to share one bucket under a hash it can compute (found here by
+    /// brute force, as an attacker would offline) scatter under a table's secret key.
+    #[test]
+    fn tuples_crafted_to_collide_under_a_known_key_scatter_under_a_secret_one() {
+        const MASK: u32 = 0xfff;
+        let spoofed = |i: u32| FlowKey {
+            proto: 6,
+            src: (0x0b00_0000 + (i >> 16)).into(),
+            dst: [192, 168, 1, 10].into(),
+            sport: i as u16,
+            dport: 30080,
+        };
+        let bucket = |k: &FlowKey, key: HashKey| KeyHash::keyed(k, key).0 & MASK;
+        let target = bucket(&spoofed(0), HashKey::FIXED);
+        let crafted: Vec<FlowKey> =
+            (0..).map(spoofed).filter(|k| bucket(k, HashKey::FIXED) == target).take(64).collect();
+        let secret = HashKey::random();
+        assert_ne!(secret, HashKey::FIXED);
+        let buckets: std::collections::HashSet<u32> = crafted.iter().map(|k| bucket(k, secret)).collect();
+        assert!(buckets.len() > 48, "64 crafted tuples fell in {} of 4096 buckets under a secret key", buckets.len());
+        assert_eq!(KeyHash::keyed(&crafted[0], secret), KeyHash::keyed(&crafted[0], secret), "stable per key");
+    }
 
     fn key(i: u32) -> FlowKey {
         FlowKey {

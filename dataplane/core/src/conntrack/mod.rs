@@ -206,6 +206,11 @@ pub struct ConnTrack {
     timeouts: Timeouts,
     sweep_at: usize,
     expired: Vec<Flow>,
+    /// What the index's hashes are keyed with (random per table).
+    hash_key: index::HashKey,
+    /// An empty buffer with room, swapped in for `expired` by `take_expired`
+    /// (`recycle_expired` gives it back): no allocation per batch with expiries.
+    expired_spare: Vec<Flow>,
     /// Slots whose persistent fields changed since the last `drain_journal` (when enabled).
     journal: Option<journal::Journal>,
     /// Unassured flows, for early drop when the table is full (`early_drop.rs`).
@@ -227,6 +232,8 @@ impl ConnTrack {
             timeouts,
             sweep_at: 0,
             expired: Vec::new(),
+            hash_key: index::HashKey::random(),
+            expired_spare: Vec::new(),
             journal: None,
             early: early_drop::EarlyDrop::new(capacity),
         }
@@ -294,7 +301,7 @@ impl ConnTrack {
     /// when a key is already tracked or the table is full.
     pub fn restore(&mut self, mut f: Flow, now: u64) -> Result<FlowId, CtError> {
         f.expires_at = now.saturating_add(self.timeouts.of(f.state));
-        let (ho, hr) = (KeyHash::of(&f.orig), KeyHash::of(&f.reply));
+        let (ho, hr) = (self.hash(&f.orig), self.hash(&f.reply));
         if f.orig == f.reply || self.find(&f.orig, ho).is_some() || self.find(&f.reply, hr).is_some() {
             return Err(CtError::Exists);
         }
@@ -362,7 +369,7 @@ impl ConnTrack {
     /// Starts tracking a flow whose first packet had key `orig` and whose replies will carry
     /// `reply`.
     pub fn insert(&mut self, orig: FlowKey, reply: FlowKey, now: u64, tag: u64) -> Result<FlowId, CtError> {
-        let (ho, hr) = (KeyHash::of(&orig), KeyHash::of(&reply));
+        let (ho, hr) = (self.hash(&orig), self.hash(&reply));
         if orig == reply || self.find(&orig, ho).is_some() || self.find(&reply, hr).is_some() {
             return Err(CtError::Exists);
         }
@@ -402,7 +409,7 @@ impl ConnTrack {
     /// The live flow a packet with `key` belongs to, and its direction. An expired flow is
     /// removed here (and queued for `take_expired`) and `None` returned.
     pub fn lookup(&mut self, key: &FlowKey, now: u64) -> Option<(FlowId, Dir)> {
-        self.lookup_hashed(key, KeyHash::of(key), now)
+        self.lookup_hashed(key, self.hash(key), now)
     }
 
     /// `lookup` with the key's hash already computed (by the batch's prefetch pass).
@@ -464,7 +471,7 @@ impl ConnTrack {
     /// CLOSE), as a new connection on its tuple supersedes it (netfilter kills such an entry
     /// on a new SYN too). Returns it; `None` if there was none, or it is still open.
     pub fn evict_closed(&mut self, key: &FlowKey) -> Option<Flow> {
-        let (slot, _) = self.find(key, KeyHash::of(key))?;
+        let (slot, _) = self.find(key, self.hash(key))?;
         let closed = self
             .slots
             .get(slot as usize)?
@@ -485,8 +492,9 @@ impl ConnTrack {
 
     fn remove_slot(&mut self, slot: u32, to_expired: bool) -> Option<Flow> {
         let f = self.slots.get_mut(slot as usize)?.0.take()?;
-        self.index.remove(KeyHash::of(&f.orig), slot, Dir::Orig);
-        self.index.remove(KeyHash::of(&f.reply), slot, Dir::Reply);
+        let (ho, hr) = (self.hash(&f.orig), self.hash(&f.reply));
+        self.index.remove(ho, slot, Dir::Orig);
+        self.index.remove(hr, slot, Dir::Reply);
         self.free.push(slot);
         self.changed(slot);
         if to_expired {
@@ -516,7 +524,22 @@ impl ConnTrack {
 
     /// Flows removed because they expired since the last call (each exactly once).
     pub fn take_expired(&mut self) -> Vec<Flow> {
-        core::mem::take(&mut self.expired)
+        core::mem::replace(&mut self.expired, core::mem::take(&mut self.expired_spare))
+    }
+
+    /// Gives back a buffer `take_expired` returned, emptied, for the next one.
+    pub fn recycle_expired(&mut self, mut v: Vec<Flow>) {
+        v.clear();
+        if v.capacity() > self.expired_spare.capacity() {
+            self.expired_spare = v;
+        }
+    }
+
+    /// `key`'s hash in this table (keyed: `index::HashKey`), for `lookup_hashed` and the
+    /// prefetch stages.
+    #[inline]
+    pub fn hash(&self, key: &FlowKey) -> KeyHash {
+        KeyHash::keyed(key, self.hash_key)
     }
 
     /// Every live flow (for `vxnat ctl flows`).

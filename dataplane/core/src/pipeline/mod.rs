@@ -284,7 +284,7 @@ pub fn process_batch(
         let mut k = 0;
         for (f, hint) in frames[..n.min(HINTS)].iter().zip(hints.iter_mut()) {
             if let Some(key) = peek_flow_key(f.data(), uplink) {
-                let h = KeyHash::of(&key);
+                let h = state.flows.hash(&key);
                 *hint = Some((key, h));
                 hashes[k] = h;
                 k += 1;
@@ -363,7 +363,8 @@ fn peek_flow_key(d: &[u8], uplink: bool) -> Option<FlowKey> {
 /// Flows that expired (found by the sweep or on lookup) give back their SNAT ports, held from
 /// the moment each flow expired (not when it was noticed).
 fn release_expired(ctx: &mut ctx::Ctx<'_>) {
-    for f in ctx.flows.take_expired() {
+    let mut gone = ctx.flows.take_expired();
+    for f in gone.drain(..) {
         let ended = f.expires_at;
         if f.state == crate::conntrack::FlowState::Tcp(crate::conntrack::TcpState::SynSent) {
             ctx.backends
@@ -372,6 +373,7 @@ fn release_expired(ctx: &mut ctx::Ctx<'_>) {
         }
         service_nat::release_snat(ctx, &f, ended);
     }
+    ctx.flows.recycle_expired(gone);
 }
 
 /// Housekeeping between batches (the worker calls it every pass, busy or idle): expires up to

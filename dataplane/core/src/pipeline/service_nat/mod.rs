@@ -24,7 +24,7 @@ mod new_flow;
 
 use super::ctx::{Ctx, Ipv4Meta, Origin};
 use super::{Disposition, DropReason, FrameBuf};
-use crate::conntrack::{Dir, Flow, FlowId, FlowKey, FlowState, KeyHash, TcpEvent, TcpState};
+use crate::conntrack::{Dir, Flow, FlowId, FlowKey, FlowState, TcpEvent, TcpState};
 use crate::nat::seqadj::{self, SeqAdj};
 use crate::nat::snat::{Destination, End, Mark};
 use crate::wire::checksum;
@@ -74,7 +74,7 @@ pub(crate) fn apply(
     let flags = if m.protocol() == IpProtocol::Tcp { tcp_flags(frame, m) } else { TcpFlags(0) };
     let hash = match ctx.hint {
         Some((k, h)) if k == key => h,
-        _ => KeyHash::of(&key),
+        _ => ctx.flows.hash(&key),
     };
     if let Some((id, dir)) = ctx.flows.lookup_hashed(&key, hash, ctx.now) {
         match ctx.flows.update(id, dir, flags, m.total_len, ctx.now) {
