@@ -126,6 +126,9 @@ pub struct StatsReply {
     pub names: Vec<PortName>,
     pub worker: crate::stats::WorkerStats,
     pub arp_conflicts: Vec<ArpConflict>,
+    /// ARP claims not checked for conflicts for want of room (`arpwatch`: made-up senders).
+    #[serde(default)]
+    pub arp_untracked: u64,
     /// The cluster source and how often it died.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<crate::source::SourceReport>,
@@ -332,6 +335,7 @@ fn handle(node: &Mutex<Node>, req: Request) -> Result<Value, String> {
                 names,
                 worker,
                 arp_conflicts: arp_conflicts(&n),
+                arp_untracked: n.arp.as_ref().map_or(0, |a| a.claims.untracked),
                 source: n.source.as_ref().map(|s| s.report()),
                 skipped: n.cluster.skips.report(),
                 pods_vanished: n.vanished,
@@ -550,6 +554,12 @@ pub fn render_stats(v: &StatsReply) -> String {
                 b.syn_answered
             ));
         }
+    }
+    if v.arp_untracked > 0 {
+        out.push_str(&format!(
+            "ARP: {} claims not checked for conflicts (too many addresses claimed at once)\n",
+            v.arp_untracked
+        ));
     }
     for c in &v.arp_conflicts {
         out.push_str(&format!(
