@@ -344,9 +344,15 @@ fn cluster_ip_services_reach_endpoints_on_both_nodes() {
     assert_eq!(ok.len(), 40, "every connection to the ClusterIP served: {got:?}");
     assert!(ok.iter().any(|s| *s == "a2") && ok.iter().any(|s| *s == "b1"), "both endpoints used: {ok:?} ");
     assert!(from_node.iter().all(|r| r.is_ok()), "the node reaches the ClusterIP through the host port: {from_node:?}");
-    let sticky: std::collections::BTreeSet<&str> = sticky.iter().map(|r| r.as_deref().unwrap_or("failed")).collect();
-    assert_eq!(sticky.len(), 1, "ClientIP affinity: every connection of the client on one endpoint: {sticky:?}");
-    assert!(!sticky.contains("failed"), "{sticky:?}");
+    let outcomes = sticky;
+    let sticky: std::collections::BTreeSet<&str> = outcomes.iter().map(|r| r.as_deref().unwrap_or("failed")).collect();
+    assert_eq!(
+        sticky.len(),
+        1,
+        "ClientIP affinity: every connection of the client on one endpoint: {outcomes:?}\nnode A: {}",
+        c.nodes[0].ctl(&["stats"]).unwrap_or_default()
+    );
+    assert!(!sticky.contains("failed"), "{outcomes:?}");
     assert_eq!(
         refused[0].as_ref().err().map(String::as_str),
         Some("connection refused"),
