@@ -242,7 +242,7 @@ impl XskPort {
         mut fill: Box<sys::xsk_ring_prod>,
         mut comp: Box<sys::xsk_ring_cons>,
     ) -> Result<XskPort, XskError> {
-        let Some(share) = umem.share.as_ref().map(AsRawFd::as_raw_fd) else {
+        let Some(share) = umem.share else {
             return Err(XskError {
                 what: format!("binding {ifname}: the adopted UMEM has no socket to share it through"),
                 source: std::io::Error::from(std::io::ErrorKind::NotFound),

@@ -8,7 +8,7 @@
 use crate::{last_err, os_err, XskError};
 use core::ptr::NonNull;
 use libxdp_sys as sys;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 /// Chunk size (aligned mode: descriptors may point anywhere inside their chunk).
 pub const FRAME_SIZE: u32 = 4096;
@@ -29,10 +29,10 @@ pub struct Umem {
     pub(crate) raw: *mut sys::xsk_umem,
     /// Rings created with the UMEM, moved into the first port.
     pub(crate) first_rings: Option<(Box<sys::xsk_ring_prod>, Box<sys::xsk_ring_cons>)>,
-    /// For an adopted UMEM, a bound socket on it that new sockets share it through
-    /// (`XDP_SHARED_UMEM`): a second descriptor of the uplink's (whatever becomes of the
-    /// uplink port, it stays valid while the UMEM lives).
-    pub(crate) share: Option<OwnedFd>,
+    /// For an adopted UMEM, a bound socket on it that a new socket shares it through
+    /// (`XDP_SHARED_UMEM`): the uplink's, set by the worker before each bind (so it is never
+    /// a descriptor closed since, and no extra one is kept open).
+    pub(crate) share: Option<RawFd>,
     /// Entries of the fill and completion rings of sockets bound to it.
     pub(crate) ring_size: u32,
     /// Whether its first socket was bound multi-buffer (sockets sharing it are too).

@@ -333,6 +333,8 @@ impl Worker {
                 self.cfg.frames, limits.min, self.min_sum
             ));
         }
+        // On an adopted UMEM a new socket shares it through the uplink's (`XskPort::bind_shared`).
+        self.umem.share = self.ports.iter().flatten().find(|p| p.prog.mode() == Mode::Uplink).map(|p| p.xsk.fd());
         let mut xsk = XskPort::bind(&mut self.umem, ifname, PortConfig { ring_size, copy_mode: true })
             .map_err(|e| e.to_string())?;
         let mut fill =
@@ -540,9 +542,6 @@ impl Worker {
     ) -> Result<(), String> {
         let id = PortId(m.id);
         let xsk = XskPort::adopt(fd, &m.ifname, m.ifindex, m.sizes, m.sg, m.in_tx).map_err(|e| e.to_string())?;
-        if m.mode == Mode::Uplink {
-            self.umem.share = Some(xsk.dup_fd().map_err(|e| e.to_string())?);
-        }
         let (limits, _) = self.port_limits(m.node);
         let mut fill =
             if m.node { PortFill::new_busy(limits, self.last_now) } else { PortFill::new(limits, self.last_now) };
@@ -745,7 +744,13 @@ impl Worker {
             if let Some(Some(p)) = self.ports.get_mut(usize::from(id.0)) {
                 let mode = p.prog.mode();
                 p.prog = match r {
-                    Ok(prog) => PortProgram::Own(prog),
+                    Ok(prog) => {
+                        if mode == Mode::Uplink {
+                            // Its own map now: the second handle on it is not needed.
+                            self.adopted_frontends = None;
+                        }
+                        PortProgram::Own(prog)
+                    }
                     Err(e) => {
                         self.io.programs_not_replaced += 1;
                         PortProgram::Predecessors(mode, e)
