@@ -1,8 +1,9 @@
 //! vxnat's I/O crate: AF_XDP plumbing around the sans-IO core (`dataplane`). The XDP program
 //! loader (`bpf`, the program itself built from `bpf/` by build.rs), the UMEM and its frame
-//! accounting (`umem`), the fill-ring budget (`fill`), sockets and their rings (`port`), and
-//! the poll-mode worker that feeds the pipeline (`worker`). It owns the project's `unsafe`
-//! (beyond the core's tiny `cpu` module); every block states why it is sound.
+//! accounting (`umem`), the fill-ring budget (`fill`), sockets and their rings (`port`), the
+//! poll-mode worker that feeds the pipeline (`worker`), and what outlives a process: its flows
+//! (`flowfile`) and, handed to a successor, its UMEM and sockets (`handoff`). It owns the
+//! project's `unsafe` (beyond the core's tiny `cpu` module); every block states why it is sound.
 //!
 //! Built directly on libxdp-sys (the library xsk-rs wraps) rather than xsk-rs: xsk-rs keeps a
 //! descriptor's address private, so a frame could not be transmitted from 50 bytes before
