@@ -5,69 +5,32 @@
 //! replace A's, and every chunk is accounted for. And a handoff the successor cannot use (its
 //! uplink is another interface now) is refused whole: B binds afresh and forwards.
 
-use dataplane::tables::{NodeConfig, PortId, Tables, TablesBuilder};
-use dataplane::wire::MacAddr;
-use std::net::Ipv4Addr;
+use dataplane::tables::{PortId, Tables};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vxnat_tests::netns::{require_root, tcp_transfer, Netns};
+use vxnat_tests::netns::{require_root, tcp_transfer};
+use vxnat_tests::pods::{TwoPods, P1, P2, POD2};
 use xsk::bpf::{AttachMode, Mode};
 use xsk::handoff::{recv_with_fds, send_with_fds, Handoff};
 use xsk::worker::{Worker, WorkerConfig};
 
-const POD1: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
-const POD2: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 3);
 const UPLINK: PortId = PortId(0);
-const P1: PortId = PortId(2);
-const P2: PortId = PortId(3);
 const NODE_IP: [u8; 4] = [192, 168, 99, 1];
 
-struct Setup {
-    node: Netns,
-    pod1: Netns,
-    pod2: Netns,
+/// Two pods, and an uplink that goes nowhere: a handoff needs one (new sockets share the UMEM
+/// through it).
+fn setup() -> TwoPods {
+    let s = TwoPods::new("h");
+    s.node.ip(&["link", "add", "ul", "type", "veth", "peer", "name", "ulpeer"]);
+    s.node.ip(&["link", "set", "ul", "up"]);
+    s.node.ip(&["link", "set", "ulpeer", "up"]);
+    s
 }
 
-fn setup() -> Setup {
-    let node = Netns::new("hnode");
-    let pod1 = Netns::new("hpod1");
-    let pod2 = Netns::new("hpod2");
-    for (pod, host_if, ip) in [(&pod1, "vxp1", "10.244.0.2/32"), (&pod2, "vxp2", "10.244.0.3/32")] {
-        node.ip(&["link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", &pod.name]);
-        node.ip(&["link", "set", host_if, "up"]);
-        pod.ip(&["addr", "add", ip, "dev", "eth0"]);
-        pod.ip(&["link", "set", "eth0", "up"]);
-        pod.ip(&["route", "add", "10.244.0.1", "dev", "eth0", "scope", "link"]);
-        pod.ip(&["route", "add", "default", "via", "10.244.0.1", "dev", "eth0"]);
-    }
-    // An uplink that goes nowhere: the handoff needs one (new sockets share the UMEM through it).
-    node.ip(&["link", "add", "ul", "type", "veth", "peer", "name", "ulpeer"]);
-    node.ip(&["link", "set", "ul", "up"]);
-    node.ip(&["link", "set", "ulpeer", "up"]);
-    Setup { node, pod1, pod2 }
-}
-
-fn tables(s: &Setup) -> Tables {
-    let node = NodeConfig {
-        node_ip: Ipv4Addr::from(NODE_IP),
-        uplink_mac: s.node.mac("ul"),
-        vtep_mac: MacAddr([0x0e, 0, 0, 0, 0x99, 1]),
-        pod_cidr: "10.244.0.0/24".parse().expect("cidr"),
-        cluster_cidr: "10.244.0.0/16".parse().expect("cidr"),
-        vni: 1,
-        vxlan_port: 8472,
-        underlay_mtu: 1500,
-        outer_udp_checksum: false,
-        segmentation: true,
-    };
-    TablesBuilder::new(node)
-        .uplink(UPLINK)
-        .and_then(|b| b.pod(P1, s.node.mac("vxp1"), POD1, s.pod1.mac("eth0")))
-        .and_then(|b| b.pod(P2, s.node.mac("vxp2"), POD2, s.pod2.mac("eth0")))
-        .and_then(|b| b.build())
-        .expect("valid tables")
+fn tables(s: &TwoPods) -> Tables {
+    s.tables(s.node.mac("ul"))
 }
 
 fn config() -> WorkerConfig {
@@ -91,7 +54,7 @@ fn poll_until(w: &mut Worker, tables: &Tables, stop: &AtomicBool, start: Instant
 /// Worker A on a thread in the node namespace: binds everything, polls until `stop`, then
 /// hands over and sends the descriptors on `to`, as a process would on its ctl socket.
 fn predecessor(
-    s: &Setup,
+    s: &TwoPods,
     tables: Arc<Tables>,
     stop: Arc<AtomicBool>,
     to: UnixStream,

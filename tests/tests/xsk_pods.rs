@@ -5,63 +5,24 @@
 //! chunk is accounted for.
 
 use dataplane::pipeline::DropReason;
-use dataplane::tables::{NodeConfig, PortId, Tables, TablesBuilder};
+use dataplane::tables::{PortId, Tables};
 use dataplane::wire::MacAddr;
-use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use vxnat_tests::netns::{require_root, tcp_transfer, udp_datagrams, Netns};
+use vxnat_tests::netns::{require_root, tcp_transfer, udp_datagrams};
+use vxnat_tests::pods::{TwoPods, P1, P2, POD1, POD2};
 use vxnat_tests::worker::run_worker;
 use xsk::bpf::{AttachMode, Mode};
 use xsk::worker::{Worker, WorkerConfig};
 
-const POD1: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
-const POD2: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 3);
-const P1: PortId = PortId(2);
-const P2: PortId = PortId(3);
-
-struct Setup {
-    node: Netns,
-    pod1: Netns,
-    pod2: Netns,
-}
+type Setup = TwoPods;
 
 fn setup() -> Setup {
-    let node = Netns::new("node");
-    let pod1 = Netns::new("pod1");
-    let pod2 = Netns::new("pod2");
-    // Pods are routed /32 endpoints: every destination, same node or not, goes to the
-    // gateway, the only address vxnat answers ARP for on a pod port.
-    for (pod, host_if, ip) in [(&pod1, "vxp1", "10.244.0.2/32"), (&pod2, "vxp2", "10.244.0.3/32")] {
-        node.ip(&["link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", &pod.name]);
-        node.ip(&["link", "set", host_if, "up"]);
-        pod.ip(&["addr", "add", ip, "dev", "eth0"]);
-        pod.ip(&["link", "set", "eth0", "up"]);
-        pod.ip(&["route", "add", "10.244.0.1", "dev", "eth0", "scope", "link"]);
-        pod.ip(&["route", "add", "default", "via", "10.244.0.1", "dev", "eth0"]);
-    }
-    Setup { node, pod1, pod2 }
+    TwoPods::new("")
 }
 
 fn tables(s: &Setup) -> Tables {
-    let node = NodeConfig {
-        node_ip: Ipv4Addr::new(192, 168, 99, 1),
-        uplink_mac: MacAddr([2, 0, 0, 0, 0x99, 1]),
-        vtep_mac: MacAddr([0x0e, 0, 0, 0, 0x99, 1]),
-        pod_cidr: "10.244.0.0/24".parse().expect("cidr"),
-        cluster_cidr: "10.244.0.0/16".parse().expect("cidr"),
-        vni: 1,
-        vxlan_port: 8472,
-        underlay_mtu: 1500,
-        outer_udp_checksum: false,
-        segmentation: true,
-    };
-    TablesBuilder::new(node)
-        .uplink(PortId(0))
-        .and_then(|b| b.pod(P1, s.node.mac("vxp1"), POD1, s.pod1.mac("eth0")))
-        .and_then(|b| b.pod(P2, s.node.mac("vxp2"), POD2, s.pod2.mac("eth0")))
-        .and_then(|b| b.build())
-        .expect("valid tables")
+    s.tables(MacAddr([2, 0, 0, 0, 0x99, 1]))
 }
 
 struct Report {
