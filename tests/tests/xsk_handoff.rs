@@ -78,6 +78,17 @@ fn receive(from: &UnixStream, count: usize) -> Handoff {
     Handoff::from_fds(fds).expect("a readable handoff")
 }
 
+/// Two pods, their tables, worker A running, and the end of the socket pair it hands over on.
+#[allow(clippy::type_complexity)]
+fn start() -> (TwoPods, Arc<Tables>, UnixStream, Arc<AtomicBool>, std::thread::JoinHandle<usize>) {
+    let s = setup();
+    let t = Arc::new(tables(&s));
+    let (x, y) = UnixStream::pair().expect("socket pair");
+    let stop_a = Arc::new(AtomicBool::new(false));
+    let a = predecessor(&s, t.clone(), stop_a.clone(), x);
+    (s, t, y, stop_a, a)
+}
+
 const WANT: [(PortId, &str, Mode); 3] =
     [(UPLINK, "ul", Mode::Uplink), (P1, "vxp1", Mode::All), (P2, "vxp2", Mode::All)];
 
@@ -86,11 +97,7 @@ fn a_successor_takes_the_sockets_over_mid_stream() {
     if !require_root("a_successor_takes_the_sockets_over_mid_stream") {
         return;
     }
-    let s = setup();
-    let t = Arc::new(tables(&s));
-    let (x, y) = UnixStream::pair().expect("socket pair");
-    let stop_a = Arc::new(AtomicBool::new(false));
-    let a = predecessor(&s, t.clone(), stop_a.clone(), x);
+    let (s, t, y, stop_a, a) = start();
     std::thread::scope(|sc| {
         let stream = sc.spawn(|| tcp_transfer(&s.pod1, &s.pod2, POD2, 5201, 128 << 20));
         std::thread::sleep(Duration::from_millis(400));
@@ -133,11 +140,7 @@ fn a_handoff_the_successor_cannot_use_is_refused_whole_and_it_binds_afresh() {
     if !require_root("a_handoff_the_successor_cannot_use_is_refused_whole_and_it_binds_afresh") {
         return;
     }
-    let s = setup();
-    let t = Arc::new(tables(&s));
-    let (x, y) = UnixStream::pair().expect("socket pair");
-    let stop_a = Arc::new(AtomicBool::new(false));
-    let a = predecessor(&s, t.clone(), stop_a.clone(), x);
+    let (s, t, y, stop_a, a) = start();
     stop_a.store(true, Ordering::Relaxed);
     assert_eq!(a.join().expect("worker A"), 5);
     let stop_b = Arc::new(AtomicBool::new(false));

@@ -285,6 +285,20 @@ impl Worker {
         Ok(())
     }
 
+    /// Port `id`'s program for `mode`: the one `preload` loaded, else loaded now.
+    fn take_preloaded(
+        &mut self,
+        id: PortId,
+        mode: Mode,
+        node_ip: [u8; 4],
+        vxlan_port: u16,
+    ) -> Result<crate::bpf::LoadedProgram, String> {
+        match self.preloaded.iter().position(|(p, l)| *p == id && l.mode() == mode) {
+            Some(i) => Ok(self.preloaded.swap_remove(i).1),
+            None => XdpProgram::load(mode, node_ip, vxlan_port),
+        }
+    }
+
     /// `add_port` for the uplink, with the Service frontends its program redirects in place
     /// before it is attached (`XdpProgram::attach`).
     pub fn add_uplink(
@@ -343,10 +357,7 @@ impl Worker {
         // socket whose fill ring is still empty would be dropped by the kernel.
         let deficit = self.total_deficit() + fill.deficit();
         stock(&mut xsk, &mut fill, &mut self.pool, &mut self.owner, id.0, deficit, self.cfg.fill.reserve, &mut self.io);
-        let loaded = match self.preloaded.iter().position(|(p, l)| *p == id && l.mode() == mode) {
-            Some(i) => Ok(self.preloaded.swap_remove(i).1),
-            None => XdpProgram::load(mode, node_ip, vxlan_port),
-        };
+        let loaded = self.take_preloaded(id, mode, node_ip, vxlan_port);
         let prog =
             loaded.and_then(|l| XdpProgram::attach(l, xsk.ifindex, self.cfg.attach, (xsk.queue, xsk.fd()), frontends));
         let prog = match prog {
@@ -487,41 +498,34 @@ impl Worker {
         }
         let umem = Umem::adopt(umem, meta.frames, meta.ring_size, meta.sg).map_err(|e| e.to_string())?;
         let fresh = core::mem::replace(&mut self.umem, umem);
+        let mut sockets: Vec<Option<std::os::fd::OwnedFd>> = sockets.into_iter().map(Some).collect();
+        // The uplink first: new sockets share the UMEM through it, so without it nothing is
+        // taken. Installing it touches no chunk, so its failure undoes only the UMEM.
+        let uplink = &meta.ports[up];
+        let wanted = |m: &crate::handoff::PortMeta| {
+            want.iter().any(|&(p, ifname, mode)| p == PortId(m.id) && ifname == m.ifname && mode == m.mode)
+        };
+        let taken = match sockets[up].take() {
+            Some(fd) if wanted(uplink) => self.adopt_port(uplink, fd, node_ip, vxlan_port, frontends),
+            _ => Err(String::new()),
+        };
+        if taken.is_err() {
+            drop(core::mem::replace(&mut self.umem, fresh));
+            return Err(format!("the uplink socket on {} could not be taken over", uplink.ifname));
+        }
+        let mut adopted = vec![PortId(uplink.id)];
         self.cfg.frames = meta.frames;
         self.pool = (0..meta.frames)
             .filter(|&k| meta.owner[k as usize] == FREE)
             .map(|k| u64::from(k) * u64::from(FRAME_SIZE))
             .collect();
         self.owner = meta.owner.iter().map(|&o| if o == FREE { NO_OWNER } else { o }).collect();
-        // The uplink first: new sockets share the UMEM through it.
-        let mut order: Vec<usize> = (0..meta.ports.len()).collect();
-        order.swap(0, up);
-        let mut sockets: Vec<Option<std::os::fd::OwnedFd>> = sockets.into_iter().map(Some).collect();
-        let mut adopted = Vec::new();
-        for k in order {
-            let m = &meta.ports[k];
-            let Some(fd) = sockets[k].take() else { continue };
-            let id = PortId(m.id);
-            let wanted = want.iter().any(|&(p, ifname, mode)| p == id && ifname == m.ifname && mode == m.mode);
+        for (m, fd) in meta.ports.iter().zip(sockets) {
+            let Some(fd) = fd else { continue };
             let taken =
-                if wanted { self.adopt_port(m, fd, node_ip, vxlan_port, frontends) } else { Err(String::new()) };
+                if wanted(m) { self.adopt_port(m, fd, node_ip, vxlan_port, frontends) } else { Err(String::new()) };
             match taken {
-                Ok(()) => adopted.push(id),
-                Err(_) if k == up => {
-                    // Nothing can share the UMEM without its first socket: give it all back.
-                    let umem = core::mem::replace(&mut self.umem, fresh);
-                    for p in &mut self.ports {
-                        drop(p.take());
-                    }
-                    self.pool = self.umem.chunk_addrs().collect();
-                    self.owner = vec![NO_OWNER; self.umem.frame_count() as usize];
-                    self.cfg.frames = self.umem.frame_count();
-                    self.min_sum = 0;
-                    self.host = None;
-                    self.rebuild_pollfds();
-                    drop(umem);
-                    return Err(format!("the uplink socket on {} could not be taken over", m.ifname));
-                }
+                Ok(()) => adopted.push(PortId(m.id)),
                 // Closed with `fd` (the last reference: the kernel releases it before close
                 // returns), so its chunks are back in our hands.
                 Err(_) => self.reclaim_owned(m.id, m.in_fill + m.in_tx),
@@ -546,11 +550,7 @@ impl Worker {
         let mut fill =
             if m.node { PortFill::new_busy(limits, self.last_now) } else { PortFill::new(limits, self.last_now) };
         fill.in_fill = m.in_fill;
-        let loaded = match self.preloaded.iter().position(|(p, l)| *p == id && l.mode() == m.mode) {
-            Some(i) => Ok(self.preloaded.swap_remove(i).1),
-            None => XdpProgram::load(m.mode, node_ip, vxlan_port),
-        };
-        let loaded = loaded?;
+        let loaded = self.take_preloaded(id, m.mode, node_ip, vxlan_port)?;
         if m.mode == Mode::Uplink {
             // The control thread keeps this map current from now on; the predecessor's
             // program redirects by its own map (as the predecessor left it) until replaced.
