@@ -265,12 +265,13 @@ fn a_spoofed_syn_flood_at_an_affinity_node_port_leaves_the_legitimate_client_ser
         legit.iter().chain(&warm).filter_map(|r| r.as_deref().ok()).collect();
     let w = &st2["worker"];
     let (early, full_aff) = (event(&st2, "conntrack_early_drops"), event(&st2, "affinity_full"));
+    let spared = event(&st2, "early_drop_spared");
     let drops = drops(&st2);
     let dropped = |r: &str| drops.iter().filter(|(n, _)| n == r).map(|(_, k)| *k).sum::<u64>();
     eprintln!(
         "syn_flood: {} SYNs in {:.2} s + {:.2} s; legit {}/{} ({:.2} %) on {:?}; RSS {} -> {} -> {} KiB; \
          series {} -> {} -> {}; uplink rx +{} +{}; flows {}/{} (unassured {}); affinity {}/{}; \
-         conntrack_early_drops {early}, affinity_full {full_aff}; drops {drops:?}; heartbeat age {} s; {:.1} s in all",
+         conntrack_early_drops {early} (spared {spared}), affinity_full {full_aff}; drops {drops:?}; heartbeat age {} s; {:.1} s in all",
         2 * PHASE_SYNS,
         took1.as_secs_f64(),
         took2.as_secs_f64(),

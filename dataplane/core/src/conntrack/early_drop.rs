@@ -15,6 +15,17 @@
 //! - The victim is one of the oldest unassured flows: up to [`LOOK`] of them are looked at (as
 //!   netfilter looks at 8 entries), and the one whose source holds the most unassured flows is
 //!   taken (ties: the oldest). A source flooding the table evicts its own flows first.
+//! - Known clients are spared while young: a source that completed a TCP handshake within
+//!   [`TRUST_NS`] is *known*, and its unassured flows younger than [`SPARE_NS`] are passed over
+//!   (counted: `early_drop_spared`) as long as another candidate is among the [`SCAN`] nodes
+//!   visited. Why: a spoofed flood turns the table over in well under a second, faster than TCP
+//!   retransmits a lost ACK or first request (200 ms, then 400 ms, ...). Without this, a
+//!   legitimate client's handshake whose last ACK was lost to an overloaded ring is evicted,
+//!   its retransmitted request becomes a new flow on another SNAT port, and the endpoint
+//!   answers it with a RST. It is a preference, not a boundary: a flood that completes
+//!   handshakes from its sources (not blind, or with ACKs vxnat does not check against the
+//!   window) makes them known too, and when every candidate is spared the old rule applies. A
+//!   client never seen before gets no such grace.
 //! - Quota: a source that already holds `quota` unassured flows (default: capacity / 128, at
 //!   least 16) may only evict one of its own; if none of its own is among those looked at, its
 //!   new flow is refused (`CtError::Full`, the `conntrack_full` drop).
@@ -42,8 +53,15 @@ use core::net::Ipv4Addr;
 pub(super) const LOOK: usize = 8;
 /// List nodes visited per eviction at most (stale ones are unlinked on the way).
 pub(super) const SCAN: usize = 64;
-/// Bytes per flow of capacity: the list node and (at least two) source-count buckets.
-pub(super) const MEMORY_PER_FLOW: usize = core::mem::size_of::<Node>() + 2 * core::mem::size_of::<u64>();
+/// Bytes per flow of capacity: the list node, (at least two) source-count buckets and a
+/// quarter of a known-client entry.
+pub(super) const MEMORY_PER_FLOW: usize =
+    core::mem::size_of::<Node>() + 2 * core::mem::size_of::<u64>() + core::mem::size_of::<u64>() / 4;
+/// How long a source stays known after it completed a TCP handshake.
+pub(super) const TRUST_NS: u64 = 600 * 1_000_000_000;
+/// How long a known source's unassured flow is spared: TCP's first retransmissions of a lost
+/// ACK or request (200, 400, 800, 1,600 ms after the first) fit in it.
+pub(super) const SPARE_NS: u64 = 3 * 1_000_000_000;
 
 const NIL: u32 = u32::MAX;
 /// `prev` of a node that is on no list.
@@ -162,6 +180,43 @@ impl Sources {
     }
 }
 
+/// Sources that completed a TCP handshake, and when (module docs): direct-mapped, one entry
+/// per four flows of capacity, `source << 32 | seconds + 1` (0: empty), keyed with a per-table
+/// random seed. A collision forgets the older source: best effort, bounded memory.
+#[derive(Debug)]
+struct Known {
+    entries: Vec<u64>,
+    mask: usize,
+    hasher: ahash::RandomState,
+}
+
+impl Known {
+    fn new(capacity: usize) -> Known {
+        let n = (capacity / 4).max(64).next_power_of_two();
+        Known { entries: vec![0; n], mask: n - 1, hasher: ahash::RandomState::new() }
+    }
+
+    fn note(&mut self, src: Ipv4Addr, now: u64) {
+        let s = u32::from(src);
+        let i = self.hasher.hash_one(s) as usize & self.mask;
+        self.entries[i] = (u64::from(s) << 32) | u64::from(secs(now).saturating_add(1));
+    }
+
+    /// Whether `src` completed a handshake within `TRUST_NS` of `now`.
+    fn knows(&self, src: Ipv4Addr, now: u64) -> bool {
+        let s = u32::from(src);
+        let e = self.entries[self.hasher.hash_one(s) as usize & self.mask];
+        e != 0
+            && (e >> 32) as u32 == s
+            && u64::from(secs(now)).saturating_sub(u64::from(e as u32 - 1)) * 1_000_000_000 <= TRUST_NS
+    }
+}
+
+#[inline]
+fn secs(ns: u64) -> u32 {
+    (ns / 1_000_000_000).min(u64::from(u32::MAX - 1)) as u32
+}
+
 /// The early-drop state of a table (module docs).
 #[derive(Debug)]
 pub(super) struct EarlyDrop {
@@ -173,9 +228,12 @@ pub(super) struct EarlyDrop {
     /// The housekeeping hand: the next node `prune_unassured` looks at (NIL: the head).
     hand: u32,
     sources: Sources,
+    known: Known,
     quota: u32,
     /// Flows evicted.
     drops: u64,
+    /// Candidates passed over because a known source's flow was young.
+    spared: u64,
     /// New flows refused because their source was over its quota.
     over_quota: u64,
 }
@@ -189,8 +247,10 @@ impl EarlyDrop {
             linked: 0,
             hand: NIL,
             sources: Sources::new(capacity),
+            known: Known::new(capacity),
             quota: default_quota(capacity),
             drops: 0,
+            spared: 0,
             over_quota: 0,
         }
     }
@@ -212,6 +272,11 @@ impl EarlyDrop {
         self.tail = slot;
         self.linked += 1;
         self.sources.inc(src);
+    }
+
+    /// `src` completed a TCP handshake at `now` (called by `update` on the transition).
+    pub(super) fn handshake_completed(&mut self, src: Ipv4Addr, now: u64) {
+        self.known.note(src, now);
     }
 
     fn unlink(&mut self, slot: u32) {
@@ -261,38 +326,55 @@ impl ConnTrack {
     /// `src`, under the same rules and cost as when the table is full (module docs). The flow
     /// is queued for `take_expired`. Returns whether one was evicted.
     pub fn early_drop_where(&mut self, src: Ipv4Addr, now: u64, eligible: impl Fn(&super::Flow) -> bool) -> bool {
-        // (slot, source, the source's count), oldest first.
+        // (slot, source, the source's count), oldest first: candidates, and the young flows
+        // of known sources passed over (module docs).
         let mut cand = [(NIL, Ipv4Addr::UNSPECIFIED, 0u32); LOOK];
-        let (mut n, mut visited, mut at) = (0, 0, self.early.head);
+        let mut spare = [(NIL, Ipv4Addr::UNSPECIFIED, 0u32); LOOK];
+        let (mut n, mut m, mut visited, mut at) = (0, 0, 0, self.early.head);
         while at != NIL && n < LOOK && visited < SCAN {
             visited += 1;
             let next = self.early.nodes[at as usize].next;
             if self.early_status(at) == Status::Unassured {
                 if self.get(super::FlowId(at)).is_some_and(&eligible) {
-                    let s = self.early.nodes[at as usize].src;
-                    cand[n] = (at, s, self.early.sources.count(s));
-                    n += 1;
+                    let Node { src: s, created, .. } = self.early.nodes[at as usize];
+                    let c = (at, s, self.early.sources.count(s));
+                    if now.saturating_sub(created) < SPARE_NS && self.early.known.knows(s, now) {
+                        if m < LOOK {
+                            spare[m] = c;
+                            m += 1;
+                        }
+                    } else {
+                        cand[n] = c;
+                        n += 1;
+                    }
                 }
             } else {
                 self.early.unlink(at);
             }
             at = next;
         }
-        let cand = &cand[..n];
+        let (cand, spare) = (&cand[..n], &spare[..m]);
         let victim = if self.early.sources.count(src) >= self.early.quota {
             // Over its quota: only its own oldest.
-            let own = cand.iter().find(|c| c.1 == src);
+            let own = cand.iter().find(|c| c.1 == src).or_else(|| spare.iter().find(|c| c.1 == src));
             if own.is_none() {
                 self.early.over_quota += 1;
             }
             own
         } else {
             // The source holding the most; the oldest of equals (the first found).
-            cand.iter().fold(None, |best: Option<&(u32, Ipv4Addr, u32)>, c| match best {
-                Some(b) if b.2 >= c.2 => Some(b),
-                _ => Some(c),
-            })
+            fn heaviest(list: &[(u32, Ipv4Addr, u32)]) -> Option<&(u32, Ipv4Addr, u32)> {
+                list.iter().fold(None, |best: Option<&(u32, Ipv4Addr, u32)>, c| match best {
+                    Some(b) if b.2 >= c.2 => Some(b),
+                    _ => Some(c),
+                })
+            }
+            heaviest(cand).or_else(|| heaviest(spare))
         };
+        if let Some(v) = victim {
+            // Known sources' young flows passed over for this one.
+            self.early.spared += spare.iter().filter(|c| c.0 != v.0).count() as u64;
+        }
         let Some(&(slot, ..)) = victim else { return false };
         self.early.unlink(slot);
         if let Some(f) = self.slots.get_mut(slot as usize).and_then(|s| s.0.as_mut()) {
@@ -324,6 +406,12 @@ impl ConnTrack {
     /// Flows evicted by early drop since the table was made.
     pub fn early_drops(&self) -> u64 {
         self.early.drops
+    }
+
+    /// Known sources' young unassured flows passed over by evictions (module docs), counted
+    /// once per eviction that passed them.
+    pub fn early_drop_spared(&self) -> u64 {
+        self.early.spared
     }
 
     /// New flows refused because their source held its quota of unassured flows.
@@ -479,6 +567,87 @@ mod tests {
         assert_eq!(ct.take_expired()[0].orig.src, spoofed(0));
     }
 
+    /// A flood churning a full table, and a known client (it completed a handshake before)
+    /// whose next handshake stalls (its last ACK lost): the flood evicts its own flows around
+    /// it for `SPARE_NS`, then the stalled one may go as any other. A client never seen before
+    /// gets no such grace.
+    #[test]
+    fn a_known_clients_young_handshake_is_passed_over_while_the_flood_churns() {
+        use super::SPARE_NS;
+        let mut ct = ConnTrack::new(16, Timeouts::default());
+        let known = Ipv4Addr::new(192, 168, 77, 100);
+        let stranger = Ipv4Addr::new(192, 168, 77, 101);
+        let (o, r) = keys(known, 1000, 1000);
+        let first = ct.insert(o, r, 0, 0).unwrap();
+        establish(&mut ct, first, 0);
+        // Both clients start a handshake the endpoint answers; neither client's ACK arrives.
+        let half_open = |ct: &mut ConnTrack, src: Ipv4Addr, port: u16, now: u64| {
+            let (o, r) = keys(src, port, port + u16::from(src.octets()[3]));
+            let id = ct.insert(o, r, now, 0).unwrap();
+            ct.update(id, Dir::Orig, TcpFlags::SYN, 60, now);
+            ct.update(id, Dir::Reply, TcpFlags(0x012), 60, now);
+            id
+        };
+        let stalled = half_open(&mut ct, known, 1001, S);
+        let strangers = half_open(&mut ct, stranger, 1001, S);
+        // The flood: a SYN per millisecond, far more than the table holds.
+        let mut gone = Vec::new();
+        let mut i = 0u32;
+        let mut flood_until = |ct: &mut ConnTrack, until: u64, gone: &mut Vec<Flow>| {
+            while S + u64::from(i) * 1_000_000 < until {
+                let now = S + 1 + u64::from(i) * 1_000_000;
+                let (o, r) = keys(spoofed(i), 2000, (3000 + i % 60_000) as u16);
+                if let Ok(id) = ct.insert(o, r, now, 0) {
+                    ct.update(id, Dir::Orig, TcpFlags::SYN, 60, now);
+                }
+                gone.extend(ct.take_expired());
+                i += 1;
+            }
+        };
+        flood_until(&mut ct, S + SPARE_NS - 1_000_000, &mut gone);
+        assert!(ct.early_drops() > 2_000, "{}", ct.early_drops());
+        assert!(gone.iter().any(|f| f.orig.src == stranger), "a stranger's stalled handshake goes with the flood");
+        assert!(ct.get(strangers).is_none_or(|f| f.orig.src != stranger));
+        assert_eq!(ct.get(stalled).map(|f| f.orig.src), Some(known), "the known client's is spared");
+        assert!(ct.early_drop_spared() >= ct.early_drops() - 100, "{}", ct.early_drop_spared());
+        // Its ACK arrives (retransmitted): established, and it stays for good.
+        ct.update(stalled, Dir::Orig, TcpFlags::ACK, 52, S + SPARE_NS / 2);
+        assert_eq!(ct.get(stalled).unwrap().state, FlowState::Tcp(TcpState::Established));
+        // Another stalled one, past its grace: evicted like the flood's.
+        let late = half_open(&mut ct, known, 1002, S + SPARE_NS);
+        flood_until(&mut ct, S + 2 * SPARE_NS + 100_000_000, &mut gone);
+        assert!(ct.get(late).is_none_or(|f| f.orig.sport != 1002), "spared only while young");
+        assert_eq!(ct.get(first).map(|f| f.orig.sport), Some(1000), "the established flow stays");
+    }
+
+    /// When every candidate within reach is a known client's young flow, the plain rule
+    /// applies: a flood that made its sources known cannot fill the table for good.
+    #[test]
+    fn when_only_known_young_flows_are_left_one_of_them_goes() {
+        let mut ct = ConnTrack::new(8, Timeouts::default());
+        // Eight sources complete a handshake (known), then their connections are reset (CLOSE:
+        // unassured, evictable).
+        for i in 0..8u32 {
+            let (o, r) = keys(spoofed(i), 1, i as u16);
+            let id = ct.insert(o, r, 0, 0).unwrap();
+            establish(&mut ct, id, 0);
+            ct.update(id, Dir::Orig, TcpFlags::RST, 40, 0);
+        }
+        // Ten seconds on, each starts another handshake: the old ones go, each eviction passing
+        // over the young ones before it (0 + 1 + ... + 7).
+        for i in 0..8u32 {
+            let (o, r) = keys(spoofed(i), 2, 100 + i as u16);
+            ct.insert(o, r, 10 * S, 0).unwrap();
+        }
+        assert_eq!((ct.early_drops(), ct.early_drop_spared()), (8, 28));
+        // Only known sources' young flows are left: one of them goes (the oldest), not refused.
+        let (o, r) = keys(spoofed(99), 1, 999);
+        assert!(ct.insert(o, r, 10 * S + 1, 0).is_ok(), "not refused");
+        assert_eq!(ct.early_drops(), 9);
+        let gone = ct.take_expired();
+        assert_eq!((gone.last().unwrap().orig.src, gone.last().unwrap().orig.sport), (spoofed(0), 2));
+    }
+
     /// A spoofed SYN flood at a small table: a million SYNs from distinct sources, with a
     /// legitimate client connecting (handshake completed before the next flood packet) every
     /// thousand. Every legitimate connection is tracked and stays; the table stays at its
@@ -579,7 +748,7 @@ mod tests {
 
     #[test]
     fn memory_per_flow_is_as_documented() {
-        assert_eq!(MEMORY_PER_FLOW, 40);
+        assert_eq!(MEMORY_PER_FLOW, 42);
         assert_eq!(default_quota(65536), 512);
         assert_eq!(default_quota(100), 16);
     }

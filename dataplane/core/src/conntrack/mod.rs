@@ -462,6 +462,11 @@ impl ConnTrack {
         f.expires_at = now.saturating_add(timeouts.of(f.state));
         // The journal records state changes only: a restored flow's timer restarts anyway.
         if f.state != state || f.first_fin != first_fin {
+            if state == FlowState::Tcp(TcpState::SynRecv) && f.state == FlowState::Tcp(TcpState::Established) {
+                // A handshake completed: its client is known to early drop for a while.
+                let src = f.orig.src;
+                self.early.handshake_completed(src, now);
+            }
             self.changed(id.0);
         }
         event

@@ -53,6 +53,7 @@ counter_set! {
         icmp_time_exceeded_sent: "ICMP time exceeded messages generated",
         service_flows: "new Service flows (DNAT to an endpoint)",
         conntrack_early_drops: "unassured flows (handshake never completed, UDP never answered) evicted from a full conntrack table or SNAT pool to make room for a new flow (netfilter's early_drop)",
+        early_drop_spared: "young unassured flows of known clients (a TCP handshake completed from their address in the last 10 minutes) passed over by early drop, counted per eviction that passed them: a lost ACK or request still has time for its retransmission",
         affinity_full: "new clients of a ClientIP-affinity Service not remembered: the affinity table was full (the client still gets the endpoint its address hashes to)",
         tcp_resets_sent: "TCP resets sent to refuse a connection (no endpoint, SNAT exhausted)",
         bare_ack_to_syn: "SYNs answered by a bare ACK: the endpoint still holds the 5-tuple (incident 2)",

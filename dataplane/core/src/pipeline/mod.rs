@@ -171,7 +171,7 @@ const UNASSURED_PRUNE_DIVISOR: usize = 2;
 /// SNAT destinations kept before idle ones are forgotten (then twice what is left).
 const SNAT_COMPACT_FROM: usize = 1024;
 
-/// Default flows per worker (`ConnTrack::memory_per_flow` bytes each at capacity: ~205).
+/// Default flows per worker (`ConnTrack::memory_per_flow` bytes each at capacity: ~207).
 pub const DEFAULT_FLOWS: usize = 65536;
 
 impl WorkerState {

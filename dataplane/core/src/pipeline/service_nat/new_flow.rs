@@ -112,7 +112,7 @@ pub(super) fn new_flow(
         }
         _ => 0,
     };
-    let early_drops = ctx.flows.early_drops();
+    let (early_drops, spared) = (ctx.flows.early_drops(), ctx.flows.early_drop_spared());
     let mut inserted = ctx.flows.insert(key, reply_key, ctx.now, tag);
     if inserted == Err(CtError::Exists) && snat {
         // The tuple's previous flow has closed (its tuple was given back when it did) but is
@@ -142,6 +142,7 @@ pub(super) fn new_flow(
     let evicted = ctx.flows.early_drops() - early_drops;
     if evicted > 0 {
         ctx.events().conntrack_early_drops += evicted;
+        ctx.events().early_drop_spared += ctx.flows.early_drop_spared() - spared;
     }
     ctx.flows.update(id, Dir::Orig, flags, m.total_len, ctx.now);
     if flags.contains(TcpFlags::SYN) {
@@ -197,8 +198,10 @@ fn allocate_after_early_drop(
             && super::destination(f) == d
             && now.saturating_sub(f.created) >= SNAT_EARLY_DROP_AGE_NS
     };
+    let spared = ctx.flows.early_drop_spared();
     if ctx.flows.early_drop_where(src, now, holds_tuple) {
         ctx.events().conntrack_early_drops += 1;
+        ctx.events().early_drop_spared += ctx.flows.early_drop_spared() - spared;
         crate::pipeline::release_expired(ctx);
     }
     ctx.snat.allocate(d, ctx.now)
