@@ -54,7 +54,7 @@ pub(super) const LOOK: usize = 8;
 /// List nodes visited per eviction at most (stale ones are unlinked on the way).
 pub(super) const SCAN: usize = 64;
 /// Bytes per flow of capacity: the list node, (at least two) source-count buckets and a
-/// quarter of a known-client entry.
+/// quarter of a known-client entry (beyond the first 1,024 entries, 8 KiB per table).
 pub(super) const MEMORY_PER_FLOW: usize =
     core::mem::size_of::<Node>() + 2 * core::mem::size_of::<u64>() + core::mem::size_of::<u64>() / 4;
 /// How long a source stays known after it completed a TCP handshake.
@@ -180,35 +180,54 @@ impl Sources {
     }
 }
 
-/// Sources that completed a TCP handshake, and when (module docs): direct-mapped, one entry
-/// per four flows of capacity, `source << 32 | seconds + 1` (0: empty), keyed with a per-table
-/// random seed. A collision forgets the older source: best effort, bounded memory.
+/// Sources that completed a TCP handshake, and when (module docs): sets of [`WAYS`] entries,
+/// one entry per four flows of capacity (at least 1,024), `source << 32 | seconds + 1` (0:
+/// empty), the set chosen by a per-table random seed. A full set forgets its oldest source:
+/// best effort, bounded memory, O(1).
 #[derive(Debug)]
 struct Known {
     entries: Vec<u64>,
+    /// Sets - 1 (a power of two).
     mask: usize,
     hasher: ahash::RandomState,
 }
 
+/// Entries per set of [`Known`].
+const WAYS: usize = 4;
+
 impl Known {
     fn new(capacity: usize) -> Known {
-        let n = (capacity / 4).max(64).next_power_of_two();
-        Known { entries: vec![0; n], mask: n - 1, hasher: ahash::RandomState::new() }
+        let n = (capacity / 4).max(1024).next_power_of_two();
+        Known { entries: vec![0; n], mask: n / WAYS - 1, hasher: ahash::RandomState::new() }
+    }
+
+    fn set(&self, s: u32) -> core::ops::Range<usize> {
+        let i = (self.hasher.hash_one(s) as usize & self.mask) * WAYS;
+        i..i + WAYS
     }
 
     fn note(&mut self, src: Ipv4Addr, now: u64) {
         let s = u32::from(src);
-        let i = self.hasher.hash_one(s) as usize & self.mask;
-        self.entries[i] = (u64::from(s) << 32) | u64::from(secs(now).saturating_add(1));
+        let set = self.set(s);
+        let e = (u64::from(s) << 32) | u64::from(secs(now).saturating_add(1));
+        let ways = &mut self.entries[set];
+        // Its own entry, else an empty one, else the oldest.
+        let i = ways
+            .iter()
+            .position(|&w| w != 0 && (w >> 32) as u32 == s)
+            .or_else(|| ways.iter().position(|&w| w == 0))
+            .unwrap_or_else(|| (0..WAYS).min_by_key(|&i| ways[i] as u32).unwrap_or(0));
+        ways[i] = e;
     }
 
     /// Whether `src` completed a handshake within `TRUST_NS` of `now`.
     fn knows(&self, src: Ipv4Addr, now: u64) -> bool {
         let s = u32::from(src);
-        let e = self.entries[self.hasher.hash_one(s) as usize & self.mask];
-        e != 0
-            && (e >> 32) as u32 == s
-            && u64::from(secs(now)).saturating_sub(u64::from(e as u32 - 1)) * 1_000_000_000 <= TRUST_NS
+        self.entries[self.set(s)].iter().any(|&e| {
+            e != 0
+                && (e >> 32) as u32 == s
+                && u64::from(secs(now)).saturating_sub(u64::from(e as u32 - 1)) * 1_000_000_000 <= TRUST_NS
+        })
     }
 }
 
