@@ -188,19 +188,6 @@ fn metric(metrics: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("{name} missing"))
 }
 
-/// An event counted on any of node A's ports.
-fn event(stats: &serde_json::Value, name: &str) -> u64 {
-    let mut n = 0;
-    for p in stats["worker"]["ports"].as_array().into_iter().flatten() {
-        for e in p["events"].as_array().into_iter().flatten() {
-            if e[0].as_str() == Some(name) {
-                n += e[1].as_u64().unwrap_or(0);
-            }
-        }
-    }
-    n
-}
-
 /// Frames received on the uplink (port 0).
 fn uplink_rx(stats: &serde_json::Value) -> u64 {
     stats["worker"]["ports"]

@@ -385,3 +385,16 @@ pub fn cni_conf(name: &str, socket: &std::path::Path, data_dir: &std::path::Path
         "dns": {"nameservers": ["10.96.0.10"], "search": ["default.svc.cluster.local"]},
     })
 }
+
+/// An event counted on any of the node's ports (`stats_json`).
+pub fn event(stats: &serde_json::Value, name: &str) -> u64 {
+    let mut n = 0;
+    for p in stats["worker"]["ports"].as_array().into_iter().flatten() {
+        for e in p["events"].as_array().into_iter().flatten() {
+            if e[0].as_str() == Some(name) {
+                n += e[1].as_u64().unwrap_or(0);
+            }
+        }
+    }
+    n
+}

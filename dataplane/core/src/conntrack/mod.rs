@@ -169,7 +169,17 @@ pub struct Flow {
     /// Service NAT: the endpoint sent a FIN before it had the client's (it closed first, or
     /// both closed at once): it will hold the tuple in TIME_WAIT.
     pub endpoint_time_wait: bool,
+    /// Service NAT: the Service table epoch (`ServiceTable::epoch`) in which this flow's
+    /// endpoint was last confirmed; [`UNCHECKED`] for a flow never checked (restored, or just
+    /// inserted). A hit under another checks again (`service_nat::recheck`).
+    pub checked: u32,
+    /// Service NAT: at the last check, the endpoint had left its Service (a TCP flow is kept
+    /// until it ends, as kube-proxy keeps it; its packets are counted).
+    pub endpoint_gone: bool,
 }
+
+/// `Flow::checked` of a flow whose endpoint was never checked against the tables.
+pub const UNCHECKED: u32 = u32::MAX;
 
 impl Flow {
     #[inline]
@@ -398,6 +408,8 @@ impl ConnTrack {
             mark: None,
             adj: crate::nat::seqadj::SeqAdj::NONE,
             endpoint_time_wait: false,
+            checked: UNCHECKED,
+            endpoint_gone: false,
         }));
         self.index.insert(ho, slot, Dir::Orig);
         self.index.insert(hr, slot, Dir::Reply);

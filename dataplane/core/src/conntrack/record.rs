@@ -200,6 +200,8 @@ pub fn decode(r: &[u8; RECORD_LEN]) -> Result<Option<Flow>, Corrupt> {
         mark: (flags & MARK != 0).then_some(Mark { seq_end, tsval: (flags & MARK_TSVAL != 0).then_some(tsval) }),
         adj: SeqAdj { seq, ts },
         endpoint_time_wait: flags & ENDPOINT_TIME_WAIT != 0,
+        checked: crate::conntrack::UNCHECKED,
+        endpoint_gone: false,
     }))
 }
 
@@ -233,6 +235,8 @@ mod tests {
                 [(i % 3) as usize],
             adj: SeqAdj { seq: b(i + 19) as u32, ts: b(i + 20) as u32 },
             endpoint_time_wait: i.is_multiple_of(5),
+            checked: crate::conntrack::UNCHECKED,
+            endpoint_gone: false,
         }
     }
 

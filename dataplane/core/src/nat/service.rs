@@ -10,7 +10,9 @@
 //!   endpoints on this node, and the client address is kept (no SNAT);
 //! - by Maglev over the candidate set, so every node picks the same endpoint for a flow.
 //!
-//! Existing flows keep their endpoint through conntrack, even once it is terminating.
+//! Existing flows keep their endpoint through conntrack, even once it is terminating, except
+//! UDP ones whose endpoint left or stopped serving: those move on their next packet, as
+//! kube-proxy's conntrack cleanup moves them ([`ServicePort::is_serving`]).
 
 use super::maglev::Maglev;
 use ahash::AHashMap;
@@ -86,6 +88,10 @@ pub struct ServicePort {
     /// Every endpoint given, ready or not, sorted: which endpoints this port still has (for
     /// keeping per-endpoint counters only while the endpoint exists).
     all: Vec<(Ipv4Addr, u16)>,
+    /// The serving ones (ready, or terminating but still serving), sorted: a UDP flow stays on
+    /// its endpoint only while it is here (kube-proxy clears the conntrack entries of a UDP
+    /// endpoint that left or stopped serving).
+    serving: Vec<(Ipv4Addr, u16)>,
 }
 
 /// Why no endpoint could be chosen.
@@ -123,8 +129,13 @@ impl ServicePort {
         let mut all: Vec<(Ipv4Addr, u16)> = endpoints.iter().map(|e| (e.ip, e.port)).collect();
         all.sort_unstable();
         all.dedup();
+        let mut serving: Vec<(Ipv4Addr, u16)> =
+            endpoints.iter().filter(|e| e.ready || e.serving).map(|e| (e.ip, e.port)).collect();
+        serving.sort_unstable();
+        serving.dedup();
         Ok(ServicePort {
             all,
+            serving,
             ready: set(&|e| e.ready)?,
             terminating: set(&|e| !e.ready && e.serving && e.terminating)?,
             local_ready: set(&|e| e.local && e.ready)?,
@@ -143,7 +154,13 @@ impl ServicePort {
             .flatten()
             .map(|c| c.table.size() * 4 + c.endpoints.len() * core::mem::size_of::<Endpoint>())
             .sum::<usize>()
-            + self.all.len() * core::mem::size_of::<(Ipv4Addr, u16)>()
+            + (self.all.len() + self.serving.len()) * core::mem::size_of::<(Ipv4Addr, u16)>()
+    }
+
+    /// Whether `ip:port` is one of this port's serving endpoints (ready, or terminating and
+    /// still serving).
+    pub fn is_serving(&self, ip: Ipv4Addr, port: u16) -> bool {
+        self.serving.binary_search(&(ip, port)).is_ok()
     }
 
     /// Whether `ip:port` is one of this port's endpoints (ready, terminating or neither).
@@ -182,8 +199,12 @@ impl ServicePort {
 }
 
 /// Every Service frontend of the cluster, as seen from this node.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ServiceTable {
+    /// Which content this is: a new value, process-wide, whenever a table is made or changed
+    /// (never `u32::MAX`); a clone keeps it with the content. Flows record the epoch their
+    /// endpoint was confirmed in, and check it again under another (`service_nat::recheck`).
+    epoch: u32,
     frontends: AHashMap<Frontend, (u32, FrontendKind)>,
     /// NodePorts answer on every node address: (proto, port) -> port index.
     node_ports: AHashMap<(u8, u16), u32>,
@@ -192,12 +213,37 @@ pub struct ServiceTable {
     ports: Vec<Arc<ServicePort>>,
 }
 
+/// The next table epoch (control plane only: an atomic per table built or changed).
+fn next_epoch() -> u32 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static EPOCH: AtomicU32 = AtomicU32::new(0);
+    loop {
+        let e = EPOCH.fetch_add(1, Ordering::Relaxed);
+        if e != u32::MAX {
+            return e;
+        }
+    }
+}
+
+impl Default for ServiceTable {
+    fn default() -> ServiceTable {
+        ServiceTable { epoch: next_epoch(), frontends: AHashMap::new(), node_ports: AHashMap::new(), ports: Vec::new() }
+    }
+}
+
 impl ServiceTable {
+    /// This content's epoch (see the field).
+    #[inline]
+    pub fn epoch(&self) -> u32 {
+        self.epoch
+    }
+
     pub fn add_port(&mut self, port: ServicePort) -> u32 {
         self.add_shared_port(Arc::new(port))
     }
 
     pub fn add_shared_port(&mut self, port: Arc<ServicePort>) -> u32 {
+        self.epoch = next_epoch();
         self.ports.push(port);
         (self.ports.len() - 1) as u32
     }
@@ -213,6 +259,7 @@ impl ServiceTable {
         if let Some((other, _)) = self.frontends.get(&f) {
             return Err(format!("{}:{} ({}) is also {}", f.ip, f.port, f.proto, self.ports[*other as usize].name));
         }
+        self.epoch = next_epoch();
         self.frontends.insert(f, (port, kind));
         Ok(())
     }
@@ -221,6 +268,7 @@ impl ServiceTable {
         if let Some(other) = self.node_ports.get(&(proto, node_port)) {
             return Err(format!("nodePort {node_port} is also {}", self.ports[*other as usize].name));
         }
+        self.epoch = next_epoch();
         self.node_ports.insert((proto, node_port), port);
         Ok(())
     }

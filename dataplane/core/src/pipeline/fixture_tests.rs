@@ -793,6 +793,7 @@ fn every_drop_reason_has_a_fixture() {
         DropReason::ConntrackFull,
         DropReason::ConntrackCollision,
         DropReason::ReusedTupleBadOptions,
+        DropReason::ServiceEndpointGone,
         // Segmentation: tests/tests/gso.rs fills the spill area.
         DropReason::SpillFull,
         // Needs the verify policy: tests/tests/checksum_policy.rs.

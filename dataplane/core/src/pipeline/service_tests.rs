@@ -797,3 +797,100 @@ fn a_held_tuple_whose_flow_left_the_table_is_still_held_after_a_restart() {
     let (_, _, port, _, flags, seq, _) = tcp_view(&inner_ip(&out, false));
     assert_eq!((port, flags, seq), (held, TcpFlags::SYN, 102 + (1 << 17)), "reused past its mark, not fresh");
 }
+
+/// Node A's tables where VIP_DNS (UDP 53) has endpoints `eps` (port 5353).
+fn tables_with_dns(eps: &[Endpoint]) -> Tables {
+    let mut t = ServiceTable::default();
+    let i = t.add_port(ServicePort::new("kube-system/dns:dns".into(), eps, false, false, None, 16381).unwrap());
+    t.add_frontend(Frontend { proto: 17, ip: VIP_DNS, port: 53 }, FrontendKind::ClusterIp, i).unwrap();
+    tables_with_services(t)
+}
+
+/// Where a query from pod 1's port `sport` to VIP_DNS goes under `t` (the endpoint address).
+fn dns_query(t: &Tables, st: &mut WorkerState, now: u64, sport: u16) -> (Disposition, Option<Ipv4Addr>) {
+    let q = from_pod1(&ipv4(POD1_IP, VIP_DNS, &L4::Udp { sport, dport: 53, payload: b"query" }));
+    let (d, out) = run(t, st, now, POD1, &q);
+    let dst = match d {
+        Disposition::Forward(p) => Some(Ipv4Packet::new_checked(&inner_ip(&out, p == UPLINK)[..]).unwrap().dst_addr()),
+        _ => None,
+    };
+    (d, dst)
+}
+
+/// kube-proxy clears the conntrack entries of a UDP endpoint that leaves its Service or stops
+/// serving, so a client that keeps sending from one port (a resolver) moves to another
+/// endpoint instead of sending into the void (kubernetes#125467). vxnat does it on the flow's
+/// next packet: the table epoch changed, the endpoint is checked again.
+#[test]
+fn a_udp_flow_moves_when_its_endpoint_leaves_or_stops_serving_and_not_otherwise() {
+    let local = ep(POD2_IP, 5353, true);
+    let remote = ep(REMOTE_POD_B, 5353, false);
+    let mut st = WorkerState::with_flows(0, 64);
+    let both = tables_with_dns(&[local, remote]);
+    // A client port whose flow goes to the local endpoint.
+    let sport = (33000..34000)
+        .find(|&sp| dns_query(&both, &mut WorkerState::with_flows(0, 4), 0, sp).1 == Some(POD2_IP))
+        .expect("Maglev uses both");
+    assert_eq!(dns_query(&both, &mut st, 0, sport).1, Some(POD2_IP));
+    // Counted against the port the packet that found the flow stale came in on.
+    let moved = |st: &WorkerState| {
+        [POD1, POD2].iter().map(|&p| st.counters.port(p).map_or(0, |c| c.events.udp_flows_moved)).sum::<u64>()
+    };
+
+    // Terminating but still serving: kept (kube-proxy clears only when serving changes).
+    let terminating = Endpoint { ready: false, serving: true, terminating: true, ..local };
+    let v2 = tables_with_dns(&[terminating, remote]);
+    assert_eq!(dns_query(&v2, &mut st, S, sport).1, Some(POD2_IP), "a serving endpoint keeps its flow");
+    assert_eq!(moved(&st), 0);
+    // Removed from the slice: the next query moves to the other endpoint, and stays there.
+    let v3 = tables_with_dns(&[remote]);
+    assert_eq!(dns_query(&v3, &mut st, 2 * S, sport).1, Some(REMOTE_POD_B), "moved on its next packet");
+    assert_eq!(dns_query(&v3, &mut st, 3 * S, sport).1, Some(REMOTE_POD_B));
+    assert_eq!(moved(&st), 1);
+    assert_eq!(st.flows.len(), 1, "the old flow was removed, one new flow");
+    // A late answer from the endpoint that left is a named drop, not passed on untranslated.
+    let late = eth(
+        POD2_PORT_MAC,
+        POD2_MAC,
+        0x0800,
+        &ipv4(POD2_IP, POD1_IP, &L4::Udp { sport: 5353, dport: sport, payload: b"late" }),
+    );
+    let v4 = tables_with_dns(&[Endpoint { ready: false, serving: false, terminating: true, ..remote }, local]);
+    // Under v4 the remote endpoint stopped serving (and pod 2 is back): the query moves again.
+    assert_eq!(dns_query(&v4, &mut st, 4 * S, sport).1, Some(POD2_IP), "not serving: moved");
+    assert_eq!(moved(&st), 2);
+    let v5 = tables_with_dns(&[remote]);
+    let (d, _) = run(&v5, &mut st, 5 * S, POD2, &late);
+    assert_eq!(d, Disposition::Drop(DropReason::ServiceEndpointGone));
+    assert_eq!(moved(&st), 3);
+    // No endpoint at all: the flow ends and the query is refused as any new one would be.
+    let v6 = tables_with_dns(&[]);
+    let (d, _) = dns_query(&v6, &mut st, 6 * S, sport);
+    assert!(matches!(d, Disposition::Forward(POD1)), "port unreachable back to the pod: {d:?}");
+    assert_eq!(st.counters.drop_total(DropReason::ServiceNoEndpoint), 1);
+}
+
+/// A TCP flow whose endpoint left is kept until it ends (as kube-proxy keeps it), and what is
+/// still sent to the endpoint is counted.
+#[test]
+fn a_tcp_flow_to_an_endpoint_that_left_is_kept_and_counted() {
+    let pod2 = ep(POD2_IP, 8080, true);
+    let mut st = WorkerState::with_flows(0, 64);
+    let v1 = tables_with_web(&[pod2], None);
+    let send = |t: &Tables, st: &mut WorkerState, flags: u16| {
+        let (d, out) = run(t, st, 0, POD1, &from_pod1(&tcp(POD1_IP, VIP_WEB, 45000, 80, flags, 1, 1)));
+        tcp_view(&inner_ip(&out, d == Disposition::Forward(UPLINK))).1
+    };
+    assert_eq!(send(&v1, &mut st, 0x002), POD2_IP);
+    let gone = |st: &WorkerState| st.counters.port(POD1).map_or(0, |c| c.events.to_gone_endpoint);
+    let v2 = tables_with_web(&[ep(REMOTE_POD_B, 8080, false)], None);
+    for _ in 0..3 {
+        assert_eq!(send(&v2, &mut st, 0x010), POD2_IP, "kept on its endpoint");
+    }
+    assert_eq!(gone(&st), 3);
+    // The endpoint comes back: no longer counted.
+    let v3 = tables_with_web(&[pod2], None);
+    assert_eq!(send(&v3, &mut st, 0x010), POD2_IP);
+    assert_eq!(gone(&st), 3);
+    assert_eq!(st.counters.port(POD1).map_or(0, |c| c.events.udp_flows_moved), 0);
+}

@@ -77,6 +77,25 @@ pub(crate) fn apply(
         _ => ctx.flows.hash(&key),
     };
     if let Some((id, dir)) = ctx.flows.lookup_hashed(&key, hash, ctx.now) {
+        // Under tables other than those the flow's endpoint was confirmed in, confirm it again
+        // (once per flow per change: no scan of the table when Services change).
+        let gen = generation(ctx);
+        let mut gone = false;
+        if let Some(f) = ctx.flows.get(id) {
+            gone = f.endpoint_gone;
+            if f.checked != gen {
+                match recheck(ctx, id, gen) {
+                    Recheck::Kept { gone: g } => gone = g,
+                    Recheck::Moved if dir == Dir::Orig => {
+                        return new_flow::new_flow(ctx, frame, m, key, flags, origin, client_mac)
+                    }
+                    Recheck::Moved => return Err(DropReason::ServiceEndpointGone),
+                }
+            }
+        }
+        if gone && dir == Dir::Orig {
+            ctx.events().to_gone_endpoint += 1;
+        }
         match ctx.flows.update(id, dir, flags, m.total_len, ctx.now) {
             TcpEvent::Reopened => {
                 // A new SYN on a closed flow: start over (and pick an endpoint afresh).
@@ -116,6 +135,59 @@ pub(crate) fn apply(
         return Ok(Nat::Translated { dir, uplink_return: if dir == Dir::Reply { ret } else { None } });
     }
     new_flow::new_flow(ctx, frame, m, key, flags, origin, client_mac)
+}
+
+/// The Service table's epoch, as flows record it (`Flow::checked`): it changes only when
+/// Services or endpoints do, so a pod attached elsewhere sends no flow through `recheck`.
+#[inline]
+fn generation(ctx: &Ctx<'_>) -> u32 {
+    ctx.tables.services().epoch()
+}
+
+/// What a check of a flow's endpoint against the current tables found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Recheck {
+    /// The flow stays; `gone`: its endpoint has left the Service (TCP: kept until it ends).
+    Kept { gone: bool },
+    /// A UDP flow whose endpoint left or stopped serving: removed (its SNAT tuple released),
+    /// so that the client's next packet starts a new flow on a serving endpoint.
+    Moved,
+}
+
+/// Checks the flow's endpoint against the current tables (kube-proxy's conntrack cleanup on
+/// endpoint changes, done lazily on the flow's next packet instead of by a table scan):
+/// - UDP: the endpoint must still be serving its Service (present, and ready or terminating
+///   but serving); otherwise the flow is removed (`udp_flows_moved`). A client that keeps
+///   sending from one port (DNS resolvers do) is moved instead of black-holed
+///   (kubernetes#125467, #126130).
+/// - TCP: the flow is kept whatever happened (an established connection may still finish on
+///   a terminating or removed endpoint); an endpoint no longer in the Service marks it, and
+///   its packets toward the endpoint are counted (`to_gone_endpoint`).
+#[cold]
+fn recheck(ctx: &mut Ctx<'_>, id: FlowId, gen: u32) -> Recheck {
+    let Some(f) = ctx.flows.get(id) else { return Recheck::Kept { gone: false } };
+    let (orig, ep) = (f.orig, (f.reply.src, f.reply.sport));
+    let tables = ctx.tables;
+    let port = tables.services().lookup(orig.proto, orig.dst, orig.dport, tables.is_local_addr(orig.dst)).map(|p| p.0);
+    if IpProtocol::from(orig.proto) == IpProtocol::Udp {
+        if !port.is_some_and(|p| p.is_serving(ep.0, ep.1)) {
+            if let Some(f) = ctx.flows.remove(id) {
+                release_snat(ctx, &f, ctx.now);
+            }
+            ctx.events().udp_flows_moved += 1;
+            return Recheck::Moved;
+        }
+        if let Some(f) = ctx.flows.get_mut(id) {
+            f.checked = gen;
+        }
+        return Recheck::Kept { gone: false };
+    }
+    let gone = !port.is_some_and(|p| p.has_endpoint(ep.0, ep.1));
+    if let Some(f) = ctx.flows.get_mut(id) {
+        f.checked = gen;
+        f.endpoint_gone = gone;
+    }
+    Recheck::Kept { gone }
 }
 
 /// The validated packet's transport header onward.

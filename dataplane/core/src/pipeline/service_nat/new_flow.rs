@@ -145,6 +145,11 @@ pub(super) fn new_flow(
         ctx.events().early_drop_spared += ctx.flows.early_drop_spared() - spared;
     }
     ctx.flows.update(id, Dir::Orig, flags, m.total_len, ctx.now);
+    let gen = super::generation(ctx);
+    if let Some(f) = ctx.flows.get_mut(id) {
+        // Chosen from these tables: confirmed in them.
+        f.checked = gen;
+    }
     if flags.contains(TcpFlags::SYN) {
         super::record_mss(ctx, frame, m, id, Dir::Orig);
     }

@@ -1,0 +1,236 @@
+//! Issue 18, endpoint removal moves flows as kube-proxy moves them, with real kernels: the
+//! demo cluster (two vxnat nodes in network namespaces, two pods each; see `common`) with a
+//! UDP Service and a TCP Service, both with endpoints on pod a2 and pod b1.
+//!
+//! - UDP (the CoreDNS-rollout outage class, kubernetes#125467, #126130, #48370): a client in
+//!   pod a1 keeps one socket, one source port, and queries the UDP Service every ~5-10 ms. The
+//!   endpoint answering it is removed from the EndpointSlice (the state file rewritten). Every
+//!   query after the change reaches the other endpoint within a second, and keeps reaching it;
+//!   node A counts the moved flow (`udp_flows_moved`). kube-proxy does the same by deleting
+//!   the removed endpoint's conntrack entries; vxnat by checking a flow's endpoint again on
+//!   its next packet after the Service table changed.
+//! - TCP: a connection established to the endpoint that is removed from the TCP Service's
+//!   slice goes on (kube-proxy keeps it until it ends), and what it still sends is counted
+//!   (`to_gone_endpoint`).
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use vxnat_tests::netns::require_root;
+
+const DNS_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 53);
+const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 54);
+
+/// The two Services; `udp_eps`/`tcp_eps` are the endpoint lines of their slices.
+fn services(udp_eps: &[&str], tcp_eps: &[&str]) -> String {
+    let line = |ip: &&str| {
+        let node = if ip.starts_with("10.244.0.") { "node-a" } else { "node-b" };
+        format!("  - {{addresses: [{ip}], conditions: {{ready: true}}, nodeName: {node}}}\n")
+    };
+    let (u, t): (String, String) = (udp_eps.iter().map(line).collect(), tcp_eps.iter().map(line).collect());
+    format!(
+        r#"apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Service
+  metadata: {{name: dns, namespace: default}}
+  spec: {{clusterIP: {DNS_VIP}, ports: [{{name: dns, port: 53, targetPort: 5353, protocol: UDP}}]}}
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata: {{name: dns-x1, namespace: default, labels: {{kubernetes.io/service-name: dns}}}}
+  addressType: IPv4
+  ports: [{{name: dns, port: 5353, protocol: UDP}}]
+  endpoints:
+{u}- apiVersion: v1
+  kind: Service
+  metadata: {{name: web, namespace: default}}
+  spec: {{clusterIP: {WEB_VIP}, ports: [{{name: echo, port: 80, targetPort: 8080, protocol: TCP}}]}}
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata: {{name: web-x1, namespace: default, labels: {{kubernetes.io/service-name: web}}}}
+  addressType: IPv4
+  ports: [{{name: echo, port: 8080, protocol: TCP}}]
+  endpoints:
+{t}"#
+    )
+}
+
+/// A UDP server in `pod` on 5353 answering every datagram with `name`, until `stop`.
+fn udp_server(pod: &Pod, name: &'static str, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    let ip = pod.ip;
+    pod.ns.spawn(move || {
+        let s = UdpSocket::bind((ip, 5353)).expect("bind");
+        s.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
+        let mut buf = [0u8; 64];
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok((_, from)) = s.recv_from(&mut buf) {
+                let _ = s.send_to(name.as_bytes(), from);
+            }
+        }
+    })
+}
+
+/// A TCP server in `pod` on 8080 echoing each connection's bytes, prefixed once with `name`.
+fn echo_server(pod: &Pod, name: &'static str, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    let ip = pod.ip;
+    pod.ns.spawn(move || {
+        let l = TcpListener::bind((ip, 8080)).expect("listen");
+        l.set_nonblocking(true).expect("nonblocking");
+        let mut conns = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok((c, _)) = l.accept() {
+                conns.push(std::thread::spawn(move || {
+                    let mut c = c;
+                    let _ = c.set_nonblocking(false);
+                    let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
+                    let _ = c.write_all(name.as_bytes());
+                    let mut buf = [0u8; 256];
+                    while let Ok(n) = c.read(&mut buf) {
+                        if n == 0 || c.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                }));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop(conns);
+    })
+}
+
+#[test]
+fn a_removed_udp_endpoints_client_moves_within_a_second_and_tcp_to_it_goes_on() {
+    if !require_root("a_removed_udp_endpoints_client_moves_within_a_second_and_tcp_to_it_goes_on") {
+        return;
+    }
+    let both = ["10.244.0.3", "10.244.1.2"];
+    let c = cluster_with(&services(&both, &both));
+    let state = c._dir.0.join("cluster.yaml");
+    let base = std::fs::read_to_string(&state).expect("state");
+    let base = &base[..base.rfind("apiVersion: v1\nkind: List").expect("our services")];
+    let (a1, a2, b1) = (&c.pods[0], &c.pods[1], &c.pods[2]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let servers = [
+        udp_server(a2, "a2", stop.clone()),
+        udp_server(b1, "b1", stop.clone()),
+        echo_server(a2, "a2", stop.clone()),
+        echo_server(b1, "b1", stop.clone()),
+    ];
+    std::thread::sleep(Duration::from_millis(300));
+
+    // TCP: a connection through the web Service, established before the change.
+    let tcp = a1.ns.spawn(|| -> Result<(String, String), String> {
+        let mut s =
+            TcpStream::connect_timeout(&(WEB_VIP, 80).into(), Duration::from_secs(3)).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(3))).map_err(|e| e.to_string())?;
+        let mut who = [0u8; 2];
+        s.read_exact(&mut who).map_err(|e| format!("who: {e}"))?;
+        let who = String::from_utf8_lossy(&who).to_string();
+        // Wait for the change (the test removes this endpoint meanwhile), then talk on.
+        std::thread::sleep(Duration::from_millis(2500));
+        let mut echoed = Vec::new();
+        for i in 0..10u8 {
+            s.write_all(&[b'0' + i; 16]).map_err(|e| format!("write {i}: {e}"))?;
+            let mut buf = [0u8; 16];
+            s.read_exact(&mut buf).map_err(|e| format!("echo {i}: {e}"))?;
+            echoed.extend_from_slice(&buf);
+        }
+        Ok((who, String::from_utf8_lossy(&echoed).to_string()))
+    });
+
+    // UDP: one socket, one source port, a query every 5 ms or so; (time, answerer) per answer.
+    let querying = Arc::new(AtomicBool::new(true));
+    let q = querying.clone();
+    let client = a1.ns.spawn(move || {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind");
+        s.connect((DNS_VIP, 53)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_millis(10))).expect("timeout");
+        let t0 = Instant::now();
+        let (mut answers, mut sent) = (Vec::new(), 0u32);
+        let mut buf = [0u8; 16];
+        while q.load(Ordering::Relaxed) && t0.elapsed() < Duration::from_secs(20) {
+            let _ = s.send(b"q");
+            sent += 1;
+            std::thread::sleep(Duration::from_millis(5));
+            if let Ok(n) = s.recv(&mut buf) {
+                answers.push((t0.elapsed(), String::from_utf8_lossy(&buf[..n]).to_string()));
+            }
+        }
+        (t0, sent, answers)
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    let before = c.nodes[0].stats_json();
+    // Which endpoint answers the client now, and the TCP connection's: remove both from the
+    // slices (the one serving the client, in each Service).
+    let who_udp = {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            // Peek at the client's progress by asking node A's flows (no shared state with the
+            // client thread): the dns flow's endpoint.
+            let flows = c.nodes[0].ctl(&["flows"]).unwrap_or_default();
+            if let Some(l) = flows.lines().find(|l| l.contains(&format!("{DNS_VIP}:53"))) {
+                break if l.contains("10.244.0.3") { "10.244.0.3" } else { "10.244.1.2" };
+            }
+            assert!(Instant::now() < deadline, "no dns flow on node A: {flows}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let who_tcp = {
+        let flows = c.nodes[0].ctl(&["flows"]).unwrap_or_default();
+        let l = flows.lines().find(|l| l.contains(&format!("{WEB_VIP}:80"))).unwrap_or_default().to_string();
+        if l.contains("10.244.0.3") {
+            "10.244.0.3"
+        } else {
+            "10.244.1.2"
+        }
+    };
+    let keep = |gone: &str| both.iter().copied().filter(|e| *e != gone).collect::<Vec<_>>();
+    let changed_at = Instant::now();
+    std::fs::write(&state, format!("{base}{}", services(&keep(who_udp), &keep(who_tcp)))).expect("write state");
+    std::thread::sleep(Duration::from_millis(3000));
+    querying.store(false, Ordering::Relaxed);
+    let (t0, sent, answers) = client.join().expect("client");
+    let tcp = tcp.join().expect("tcp client");
+    stop.store(true, Ordering::Relaxed);
+    for s in servers {
+        let _ = s.join();
+    }
+    let after = c.nodes[0].stats_json();
+    eprintln!("node A drops {:?}; node B drops {:?}", drops(&after), drops(&c.nodes[1].stats_json()));
+
+    let gone_name = if who_udp == "10.244.0.3" { "a2" } else { "b1" };
+    let change = changed_at.duration_since(t0);
+    let last_gone = answers.iter().filter(|(_, w)| w == gone_name).map(|(t, _)| *t).max();
+    let first_other = answers.iter().filter(|(t, w)| *t > change && w != gone_name).map(|(t, _)| *t).min();
+    let after_change: Vec<&String> = answers.iter().filter(|(t, _)| *t > change).map(|(_, w)| w).collect();
+    let moved = event(&after, "udp_flows_moved") - event(&before, "udp_flows_moved");
+    let to_gone = event(&after, "to_gone_endpoint") - event(&before, "to_gone_endpoint");
+    eprintln!(
+        "endpoint_removal: {sent} queries, {} answers; removed {who_udp} ({gone_name}) at {:.3} s; its last answer at \
+         {:?}; the other's first after the change at {:?}; udp_flows_moved {moved}; tcp via {who_tcp}: {tcp:?}; \
+         to_gone_endpoint {to_gone}",
+        answers.len(),
+        change.as_secs_f64(),
+        last_gone.map(|t| t.as_secs_f64()),
+        first_other.map(|t| (t - change).as_secs_f64()),
+    );
+    // The client moved, within a second of the change, and stayed moved.
+    let first_other = first_other.expect("the other endpoint answered after the change");
+    assert!(first_other - change < Duration::from_secs(1), "moved {:?} after the change", first_other - change);
+    let late = answers.iter().filter(|(t, w)| *t > first_other && w == gone_name).count();
+    assert_eq!(late, 0, "answers from the removed endpoint after the move: {after_change:?}");
+    assert!(answers.iter().filter(|(t, _)| *t > first_other).count() > 100, "the client kept being answered");
+    assert!(moved >= 1, "the move was counted");
+    // TCP: the connection to the removed endpoint went on, every byte echoed, and counted.
+    let tcp_name = if who_tcp == "10.244.0.3" { "a2" } else { "b1" };
+    let (who, echoed) = tcp.expect("the TCP connection to the removed endpoint goes on");
+    assert_eq!(who, tcp_name);
+    assert_eq!(echoed, (0..10u8).map(|i| String::from_utf8(vec![b'0' + i; 16]).unwrap()).collect::<String>());
+    assert!(to_gone >= 10, "its segments to the gone endpoint were counted: {to_gone}");
+}
