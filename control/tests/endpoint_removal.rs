@@ -12,6 +12,8 @@
 //! - TCP: a connection established to the endpoint that is removed from the TCP Service's
 //!   slice goes on (kube-proxy keeps it until it ends), and what it still sends is counted
 //!   (`to_gone_endpoint`).
+//! - And UDP from outside to a NodePort without endpoints is refused (ICMP port unreachable),
+//!   as kube-proxy's reject rule refuses it.
 
 mod common;
 
@@ -233,4 +235,42 @@ fn a_removed_udp_endpoints_client_moves_within_a_second_and_tcp_to_it_goes_on() 
     assert_eq!(who, tcp_name);
     assert_eq!(echoed, (0..10u8).map(|i| String::from_utf8(vec![b'0' + i; 16]).unwrap()).collect::<String>());
     assert!(to_gone >= 10, "its segments to the gone endpoint were counted: {to_gone}");
+}
+
+/// UDP from outside the cluster to a NodePort whose Service has no endpoint is rejected as
+/// kube-proxy rejects it: the client's connected socket gets "connection refused" (ICMP port
+/// unreachable, sent straight back by the uplink), rather than waiting on silence.
+#[test]
+fn udp_from_outside_to_a_node_port_without_endpoints_is_refused() {
+    if !require_root("udp_from_outside_to_a_node_port_without_endpoints_is_refused") {
+        return;
+    }
+    const EMPTY: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: empty-udp, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.55
+  ports: [{name: dns, port: 53, targetPort: 5353, protocol: UDP, nodePort: 30553}]
+"#;
+    let c = cluster_with(EMPTY);
+    let before = c.nodes[0].stats_json();
+    let got = c.client.spawn(|| {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind");
+        s.connect((Ipv4Addr::new(192, 168, 77, 1), 30553)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+        let t0 = Instant::now();
+        s.send(b"q").expect("send");
+        let mut buf = [0u8; 16];
+        (s.recv(&mut buf).map_err(|e| e.kind()), t0.elapsed())
+    });
+    let (got, took) = got.join().expect("client");
+    let count = |st: &serde_json::Value| {
+        drops(st).iter().filter(|(n, _)| n == "service_no_endpoint").map(|(_, k)| *k).sum::<u64>()
+    };
+    let refused = count(&c.nodes[0].stats_json()) - count(&before);
+    eprintln!("udp_reject: {got:?} after {took:?}; service_no_endpoint +{refused}");
+    assert_eq!(got, Err(std::io::ErrorKind::ConnectionRefused), "refused, not silence");
+    assert!(took < Duration::from_secs(1));
+    assert_eq!(refused, 1, "counted once");
 }

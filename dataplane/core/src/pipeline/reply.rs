@@ -105,6 +105,22 @@ pub(crate) fn port_unreachable(
     route_back(ctx, frame, m.src)
 }
 
+/// ICMP port unreachable from `from` (the Service address) to a client outside the cluster,
+/// straight back out of the uplink to `mac` (the L2 next hop its frame came from), as a TCP
+/// reset to such a client goes: the node may have no route to it that vxnat knows.
+pub(crate) fn port_unreachable_outside(
+    ctx: &mut Ctx<'_>,
+    frame: &mut FrameBuf<'_>,
+    m: &Ipv4Meta,
+    from: Ipv4Addr,
+    mac: MacAddr,
+) -> Result<Disposition, DropReason> {
+    let msg = IcmpMessage::DstUnreachable { code: icmp::CODE_PORT_UNREACHABLE, next_hop_mtu: 0 };
+    icmp_error(ctx, frame, m, msg, from, DropReason::ServiceNoEndpoint)?;
+    set_macs(frame, mac, ctx.tables.node.uplink_mac);
+    Ok(Disposition::Forward(ctx.tables.uplink()))
+}
+
 /// ICMP fragmentation needed (RFC 1191) from the pod gateway to the source of a packet with DF
 /// set that is larger than its egress allows, carrying the usable MTU, so the sender's path MTU
 /// adapts.

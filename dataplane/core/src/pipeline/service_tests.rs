@@ -58,6 +58,7 @@ fn services() -> ServiceTable {
     t.add_node_port(6, 30081, l).unwrap();
     let e = t.add_port(ServicePort::new("default/npempty:http".into(), &[], false, false, None, 16381).unwrap());
     t.add_node_port(6, 30082, e).unwrap();
+    t.add_node_port(17, 30082, e).unwrap();
     t
 }
 
@@ -556,6 +557,27 @@ fn node_port_without_endpoints_resets_the_outside_client() {
     // Not a NodePort: still the uplink's named drop.
     let (d, _) = run(&t, &mut st, 0, UPLINK, &from_client(53001, 31999, 0x002));
     assert_eq!(d, Disposition::Drop(DropReason::UplinkNotVxlan));
+}
+
+/// UDP from outside to a Service without endpoints is rejected as kube-proxy rejects it: ICMP
+/// port unreachable from the Service address, straight back by the uplink to the client's next
+/// hop, quoting the client's datagram.
+#[test]
+fn udp_node_port_without_endpoints_answers_the_outside_client_port_unreachable() {
+    let t = tables();
+    let mut st = WorkerState::with_flows(0, 16);
+    let dgram = ipv4(CLIENT, NODE_A, &L4::Udp { sport: 53000, dport: 30082, payload: b"query" });
+    let (d, out) = run(&t, &mut st, 0, UPLINK, &eth(UPLINK_MAC, CLIENT_MAC, 0x0800, &dgram));
+    assert_eq!(d, Disposition::Forward(UPLINK));
+    assert_eq!((&out[0..6], &out[6..12]), (&CLIENT_MAC.0[..], &UPLINK_MAC.0[..]));
+    let ip = inner_ip(&out, false);
+    let p = Ipv4Packet::new_checked(&ip[..]).unwrap();
+    assert_eq!((p.src_addr(), p.dst_addr()), (NODE_A, CLIENT));
+    let icmp = IcmpPacket::new_checked(p.payload()).unwrap();
+    assert!(icmp.verify_checksum());
+    assert_eq!((icmp.msg_type(), icmp.msg_code()), (3, 3), "port unreachable");
+    assert_eq!(&p.payload()[8..8 + 28], &dgram[..28], "quotes the client's header and 8 bytes");
+    assert_eq!(st.counters.drop_total(DropReason::ServiceNoEndpoint), 1, "counted as the refusal");
 }
 
 /// Node A's tables where VIP_WEB's only Service port has endpoints `eps` and affinity `affinity`.

@@ -5,8 +5,8 @@
 //! rewrite the packet toward the endpoint.
 //!
 //! Contract: not a frontend: `Untouched`. No endpoint, or no SNAT port for TCP: refused with
-//! an answer (`Answered`: TCP RST, ICMP port unreachable), counted as the reason; UDP from
-//! outside with no endpoint, or no SNAT port for UDP: dropped. A flow that cannot be tracked
+//! an answer (`Answered`: TCP RST, ICMP port unreachable; to a client outside, straight back
+//! out of the uplink), counted as the reason; no SNAT port for UDP: dropped. A flow that cannot be tracked
 //! (`conntrack_full`, `conntrack_collision`) gives its SNAT port back and is dropped.
 //!
 //! Floods (issue 17): a full conntrack table, or every SNAT tuple toward the endpoint taken,
@@ -57,10 +57,16 @@ pub(super) fn new_flow(
     };
     let Ok(choice) = chosen else {
         ctx.counters.drops[DropReason::ServiceNoEndpoint.index()] += 1;
-        let answer = if let (Some(mac), true) = (client_mac.filter(|_| origin == Origin::Outside), tcp) {
+        let outside_mac = client_mac.filter(|_| origin == Origin::Outside);
+        let answer = if let (Some(mac), true) = (outside_mac, tcp) {
             reply::tcp_reset_outside(ctx, frame, m, mac)
+        } else if let Some(mac) = outside_mac {
+            // UDP from outside: port unreachable straight back to the client's next hop, as
+            // kube-proxy's reject rule answers.
+            reply::port_unreachable_outside(ctx, frame, m, key.dst, mac)
         } else if origin == Origin::Outside {
-            // UDP from outside: no route to the client is known here for an ICMP error.
+            // From outside without a known next hop (not through the uplink): nothing to
+            // answer by.
             ctx.counters.drops[DropReason::ServiceNoEndpoint.index()] -= 1;
             return Err(DropReason::ServiceNoEndpoint);
         } else if tcp {
