@@ -56,6 +56,7 @@ counter_set! {
         early_drop_spared: "young unassured flows of known clients (a TCP handshake completed from their address in the last 10 minutes) passed over by early drop, counted per eviction that passed them: a lost ACK or request still has time for its retransmission",
         udp_flows_moved: "UDP flows whose endpoint left its Service or stopped serving, ended on their next packet after the tables change; a packet from the client starts a new flow on a serving endpoint (kube-proxy's conntrack cleanup for UDP, without a table scan)",
         to_gone_endpoint: "packets of TCP flows whose endpoint has left its Service, sent on to it (kept until the connection ends, as kube-proxy keeps them)",
+        fragments_translated: "later fragments of a UDP datagram to or from a Service given the address rewrite their first fragment got (nat::fragments)",
         affinity_full: "new clients of a ClientIP-affinity Service not remembered: the affinity table was full (the client still gets the endpoint its address hashes to)",
         tcp_resets_sent: "TCP resets sent to refuse a connection (no endpoint, SNAT exhausted)",
         bare_ack_to_syn: "SYNs answered by a bare ACK: the endpoint still holds the 5-tuple (incident 2)",

@@ -35,6 +35,7 @@ pub(crate) struct Ctx<'a> {
     /// (so a lookup of that key does not hash it again).
     pub(crate) hint: Option<(crate::conntrack::FlowKey, crate::conntrack::KeyHash)>,
     /// Where segments and fragments of oversized frames go.
+    pub(crate) fragments: &'a mut crate::nat::fragments::Fragments,
     pub(crate) spill: &'a mut super::Spill,
     /// A capture or trace in progress.
     pub(crate) observe: Option<&'a mut crate::observe::Observe>,

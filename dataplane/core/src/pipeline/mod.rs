@@ -141,6 +141,8 @@ pub struct WorkerState {
     /// ClientIP session affinity: (frontend, client) -> (endpoint, expiry); bounded, O(1)
     /// expiry (`nat::affinity`).
     pub affinity: crate::nat::affinity::AffinityTable,
+    /// First fragments' translations, for the fragments after them (`nat::fragments`).
+    pub fragments: crate::nat::fragments::Fragments,
     /// Segments and fragments of oversized frames, for the worker to send and clear.
     pub spill: Spill,
     /// A capture or trace in progress (`None`: the pipeline does not look).
@@ -200,6 +202,7 @@ impl WorkerState {
         WorkerState {
             flows: crate::conntrack::ConnTrack::new(flows, timeouts),
             affinity: crate::nat::affinity::AffinityTable::new(affinity),
+            fragments: crate::nat::fragments::Fragments::default(),
             snat: crate::nat::snat::SnatAllocator::with_defaults(
                 u64::from(worker).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5eed,
             ),
@@ -215,7 +218,9 @@ impl WorkerState {
 
     /// The stages' view of this state for a batch received on `ingress`.
     fn ctx<'a>(&'a mut self, tables: &'a Tables, now: Nanos, ingress: PortId) -> ctx::Ctx<'a> {
-        let WorkerState { counters, ident, icmp_limit, flows, snat, affinity, spill, observe, backends, .. } = self;
+        let WorkerState {
+            counters, ident, icmp_limit, flows, snat, affinity, fragments, spill, observe, backends, ..
+        } = self;
         ctx::Ctx {
             tables,
             now,
@@ -226,6 +231,7 @@ impl WorkerState {
             flows,
             snat,
             affinity,
+            fragments,
             spill,
             observe: observe.as_deref_mut(),
             backends,

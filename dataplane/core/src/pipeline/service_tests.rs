@@ -916,3 +916,85 @@ fn a_tcp_flow_to_an_endpoint_that_left_is_kept_and_counted() {
     assert_eq!(gone(&st), 3);
     assert_eq!(st.counters.port(POD1).map_or(0, |c| c.events.udp_flows_moved), 0);
 }
+
+/// `body` (a transport header and payload) as IPv4 fragments of at most `size` bytes of body
+/// each, with identification `ident`.
+fn fragments_of(src: Ipv4Addr, dst: Ipv4Addr, ident: u16, body: &[u8], size: usize) -> Vec<Vec<u8>> {
+    body.chunks(size)
+        .enumerate()
+        .map(|(i, c)| {
+            let ip = Ip {
+                ident,
+                dont_frag: false,
+                more_frags: (i + 1) * size < body.len(),
+                frag_offset: (i * size) as u16,
+                ..Ip::new(src, dst)
+            };
+            ipv4_with(&ip, &L4::Raw { proto: 17, bytes: c })
+        })
+        .collect()
+}
+
+/// The reassembled transport body of `ips` (fragments in order), checking that every fragment
+/// has the same addresses and a valid header checksum.
+fn reassembled(ips: &[Vec<u8>]) -> (Ipv4Addr, Ipv4Addr, Vec<u8>) {
+    let mut body = Vec::new();
+    let first = Ipv4Packet::new_checked(&ips[0][..]).unwrap();
+    let (src, dst) = (first.src_addr(), first.dst_addr());
+    for ip in ips {
+        let p = Ipv4Packet::new_checked(&ip[..]).unwrap();
+        assert!(p.verify_checksum(), "IPv4 header checksum of every fragment");
+        assert_eq!((p.src_addr(), p.dst_addr()), (src, dst), "every fragment translated alike");
+        assert_eq!(usize::from(p.frag_offset()), body.len(), "in order, no gap");
+        body.extend_from_slice(p.payload());
+    }
+    (src, dst, body)
+}
+
+/// A UDP datagram larger than the MTU, to a Service and back, in fragments: the first carries
+/// the ports and goes through conntrack; the later ones take its address rewrite
+/// (`nat::fragments`). Reassembled, each way's datagram has the translated addresses and ports
+/// and a UDP checksum that verifies over the whole. (netfilter reassembles before NAT; kube-proxy
+/// users send large DNS-over-UDP answers and syslog this way.)
+#[test]
+fn a_fragmented_udp_datagram_to_a_service_and_its_fragmented_answer_are_translated() {
+    let t = tables();
+    let mut st = WorkerState::with_flows(0, 16);
+    let payload: Vec<u8> = (0..3000u32).map(|i| (i * 7) as u8).collect();
+    let query = ipv4(POD1_IP, VIP_DNS, &L4::Udp { sport: 33333, dport: 53, payload: &payload });
+    let mut out = Vec::new();
+    for f in fragments_of(POD1_IP, VIP_DNS, 0x4242, &query[20..], 1400) {
+        let (d, o) = run(&t, &mut st, 0, POD1, &from_pod1(&f));
+        assert_eq!(d, Disposition::Forward(POD2));
+        out.push(inner_ip(&o, false));
+    }
+    let (src, dst, body) = reassembled(&out);
+    assert_eq!((src, dst), (POD1_IP, POD2_IP));
+    let u = UdpPacket::new_checked(&body[..]).unwrap();
+    assert_eq!((u.src_port(), u.dst_port(), u.payload()), (33333, 5353, &payload[..]));
+    assert!(u.verify_checksum(src, dst), "the UDP checksum holds for the reassembled datagram");
+    let translated = |st: &WorkerState, p| st.counters.port(p).map_or(0, |c| c.events.fragments_translated);
+    assert_eq!(translated(&st, POD1), 2);
+
+    // The answer, fragmented by the endpoint.
+    let answer = ipv4(POD2_IP, POD1_IP, &L4::Udp { sport: 5353, dport: 33333, payload: &payload[..2500] });
+    let mut back = Vec::new();
+    for f in fragments_of(POD2_IP, POD1_IP, 0x9999, &answer[20..], 1400) {
+        let (d, o) = run(&t, &mut st, S, POD2, &eth(POD2_PORT_MAC, POD2_MAC, 0x0800, &f));
+        assert_eq!(d, Disposition::Forward(POD1));
+        back.push(inner_ip(&o, false));
+    }
+    let (src, dst, body) = reassembled(&back);
+    assert_eq!((src, dst), (VIP_DNS, POD1_IP));
+    let u = UdpPacket::new_checked(&body[..]).unwrap();
+    assert_eq!((u.src_port(), u.dst_port()), (53, 33333));
+    assert!(u.verify_checksum(src, dst));
+    assert_eq!(translated(&st, POD2), 1);
+
+    // A later fragment whose first was never seen goes on untouched.
+    let stray = &fragments_of(POD1_IP, VIP_DNS, 0x7777, &query[20..], 1400)[1];
+    let (_, o) = run(&t, &mut st, 2 * S, POD1, &from_pod1(stray));
+    let p = Ipv4Packet::new_checked(&inner_ip(&o, false)[..]).unwrap().dst_addr();
+    assert_eq!(p, VIP_DNS, "not translated");
+    assert_eq!(translated(&st, POD1), 2);
+}

@@ -67,9 +67,53 @@ pub(crate) fn apply(
     if m.protocol() == IpProtocol::Icmp && m.icmp_error && !m.is_fragment {
         return Ok(icmp_error::icmp_error(ctx, frame, m));
     }
-    if !m.has_ports() || m.is_fragment {
+    if !m.has_ports() || (m.is_fragment && m.protocol() != IpProtocol::Udp) {
         return Ok(Nat::Untouched);
     }
+    if m.is_fragment {
+        return fragment(ctx, frame, m, origin, client_mac);
+    }
+    translate(ctx, frame, m, origin, client_mac)
+}
+
+/// A fragment of a UDP datagram (`nat::fragments`): the first, which carries the ports, is
+/// translated as any packet and its rewrite remembered; a later one takes the rewrite its
+/// first got, or goes on untouched (most such are not Service traffic at all).
+#[cold]
+fn fragment(
+    ctx: &mut Ctx<'_>,
+    frame: &mut FrameBuf<'_>,
+    m: &mut Ipv4Meta,
+    origin: Origin,
+    client_mac: Option<MacAddr>,
+) -> Result<Nat, DropReason> {
+    use crate::nat::fragments::{FragKey, FragNat};
+    let ident =
+        frame.data().get(ethernet::HEADER_LEN..).and_then(|ip| Ipv4Packet::new_fixed(ip).ok()).map(|h| h.ident());
+    let Some(ident) = ident else { return Ok(Nat::Untouched) };
+    let key = FragKey { src: m.src, dst: m.dst, proto: m.proto, ident };
+    if m.frag_offset == 0 {
+        let nat = translate(ctx, frame, m, origin, client_mac)?;
+        if let Nat::Translated { dir, uplink_return } = nat {
+            ctx.fragments.remember(key, FragNat { src: m.src, dst: m.dst, dir, uplink_return }, ctx.now);
+        }
+        return Ok(nat);
+    }
+    let Some(nat) = ctx.fragments.lookup(&key, ctx.now) else { return Ok(Nat::Untouched) };
+    rewrite_addresses(frame, m, nat.src, nat.dst);
+    ctx.events().fragments_translated += 1;
+    Ok(Nat::Translated { dir: nat.dir, uplink_return: nat.uplink_return })
+}
+
+/// A packet with its transport header: a tracked flow's, or a new connection's.
+#[inline]
+fn translate(
+    ctx: &mut Ctx<'_>,
+    frame: &mut FrameBuf<'_>,
+    m: &mut Ipv4Meta,
+    origin: Origin,
+    client_mac: Option<MacAddr>,
+) -> Result<Nat, DropReason> {
     let key = FlowKey { proto: m.proto, src: m.src, dst: m.dst, sport: m.sport(), dport: m.dport() };
     let flags = if m.protocol() == IpProtocol::Tcp { tcp_flags(frame, m) } else { TcpFlags(0) };
     let hash = match ctx.hint {
@@ -381,6 +425,19 @@ fn tcp_flags(frame: &FrameBuf<'_>, m: &Ipv4Meta) -> TcpFlags {
 }
 
 /// Rewrites source and destination address and port, with incremental checksum updates.
+/// Rewrites a later fragment's addresses (it has no transport header: only the IPv4 header
+/// checksum changes).
+fn rewrite_addresses(frame: &mut FrameBuf<'_>, m: &mut Ipv4Meta, src: Ipv4Addr, dst: Ipv4Addr) {
+    let (os, od, ns, nd) = (u32::from(m.src), u32::from(m.dst), u32::from(src), u32::from(dst));
+    if let Some(Ok(mut h)) = frame.data_mut().get_mut(ethernet::HEADER_LEN..).map(Ipv4Packet::new_fixed_mut) {
+        h.set_header_checksum(checksum::update32(checksum::update32(h.header_checksum(), os, ns), od, nd));
+        h.set_src_addr(src);
+        h.set_dst_addr(dst);
+        m.src = src;
+        m.dst = dst;
+    }
+}
+
 fn rewrite(frame: &mut FrameBuf<'_>, m: &mut Ipv4Meta, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) {
     let (old_sport, old_dport) = (m.sport(), m.dport());
     if (m.src, old_sport, m.dst, old_dport) == (src.0, src.1, dst.0, dst.1) {

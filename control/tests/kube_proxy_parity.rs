@@ -1,19 +1,22 @@
-//! Issue 18, endpoint removal moves flows as kube-proxy moves them, with real kernels: the
-//! demo cluster (two vxnat nodes in network namespaces, two pods each; see `common`) with a
-//! UDP Service and a TCP Service, both with endpoints on pod a2 and pod b1.
+//! Issue 18, what kube-proxy users rely on, with real kernels: the demo cluster (two vxnat
+//! nodes in network namespaces, two pods each; see `common`).
 //!
-//! - UDP (the CoreDNS-rollout outage class, kubernetes#125467, #126130, #48370): a client in
-//!   pod a1 keeps one socket, one source port, and queries the UDP Service every ~5-10 ms. The
-//!   endpoint answering it is removed from the EndpointSlice (the state file rewritten). Every
-//!   query after the change reaches the other endpoint within a second, and keeps reaching it;
-//!   node A counts the moved flow (`udp_flows_moved`). kube-proxy does the same by deleting
-//!   the removed endpoint's conntrack entries; vxnat by checking a flow's endpoint again on
-//!   its next packet after the Service table changed.
-//! - TCP: a connection established to the endpoint that is removed from the TCP Service's
-//!   slice goes on (kube-proxy keeps it until it ends), and what it still sends is counted
-//!   (`to_gone_endpoint`).
-//! - And UDP from outside to a NodePort without endpoints is refused (ICMP port unreachable),
-//!   as kube-proxy's reject rule refuses it.
+//! - Endpoint removal moves flows as kube-proxy moves them. A UDP Service and a TCP Service,
+//!   both with endpoints on pod a2 and pod b1.
+//!   - UDP (the CoreDNS-rollout outage class, kubernetes#125467, #126130, #48370): a client in
+//!     pod a1 keeps one socket, one source port, and queries the UDP Service every ~5-10 ms.
+//!     The endpoint answering it is removed from the EndpointSlice (the state file rewritten).
+//!     Every query after the change reaches the other endpoint within a second, and keeps
+//!     reaching it; node A counts the moved flow (`udp_flows_moved`). kube-proxy does the same
+//!     by deleting the removed endpoint's conntrack entries; vxnat by checking a flow's
+//!     endpoint again on its next packet after the Service table changed.
+//!   - TCP: a connection established to the endpoint that is removed from the TCP Service's
+//!     slice goes on (kube-proxy keeps it until it ends), and what it still sends is counted
+//!     (`to_gone_endpoint`).
+//! - UDP from outside to a NodePort without endpoints is refused (ICMP port unreachable), as
+//!   kube-proxy's reject rule refuses it.
+//! - A UDP datagram larger than the pods' MTU, to a ClusterIP and back, arrives whole: the
+//!   kernels fragment it, vxnat translates every fragment (netfilter reassembles first).
 
 mod common;
 
@@ -273,4 +276,56 @@ spec:
     assert_eq!(got, Err(std::io::ErrorKind::ConnectionRefused), "refused, not silence");
     assert!(took < Duration::from_secs(1));
     assert_eq!(refused, 1, "counted once");
+}
+
+/// A 4,000-byte UDP datagram from pod a1 to a ClusterIP whose endpoint is pod b1 on the other
+/// node (the pods' MTU is 1,450: the kernels send three fragments each way), echoed back
+/// whole: the endpoint receives the datagram reassembled, addressed to it, and the client gets
+/// the echo from the ClusterIP, byte for byte.
+#[test]
+fn a_fragmented_udp_datagram_through_a_cluster_ip_arrives_whole_both_ways() {
+    if !require_root("a_fragmented_udp_datagram_through_a_cluster_ip_arrives_whole_both_ways") {
+        return;
+    }
+    let c = cluster_with(&services(&["10.244.1.2"], &["10.244.1.2"]));
+    let (a1, b1) = (&c.pods[0], &c.pods[2]);
+    let b1_ip = b1.ip;
+    let server = b1.ns.spawn(move || {
+        let s = UdpSocket::bind((b1_ip, 5353)).expect("bind");
+        s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let mut buf = vec![0u8; 65536];
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            let Ok((n, from)) = s.recv_from(&mut buf) else { break };
+            got.push(n);
+            let _ = s.send_to(&buf[..n], from);
+        }
+        got
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let before = c.nodes[0].stats_json();
+    let client = a1.ns.spawn(|| {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind");
+        s.connect((DNS_VIP, 53)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+        let mut results = Vec::new();
+        for round in 0..3u8 {
+            let msg: Vec<u8> = (0..4000u32).map(|i| (i as u8).wrapping_mul(31).wrapping_add(round)).collect();
+            let _ = s.send(&msg);
+            let mut buf = vec![0u8; 65536];
+            results.push(match s.recv(&mut buf) {
+                Ok(n) => Ok(buf[..n] == msg[..]),
+                Err(e) => Err(e.to_string()),
+            });
+        }
+        results
+    });
+    let results = client.join().expect("client");
+    let got = server.join().expect("server");
+    let after = c.nodes[0].stats_json();
+    let translated = event(&after, "fragments_translated") - event(&before, "fragments_translated");
+    eprintln!("fragments: echoes {results:?}; endpoint got {got:?}; node A fragments_translated +{translated}");
+    assert_eq!(got, vec![4000, 4000, 4000], "the endpoint received every datagram whole");
+    assert_eq!(results, vec![Ok(true), Ok(true), Ok(true)], "every echo came back whole and unchanged");
+    assert!(translated >= 12, "two later fragments each way, three times: {translated}");
 }
