@@ -1,6 +1,7 @@
 /* vxnat's XDP program, one instance per port. On pod and host ports it redirects every frame
- * to vxnat's AF_XDP socket; on the uplink only VXLAN to this node's address and port and the
- * Service frontends in the `frontends` map, passing everything else to the kernel so the node's own
+ * to vxnat's AF_XDP socket; on the uplink only VXLAN to this node's address and port, the
+ * Service frontends in the `frontends` map and ICMP errors about what they sent, passing
+ * everything else to the kernel so the node's own
  * addressing, ARP and SSH keep working. Thin by design: vxnat validates everything itself. */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -32,8 +33,34 @@ static __always_inline int redirect(struct xdp_md *ctx)
 	return count(VXNAT_EXIT_DROP_NO_SOCKET, XDP_DROP);
 }
 
+/* An ICMP error (destination unreachable, time exceeded, parameter problem) about a packet a
+ * Service frontend sent: the quoted header's source address, source port and protocol are a
+ * frontend's. A router on the path to a client outside the cluster answers vxnat's reply with
+ * fragmentation needed this way; the kernel has no socket for it, vxnat translates it for the
+ * endpoint (path MTU discovery through a NodePort). */
+static __always_inline int is_frontend_icmp_error(struct iphdr *ip, void *end)
+{
+	__u8 *icmp = (void *)ip + ip->ihl * 4;
+	struct iphdr *q;
+	struct udphdr *ports;
+
+	if ((void *)(icmp + 8) > end || (icmp[0] != 3 && icmp[0] != 11 && icmp[0] != 12))
+		return 0;
+	q = (void *)(icmp + 8);
+	if ((void *)(q + 1) > end || q->ihl < 5)
+		return 0;
+	if (q->protocol != IPPROTO_UDP && q->protocol != IPPROTO_TCP)
+		return 0;
+	ports = (void *)q + q->ihl * 4;
+	if ((void *)ports + 4 > end)
+		return 0;
+	struct vxnat_frontend key = { .addr = q->saddr, .port = ports->source, .proto = q->protocol, .pad = 0 };
+	return bpf_map_lookup_elem(&frontends, &key) != 0;
+}
+
 /* On the uplink vxnat owns: VXLAN to this node (untagged IPv4 to node_ip, not fragmented, UDP
- * to vxlan_port), and TCP/UDP to a Service frontend in the `frontends` map. */
+ * to vxlan_port), TCP/UDP to a Service frontend in the `frontends` map, and ICMP errors about
+ * what a frontend sent. */
 static __always_inline int is_ours_on_uplink(struct xdp_md *ctx, const struct vxnat_config *cfg)
 {
 	void *data = (void *)(long)ctx->data;
@@ -47,9 +74,11 @@ static __always_inline int is_ours_on_uplink(struct xdp_md *ctx, const struct vx
 	ip = (void *)(eth + 1);
 	if ((void *)(ip + 1) > end || ip->ihl < 5)
 		return 0;
-	if (ip->protocol != IPPROTO_UDP && ip->protocol != IPPROTO_TCP)
-		return 0;
 	if (ip->frag_off & bpf_htons(0x3fff))
+		return 0;
+	if (ip->protocol == IPPROTO_ICMP)
+		return is_frontend_icmp_error(ip, end);
+	if (ip->protocol != IPPROTO_UDP && ip->protocol != IPPROTO_TCP)
 		return 0;
 	/* TCP and UDP both start with source and destination ports. */
 	udp = (void *)ip + ip->ihl * 4;

@@ -329,3 +329,107 @@ fn a_fragmented_udp_datagram_through_a_cluster_ip_arrives_whole_both_ways() {
     assert_eq!(results, vec![Ok(true), Ok(true), Ok(true)], "every echo came back whole and unchanged");
     assert!(translated >= 12, "two later fragments each way, three times: {translated}");
 }
+
+/// Path MTU discovery through a NodePort: a client beyond a router whose link toward it has an
+/// MTU of 1,200 (the client's own end 1,500, so its SYN announces an MSS the path cannot
+/// carry) downloads 2 MiB from an endpoint on node B through node A's NodePort. The endpoint's
+/// 1,450-byte segments reach the router, which answers node A with fragmentation needed; the
+/// uplink's XDP program hands the error to vxnat (it is about a packet a frontend sent),
+/// which translates it for the endpoint; the endpoint's kernel lowers its path MTU and the
+/// download completes. Without that, the path is a black hole: the download stalls.
+#[test]
+fn path_mtu_discovery_works_through_a_node_port_for_a_client_behind_a_narrow_link() {
+    if !require_root("path_mtu_discovery_works_through_a_node_port_for_a_client_behind_a_narrow_link") {
+        return;
+    }
+    use vxnat_tests::netns::{fnv1a, payload, Netns};
+    const NODE_PORT: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: big, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.56
+  externalTrafficPolicy: Cluster
+  ports: [{name: data, port: 80, targetPort: 8080, protocol: TCP, nodePort: 30600}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: big-x1, namespace: default, labels: {kubernetes.io/service-name: big}}
+addressType: IPv4
+ports: [{name: data, port: 8080, protocol: TCP}]
+endpoints:
+- {addresses: [10.244.1.2], conditions: {ready: true}, nodeName: node-b}
+"#;
+    let c = cluster_with(NODE_PORT);
+    // The router: on the switch as .254; toward the far client, MTU 1,200 on its side.
+    let router = Netns::new("router");
+    let far = Netns::new("far");
+    c._switch.ip(&["link", "add", "pr", "type", "veth", "peer", "name", "up0", "netns", &router.name]);
+    c._switch.ip(&["link", "set", "pr", "master", "br0", "up"]);
+    router.ip(&["addr", "add", "192.168.77.254/24", "dev", "up0"]);
+    router.ip(&["link", "set", "up0", "up"]);
+    router.ip(&["link", "add", "dn0", "type", "veth", "peer", "name", "eth0", "netns", &far.name]);
+    router.ip(&["addr", "add", "192.168.78.1/24", "dev", "dn0"]);
+    router.ip(&["link", "set", "dn0", "mtu", "1200", "up"]);
+    router.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    far.ip(&["addr", "add", "192.168.78.2/24", "dev", "eth0"]);
+    far.ip(&["link", "set", "eth0", "up"]);
+    far.ip(&["route", "add", "default", "via", "192.168.78.1"]);
+
+    const LEN: usize = 2 << 20;
+    let data = payload(11, LEN);
+    let want = fnv1a(&data, 0);
+    let b1_ip = c.pods[2].ip;
+    let server = c.pods[2].ns.spawn(move || {
+        let l = TcpListener::bind((b1_ip, 8080)).expect("listen");
+        l.set_nonblocking(true).expect("nonblocking");
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(15) {
+            if let Ok((mut s, _)) = l.accept() {
+                let _ = s.set_nonblocking(false);
+                let _ = s.set_write_timeout(Some(Duration::from_secs(15)));
+                return s.write_all(&data).map_err(|e| e.to_string());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Err("no connection".into())
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let before = c.nodes[0].stats_json();
+    let client = far.spawn(|| {
+        let t0 = Instant::now();
+        let mut s = TcpStream::connect_timeout(&(Ipv4Addr::new(192, 168, 77, 1), 30600).into(), Duration::from_secs(3))
+            .map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+        let (mut n, mut h) = (0usize, 0u64);
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(k) => {
+                    h = fnv1a(&buf[..k], h);
+                    n += k;
+                }
+                Err(e) => return Err(format!("after {n} bytes: {e}")),
+            }
+        }
+        Ok((n, h, t0.elapsed()))
+    });
+    let got = client.join().expect("client");
+    let sent = server.join().expect("server");
+    let after = c.nodes[0].stats_json();
+    let pmtu = c.pods[2].ns.ip(&["route", "get", "10.244.0.1"]);
+    let pmtu = String::from_utf8_lossy(&pmtu.stdout).replace('\n', " ");
+    let count = |st: &serde_json::Value| {
+        drops(st).iter().filter(|(n, _)| n == "uplink_not_vxlan").map(|(_, k)| *k).sum::<u64>()
+    };
+    eprintln!(
+        "pmtu: download {got:?}; server {sent:?}; endpoint's route to node A's gateway: {pmtu}; node A uplink_not_vxlan +{}",
+        count(&after) - count(&before)
+    );
+    let (n, h, took) = got.expect("the download completes");
+    assert_eq!((n, h), (LEN, want), "every byte, in order");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert!(pmtu.contains("mtu 1200"), "the endpoint learned the path MTU: {pmtu}");
+    drop((router, far));
+}

@@ -285,6 +285,66 @@ mod tests {
             .collect()
     }
 
+    /// Runs the uplink's program over `frame` (BPF_PROG_TEST_RUN) with `frontends` in its map;
+    /// the XDP action it returns. No socket is bound: a frame it would redirect comes back as
+    /// `XDP_DROP` (`drop_no_socket`), one it leaves to the kernel as `XDP_PASS`.
+    fn uplink_verdict(frontends: &[(std::net::Ipv4Addr, u16, u8)], frame: &[u8]) -> Option<u32> {
+        // Without CAP_BPF (not root) the load fails: the caller skips.
+        let loaded = XdpProgram::load(Mode::Uplink, [192, 168, 77, 1], 8472).ok()?;
+        loaded.frontends().expect("frontends").set(frontends).expect("set frontends");
+        let mut progs = loaded.object.progs_mut();
+        let prog = progs.find(|p| p.name() == "vxnat_xdp").expect("program");
+        let input = libbpf_rs::ProgramInput { data_in: Some(frame), ..Default::default() };
+        Some(prog.test_run(input).expect("test run").return_value)
+    }
+
+    /// An Ethernet + IPv4 frame from `src` to `dst` carrying `proto` and `body` (checksums
+    /// left zero: the program checks none).
+    fn frame(src: [u8; 4], dst: [u8; 4], proto: u8, body: &[u8]) -> Vec<u8> {
+        let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x08, 0x00];
+        let total = (20 + body.len()) as u16;
+        f.extend_from_slice(&[0x45, 0, (total >> 8) as u8, total as u8, 0, 1, 0x40, 0, 64, proto, 0, 0]);
+        f.extend_from_slice(&src);
+        f.extend_from_slice(&dst);
+        f.extend_from_slice(body);
+        f
+    }
+
+    /// The uplink's program hands vxnat the ICMP errors about what a Service frontend sent (a
+    /// router's fragmentation needed about a NodePort reply: path MTU discovery for clients
+    /// outside), and leaves other ICMP to the kernel.
+    #[test]
+    fn the_uplink_redirects_icmp_errors_about_a_frontends_packets_only() {
+        const XDP_DROP: u32 = 1;
+        const XDP_PASS: u32 = 2;
+        let node = [192, 168, 77, 1];
+        let frontends = [(std::net::Ipv4Addr::from(node), 30600, 6)];
+        // The reply as it left: node:30600 -> client:40000, TCP; quoted in the error.
+        let quoted = |sport: u16, proto: u8| {
+            let mut q =
+                frame(node, [192, 168, 78, 2], proto, &[(sport >> 8) as u8, sport as u8, 0x9c, 0x40, 0, 0, 0, 1]);
+            q.drain(..14);
+            q
+        };
+        let error = |kind: u8, q: Vec<u8>| {
+            let mut body = vec![kind, 4, 0, 0, 0, 0, 0x04, 0xb0];
+            body.extend_from_slice(&q);
+            frame([192, 168, 77, 254], node, 1, &body)
+        };
+        let Some(v) = uplink_verdict(&frontends, &error(3, quoted(30600, 6))) else {
+            eprintln!("skipped: loading an XDP program needs CAP_BPF");
+            return;
+        };
+        assert_eq!(v, XDP_DROP, "frag needed about a NodePort reply: to vxnat (no socket bound here: dropped)");
+        assert_eq!(uplink_verdict(&frontends, &error(11, quoted(30600, 6))), Some(XDP_DROP), "time exceeded");
+        assert_eq!(uplink_verdict(&frontends, &error(3, quoted(22, 6))), Some(XDP_PASS), "about the node's own SSH");
+        assert_eq!(uplink_verdict(&frontends, &error(3, quoted(30600, 17))), Some(XDP_PASS), "another protocol");
+        assert_eq!(uplink_verdict(&frontends, &error(8, quoted(30600, 6))), Some(XDP_PASS), "an echo request");
+        let mut cut = error(3, quoted(30600, 6));
+        cut.truncate(14 + 20 + 8 + 20 + 2);
+        assert_eq!(uplink_verdict(&frontends, &cut), Some(XDP_PASS), "a quote too short for its ports");
+    }
+
     #[test]
     fn the_exit_list_matches_the_xdp_programs() {
         let c = c_exits();

@@ -2,8 +2,8 @@
 //! redirects here beside the tunnel (NodePorts on the node address, external and load
 //! balancer IPs), and the replies going back to them.
 //!
-//! Contract: [`service_candidate`] only looks (an untagged IPv4 TCP/UDP frame to the uplink MAC
-//! that is not VXLAN to this node) and never drops; [`from_outside`] accepts Service traffic
+//! Contract: [`service_candidate`] only looks (an untagged IPv4 TCP/UDP/ICMP frame to the
+//! uplink MAC that is not VXLAN to this node) and never drops; [`from_outside`] accepts Service traffic
 //! only (anything else is `uplink_not_vxlan` / `uplink_not_for_node`) and routes it as
 //! `Origin::Outside`; [`to_outside`] sends a translated reply straight back out of the uplink
 //! to the client's L2 next hop, remembered in its flow, as a router would (TTL decremented).
@@ -16,9 +16,10 @@ use crate::tables::{ChecksumPolicy, Tables};
 use crate::wire::ethernet;
 use crate::wire::{EtherType, EthernetFrame, IpProtocol, Ipv4Packet, MacAddr};
 
-/// An untagged IPv4 TCP/UDP frame to our uplink MAC that is not VXLAN to this node: maybe a
-/// client outside the cluster reaching a NodePort, external or load balancer IP. Returns the
-/// client's (next hop's) MAC.
+/// An untagged IPv4 TCP/UDP/ICMP frame to our uplink MAC that is not VXLAN to this node: maybe a
+/// client outside the cluster reaching a NodePort, external or load balancer IP, or a router
+/// on the way to one answering a reply with an ICMP error. Returns the client's (next hop's)
+/// MAC.
 pub(crate) fn service_candidate(tables: &Tables, d: &[u8]) -> Option<MacAddr> {
     let eth = EthernetFrame::new_fixed(d).ok()?;
     if eth.ethertype_or_tpid() != EtherType::Ipv4 || eth.dst_addr() != tables.node.uplink_mac {
@@ -27,7 +28,9 @@ pub(crate) fn service_candidate(tables: &Tables, d: &[u8]) -> Option<MacAddr> {
     let ip = d.get(ethernet::HEADER_LEN..)?;
     let h = Ipv4Packet::new_fixed(ip).ok()?;
     match h.protocol() {
-        IpProtocol::Tcp => {}
+        // TCP to a frontend, or an ICMP error about what one sent (the XDP program redirects
+        // only those; `service_nat` translates the error for the endpoint or drops it, named).
+        IpProtocol::Tcp | IpProtocol::Icmp => {}
         IpProtocol::Udp => {
             // Not validated yet: the ports are wherever the IHL says.
             if h.dst_addr() == tables.node.node_ip

@@ -645,6 +645,17 @@ fn client_ip_affinity_holds_across_endpoint_changes_until_its_timeout() {
     assert_eq!(dst_of(&t, &mut st, 50 * S, 46102), fresh, "idle past the timeout: chosen afresh");
 }
 
+/// An ICMP fragmentation needed message (its type, code and checksum, next-hop `mtu`) quoting
+/// the first 28 bytes of the IPv4 packet `quoted`.
+fn frag_needed_body(quoted: &[u8], mtu: u16) -> Vec<u8> {
+    let mut body = vec![3, 4, 0, 0, 0, 0];
+    body.extend_from_slice(&mtu.to_be_bytes());
+    body.extend_from_slice(&quoted[..28]);
+    let c = crate::wire::checksum::checksum(&body);
+    body[2..4].copy_from_slice(&c.to_be_bytes());
+    body
+}
+
 /// Path MTU discovery through a Service: the endpoint answers a too-big segment with ICMP
 /// fragmentation-needed; the client must receive it about the packet it sent (to the Service
 /// address), from the Service address, with every checksum valid.
@@ -656,10 +667,7 @@ fn icmp_frag_needed_from_the_endpoint_is_translated_for_the_client() {
     run(&t, &mut st, 0, POD1, &from_pod1(&tcp(POD1_IP, VIP_WEB, sp, 80, 0x002, 1000, 0)));
     // What pod2 received (after DNAT) and quotes back: pod1:sp -> pod2:8080.
     let seen = tcp(POD1_IP, POD2_IP, sp, 8080, 0x018, 1001, 1);
-    let mut body = vec![3, 4, 0, 0, 0, 0, 0x05, 0x78]; // frag needed, next-hop MTU 1400
-    body.extend_from_slice(&seen[..28]);
-    let c = crate::wire::checksum::checksum(&body);
-    body[2..4].copy_from_slice(&c.to_be_bytes());
+    let body = frag_needed_body(&seen, 1400);
     let err = eth(POD2_PORT_MAC, POD2_MAC, 0x0800, &ipv4(POD2_IP, POD1_IP, &L4::Raw { proto: 1, bytes: &body }));
     let (d, out) = run(&t, &mut st, S, POD2, &err);
     assert_eq!(d, Disposition::Forward(POD1));
@@ -673,6 +681,48 @@ fn icmp_frag_needed_from_the_endpoint_is_translated_for_the_client() {
     assert!(q.verify_checksum(), "quoted header checksum");
     assert_eq!((q.src_addr(), q.dst_addr()), (POD1_IP, VIP_WEB), "the quote is the packet as the client sent it");
     assert_eq!(&q.payload()[..4], &[(sp >> 8) as u8, sp as u8, 0, 80]);
+}
+
+/// Path MTU discovery through a NodePort: a router on the way to a client outside answers the
+/// endpoint's reply (as it left the node: NODE_A:30080 -> client) with fragmentation needed,
+/// addressed to the node. The uplink hands it to vxnat (the XDP program redirects ICMP errors
+/// about a frontend's packets), which sends it on to the endpoint with the quote as the
+/// endpoint sent it (endpoint:8080 -> the node's SNAT address and port), from that SNAT
+/// address.
+#[test]
+fn icmp_frag_needed_from_a_router_outside_reaches_the_node_port_endpoint() {
+    let t = tables();
+    let sp = client_sport_toward(&t, 30080, POD2_IP);
+    let mut st = WorkerState::with_flows(0, 16);
+    let (_, out) = run(&t, &mut st, 0, UPLINK, &from_client(sp, 30080, 0x002));
+    let snat_port = tcp_view(&inner_ip(&out, false)).2;
+    let router = Ipv4Addr::new(198, 51, 100, 1);
+    // What the router received and quotes: the reply as it left the node.
+    let left = tcp(NODE_A, CLIENT, 30080, sp, 0x018, 1, 101);
+    let body = frag_needed_body(&left, 1200);
+    let err = eth(UPLINK_MAC, CLIENT_MAC, 0x0800, &ipv4(router, NODE_A, &L4::Raw { proto: 1, bytes: &body }));
+    let (d, out) = run(&t, &mut st, S, UPLINK, &err);
+    assert_eq!(d, Disposition::Forward(POD2), "to the endpoint");
+    let ip = inner_ip(&out, false);
+    let p = Ipv4Packet::new_checked(&ip[..]).unwrap();
+    assert_eq!(
+        (p.src_addr(), p.dst_addr()),
+        (GATEWAY_A, POD2_IP),
+        "to the endpoint, from the SNAT address (its only peer; a remote node drops outside sources from the tunnel)"
+    );
+    let icmp = IcmpPacket::new_checked(p.payload()).unwrap();
+    assert!(icmp.verify_checksum());
+    assert_eq!((icmp.msg_type(), icmp.msg_code(), icmp.next_hop_mtu()), (3, 4, 1200));
+    let q = icmp.embedded_ipv4().unwrap();
+    assert!(q.verify_checksum());
+    assert_eq!((q.src_addr(), q.dst_addr()), (POD2_IP, GATEWAY_A), "the quote as the endpoint sent it");
+    let ports = &q.payload()[..4];
+    assert_eq!(ports, &[0x1f, 0x90, (snat_port >> 8) as u8, snat_port as u8]);
+    // An ICMP error about nothing vxnat sent: a named drop, as other stray uplink traffic.
+    let stray = tcp(NODE_A, CLIENT, 30080, 9, 0x018, 1, 101);
+    let body = frag_needed_body(&stray, 1200);
+    let err = eth(UPLINK_MAC, CLIENT_MAC, 0x0800, &ipv4(router, NODE_A, &L4::Raw { proto: 1, bytes: &body }));
+    assert_eq!(run(&t, &mut st, S, UPLINK, &err).0, Disposition::Drop(DropReason::UplinkNotVxlan));
 }
 
 /// A state whose SNAT range is two ports (hairpin flows through VIP_SELF take them), its

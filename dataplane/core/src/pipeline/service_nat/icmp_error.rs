@@ -49,7 +49,18 @@ pub(super) fn icmp_error(ctx: &mut Ctx<'_>, frame: &mut FrameBuf<'_>, m: &mut Ip
     let adj = f.adj;
     // The outer header: to the quoted packet's sender; from the Service address if the error
     // came from the endpoint itself (a router in between keeps its own address).
-    let new_outer_src = if m.src == endpoint_side { service_side } else { m.src };
+    // An error from beyond the client (a router on the way to a client outside) about a reply
+    // of a SNAT'd flow comes from the SNAT address: the endpoint only knows that address as its
+    // peer, and a node holding the endpoint accepts from the tunnel only sources of the sending
+    // node (issue 17's anti-spoofing), never a router's outside address.
+    let snat_reply = dir == Dir::Orig && super::is_snat(f);
+    let new_outer_src = if m.src == endpoint_side {
+        service_side
+    } else if snat_reply {
+        f.reply.dst
+    } else {
+        m.src
+    };
     let Some(d) = frame.data_mut().get_mut(..end) else { return Nat::Untouched };
     {
         // The quote: addresses, ports, its header checksum, its TCP/UDP checksum when quoted.
