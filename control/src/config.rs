@@ -94,6 +94,11 @@ pub enum Error {
     Metrics(String),
     #[error("health: {0:?} is not an address:port (or \"\" for off)")]
     Health(String),
+    #[error("proxy_health: {0:?} is not an address:port (or \"\" for off)")]
+    ProxyHealth(String),
+    /// `healthcheck_addresses[index]` is neither `primary` nor an IPv4 address.
+    #[error("healthcheck_addresses[{index}]: {value:?} is not \"primary\" or an IPv4 address")]
+    HealthcheckAddress { index: usize, value: String },
     /// `checksum.pods`, `checksum.host` or `checksum.uplink` (`key`) is not a policy; `message`
     /// is the policy parser's.
     #[error("checksum.{key}: {message}")]
@@ -185,6 +190,15 @@ pub struct NodeFile {
     /// answers them too).
     #[serde(default = "default_health")]
     pub health: String,
+    /// kube-proxy's proxier health server (`GET /healthz`, `GET /livez`, kube-proxy's
+    /// `--healthz-bind-address`); empty: off.
+    #[serde(default = "default_proxy_health")]
+    pub proxy_health: String,
+    /// Where the healthCheckNodePort servers listen: `"primary"` (this node's address, as its
+    /// Node gives it) or IPv4 addresses (`"0.0.0.0"`: all). Default `["primary"]`, kube-proxy's
+    /// in nftables mode (`--nodeport-addresses primary`); empty: no such servers.
+    #[serde(default = "default_healthcheck_addresses")]
+    pub healthcheck_addresses: Vec<String>,
 }
 
 fn default_metrics() -> String {
@@ -192,10 +206,19 @@ fn default_metrics() -> String {
 }
 
 /// Next to metrics, on loopback (a host-network pod's probes reach it with `host: 127.0.0.1`).
-/// Not kube-proxy's 10256: cloud load balancers probe that port on the node's address with
-/// kube-proxy's meaning, and a node moving off kube-proxy may still run it.
+/// vxnat's own probes, apart from kube-proxy's 10256 (`proxy_health`), whose meaning cloud
+/// load balancers and kube-proxy's users expect there.
 fn default_health() -> String {
     "127.0.0.1:9479".to_string()
+}
+
+/// kube-proxy's default `--healthz-bind-address`.
+fn default_proxy_health() -> String {
+    "0.0.0.0:10256".to_string()
+}
+
+fn default_healthcheck_addresses() -> Vec<String> {
+    vec!["primary".to_string()]
 }
 
 /// Checksum policies per port kind ("complete", "verify" or "trust") and the outer VXLAN UDP
@@ -497,6 +520,10 @@ impl NodeFile {
         if !f.health.is_empty() && f.health.parse::<std::net::SocketAddr>().is_err() {
             return Err(Error::Health(f.health));
         }
+        if !f.proxy_health.is_empty() && f.proxy_health.parse::<std::net::SocketAddr>().is_err() {
+            return Err(Error::ProxyHealth(f.proxy_health));
+        }
+        f.healthcheck_ips(std::net::Ipv4Addr::UNSPECIFIED)?;
         f.checksum.outer_compute()?;
         // Relative state paths are relative to the config file.
         if let (Some(s), Some(dir)) = (&f.state, origin.parent()) {
@@ -505,6 +532,22 @@ impl NodeFile {
             }
         }
         Ok(f)
+    }
+
+    /// The addresses the healthCheckNodePort servers listen on, `primary` being this node's
+    /// address; each once, in the order given.
+    pub fn healthcheck_ips(&self, primary: std::net::Ipv4Addr) -> Result<Vec<std::net::Ipv4Addr>, Error> {
+        let mut ips = Vec::new();
+        for (index, value) in self.healthcheck_addresses.iter().enumerate() {
+            let ip = match value.as_str() {
+                "primary" => primary,
+                v => v.parse().map_err(|_| Error::HealthcheckAddress { index, value: value.clone() })?,
+            };
+            if !ips.contains(&ip) {
+                ips.push(ip);
+            }
+        }
+        Ok(ips)
     }
 
     pub fn load(path: &Path) -> Result<NodeFile, Error> {
@@ -609,6 +652,28 @@ port = 8472
         assert!(e.contains("health"), "{e}");
         let f = NodeFile::parse("node = \"a\"\nuplink = \"e\"\n", p).unwrap();
         assert_eq!((f.metrics.as_str(), f.health.as_str()), ("127.0.0.1:9478", "127.0.0.1:9479"));
+    }
+
+    #[test]
+    fn kube_proxy_health_servers_default_to_kube_proxys_addresses() {
+        let p = Path::new("n.toml");
+        let node = std::net::Ipv4Addr::new(192, 168, 77, 1);
+        let f = NodeFile::parse("node = \"a\"\nuplink = \"e\"\n", p).unwrap();
+        assert_eq!(f.proxy_health, "0.0.0.0:10256");
+        assert_eq!(f.healthcheck_ips(node).unwrap(), vec![node]);
+        let f = NodeFile::parse(
+            "node = \"a\"\nuplink = \"e\"\nproxy_health = \"\"\nhealthcheck_addresses = [\"0.0.0.0\", \"primary\", \"0.0.0.0\"]\n",
+            p,
+        )
+        .unwrap();
+        assert_eq!(f.proxy_health, "");
+        assert_eq!(f.healthcheck_ips(node).unwrap(), vec![std::net::Ipv4Addr::UNSPECIFIED, node]);
+        let e = NodeFile::parse("node = \"a\"\nuplink = \"e\"\nproxy_health = \"10256\"\n", p).unwrap_err().to_string();
+        assert!(e.contains("proxy_health") && e.contains("10256"), "{e}");
+        let e = NodeFile::parse("node = \"a\"\nuplink = \"e\"\nhealthcheck_addresses = [\"primary\", \"eth0\"]\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("healthcheck_addresses[1]") && e.contains("eth0"), "{e}");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //!   skips: objects left out or held at their last good version, named and counted
 //!   linkwatch: pod ports whose interface vanished are detached (rtnetlink link events)
 //!   run: wiring only (start, control loop, shutdown, supervision); health: /healthz, /readyz
+//!   healthcheck: kube-proxy's health servers (healthCheckNodePort per Service, :10256 /healthz /livez)
 //!   cni: the vxnat-cni plugin; fault: test-only fault injection (feature `fault-injection`)
 //! ```
 
@@ -21,6 +22,7 @@ pub mod drops;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
 pub mod health;
+pub mod healthcheck;
 pub mod json;
 pub mod linkwatch;
 pub mod metrics;

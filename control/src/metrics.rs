@@ -5,6 +5,8 @@
 //! The same server answers the probes, `GET /healthz` and `GET /readyz` (200 or 503 with the
 //! reason, from `crate::health`, without the node lock), on the metrics address and on the
 //! `health` address, which serves only them: a probe there never waits behind a scrape.
+//! kube-proxy's health servers (healthCheckNodePort, `:10256`) are `crate::healthcheck`'s; their
+//! state shows here (`vxnat_proxy_healthy`, `vxnat_healthcheck_*`).
 
 use crate::health::Health;
 use crate::node::Node;
@@ -226,6 +228,20 @@ pub fn render_health(h: &Health) -> String {
     o.sample("vxnat_source_up", &[], u8::from(h.source().up()));
     o.family("vxnat_source_failures_total", "counter", "Times the cluster source's thread died (each is restarted).");
     o.sample("vxnat_source_failures_total", &[], h.source().failures());
+    o.family(
+        "vxnat_proxy_healthy",
+        "gauge",
+        "kube-proxy's /healthz without the node's eligibility: the worker passes and no cluster change waits too long to reach it.",
+    );
+    o.sample("vxnat_proxy_healthy", &[], u8::from(h.proxy().healthy));
+    o.family("vxnat_healthcheck_servers", "gauge", "healthCheckNodePort servers open (one per Service).");
+    o.sample("vxnat_healthcheck_servers", &[], h.checks.open.load(Ordering::Relaxed));
+    o.family(
+        "vxnat_healthcheck_bind_failures_total",
+        "counter",
+        "Health check ports (a Service's healthCheckNodePort, or proxy_health) that could not be bound, once per episode.",
+    );
+    o.sample("vxnat_healthcheck_bind_failures_total", &[], h.checks.bind_failures.load(Ordering::Relaxed));
     o.text
 }
 

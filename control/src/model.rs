@@ -78,6 +78,9 @@ pub struct ServiceView {
     pub internal_traffic_policy: Option<String>,
     pub session_affinity: Option<String>,
     pub affinity_timeout: Option<i32>,
+    /// `spec.healthCheckNodePort`, as the API gave it (checked where it is used:
+    /// `crate::healthcheck`).
+    pub health_check_node_port: Option<i32>,
     pub ports: Vec<ServicePortView>,
 }
 
@@ -131,6 +134,7 @@ impl From<&Service> for ServiceView {
                 .and_then(|x| x.session_affinity_config.as_ref())
                 .and_then(|c| c.client_ip.as_ref())
                 .and_then(|c| c.timeout_seconds),
+            health_check_node_port: spec.and_then(|x| x.health_check_node_port),
             ports: spec
                 .and_then(|x| x.ports.as_ref())
                 .map(|ps| {

@@ -1,9 +1,9 @@
 //! `vxnat run`: wiring only. Take the single-instance lock, start the cluster source, capture
 //! the node facts, take over what a predecessor left (host port, nftables table, XDP programs,
 //! replaced in place; its flows, from the flow file), start the worker host, serve ctl,
-//! metrics and the health probes, and run the control loop (cluster updates, ARP watch,
-//! underlay refreshes, supervision) until SIGTERM/SIGINT; then stop, leaving the datapath in
-//! place for the successor.
+//! metrics, the health probes and kube-proxy's health servers (`crate::healthcheck`), and run
+//! the control loop (cluster updates, ARP watch, underlay refreshes, supervision) until
+//! SIGTERM/SIGINT; then stop, leaving the datapath in place for the successor.
 //!
 //! **Restarts are replacements** (issue 17). kube-proxy and flanneld restart without touching
 //! traffic because the kernel keeps their state; vxnat's state is its flows, so they live in a
@@ -30,6 +30,7 @@
 use crate::compile::{compile, HostPort, NodeFacts};
 use crate::config::NodeFile;
 use crate::health::{Health, HEARTBEAT_LIMIT};
+use crate::healthcheck::{self, HealthChecks};
 use crate::model::{Model, Update};
 use crate::netinfo;
 use crate::node::{install_rules, Cluster, Node};
@@ -43,7 +44,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use xsk::bpf::{AttachMode, XdpProgram};
-use xsk::host::{HostConfig, WorkerHost};
+use xsk::host::{Command, HostConfig, WorkerHost};
 use xsk::worker::{PodTx, WorkerConfig};
 
 /// Why the node could not start.
@@ -447,6 +448,7 @@ pub fn run(file: NodeFile) -> Result<(), Error> {
     let server = crate::ctl::serve(&file.socket, node.clone(), stop.clone()).map_err(|e| shutdown(Error::Ctl(e)))?;
     // Metrics (with the probes too), and the probes alone on their own address.
     let mut listeners = Vec::new();
+    let mut health_checks = None;
     for (addr, with_metrics) in [(&file.metrics, true), (&file.health, false)] {
         if addr.is_empty() || (!with_metrics && *addr == file.metrics) {
             continue;
@@ -456,6 +458,24 @@ pub fn run(file: NodeFile) -> Result<(), Error> {
             Err(e) if with_metrics => tracing::warn!("{e}; no metrics"),
             Err(e) => tracing::warn!("{e}; no /healthz or /readyz there"),
         }
+    }
+    // kube-proxy's health servers: a healthCheckNodePort server per Service that needs one,
+    // and the proxier's /healthz and /livez. Their own thread; they read the checks the
+    // control loop publishes and the health's atomics, never the node or the worker.
+    if !file.proxy_health.is_empty() || !file.healthcheck_addresses.is_empty() {
+        let ips = file.healthcheck_ips(node_ip).map_err(|e| shutdown(Error::Config(e)))?;
+        let checks = Arc::new(HealthChecks::new(ips, file.proxy_health.parse().ok(), health.checks.clone()));
+        {
+            let n = node.lock().map_err(|_| shutdown(Error::Poisoned))?;
+            health.set_node_eligible(healthcheck::node_eligible(n.cluster.model.nodes.get(&file.node)));
+            checks.publish(healthcheck::desired(&n.cluster.model, &file.node));
+        }
+        let h = health.clone();
+        match checks.clone().serve(move || h.proxy(), stop.clone()) {
+            Ok(t) => listeners.push(t),
+            Err(e) => tracing::warn!("health check servers: {e}; no kube-proxy health servers"),
+        }
+        health_checks = Some(checks);
     }
     // Pod ports whose interface vanishes are detached (rtnetlink link events).
     match crate::linkwatch::spawn(node.clone(), stop.clone()) {
@@ -471,7 +491,17 @@ pub fn run(file: NodeFile) -> Result<(), Error> {
         file.vxlan.vni,
         file.socket.display()
     );
-    let outcome = control_loop(&node, &updates, &handovers, &stop, &mut worker, &mut source, &annotate, &health);
+    let outcome = control_loop(
+        &node,
+        &updates,
+        &handovers,
+        &stop,
+        &mut worker,
+        &mut source,
+        &annotate,
+        &health,
+        health_checks.as_deref(),
+    );
     health.set_up(false);
     match &outcome {
         Ok(None) => tracing::info!("stopping; the datapath and the flows stay for the next vxnat"),
@@ -562,7 +592,10 @@ fn take_over(
 /// the uplink, and underlay refreshes as soon as the kernel's neighbour or route tables change
 /// (and every 10 s regardless). On every turn: a dead worker (or a poisoned node) ends the loop
 /// with the error `run` exits with, a dead cluster source is restarted (`resend` then sends
-/// the Node annotations again), and a stalled worker is logged once per stall.
+/// the Node annotations again), and a stalled worker is logged once per stall. Each batch of
+/// cluster changes is tracked until the worker uses the tables that carry it (`health`'s
+/// queued/sent/applied, kube-proxy's healthz semantics), and refreshes the health checks'
+/// Services and endpoint counts (`checks`).
 #[allow(clippy::too_many_arguments)]
 fn control_loop(
     node: &std::sync::Mutex<Node>,
@@ -572,7 +605,8 @@ fn control_loop(
     worker: &mut WorkerHost,
     source: &mut Supervised,
     resend: &dyn Fn(),
-    health: &Health,
+    health: &Arc<Health>,
+    checks: Option<&HealthChecks>,
 ) -> Result<Option<crate::node::HandoverAsk>, Error> {
     let dirty = Arc::new(AtomicBool::new(false));
     {
@@ -600,7 +634,21 @@ fn control_loop(
         crossbeam_channel::select! {
             recv(updates) -> first => if let Ok(first) = first {
                 let batch: Vec<Update> = std::iter::once(first).chain(updates.try_iter()).collect();
-                node.lock().map_err(|_| Error::Poisoned)?.apply_updates(batch);
+                health.queued();
+                let mut n = node.lock().map_err(|_| Error::Poisoned)?;
+                let generation = n.apply_updates(batch);
+                if generation.is_some() {
+                    // A marker behind the new tables (the channel keeps order): the worker runs
+                    // it between two passes once they are in use, and it stores two atomics.
+                    let h = health.clone();
+                    let _ = n.commands().send(Command::Run(Box::new(move |_, v| h.applied(v.generation))));
+                }
+                health.sent(generation);
+                let me = n.facts.me.name.clone();
+                health.set_node_eligible(healthcheck::node_eligible(n.cluster.model.nodes.get(&me)));
+                if let Some(c) = checks {
+                    c.publish(healthcheck::desired(&n.cluster.model, &me));
+                }
             },
             recv(handovers) -> ask => if let Ok(ask) = ask {
                 return Ok(Some(ask));

@@ -64,12 +64,17 @@ fn the_daemonset_manifest_is_valid_and_grants_what_the_source_uses() {
     assert_eq!(spec.host_network, Some(true));
     assert_eq!(spec.service_account_name.as_deref(), Some("vxnat"));
     assert!(spec.containers[0].env.iter().flatten().any(|e| e.name == "NODE_NAME"));
-    // The liveness and readiness probes ask vxnat's health address (node.toml's, or its
-    // default) for /healthz and /readyz.
+    // Liveness asks kube-proxy's proxier health server (`proxy_health`, on every address:
+    // asked on loopback) for /livez; readiness asks vxnat's health address for /readyz
+    // (node.toml's, or their defaults).
     let health: std::net::SocketAddr = f.health.parse().expect("health address");
-    for (probe, path) in
-        [(&spec.containers[0].liveness_probe, "/healthz"), (&spec.containers[0].readiness_probe, "/readyz")]
-    {
+    let proxy: std::net::SocketAddr = f.proxy_health.parse().expect("proxy_health address");
+    let proxy =
+        if proxy.ip().is_unspecified() { std::net::SocketAddr::from(([127, 0, 0, 1], proxy.port())) } else { proxy };
+    for (probe, path, health) in [
+        (&spec.containers[0].liveness_probe, "/livez", proxy),
+        (&spec.containers[0].readiness_probe, "/readyz", health),
+    ] {
         let get =
             probe.as_ref().and_then(|p| p.http_get.as_ref()).unwrap_or_else(|| panic!("no httpGet probe of {path}"));
         assert_eq!(get.path.as_deref(), Some(path));
