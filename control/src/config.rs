@@ -264,7 +264,8 @@ impl ChecksumSection {
     }
 }
 
-/// Connection tracking timeouts in seconds; defaults are Linux nf_conntrack's.
+/// Connection tracking timeouts in seconds; defaults are a kube-proxy node's (see
+/// `dataplane::conntrack::Timeouts`).
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ConntrackSection {
@@ -614,7 +615,7 @@ port = 8472
         let f = NodeFile::parse("node = \"a\"\nuplink = \"e\"\n[conntrack]\ntcp_time_wait = 30\n", Path::new("n.toml"))
             .unwrap();
         assert_eq!(f.conntrack.timeouts().tcp_time_wait, 30_000_000_000);
-        assert_eq!(f.conntrack.tcp_established, 432_000);
+        assert_eq!((f.conntrack.tcp_established, f.conntrack.tcp_close_wait), (86_400, 3_600));
     }
 
     #[test]

@@ -82,7 +82,9 @@ impl FlowState {
     }
 }
 
-/// Timeouts, in nanoseconds; defaults are Linux nf_conntrack's.
+/// Timeouts, in nanoseconds; defaults are those of a node running kube-proxy: nf_conntrack's,
+/// except established TCP (24 h) and CLOSE_WAIT (1 h), which kube-proxy sets
+/// (`conntrack.tcpEstablishedTimeout`, `tcpCloseWaitTimeout`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
     pub tcp_syn_sent: u64,
@@ -103,9 +105,9 @@ impl Default for Timeouts {
         Timeouts {
             tcp_syn_sent: 120 * S,
             tcp_syn_recv: 60 * S,
-            tcp_established: 432_000 * S,
+            tcp_established: 86_400 * S,
             tcp_fin_wait: 120 * S,
-            tcp_close_wait: 60 * S,
+            tcp_close_wait: 3_600 * S,
             tcp_last_ack: 30 * S,
             tcp_time_wait: 120 * S,
             tcp_close: 10 * S,

@@ -36,7 +36,7 @@ fn tcp_lifecycle_follows_nf_conntrack_with_its_timeouts() {
     ct.update(id, Dir::Reply, SYNACK, 60, S);
     assert_eq!(state(&ct, id), FlowState::Tcp(TcpState::SynRecv));
     assert_eq!(ct.update(id, Dir::Orig, ACK, 52, 2 * S), TcpEvent::Established);
-    assert_eq!(ct.get(id).unwrap().expires_at, 2 * S + 432_000 * S);
+    assert_eq!(ct.get(id).unwrap().expires_at, 2 * S + 86_400 * S);
     ct.update(id, Dir::Reply, FINACK, 52, 3 * S); // the backend closes first (it will hold TIME_WAIT)
     assert_eq!(state(&ct, id), FlowState::Tcp(TcpState::CloseWait));
     ct.update(id, Dir::Orig, FINACK, 52, 3 * S);
@@ -112,9 +112,9 @@ fn a_full_table_refuses_new_flows_and_never_evicts_established_ones() {
     assert_eq!(ct.get(a).unwrap().tag, 1, "existing flows untouched");
     assert_eq!(ct.early_drops(), 0);
     // After the ESTABLISHED timeout a sweep frees both slots.
-    ct.sweep(432_000 * S, 10);
+    ct.sweep(86_400 * S, 10);
     assert_eq!(ct.take_expired().len(), 2);
-    assert!(ct.insert(tcp_key(3).0, tcp_key(3).1, 432_000 * S, 3).is_ok());
+    assert!(ct.insert(tcp_key(3).0, tcp_key(3).1, 86_400 * S, 3).is_ok());
 }
 
 /// netfilter's early_drop: a table full of handshakes that never completed takes a new flow
