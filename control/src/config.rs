@@ -68,6 +68,8 @@ pub enum Error {
     MaxAffinityClients(usize),
     #[error("nat.max_flows: must be at least 1")]
     MaxFlows,
+    #[error("nat.external_ip_cidrs[{index}]: {value:?} is not an IPv4 CIDR")]
+    ExternalIpCidr { index: usize, value: String },
     #[error("vxlan.vni: {0} does not fit 24 bits")]
     Vni(u32),
     #[error("host.ifname: {0:?} is too long (14 bytes at most)")]
@@ -348,6 +350,10 @@ pub struct NatSection {
     /// `max_flows`, from 1,024 to 65,536. Past it, a new client is not remembered.
     #[serde(default)]
     pub max_affinity_clients: Option<usize>,
+    /// The only ranges a Service's `spec.externalIPs` may come from (empty: any address that
+    /// is not refused anyway: a node's, the cluster's and Service CIDRs, non-unicast).
+    #[serde(default)]
+    pub external_ip_cidrs: Vec<String>,
 }
 
 impl Default for NatSection {
@@ -357,11 +363,25 @@ impl Default for NatSection {
             snat_hold_s: default_hold(),
             max_flows: default_flows(),
             max_affinity_clients: None,
+            external_ip_cidrs: Vec::new(),
         }
     }
 }
 
 impl NatSection {
+    /// `external_ip_cidrs`, parsed.
+    pub fn external_ip_cidrs(&self) -> Result<Vec<dataplane::wire::Ipv4Cidr>, Error> {
+        self.external_ip_cidrs
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                c.parse::<dataplane::wire::Ipv4Cidr>()
+                    .map(|c| c.network())
+                    .map_err(|_| Error::ExternalIpCidr { index: i, value: c.clone() })
+            })
+            .collect()
+    }
+
     /// The SNAT port range, validated.
     pub fn ports(&self) -> Result<core::ops::RangeInclusive<u16>, Error> {
         let (a, b) = self.snat_ports.split_once('-').ok_or_else(|| Error::SnatPortsFormat(self.snat_ports.clone()))?;
@@ -484,6 +504,7 @@ impl NodeFile {
         if f.nat.max_flows == 0 {
             return Err(Error::MaxFlows);
         }
+        f.nat.external_ip_cidrs()?;
         if let Some(n) = f.nat.max_affinity_clients.filter(|n| !(1..=1 << 31).contains(n)) {
             return Err(Error::MaxAffinityClients(n));
         }

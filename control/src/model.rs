@@ -81,6 +81,8 @@ pub struct ServiceView {
     /// `spec.healthCheckNodePort`, as the API gave it (checked where it is used:
     /// `crate::healthcheck`).
     pub health_check_node_port: Option<i32>,
+    /// `spec.loadBalancerSourceRanges`, as the API gave them (parsed at compile time).
+    pub lb_source_ranges: Vec<String>,
     pub ports: Vec<ServicePortView>,
 }
 
@@ -135,6 +137,7 @@ impl From<&Service> for ServiceView {
                 .and_then(|c| c.client_ip.as_ref())
                 .and_then(|c| c.timeout_seconds),
             health_check_node_port: spec.and_then(|x| x.health_check_node_port),
+            lb_source_ranges: spec.and_then(|x| x.load_balancer_source_ranges.clone()).unwrap_or_default(),
             ports: spec
                 .and_then(|x| x.ports.as_ref())
                 .map(|ps| {

@@ -98,15 +98,18 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// The cluster `model` with every Service compiled for node `me`.
-    pub fn new(model: Model, me: &str, maglev_table_size: usize) -> Cluster {
-        let mut c = Cluster {
-            compiler: Compiler::new(me, maglev_table_size),
-            model,
-            services: Arc::default(),
-            node_ports: Vec::new(),
-            skips: Skips::default(),
-        };
+    /// The cluster `model` with every Service compiled for node `me`, external IPs installed
+    /// as `external_ips` allows.
+    pub fn new(
+        model: Model,
+        me: &str,
+        maglev_table_size: usize,
+        external_ips: crate::services::ExternalIpPolicy,
+    ) -> Cluster {
+        let mut compiler = Compiler::new(me, maglev_table_size);
+        compiler.set_external_ip_policy(external_ips);
+        let mut c =
+            Cluster { compiler, model, services: Arc::default(), node_ports: Vec::new(), skips: Skips::default() };
         c.compile_services(None);
         c.node_ports = crate::services::node_port_redirects(c.model.services.values());
         c
@@ -118,6 +121,7 @@ impl Cluster {
             None => self.compiler.compile_all(&self.model),
             Some(d) => self.compiler.compile_changed(&self.model, d),
         };
+        self.compiler.set_node_addresses(crate::services::node_addresses(&self.model));
         let (table, conflicts) = self.compiler.table_keyed();
         // One entry per Service: its compile error, then any frontend it lost.
         let mut by_service: std::collections::BTreeMap<crate::model::Key, Vec<String>> = Default::default();

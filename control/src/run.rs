@@ -318,7 +318,14 @@ pub fn run(file: NodeFile) -> Result<(), Error> {
     let umem = xsk::umem::Umem::prepare(file.umem.frames_for(file.max_pods), WorkerConfig::default().ring_size);
     let model = initial_model(&file, &updates, &mut source, &stop, Duration::from_secs(60))?;
     let mut facts = gather(&file, &model)?;
-    let mut cluster = Cluster::new(model, &facts.me.name, file.maglev_table_size);
+    let external_ips = crate::services::ExternalIpPolicy::new(
+        facts.cluster,
+        file.service_cidr.parse().map_err(|_| {
+            Error::Config(crate::config::Error::Cidr { key: "service_cidr", value: file.service_cidr.clone() })
+        })?,
+        file.nat.external_ip_cidrs().map_err(Error::Config)?,
+    );
+    let mut cluster = Cluster::new(model, &facts.me.name, file.maglev_table_size, external_ips);
     facts.remotes = cluster.remotes(&facts.me, facts.cluster, &[]);
     // Sent again whenever the Kubernetes source restarts (the one that died may have taken
     // them without publishing them).

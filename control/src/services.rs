@@ -41,10 +41,81 @@ pub enum Error {
     /// `spec.ports[index].nodePort` is not a 16-bit port.
     #[error("{what}: spec.ports[{index}].nodePort: {value}")]
     NodePort { what: String, index: usize, value: i32 },
+    /// `spec.loadBalancerSourceRanges[index]` is not a CIDR.
+    #[error("{what}: spec.loadBalancerSourceRanges[{index}]: {value:?} is not a CIDR")]
+    SourceRange { what: String, index: usize, value: String },
     /// The port's endpoint sets could not be built (the dataplane's own message, free-form:
     /// `ServicePort::new` reports a `String`).
     #[error("{0}")]
     Endpoints(String),
+}
+
+/// Which `spec.externalIPs` this node installs (issue 18; the CVE-2020-8554 class: whoever
+/// may create a Service could otherwise capture the cluster's traffic to any address, the
+/// nodes' own SSH and kubelet included). Refused: a node's address (`status.addresses`, every
+/// Node), the cluster and Service CIDRs, and addresses that are never a unicast host's
+/// (0.0.0.0/8, loopback, link-local, multicast and above); and, when `allowed` is not empty,
+/// anything outside it (`nat.external_ip_cidrs`, as the API server's DenyServiceExternalIPs /
+/// allowed-CIDRs admission policies do). A refused address is left out, named; the Service's
+/// other frontends stay.
+#[derive(Debug, Clone, Default)]
+pub struct ExternalIpPolicy {
+    /// Ranges refused, each with why.
+    pub denied: Vec<(dataplane::wire::Ipv4Cidr, String)>,
+    /// When not empty: the only ranges accepted.
+    pub allowed: Vec<dataplane::wire::Ipv4Cidr>,
+}
+
+impl ExternalIpPolicy {
+    /// The policy for a cluster whose pods are in `cluster` and Services in `services`.
+    pub fn new(
+        cluster: dataplane::wire::Ipv4Cidr,
+        services: dataplane::wire::Ipv4Cidr,
+        allowed: Vec<dataplane::wire::Ipv4Cidr>,
+    ) -> ExternalIpPolicy {
+        let mut denied = vec![
+            (cluster, format!("in the cluster CIDR {cluster}")),
+            (services, format!("in the Service CIDR {services}")),
+        ];
+        for (net, why) in [
+            ("0.0.0.0/8", "not a host address"),
+            ("127.0.0.0/8", "a loopback address"),
+            ("169.254.0.0/16", "a link-local address"),
+            ("224.0.0.0/3", "a multicast or reserved address"),
+        ] {
+            if let Ok(c) = net.parse() {
+                denied.push((c, why.to_string()));
+            }
+        }
+        ExternalIpPolicy { denied, allowed }
+    }
+
+    /// Why `ip` is refused, if it is; `nodes` maps every node address to its Node's name.
+    fn refuses(&self, ip: Ipv4Addr, nodes: &BTreeMap<Ipv4Addr, String>) -> Option<String> {
+        if let Some(node) = nodes.get(&ip) {
+            return Some(format!("Node {node}'s address"));
+        }
+        if let Some((_, why)) = self.denied.iter().find(|(c, _)| c.contains(ip)) {
+            return Some(why.clone());
+        }
+        if !self.allowed.is_empty() && !self.allowed.iter().any(|c| c.contains(ip)) {
+            return Some("outside nat.external_ip_cidrs".to_string());
+        }
+        None
+    }
+}
+
+/// Every IPv4 address of every Node of `model` (`status.addresses`), with its Node's name.
+pub fn node_addresses(model: &Model) -> BTreeMap<Ipv4Addr, String> {
+    let mut v = BTreeMap::new();
+    for (name, n) in &model.nodes {
+        for a in n.status.as_ref().and_then(|s| s.addresses.as_ref()).into_iter().flatten() {
+            if let Ok(ip) = a.address.parse::<Ipv4Addr>() {
+                v.insert(ip, name.clone());
+            }
+        }
+    }
+    v
 }
 
 fn proto_num(p: Option<&str>) -> Option<u8> {
@@ -53,6 +124,12 @@ fn proto_num(p: Option<&str>) -> Option<u8> {
         "UDP" => Some(17),
         _ => None,
     }
+}
+
+/// `addr/len` with an IPv6 address and a prefix length up to 128.
+fn is_ipv6_cidr(s: &str) -> bool {
+    s.split_once('/')
+        .is_some_and(|(a, l)| a.parse::<std::net::Ipv6Addr>().is_ok() && l.parse::<u8>().is_ok_and(|l| l <= 128))
 }
 
 fn ip(s: &str, what: &str, field: String) -> Result<Ipv4Addr, Error> {
@@ -88,16 +165,19 @@ pub fn node_port_redirects<'a>(
 #[derive(Debug, Clone)]
 struct CompiledPort {
     port: Arc<ServicePort>,
+    /// `Service ns/name`, for reports about the Service's own fields.
+    what: String,
     /// `Service ns/name: spec.ports[i]`, for conflict reports.
     field: String,
     frontends: Vec<(Frontend, FrontendKind)>,
     node_ports: Vec<(u8, u16)>,
 }
 
-/// A compiled Service: its ports.
+/// A compiled Service: its ports, and what of it was left out (each naming the field).
 #[derive(Debug, Clone, Default)]
 pub struct CompiledService {
     ports: Vec<CompiledPort>,
+    notes: Vec<String>,
 }
 
 /// The per-Service cache and the table it assembles.
@@ -105,6 +185,9 @@ pub struct CompiledService {
 pub struct Compiler {
     node: String,
     maglev_size: usize,
+    /// Which external IPs are installed, and every Node's addresses for it.
+    external_ips: ExternalIpPolicy,
+    node_addrs: BTreeMap<Ipv4Addr, String>,
     cache: BTreeMap<Key, CompiledService>,
     /// The current problem of each Service that has one.
     problems: BTreeMap<Key, String>,
@@ -112,7 +195,25 @@ pub struct Compiler {
 
 impl Compiler {
     pub fn new(node: &str, maglev_size: usize) -> Compiler {
-        Compiler { node: node.to_string(), maglev_size, cache: BTreeMap::new(), problems: BTreeMap::new() }
+        Compiler {
+            node: node.to_string(),
+            maglev_size,
+            external_ips: ExternalIpPolicy::default(),
+            node_addrs: BTreeMap::new(),
+            cache: BTreeMap::new(),
+            problems: BTreeMap::new(),
+        }
+    }
+
+    /// Which external IPs the table installs (the default refuses none).
+    pub fn set_external_ip_policy(&mut self, policy: ExternalIpPolicy) {
+        self.external_ips = policy;
+    }
+
+    /// Every Node's addresses (`node_addresses`), which external IPs may not be: read when
+    /// the table is assembled, so a Node change needs no Service compiled again.
+    pub fn set_node_addresses(&mut self, addrs: BTreeMap<Ipv4Addr, String>) {
+        self.node_addrs = addrs;
     }
 
     /// Every Service's current problem, in key order.
@@ -205,9 +306,22 @@ impl Compiler {
         let mut table = ServiceTable::default();
         let mut problems = Vec::new();
         for (key, c) in &self.cache {
+            problems.extend(c.notes.iter().map(|n| (key.clone(), n.clone())));
+            let mut refused = std::collections::BTreeSet::new();
             for p in &c.ports {
                 let idx = table.add_shared_port(p.port.clone());
                 for &(f, kind) in &p.frontends {
+                    if kind == FrontendKind::ExternalIp {
+                        if let Some(why) = self.external_ips.refuses(f.ip, &self.node_addrs) {
+                            if refused.insert(f.ip) {
+                                problems.push((
+                                    key.clone(),
+                                    format!("{}: spec.externalIPs: {}: {why}; not installed", p.what, f.ip),
+                                ));
+                            }
+                            continue;
+                        }
+                    }
                     if let Err(e) = table.add_frontend(f, kind, idx) {
                         problems.push((key.clone(), format!("{}: {e}", p.field)));
                     }
@@ -271,6 +385,22 @@ pub fn compile_service(
         .enumerate()
         .filter_map(|(i, g)| g.as_deref().map(|s| ip(s, &what, format!("status.loadBalancer.ingress[{i}].ip"))))
         .collect::<Result<_, _>>()?;
+    // kube-proxy's IPv4 proxier keeps the IPv4 ranges; a Service that named ranges, none of
+    // them IPv4, admits no IPv4 client (rather than all of them).
+    let source_ranges = if svc.lb_source_ranges.is_empty() {
+        None
+    } else {
+        let mut v = Vec::new();
+        for (i, r) in svc.lb_source_ranges.iter().enumerate() {
+            let r = r.trim();
+            match r.parse::<dataplane::wire::Ipv4Cidr>() {
+                Ok(c) => v.push(c.network()),
+                Err(_) if is_ipv6_cidr(r) => {}
+                Err(_) => return Err(Error::SourceRange { what: what.clone(), index: i, value: r.to_string() }),
+            }
+        }
+        Some(v)
+    };
     let external_local = svc.external_traffic_policy.as_deref() == Some("Local");
     let internal_local = svc.internal_traffic_policy.as_deref() == Some("Local");
     let affinity_ns = if svc.session_affinity.as_deref() == Some("ClientIP") {
@@ -283,7 +413,11 @@ pub fn compile_service(
     for (pi, sp) in svc.ports.iter().enumerate() {
         let field = format!("{what}: spec.ports[{pi}]");
         let Some(proto) = proto_num(sp.protocol.as_deref()) else {
-            continue; // SCTP: not handled by vxnat
+            out.notes.push(format!(
+                "{field}.protocol: {} is not supported by vxnat (TCP and UDP are); this port is left out",
+                sp.protocol.as_deref().unwrap_or_default()
+            ));
+            continue;
         };
         let port = u16::try_from(sp.port).map_err(|_| Error::Port { what: what.clone(), index: pi, value: sp.port })?;
         let mut endpoints = Vec::new();
@@ -318,8 +452,15 @@ pub fn compile_service(
             affinity_ns,
             maglev_size,
         )
-        .map_err(Error::Endpoints)?;
-        let mut p = CompiledPort { port: Arc::new(compiled), field, frontends: Vec::new(), node_ports: Vec::new() };
+        .map_err(Error::Endpoints)?
+        .with_source_ranges(source_ranges.clone());
+        let mut p = CompiledPort {
+            port: Arc::new(compiled),
+            what: what.clone(),
+            field,
+            frontends: Vec::new(),
+            node_ports: Vec::new(),
+        };
         if let Some(cip) = cluster_ip {
             p.frontends.push((Frontend { proto, ip: cip, port }, FrontendKind::ClusterIp));
         }
@@ -497,5 +638,94 @@ endpoints: [{addresses: [10.244.1.9]}, {addresses: [10.244.0.9]}]
         );
         assert!(c.table().0.lookup(6, Ipv4Addr::new(203, 0, 113, 7), 80, false).is_some(), "last good version serves");
         assert_eq!(c.problems().len(), 2, "web's and broken's: {:?}", c.problems());
+    }
+
+    const GUARDED: &str = r#"
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Node
+  metadata: {name: node-a}
+  spec: {podCIDR: 10.244.0.0/24}
+  status: {addresses: [{type: InternalIP, address: 192.168.77.1}, {type: Hostname, address: node-a}]}
+- apiVersion: v1
+  kind: Service
+  metadata: {name: grab, namespace: shop}
+  spec:
+    type: LoadBalancer
+    clusterIP: 10.96.0.30
+    externalIPs: [192.168.77.1, 10.244.0.9, 10.96.0.99, 127.0.0.1, 224.0.0.5, 203.0.113.7, 198.51.100.4]
+    loadBalancerSourceRanges: [" 198.51.100.0/24", "2001:db8::/32"]
+    ports:
+    - {name: ssh, port: 22, protocol: TCP}
+    - {name: sig, port: 2905, protocol: SCTP}
+  status: {loadBalancer: {ingress: [{ip: 198.51.100.9}]}}
+"#;
+
+    fn guarded(allowed: &[&str]) -> (ServiceTable, Vec<String>) {
+        let model = Model::from_state(ClusterState::parse(GUARDED).unwrap());
+        let mut c = Compiler::new("node-a", 16381);
+        let cidr = |s: &str| s.parse::<dataplane::wire::Ipv4Cidr>().unwrap();
+        c.set_external_ip_policy(ExternalIpPolicy::new(
+            cidr("10.244.0.0/16"),
+            cidr("10.96.0.0/12"),
+            allowed.iter().map(|a| cidr(a)).collect(),
+        ));
+        let mut problems = c.compile_all(&model);
+        c.set_node_addresses(node_addresses(&model));
+        let (t, conflicts) = c.table();
+        problems.extend(conflicts);
+        (t, problems)
+    }
+
+    /// External IPs that would capture a node's own traffic, pods' or Services' addresses, or
+    /// non-unicast ones are left out, each named (CVE-2020-8554 class); the rest install. An
+    /// SCTP port is named and left out, the TCP port stays. Source ranges reach the port.
+    #[test]
+    fn external_ips_a_node_or_the_cluster_owns_are_refused_named_and_the_rest_installed() {
+        let (t, problems) = guarded(&[]);
+        let installed: Vec<Ipv4Addr> =
+            ["192.168.77.1", "10.244.0.9", "10.96.0.99", "127.0.0.1", "224.0.0.5", "203.0.113.7", "198.51.100.4"]
+                .iter()
+                .map(|a| a.parse().unwrap())
+                .filter(|&a| t.lookup(6, a, 22, false).is_some_and(|(_, k)| k == FrontendKind::ExternalIp))
+                .collect();
+        assert_eq!(installed, vec![Ipv4Addr::new(203, 0, 113, 7), Ipv4Addr::new(198, 51, 100, 4)]);
+        let said = problems.join("\n");
+        for want in [
+            "Service shop/grab: spec.externalIPs: 192.168.77.1: Node node-a's address; not installed",
+            "spec.externalIPs: 10.244.0.9: in the cluster CIDR 10.244.0.0/16",
+            "spec.externalIPs: 10.96.0.99: in the Service CIDR 10.96.0.0/12",
+            "spec.externalIPs: 127.0.0.1: a loopback address",
+            "spec.externalIPs: 224.0.0.5: a multicast or reserved address",
+            "Service shop/grab: spec.ports[1].protocol: SCTP is not supported by vxnat (TCP and UDP are); this port is left out",
+        ] {
+            assert!(said.contains(want), "{want}: {said}");
+        }
+        assert_eq!(problems.len(), 6, "{problems:?}");
+        // The ClusterIP and the load balancer IP stay; the source ranges (the IPv6 one
+        // skipped) apply there.
+        let (p, k) = t.lookup(6, Ipv4Addr::new(198, 51, 100, 9), 22, false).unwrap();
+        assert_eq!(k, FrontendKind::LoadBalancer);
+        assert!(p.admits(Ipv4Addr::new(198, 51, 100, 200)) && !p.admits(Ipv4Addr::new(192, 0, 2, 1)));
+        assert!(t.lookup(6, Ipv4Addr::new(10, 96, 0, 30), 22, false).is_some());
+        // With an allow-list, only what it holds.
+        let (t, problems) = guarded(&["198.51.100.0/24"]);
+        assert!(t.lookup(6, Ipv4Addr::new(203, 0, 113, 7), 22, false).is_none());
+        assert!(t.lookup(6, Ipv4Addr::new(198, 51, 100, 4), 22, false).is_some());
+        assert!(problems.iter().any(|p| p.contains("203.0.113.7: outside nat.external_ip_cidrs")), "{problems:?}");
+    }
+
+    #[test]
+    fn a_source_range_that_is_not_a_cidr_names_its_field() {
+        let bad = GUARDED.replace("\" 198.51.100.0/24\"", "\"198.51.100.0/33\"");
+        let model = Model::from_state(ClusterState::parse(&bad).unwrap());
+        let mut c = Compiler::new("node-a", 16381);
+        let problems = c.compile_all(&model);
+        assert_eq!(
+            problems,
+            vec!["Service shop/grab: spec.loadBalancerSourceRanges[0]: \"198.51.100.0/33\" is not a CIDR".to_string()]
+        );
     }
 }

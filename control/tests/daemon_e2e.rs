@@ -401,31 +401,6 @@ items:
   - {addresses: [10.244.1.2], conditions: {ready: true}, nodeName: node-b}
 "#;
 
-/// A TCP server in `pod` that answers each connection with `name` (and, with `report_peer`,
-/// " <peer address it saw>") and closes first, until `stop`.
-fn who_server(
-    pod: &Pod,
-    name: &'static str,
-    report_peer: bool,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> std::thread::JoinHandle<()> {
-    let ip = pod.ip;
-    pod.ns.spawn(move || {
-        let l = TcpListener::bind((ip, 8080)).expect("listen");
-        l.set_nonblocking(true).expect("nonblocking");
-        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-            match l.accept() {
-                Ok((mut c, peer)) => {
-                    let _ = c.set_nonblocking(false);
-                    let text = if report_peer { format!("{name} {}", peer.ip()) } else { name.to_string() };
-                    let _ = c.write_all(text.as_bytes());
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(5)),
-            }
-        }
-    })
-}
-
 fn fetch_port(from: &Netns, ip: Ipv4Addr, port: u16, n: usize) -> Vec<Result<String, String>> {
     fetch_port_timeout(from, ip, port, n, Duration::from_secs(3))
 }

@@ -433,3 +433,76 @@ endpoints:
     assert!(pmtu.contains("mtu 1200"), "the endpoint learned the path MTU: {pmtu}");
     drop((router, far));
 }
+
+/// Load balancer IPs and external IPs end to end, with `loadBalancerSourceRanges` and the
+/// external-IP guard: a client outside (its routes send the two addresses to node A, as a
+/// load balancer or router would) reaches the Service's endpoint on node B through the load
+/// balancer IP from an address in the source ranges, not from one outside them (dropped,
+/// counted as `lb_source_range`), and through the external IP from either (the ranges are for
+/// load balancer IPs, as kube-proxy applies them). An external IP that is node B's own
+/// address is not installed, and node A says why.
+#[test]
+fn load_balancer_and_external_ips_with_source_ranges_and_the_external_ip_guard() {
+    if !require_root("load_balancer_and_external_ips_with_source_ranges_and_the_external_ip_guard") {
+        return;
+    }
+    use std::net::SocketAddrV4;
+    use vxnat_tests::netns::tcp_fetch_from;
+    const LB_SERVICE: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: front, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.57
+  externalTrafficPolicy: Cluster
+  externalIPs: [192.168.77.51, 192.168.77.2]
+  loadBalancerSourceRanges: [192.168.77.100/32]
+  ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP, nodePort: 30601}]
+status:
+  loadBalancer:
+    ingress: [{ip: 192.168.77.50}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: front-x1, namespace: default, labels: {kubernetes.io/service-name: front}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- {addresses: [10.244.1.2], conditions: {ready: true}, nodeName: node-b}
+"#;
+    let c = cluster_with(LB_SERVICE);
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = who_server(&c.pods[2], "b1", true, stop.clone());
+    c.client.ip(&["addr", "add", "192.168.77.101/24", "dev", "eth0"]);
+    for vip in ["192.168.77.50/32", "192.168.77.51/32"] {
+        c.client.ip(&["route", "add", vip, "via", "192.168.77.1"]);
+    }
+    // A refused SYN is dropped without an answer: give up after 1 retransmission (~3 s).
+    c.client.exec(&["sysctl", "-qw", "net.ipv4.tcp_syn_retries=1"]);
+    std::thread::sleep(Duration::from_millis(200));
+    let before = c.nodes[0].stats_json();
+    let fetch = |src: [u8; 4], dst: [u8; 4]| {
+        let (src, dst) = (SocketAddrV4::new(src.into(), 0), SocketAddrV4::new(dst.into(), 80));
+        c.client.spawn(move || tcp_fetch_from(src, dst)).join().expect("client")
+    };
+    let lb_in = fetch([192, 168, 77, 100], [192, 168, 77, 50]);
+    let lb_out = fetch([192, 168, 77, 101], [192, 168, 77, 50]);
+    let ext_out = fetch([192, 168, 77, 101], [192, 168, 77, 51]);
+    stop.store(true, Ordering::Relaxed);
+    let _ = server.join();
+    let after = c.nodes[0].stats_json();
+    let count =
+        |st: &serde_json::Value| drops(st).iter().filter(|(n, _)| n == "lb_source_range").map(|(_, k)| *k).sum::<u64>();
+    let log = std::fs::read_to_string(&c.nodes[0].log).unwrap_or_default();
+    let guard = log.lines().find(|l| l.contains("spec.externalIPs: 192.168.77.2")).unwrap_or_default().to_string();
+    eprintln!(
+        "lb: in range {lb_in:?}; out of range {lb_out:?}; external IP {ext_out:?}; lb_source_range +{}; guard: {guard}",
+        count(&after) - count(&before)
+    );
+    // The endpoint saw node A's pod-network address (Cluster policy: SNAT).
+    assert_eq!(lb_in.as_deref(), Ok("b1 10.244.0.1"), "load balancer IP, in range");
+    assert!(lb_out.is_err(), "load balancer IP, out of range: {lb_out:?}");
+    assert!(count(&after) - count(&before) >= 1, "the refused SYNs were counted");
+    assert_eq!(ext_out.as_deref(), Ok("b1 10.244.0.1"), "external IP: the ranges do not apply");
+    assert!(guard.contains("Node node-b's address; not installed"), "node A names the refused external IP: {guard}");
+}

@@ -398,3 +398,28 @@ pub fn event(stats: &serde_json::Value, name: &str) -> u64 {
     }
     n
 }
+
+/// A TCP server in `pod` that answers each connection with `name` (and, with `report_peer`,
+/// " <peer address it saw>") and closes first, until `stop`.
+pub fn who_server(
+    pod: &Pod,
+    name: &'static str,
+    report_peer: bool,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    let ip = pod.ip;
+    pod.ns.spawn(move || {
+        let l = std::net::TcpListener::bind((ip, 8080)).expect("listen");
+        l.set_nonblocking(true).expect("nonblocking");
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            match l.accept() {
+                Ok((mut c, peer)) => {
+                    let _ = c.set_nonblocking(false);
+                    let text = if report_peer { format!("{name} {}", peer.ip()) } else { name.to_string() };
+                    let _ = std::io::Write::write_all(&mut c, text.as_bytes());
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    })
+}

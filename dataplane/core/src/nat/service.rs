@@ -92,6 +92,10 @@ pub struct ServicePort {
     /// its endpoint only while it is here (kube-proxy clears the conntrack entries of a UDP
     /// endpoint that left or stopped serving).
     serving: Vec<(Ipv4Addr, u16)>,
+    /// `spec.loadBalancerSourceRanges`: the clients a new connection through a load balancer
+    /// IP may come from. `None`: any (the field was empty); `Some` of an empty list: none (the
+    /// Service named ranges, none of them IPv4).
+    source_ranges: Option<Vec<crate::wire::Ipv4Cidr>>,
 }
 
 /// Why no endpoint could be chosen.
@@ -136,6 +140,7 @@ impl ServicePort {
         Ok(ServicePort {
             all,
             serving,
+            source_ranges: None,
             ready: set(&|e| e.ready)?,
             terminating: set(&|e| !e.ready && e.serving && e.terminating)?,
             local_ready: set(&|e| e.local && e.ready)?,
@@ -155,6 +160,19 @@ impl ServicePort {
             .map(|c| c.table.size() * 4 + c.endpoints.len() * core::mem::size_of::<Endpoint>())
             .sum::<usize>()
             + (self.all.len() + self.serving.len()) * core::mem::size_of::<(Ipv4Addr, u16)>()
+    }
+
+    /// With `spec.loadBalancerSourceRanges` (see the field): `None` lets any client in.
+    pub fn with_source_ranges(mut self, ranges: Option<Vec<crate::wire::Ipv4Cidr>>) -> ServicePort {
+        self.source_ranges = ranges;
+        self
+    }
+
+    /// Whether a client at `src` may open a connection through a load balancer IP (kube-proxy
+    /// applies the ranges there only: NodePorts, external IPs and the ClusterIP stay open).
+    #[inline]
+    pub fn admits(&self, src: Ipv4Addr) -> bool {
+        self.source_ranges.as_ref().is_none_or(|r| r.iter().any(|c| c.contains(src)))
     }
 
     /// Whether `ip:port` is one of this port's serving endpoints (ready, or terminating and

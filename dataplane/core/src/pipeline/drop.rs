@@ -100,6 +100,7 @@ drop_reasons! {
     UnderlayNoNextHop = "underlay_no_next_hop": "underlay next hop for the remote node not resolved yet",
     // Services
     ServiceNoEndpoint = "service_no_endpoint": "Service with no ready or serving endpoint (on this node, under a Local policy): refused with TCP RST / ICMP port unreachable",
+    LbSourceRange = "lb_source_range": "a new connection to a load balancer IP from a client outside the Service's loadBalancerSourceRanges: dropped, as kube-proxy's firewall drops it",
     ServiceEndpointGone = "service_endpoint_gone": "a UDP reply from an endpoint that has left its Service or stopped serving: the flow was moved to another endpoint (or ended) on the tables change, as kube-proxy clears such conntrack entries",
     SnatPortsExhausted = "snat_ports_exhausted": "no SNAT port toward the endpoint is free of its TIME_WAIT hold: refused with TCP RST",
     ConntrackFull = "conntrack_full": "connection tracking table full: new flow refused",

@@ -794,6 +794,7 @@ fn every_drop_reason_has_a_fixture() {
         DropReason::ConntrackCollision,
         DropReason::ReusedTupleBadOptions,
         DropReason::ServiceEndpointGone,
+        DropReason::LbSourceRange,
         // Segmentation: tests/tests/gso.rs fills the spill area.
         DropReason::SpillFull,
         // Needs the verify policy: tests/tests/checksum_policy.rs.

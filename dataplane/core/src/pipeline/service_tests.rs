@@ -1048,3 +1048,37 @@ fn a_fragmented_udp_datagram_to_a_service_and_its_fragmented_answer_are_translat
     assert_eq!(p, VIP_DNS, "not translated");
     assert_eq!(translated(&st, POD1), 2);
 }
+
+/// `loadBalancerSourceRanges`: a new connection through the load balancer IP is let in only
+/// from the ranges (a named drop otherwise); the same Service's NodePort stays open, as
+/// kube-proxy applies the ranges to load balancer IPs only. A Service whose ranges held no
+/// IPv4 one admits no IPv4 client there.
+#[test]
+fn load_balancer_source_ranges_admit_only_their_clients_at_the_load_balancer_ip() {
+    const LB: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 50);
+    let with_ranges = |ranges: Option<Vec<crate::wire::Ipv4Cidr>>| {
+        let mut t = ServiceTable::default();
+        let p = ServicePort::new("default/lb:http".into(), &[ep(POD2_IP, 8080, true)], false, false, None, 16381)
+            .unwrap()
+            .with_source_ranges(ranges);
+        let i = t.add_port(p);
+        t.add_frontend(Frontend { proto: 6, ip: LB, port: 80 }, FrontendKind::LoadBalancer, i).unwrap();
+        t.add_node_port(6, 30090, i).unwrap();
+        tables_with_services(t)
+    };
+    let syn = |src: Ipv4Addr, dst: Ipv4Addr, dport: u16| {
+        eth(UPLINK_MAC, CLIENT_MAC, 0x0800, &tcp(src, dst, 40000, dport, 0x002, 1, 0))
+    };
+    let stranger = Ipv4Addr::new(192, 0, 2, 66);
+    let t = with_ranges(Some(vec!["198.51.100.0/24".parse().unwrap()]));
+    let mut st = WorkerState::with_flows(0, 16);
+    assert_eq!(run(&t, &mut st, 0, UPLINK, &syn(CLIENT, LB, 80)).0, Disposition::Forward(POD2), "in range");
+    assert_eq!(run(&t, &mut st, 0, UPLINK, &syn(stranger, LB, 80)).0, Disposition::Drop(DropReason::LbSourceRange));
+    assert_eq!(run(&t, &mut st, 0, UPLINK, &syn(stranger, NODE_A, 30090)).0, Disposition::Forward(POD2), "NodePort");
+    assert_eq!(st.flows.len(), 2, "the refused connection left no flow");
+    let none = with_ranges(Some(Vec::new()));
+    let mut st = WorkerState::with_flows(0, 16);
+    assert_eq!(run(&none, &mut st, 0, UPLINK, &syn(CLIENT, LB, 80)).0, Disposition::Drop(DropReason::LbSourceRange));
+    let open = with_ranges(None);
+    assert_eq!(run(&open, &mut st, 0, UPLINK, &syn(stranger, LB, 80)).0, Disposition::Forward(POD2), "no ranges");
+}

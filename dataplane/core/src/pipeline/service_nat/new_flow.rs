@@ -4,7 +4,8 @@
 //! SNAT port where the endpoint could not answer the client directly, track the flow, and
 //! rewrite the packet toward the endpoint.
 //!
-//! Contract: not a frontend: `Untouched`. No endpoint, or no SNAT port for TCP: refused with
+//! Contract: not a frontend: `Untouched`. A load balancer IP's client outside the Service's
+//! `loadBalancerSourceRanges`: dropped (`lb_source_range`), no answer. No endpoint, or no SNAT port for TCP: refused with
 //! an answer (`Answered`: TCP RST, ICMP port unreachable; to a client outside, straight back
 //! out of the uplink), counted as the reason; no SNAT port for UDP: dropped. A flow that cannot be tracked
 //! (`conntrack_full`, `conntrack_collision`) gives its SNAT port back and is dropped.
@@ -18,6 +19,7 @@
 use super::{Nat, TAG_UPLINK_RETURN};
 use crate::conntrack::{CtError, Dir, FlowKey};
 use crate::nat::seqadj::{self, SeqAdj};
+use crate::nat::service::FrontendKind;
 use crate::nat::snat::{Destination, End, Grant, Mark};
 use crate::pipeline::ctx::{Ctx, Ipv4Meta, Origin};
 use crate::pipeline::{reply, DropReason, FrameBuf};
@@ -37,6 +39,9 @@ pub(super) fn new_flow(
     else {
         return Ok(Nat::Untouched);
     };
+    if kind == FrontendKind::LoadBalancer && !sp.admits(key.src) {
+        return Err(DropReason::LbSourceRange);
+    }
     let tcp = m.protocol() == IpProtocol::Tcp;
     let from_outside = origin == Origin::Outside || !tables.node.cluster_cidr.contains(key.src);
     // ClientIP affinity: hash the client alone, so Maglev keeps it on one endpoint.
