@@ -356,7 +356,7 @@ fn cluster_ip_services_reach_endpoints_on_both_nodes() {
     assert_eq!(
         refused[0].as_ref().err().map(String::as_str),
         Some("connection refused"),
-        "no endpoint: refused at once with a RST"
+        "no endpoint: refused at once (ICMP port unreachable, as kube-proxy rejects)"
     );
     assert_eq!(udp.as_deref(), Ok("answer:ping"), "UDP Service answer from the Service address");
     let stats = c.nodes[0].ctl(&["stats"]).expect("stats");

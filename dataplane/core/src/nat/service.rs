@@ -4,7 +4,8 @@
 //!
 //! Choosing an endpoint for a new flow (kube-proxy's semantics):
 //! - among ready endpoints; if none is ready, among serving-but-terminating ones; if none of
-//!   those either, the connection is refused (TCP RST / ICMP port unreachable, counted);
+//!   those either, the connection is refused (ICMP port unreachable, counted), or, under a
+//!   Local policy when other nodes have endpoints, dropped (counted);
 //! - with externalTrafficPolicy Local (traffic from outside to a NodePort, external or load
 //!   balancer IP) or internalTrafficPolicy Local (traffic from inside to the ClusterIP), only
 //!   endpoints on this node, and the client address is kept (no SNAT);
@@ -101,8 +102,11 @@ pub struct ServicePort {
 /// Why no endpoint could be chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NoEndpoint {
-    /// No ready or serving endpoint (cluster-wide or, under a Local policy, on this node).
+    /// No ready or serving endpoint anywhere: kube-proxy rejects (ICMP port unreachable).
     None,
+    /// Under a Local traffic policy, none on this node though others have some: kube-proxy
+    /// drops (a load balancer's health check sends the traffic to nodes that have one).
+    NoLocal,
 }
 
 /// The choice for a new flow.
@@ -168,6 +172,22 @@ impl ServicePort {
         self
     }
 
+    /// New flows under the cluster-wide policy choose among the ready endpoints `preferred`
+    /// keeps, when it keeps any, instead of among every ready one: EndpointSlice topology
+    /// hints, chosen by the control plane as kube-proxy's `CategorizeEndpoints` chooses them.
+    /// The Local sets, the serving-but-terminating fallback and which endpoints count as
+    /// serving (UDP flows to the others stay) are left as they are, as kube-proxy restricts its
+    /// cluster endpoints only. `table_size` as for [`ServicePort::new`].
+    pub fn preferring(mut self, preferred: impl Fn(&Endpoint) -> bool, table_size: usize) -> Result<ServicePort, String> {
+        if let Some(c) = &self.ready {
+            let v: Vec<Endpoint> = c.endpoints.iter().filter(|e| preferred(e)).copied().collect();
+            if !v.is_empty() && v.len() < c.endpoints.len() {
+                self.ready = Some(Candidates::build(v, table_size)?);
+            }
+        }
+        Ok(self)
+    }
+
     /// Whether a client at `src` may open a connection through a load balancer IP (kube-proxy
     /// applies the ranges there only: NodePorts, external IPs and the ClusterIP stay open).
     #[inline]
@@ -210,8 +230,16 @@ impl ServicePort {
         };
         let (ready, terminating) =
             if local { (&self.local_ready, &self.local_terminating) } else { (&self.ready, &self.terminating) };
-        let c = ready.as_ref().or(terminating.as_ref()).ok_or(NoEndpoint::None)?;
-        let endpoint = c.pick(hash).ok_or(NoEndpoint::None)?;
+        let none = || {
+            let anywhere = self.ready.is_some() || self.terminating.is_some();
+            if local && anywhere {
+                NoEndpoint::NoLocal
+            } else {
+                NoEndpoint::None
+            }
+        };
+        let c = ready.as_ref().or(terminating.as_ref()).ok_or_else(none)?;
+        let endpoint = c.pick(hash).ok_or_else(none)?;
         Ok(Choice { endpoint, preserve_client: local && kind != FrontendKind::ClusterIp })
     }
 }
@@ -391,7 +419,7 @@ mod tests {
             assert!(!p.choose(FrontendKind::ClusterIp, false, h).unwrap().preserve_client);
         }
         let remote_only = port(&[ep(3, true, true, false, false)], true, false);
-        assert_eq!(remote_only.choose(FrontendKind::LoadBalancer, true, 1), Err(NoEndpoint::None));
+        assert_eq!(remote_only.choose(FrontendKind::LoadBalancer, true, 1), Err(NoEndpoint::NoLocal));
     }
 
     #[test]

@@ -73,7 +73,7 @@ drop_reasons! {
     L4BadChecksum = "l4_bad_checksum": "TCP/UDP checksum does not verify (the port's checksum policy is verify)",
     L4Truncated = "l4_truncated": "TCP/UDP header truncated or its length field inconsistent with IPv4",
     TtlExpired = "ttl_expired": "TTL reached zero; no ICMP sent (packet was an ICMP error, a fragment or from a non-unicast source)",
-    IcmpRateLimited = "icmp_rate_limited": "TTL reached zero; ICMP time exceeded suppressed by the rate limit",
+    IcmpRateLimited = "icmp_rate_limited": "an ICMP error vxnat would have answered with (time exceeded for a TTL that reached zero, port unreachable refusing a Service connection, fragmentation needed) suppressed by the per-worker rate limit, as the kernel's icmp_ratelimit suppresses its own; the packet is dropped",
     // Routing
     NoSuchPod = "no_such_pod": "destination in this node's pod CIDR but no pod attached with that address",
     NoRouteToNode = "no_route_to_node": "destination in the cluster CIDR but no known node owns it",
@@ -99,7 +99,8 @@ drop_reasons! {
     NoHeadroom = "no_headroom": "frame buffer too small to push the VXLAN header or build a reply",
     UnderlayNoNextHop = "underlay_no_next_hop": "underlay next hop for the remote node not resolved yet",
     // Services
-    ServiceNoEndpoint = "service_no_endpoint": "Service with no ready or serving endpoint (on this node, under a Local policy): refused with TCP RST / ICMP port unreachable",
+    ServiceNoEndpoint = "service_no_endpoint": "Service with no ready or serving endpoint: refused with ICMP port unreachable, TCP and UDP alike, as kube-proxy rejects",
+    ServiceNoLocalEndpoint = "service_no_local_endpoint": "a new connection under a Local traffic policy (externalTrafficPolicy from outside, internalTrafficPolicy from pods) while this node has no serving endpoint of the Service and others do: dropped without an answer, as kube-proxy drops it (a load balancer's health check steers clients to nodes that have one)",
     LbSourceRange = "lb_source_range": "a new connection to a load balancer IP from a client outside the Service's loadBalancerSourceRanges: dropped, as kube-proxy's firewall drops it",
     ServiceEndpointGone = "service_endpoint_gone": "a UDP reply from an endpoint that has left its Service or stopped serving: the flow was moved to another endpoint (or ended) on the tables change, as kube-proxy clears such conntrack entries",
     SnatPortsExhausted = "snat_ports_exhausted": "no SNAT port toward the endpoint is free of its TIME_WAIT hold: refused with TCP RST",

@@ -795,6 +795,7 @@ fn every_drop_reason_has_a_fixture() {
         DropReason::ReusedTupleBadOptions,
         DropReason::ServiceEndpointGone,
         DropReason::LbSourceRange,
+        DropReason::ServiceNoLocalEndpoint,
         // Segmentation: tests/tests/gso.rs fills the spill area.
         DropReason::SpillFull,
         // Needs the verify policy: tests/tests/checksum_policy.rs.

@@ -179,15 +179,27 @@ fn udp_service_request_and_response() {
     assert_eq!((p.src_addr(), u.src_port(), u.payload()), (VIP_DNS, 53, &b"answer"[..]));
 }
 
+/// The ICMP port unreachable in `out` (an Ethernet frame): its outer source and destination,
+/// and the quoted packet's source and destination ports; checksums verified.
+fn port_unreachable_view(out: &[u8]) -> (Ipv4Addr, Ipv4Addr, u16, u16) {
+    let ip = inner_ip(out, false);
+    let p = Ipv4Packet::new_checked(&ip[..]).unwrap();
+    let icmp = IcmpPacket::new_checked(p.payload()).unwrap();
+    assert!(icmp.verify_checksum());
+    assert_eq!((icmp.msg_type(), icmp.msg_code()), (3, 3), "port unreachable");
+    let q = icmp.embedded_ipv4().unwrap();
+    let ports = &q.payload()[..4];
+    (p.src_addr(), p.dst_addr(), u16::from_be_bytes([ports[0], ports[1]]), u16::from_be_bytes([ports[2], ports[3]]))
+}
+
 #[test]
 fn no_endpoint_is_refused_like_kube_proxy() {
     let t = tables();
     let mut st = WorkerState::with_flows(0, 16);
     let (d, out) = run(&t, &mut st, 0, POD1, &from_pod1(&tcp(POD1_IP, VIP_EMPTY, 41000, 80, 0x002, 1000, 0)));
     assert_eq!(d, Disposition::Forward(POD1));
-    let (s, dst, ssp, dsp, f, seq, ack) = tcp_view(&inner_ip(&out, false));
-    assert_eq!((s, dst, ssp, dsp), (VIP_EMPTY, POD1_IP, 80, 41000));
-    assert_eq!((f, seq, ack), (TcpFlags::RST | TcpFlags::ACK, 0, 1001), "RST|ACK acknowledging the SYN");
+    // TCP too: kube-proxy's reject is ICMP port unreachable (connect gets "connection refused").
+    assert_eq!(port_unreachable_view(&out), (VIP_EMPTY, POD1_IP, 41000, 80));
     let udp = from_pod1(&ipv4(POD1_IP, VIP_EMPTY, &L4::Udp { sport: 1, dport: 53, payload: b"q" }));
     let (d, out) = run(&t, &mut st, 0, POD1, &udp);
     assert_eq!(d, Disposition::Forward(POD1));
@@ -528,6 +540,31 @@ fn an_outside_clients_partial_checksum_is_completed_before_nat() {
     tcp_view(&inner_ip(&out, false)); // asserts the checksum verifies
 }
 
+/// Under a Local policy, a node without a local endpoint drops new connections (no answer: a
+/// load balancer's health check steers clients away), as kube-proxy does; with no endpoint
+/// anywhere, it refuses as any Service without endpoints does.
+#[test]
+fn local_policy_without_a_local_endpoint_drops_and_without_any_refuses() {
+    let local_np = |eps: &[Endpoint]| {
+        let mut t = ServiceTable::default();
+        let i = t.add_port(ServicePort::new("default/l:http".into(), eps, true, true, None, 16381).unwrap());
+        t.add_node_port(6, 30081, i).unwrap();
+        t.add_frontend(Frontend { proto: 6, ip: VIP_WEB, port: 80 }, FrontendKind::ClusterIp, i).unwrap();
+        tables_with_services(t)
+    };
+    let remote_only = local_np(&[ep(REMOTE_POD_B, 8080, false)]);
+    let mut st = WorkerState::with_flows(0, 16);
+    let (d, _) = run(&remote_only, &mut st, 0, UPLINK, &from_client(52100, 30081, 0x002));
+    assert_eq!(d, Disposition::Drop(DropReason::ServiceNoLocalEndpoint), "externalTrafficPolicy: Local");
+    let (d, _) = run(&remote_only, &mut st, 0, POD1, &from_pod1(&tcp(POD1_IP, VIP_WEB, 45300, 80, 0x002, 1, 0)));
+    assert_eq!(d, Disposition::Drop(DropReason::ServiceNoLocalEndpoint), "internalTrafficPolicy: Local");
+    let none = local_np(&[]);
+    let (d, out) = run(&none, &mut st, 0, UPLINK, &from_client(52101, 30081, 0x002));
+    assert_eq!(d, Disposition::Forward(UPLINK));
+    assert_eq!(port_unreachable_view(&out), (NODE_A, CLIENT, 52101, 30081));
+    assert_eq!(st.flows.len(), 0);
+}
+
 #[test]
 fn node_port_local_policy_keeps_the_client_and_uses_local_endpoints() {
     let t = tables();
@@ -546,14 +583,13 @@ fn node_port_local_policy_keeps_the_client_and_uses_local_endpoints() {
 }
 
 #[test]
-fn node_port_without_endpoints_resets_the_outside_client() {
+fn node_port_without_endpoints_refuses_the_outside_client() {
     let t = tables();
     let mut st = WorkerState::with_flows(0, 16);
     let (d, out) = run(&t, &mut st, 0, UPLINK, &from_client(53000, 30082, 0x002));
     assert_eq!(d, Disposition::Forward(UPLINK));
     assert_eq!(&out[0..6], &CLIENT_MAC.0[..]);
-    let (s, dst, ssp, dsp, f, ..) = tcp_view(&inner_ip(&out, false));
-    assert_eq!((s, dst, ssp, dsp, f), (NODE_A, CLIENT, 30082, 53000, TcpFlags::RST | TcpFlags::ACK));
+    assert_eq!(port_unreachable_view(&out), (NODE_A, CLIENT, 53000, 30082));
     // Not a NodePort: still the uplink's named drop.
     let (d, _) = run(&t, &mut st, 0, UPLINK, &from_client(53001, 31999, 0x002));
     assert_eq!(d, Disposition::Drop(DropReason::UplinkNotVxlan));
@@ -615,7 +651,7 @@ fn endpoint_lifecycle_across_table_swaps() {
     let v4 = tables_with_web(&[], None);
     assert_eq!(dst_of(&v4, &mut st, 45000, 0x010), POD2_IP, "the tracked flow still reaches its endpoint");
     let (_, out) = run(&v4, &mut st, 0, POD1, &from_pod1(&tcp(POD1_IP, VIP_WEB, 45200, 80, 0x002, 1, 0)));
-    assert_eq!(tcp_view(&inner_ip(&out, false)).4, TcpFlags::RST | TcpFlags::ACK);
+    assert_eq!(port_unreachable_view(&out), (VIP_WEB, POD1_IP, 45200, 80));
 }
 
 #[test]
@@ -1081,4 +1117,24 @@ fn load_balancer_source_ranges_admit_only_their_clients_at_the_load_balancer_ip(
     assert_eq!(run(&none, &mut st, 0, UPLINK, &syn(CLIENT, LB, 80)).0, Disposition::Drop(DropReason::LbSourceRange));
     let open = with_ranges(None);
     assert_eq!(run(&open, &mut st, 0, UPLINK, &syn(stranger, LB, 80)).0, Disposition::Forward(POD2), "no ranges");
+}
+
+/// A refusal past the ICMP rate limit is dropped unanswered, counted once, as the rate limit's.
+#[test]
+fn refusals_past_the_icmp_rate_limit_are_dropped_and_counted_once() {
+    let t = tables();
+    let mut st = WorkerState::with_flows(0, 16);
+    st.set_icmp_limit(1, 2);
+    let mut answered = 0;
+    for sp in 0..10u16 {
+        let (d, _) = run(&t, &mut st, 0, POD1, &from_pod1(&tcp(POD1_IP, VIP_EMPTY, 41000 + sp, 80, 0x002, 1, 0)));
+        match d {
+            Disposition::Forward(POD1) => answered += 1,
+            d => assert_eq!(d, Disposition::Drop(DropReason::IcmpRateLimited)),
+        }
+    }
+    assert_eq!(answered, 2, "the burst");
+    let counted =
+        (st.counters.drop_total(DropReason::ServiceNoEndpoint), st.counters.drop_total(DropReason::IcmpRateLimited));
+    assert_eq!(counted, (2, 8), "each refusal counted once");
 }

@@ -1,8 +1,8 @@
 //! Service NAT, between validation and routing (kube-proxy's job). A packet of a tracked flow
 //! is translated as its flow says, in either direction; the first packet of a connection to a
 //! Service frontend gets an endpoint and is tracked ([`new_flow`]: the "in" side, DNAT and
-//! where needed SNAT); a new connection with no endpoint is refused (TCP RST / ICMP port
-//! unreachable). ICMP errors about a translated flow get their quoted packet translated back
+//! where needed SNAT); a new connection with no endpoint is refused (ICMP port unreachable, as
+//! kube-proxy's reject) or, under a Local policy, dropped. ICMP errors about a translated flow get their quoted packet translated back
 //! ([`icmp_error`]). Everything else passes untouched.
 //!
 //! Why one stage and not VPP's in2out/out2in pair: the conntrack lookup of either key yields

@@ -5,10 +5,12 @@
 //! rewrite the packet toward the endpoint.
 //!
 //! Contract: not a frontend: `Untouched`. A load balancer IP's client outside the Service's
-//! `loadBalancerSourceRanges`: dropped (`lb_source_range`), no answer. No endpoint, or no SNAT port for TCP: refused with
-//! an answer (`Answered`: TCP RST, ICMP port unreachable; to a client outside, straight back
-//! out of the uplink), counted as the reason; no SNAT port for UDP: dropped. A flow that cannot be tracked
-//! (`conntrack_full`, `conntrack_collision`) gives its SNAT port back and is dropped.
+//! `loadBalancerSourceRanges`: dropped (`lb_source_range`). None on this node under a Local
+//! policy while other nodes have some: dropped (`service_no_local_endpoint`). No endpoint at
+//! all: refused with ICMP port unreachable (`Answered`; to a client outside, straight back out
+//! of the uplink), counted as `service_no_endpoint`. No SNAT port: TCP refused with a RST, UDP
+//! dropped (`snat_ports_exhausted`). A flow that cannot be tracked (`conntrack_full`,
+//! `conntrack_collision`) gives its SNAT port back and is dropped.
 //!
 //! Floods (issue 17): a full conntrack table, or every SNAT tuple toward the endpoint taken,
 //! first evicts an unassured flow (a handshake that never completed; `conntrack::early_drop`,
@@ -19,7 +21,7 @@
 use super::{Nat, TAG_UPLINK_RETURN};
 use crate::conntrack::{CtError, Dir, FlowKey};
 use crate::nat::seqadj::{self, SeqAdj};
-use crate::nat::service::FrontendKind;
+use crate::nat::service::{FrontendKind, NoEndpoint};
 use crate::nat::snat::{Destination, End, Grant, Mark};
 use crate::pipeline::ctx::{Ctx, Ipv4Meta, Origin};
 use crate::pipeline::{reply, DropReason, FrameBuf};
@@ -60,26 +62,25 @@ pub(super) fn new_flow(
         Some(c) => Ok(c),
         None => sp.choose(kind, from_outside, hash),
     };
-    let Ok(choice) = chosen else {
-        ctx.counters.drops[DropReason::ServiceNoEndpoint.index()] += 1;
-        let outside_mac = client_mac.filter(|_| origin == Origin::Outside);
-        let answer = if let (Some(mac), true) = (outside_mac, tcp) {
-            reply::tcp_reset_outside(ctx, frame, m, mac)
-        } else if let Some(mac) = outside_mac {
-            // UDP from outside: port unreachable straight back to the client's next hop, as
-            // kube-proxy's reject rule answers.
-            reply::port_unreachable_outside(ctx, frame, m, key.dst, mac)
-        } else if origin == Origin::Outside {
-            // From outside without a known next hop (not through the uplink): nothing to
-            // answer by.
-            ctx.counters.drops[DropReason::ServiceNoEndpoint.index()] -= 1;
-            return Err(DropReason::ServiceNoEndpoint);
-        } else if tcp {
-            reply::tcp_reset(ctx, frame, m)
-        } else {
-            reply::port_unreachable(ctx, frame, m, key.dst)
-        };
-        return answer.map(Nat::Answered);
+    let choice = match chosen {
+        Ok(c) => c,
+        Err(NoEndpoint::NoLocal) => return Err(DropReason::ServiceNoLocalEndpoint),
+        Err(NoEndpoint::None) => {
+            // kube-proxy's reject: ICMP port unreachable, TCP and UDP alike (a TCP client's
+            // connect fails with "connection refused" as it would on a RST), from the Service
+            // address; to a client outside, straight back to its next hop.
+            // Counted once: here when answered (the frame leaves as the answer), by the caller
+            // when not (rate-limited, or from outside with no next hop known to answer by).
+            let answer = match client_mac.filter(|_| origin == Origin::Outside) {
+                Some(mac) => reply::port_unreachable_outside(ctx, frame, m, key.dst, mac),
+                None if origin == Origin::Outside => return Err(DropReason::ServiceNoEndpoint),
+                None => reply::port_unreachable(ctx, frame, m, key.dst),
+            };
+            if answer.is_ok() {
+                ctx.counters.drops[DropReason::ServiceNoEndpoint.index()] += 1;
+            }
+            return answer.map(Nat::Answered);
+        }
     };
     let ep = choice.endpoint;
     // SNAT when the endpoint could not answer the client directly:
