@@ -47,6 +47,9 @@ pub struct HostPort {
 #[derive(Debug, Clone)]
 pub struct NodeFacts {
     pub file: NodeFile,
+    /// Where NodePorts answer (`nodeport_addresses`, resolved against the node's addresses
+    /// at start).
+    pub nodeport_ips: Vec<core::net::Ipv4Addr>,
     /// This node's Node object.
     pub me: NodeView,
     pub vtep_mac: MacAddr,
@@ -77,7 +80,8 @@ pub fn compile(facts: &NodeFacts, services: Arc<ServiceTable>, pods: &[Pod], gen
     let mut b = TablesBuilder::new(node)
         .uplink(UPLINK)
         .and_then(|b| b.checksum_policy(UPLINK, uplink_policy))?
-        .generation(generation);
+        .generation(generation)
+        .node_port_addrs(facts.nodeport_ips.clone());
     if let Some(h) = &facts.host {
         b = b.host(HOST, h.mac, h.stack_mac).and_then(|b| b.checksum_policy(HOST, host_policy))?;
     }
@@ -119,6 +123,7 @@ mod tests {
             .expect("config");
         let facts = NodeFacts {
             file,
+            nodeport_ips: vec![core::net::Ipv4Addr::new(192, 168, 1, 1)],
             me: view("a", [192, 168, 1, 1], "10.244.0.0/24"),
             vtep_mac: MacAddr([2, 0, 0, 0, 0, 1]),
             uplink_mac: MacAddr([2, 0, 0, 0, 0, 2]),

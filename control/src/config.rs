@@ -68,6 +68,8 @@ pub enum Error {
     MaxAffinityClients(usize),
     #[error("nat.max_flows: must be at least 1")]
     MaxFlows,
+    #[error("nodeport_addresses[{index}]: {value:?} is neither \"primary\" nor an IPv4 CIDR")]
+    NodePortAddress { index: usize, value: String },
     #[error("nat.external_ip_cidrs[{index}]: {value:?} is not an IPv4 CIDR")]
     ExternalIpCidr { index: usize, value: String },
     #[error("vxlan.vni: {0} does not fit 24 bits")]
@@ -192,6 +194,15 @@ pub struct NodeFile {
     /// answers them too).
     #[serde(default = "default_health")]
     pub health: String,
+    /// Where NodePorts answer, as kube-proxy's `--nodeport-addresses`: `"primary"` (this
+    /// node's address, as its Node gives it; the default, as kube-proxy's nftables mode's)
+    /// and IPv4 CIDRs (every address of the node within one, read at start).
+    #[serde(default = "default_nodeport_addresses")]
+    pub nodeport_addresses: Vec<String>,
+    /// NodePorts on 127.0.0.1 for clients on the node itself (kube-proxy's iptables mode did
+    /// this with `route_localnet`; its nftables mode does not). Off by default.
+    #[serde(default)]
+    pub nodeport_localhost: bool,
     /// kube-proxy's proxier health server (`GET /healthz`, `GET /livez`, kube-proxy's
     /// `--healthz-bind-address`); empty: off.
     #[serde(default = "default_proxy_health")]
@@ -201,6 +212,16 @@ pub struct NodeFile {
     /// in nftables mode (`--nodeport-addresses primary`); empty: no such servers.
     #[serde(default = "default_healthcheck_addresses")]
     pub healthcheck_addresses: Vec<String>,
+    /// vxnat's name for the `service.kubernetes.io/service-proxy-name` label: Services
+    /// labelled with it are handled; those labelled with any other name are left to that
+    /// proxy (kube-proxy leaves every labelled Service alone). Absent or empty: none, every
+    /// labelled Service is left alone.
+    #[serde(default)]
+    pub proxy_name: Option<String>,
+}
+
+fn default_nodeport_addresses() -> Vec<String> {
+    vec!["primary".to_string()]
 }
 
 fn default_metrics() -> String {
@@ -505,6 +526,7 @@ impl NodeFile {
             return Err(Error::MaxFlows);
         }
         f.nat.external_ip_cidrs()?;
+        f.nodeport_ranges()?;
         if let Some(n) = f.nat.max_affinity_clients.filter(|n| !(1..=1 << 31).contains(n)) {
             return Err(Error::MaxAffinityClients(n));
         }
@@ -558,6 +580,43 @@ impl NodeFile {
 
     /// The addresses the healthCheckNodePort servers listen on, `primary` being this node's
     /// address; each once, in the order given.
+    /// `nodeport_addresses`, parsed: whether `"primary"` is among them, and the CIDRs.
+    pub fn nodeport_ranges(&self) -> Result<(bool, Vec<dataplane::wire::Ipv4Cidr>), Error> {
+        let (mut primary, mut cidrs) = (false, Vec::new());
+        for (index, value) in self.nodeport_addresses.iter().enumerate() {
+            match value.as_str() {
+                "primary" => primary = true,
+                v => cidrs.push(
+                    v.parse::<dataplane::wire::Ipv4Cidr>()
+                        .map_err(|_| Error::NodePortAddress { index, value: value.clone() })?
+                        .network(),
+                ),
+            }
+        }
+        Ok((primary, cidrs))
+    }
+
+    /// The addresses NodePorts answer on: `primary` if asked for, and every one of `local`
+    /// (the node's addresses) within a CIDR, loopback aside (`nodeport_localhost` is its own
+    /// switch), in order, once each.
+    pub fn nodeport_ips(
+        &self,
+        primary: std::net::Ipv4Addr,
+        local: &[std::net::Ipv4Addr],
+    ) -> Result<Vec<std::net::Ipv4Addr>, Error> {
+        let (want_primary, cidrs) = self.nodeport_ranges()?;
+        let mut ips = Vec::new();
+        if want_primary {
+            ips.push(primary);
+        }
+        for &ip in local {
+            if !ip.is_loopback() && cidrs.iter().any(|c| c.contains(ip)) && !ips.contains(&ip) {
+                ips.push(ip);
+            }
+        }
+        Ok(ips)
+    }
+
     pub fn healthcheck_ips(&self, primary: std::net::Ipv4Addr) -> Result<Vec<std::net::Ipv4Addr>, Error> {
         let mut ips = Vec::new();
         for (index, value) in self.healthcheck_addresses.iter().enumerate() {
@@ -719,5 +778,27 @@ port = 8472
         .expect_err("invalid")
         .to_string();
         assert!(e.contains("checksum.outer_udp"), "{e}");
+    }
+
+    #[test]
+    fn nodeport_addresses_resolve_primary_and_cidrs_against_the_nodes_addresses() {
+        let f = |extra: &str| NodeFile::parse(&format!("node = \"a\"\nuplink = \"e\"\n{extra}"), Path::new("n.toml"));
+        let ip = |s: &str| s.parse::<std::net::Ipv4Addr>().unwrap();
+        let local = [ip("127.0.0.1"), ip("192.168.77.1"), ip("192.168.77.11"), ip("10.0.0.5"), ip("10.244.0.1")];
+        assert_eq!(
+            f("").unwrap().nodeport_ips(ip("192.168.77.1"), &local).unwrap(),
+            vec![ip("192.168.77.1")],
+            "primary"
+        );
+        let both = f("nodeport_addresses = [\"primary\", \"192.168.77.0/24\", \"0.0.0.0/0\"]\n").unwrap();
+        assert_eq!(
+            both.nodeport_ips(ip("192.168.77.1"), &local).unwrap(),
+            vec![ip("192.168.77.1"), ip("192.168.77.11"), ip("10.0.0.5"), ip("10.244.0.1")],
+            "every address in a CIDR, once, loopback aside"
+        );
+        let cidr_only = f("nodeport_addresses = [\"10.0.0.0/8\"]\n").unwrap();
+        assert_eq!(cidr_only.nodeport_ips(ip("192.168.77.1"), &local).unwrap(), vec![ip("10.0.0.5"), ip("10.244.0.1")]);
+        let e = f("nodeport_addresses = [\"primary\", \"eth0\"]\n").unwrap_err().to_string();
+        assert!(e.contains("nodeport_addresses[1]: \"eth0\" is neither \"primary\" nor an IPv4 CIDR"), "{e}");
     }
 }

@@ -3,6 +3,13 @@
 //! relists, and answering each update with what it touched, so the compiler redoes only that.
 //!
 //! Both sources produce the same k8s-openapi types; the model does not know which one it has.
+//!
+//! Services labelled `service.kubernetes.io/service-proxy-name` (non-empty) are another
+//! proxy's: the model keeps them apart ([`Model::others`]), so nothing of vxnat sees them (no
+//! frontends, NodePort rules or health check servers), as kube-proxy's watch leaves them out
+//! with a label selector. Those labelled with vxnat's own `proxy_name` (node.toml) are
+//! vxnat's like unlabelled ones. Each Service is logged once when it is left alone, and once
+//! when it is vxnat's again.
 
 use crate::state::ClusterState;
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -13,6 +20,10 @@ use std::collections::{BTreeMap, BTreeSet};
 pub type Key = (String, String);
 
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// A Service carrying this label (non-empty) is meant for the proxy it names.
+pub const PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// The Node label naming its zone (EndpointSlice zone hints name these).
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 /// One object of a kind the model follows.
 #[derive(Debug, Clone)]
@@ -84,6 +95,8 @@ pub struct ServiceView {
     /// `spec.loadBalancerSourceRanges`, as the API gave them (parsed at compile time).
     pub lb_source_ranges: Vec<String>,
     pub ports: Vec<ServicePortView>,
+    /// The `service.kubernetes.io/service-proxy-name` label; None when absent or empty.
+    pub proxy_name: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -110,6 +123,10 @@ pub struct EndpointView {
     pub serving: Option<bool>,
     pub terminating: Option<bool>,
     pub node_name: Option<String>,
+    /// `hints.forZones[].name`: the zones whose nodes should send to this endpoint.
+    pub zone_hints: Vec<String>,
+    /// `hints.forNodes[].name`: the nodes that should send to this endpoint.
+    pub node_hints: Vec<String>,
 }
 
 impl From<&Service> for ServiceView {
@@ -151,6 +168,13 @@ impl From<&Service> for ServiceView {
                         .collect()
                 })
                 .unwrap_or_default(),
+            proxy_name: s
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(PROXY_NAME_LABEL))
+                .filter(|v| !v.is_empty())
+                .cloned(),
         }
     }
 }
@@ -165,12 +189,21 @@ impl From<&EndpointSlice> for SliceView {
                 .iter()
                 .map(|e| {
                     let c = e.conditions.as_ref();
+                    let h = e.hints.as_ref();
                     EndpointView {
                         address: e.addresses.first().cloned(),
                         ready: c.and_then(|c| c.ready),
                         serving: c.and_then(|c| c.serving),
                         terminating: c.and_then(|c| c.terminating),
                         node_name: e.node_name.clone(),
+                        zone_hints: h
+                            .and_then(|h| h.for_zones.as_ref())
+                            .map(|z| z.iter().map(|z| z.name.clone()).collect())
+                            .unwrap_or_default(),
+                        node_hints: h
+                            .and_then(|h| h.for_nodes.as_ref())
+                            .map(|n| n.iter().map(|n| n.name.clone()).collect())
+                            .unwrap_or_default(),
                     }
                 })
                 .collect(),
@@ -181,7 +214,13 @@ impl From<&EndpointSlice> for SliceView {
 #[derive(Debug, Clone, Default)]
 pub struct Model {
     pub nodes: BTreeMap<String, Node>,
+    /// The Services vxnat handles.
     pub services: BTreeMap<Key, ServiceView>,
+    /// The Services labelled for another proxy (see the module docs), kept so that a change
+    /// of the label or of `proxy_name` brings them back without a relist.
+    pub others: BTreeMap<Key, ServiceView>,
+    /// vxnat's own `service.kubernetes.io/service-proxy-name` (`proxy_name` in node.toml).
+    proxy_name: Option<String>,
     pub slices: BTreeMap<Key, SliceView>,
     /// The Service each slice belongs to.
     slice_owner: BTreeMap<Key, Key>,
@@ -205,6 +244,71 @@ impl Model {
         let mut m = Model::default();
         m.apply(Update::State(state));
         m
+    }
+
+    /// The `topology.kubernetes.io/zone` label of Node `node`; None when it has none (or an
+    /// empty one, which no zone hint can name), or the Node is unknown.
+    pub fn zone_of(&self, node: &str) -> Option<&str> {
+        let labels = self.nodes.get(node)?.metadata.labels.as_ref()?;
+        labels.get(ZONE_LABEL).map(String::as_str).filter(|z| !z.is_empty())
+    }
+
+    /// Sets vxnat's own proxy name (None or empty: none, and every labelled Service is
+    /// another proxy's); returns the Services that moved between [`Model::services`] and
+    /// [`Model::others`].
+    pub fn set_proxy_name(&mut self, name: Option<&str>) -> Dirty {
+        let mut d = Dirty::default();
+        let name = name.filter(|n| !n.is_empty()).map(str::to_string);
+        if name == self.proxy_name {
+            return d;
+        }
+        self.proxy_name = name;
+        let keys: Vec<Key> = self.services.keys().chain(self.others.keys()).cloned().collect();
+        for k in keys {
+            if let Some(v) = self.services.get(&k).or_else(|| self.others.get(&k)).cloned() {
+                self.place(k, v, &mut d);
+            }
+        }
+        d
+    }
+
+    /// Whether vxnat handles a Service with this view.
+    fn handles(&self, v: &ServiceView) -> bool {
+        v.proxy_name.is_none() || v.proxy_name == self.proxy_name
+    }
+
+    /// Files a Service under `services` or `others`; marks it dirty when what vxnat handles
+    /// changed.
+    fn place(&mut self, key: Key, v: ServiceView, d: &mut Dirty) {
+        if self.handles(&v) {
+            if self.others.remove(&key).is_some() {
+                tracing::info!(
+                    "Service {}/{}: now handled by vxnat (metadata.labels[{PROXY_NAME_LABEL}]: {})",
+                    key.0,
+                    key.1,
+                    v.proxy_name.as_deref().unwrap_or("none")
+                );
+            }
+            if self.services.get(&key) != Some(&v) {
+                self.services.insert(key.clone(), v);
+                d.services.insert(key);
+            }
+        } else {
+            if self.services.remove(&key).is_some() {
+                d.services.insert(key.clone());
+            }
+            let label = v.proxy_name.clone().unwrap_or_default();
+            if self.others.insert(key.clone(), v).is_none() {
+                // kube-proxy says nothing (its watch never sees such a Service); once, at
+                // info, so an operator can tell why a Service has no frontends here.
+                tracing::info!(
+                    "Service {}/{}: metadata.labels[{PROXY_NAME_LABEL}]: {label:?} (vxnat's proxy_name: {}); left to that proxy",
+                    key.0,
+                    key.1,
+                    self.proxy_name.as_deref().map(|n| format!("{n:?}")).unwrap_or_else(|| "none".into())
+                );
+            }
+        }
     }
 
     /// The EndpointSlices of a Service.
@@ -246,7 +350,9 @@ impl Model {
             Kind::Node => {
                 self.nodes.keys().map(|n| (String::new(), n.clone())).filter(|k| !listed.contains(k)).collect()
             }
-            Kind::Service => self.services.keys().filter(|k| !listed.contains(*k)).cloned().collect(),
+            Kind::Service => {
+                self.services.keys().chain(self.others.keys()).filter(|k| !listed.contains(*k)).cloned().collect()
+            }
             Kind::Slice => self.slices.keys().filter(|k| !listed.contains(*k)).cloned().collect(),
         };
         for k in gone {
@@ -272,13 +378,7 @@ impl Model {
                     d.nodes = true;
                 }
             }
-            Object::Service(s) => {
-                let v = ServiceView::from(&*s);
-                if self.services.get(&key) != Some(&v) {
-                    self.services.insert(key.clone(), v);
-                    d.services.insert(key);
-                }
-            }
+            Object::Service(s) => self.place(key, ServiceView::from(&*s), d),
             Object::Slice(s) => {
                 let v = SliceView::from(&*s);
                 let new_owner = owner(&s);
@@ -327,6 +427,7 @@ impl Model {
                 }
             }
             Kind::Service => {
+                self.others.remove(key);
                 if self.services.remove(key).is_some() {
                     d.services.insert(key.clone());
                 }
@@ -413,5 +514,29 @@ items:
         assert!(m.apply(Update::Relisted(Kind::Node, vec![Object::Node(Box::new(n))])).is_empty());
         assert!(m.apply(Update::Relisted(Kind::Node, vec![])).nodes);
         assert!(m.nodes.is_empty());
+    }
+
+    /// A Service labelled for another proxy is kept apart and touches nothing; its label
+    /// changing, or vxnat's `proxy_name`, moves it; delete and relist reach it there too.
+    #[test]
+    fn services_labelled_for_another_proxy_are_kept_apart() {
+        let mut m = Model::from_state(state(BASE));
+        let mut web = state(BASE).services[0].clone();
+        web.metadata.labels = Some([(PROXY_NAME_LABEL.to_string(), "other".to_string())].into());
+        let d = m.apply(Update::Apply(Object::Service(Box::new(web.clone()))));
+        assert_eq!(d.services, [key("shop", "web")].into(), "it was vxnat's: its frontends go");
+        assert!(!m.services.contains_key(&key("shop", "web")) && m.others.contains_key(&key("shop", "web")));
+        assert!(m.apply(Update::Apply(Object::Service(Box::new(web.clone())))).is_empty());
+        // vxnat's own name set: still another proxy's; set to "other": vxnat's.
+        assert!(m.set_proxy_name(Some("vxnat")).is_empty());
+        assert_eq!(m.set_proxy_name(Some("other")).services, [key("shop", "web")].into());
+        assert!(m.services.contains_key(&key("shop", "web")) && m.others.is_empty());
+        assert_eq!(m.set_proxy_name(Some("")).services, [key("shop", "web")].into(), "empty is none");
+        // Deleted, and relisted away, from where it is kept.
+        m.apply(Update::Delete(Object::Service(Box::new(web.clone()))));
+        assert!(m.others.is_empty() && !m.services.contains_key(&key("shop", "web")));
+        m.apply(Update::Apply(Object::Service(Box::new(web))));
+        m.apply(Update::Relisted(Kind::Service, vec![]));
+        assert!(m.others.is_empty() && m.services.is_empty());
     }
 }

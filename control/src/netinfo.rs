@@ -61,6 +61,9 @@ pub enum Error {
     /// `nft` refused vxnat's rules (`stderr`: what it said, trimmed).
     #[error("nft: vxnat rules: {stderr}")]
     Nft { stderr: String },
+    /// A sysctl could not be written.
+    #[error("{path}: {source}")]
+    Sysctl { path: String, source: std::io::Error },
 }
 
 fn ip_failed(args: &[&str], stderr: &[u8]) -> Error {
@@ -102,6 +105,19 @@ fn sys(ifname: &str, what: &str) -> Result<String, Error> {
 
 pub fn exists(ifname: &str) -> bool {
     std::path::Path::new(&format!("/sys/class/net/{ifname}")).exists()
+}
+
+/// Every IPv4 address on this network namespace's interfaces (getifaddrs(3)), in its order.
+pub fn ipv4_addresses() -> Vec<Ipv4Addr> {
+    let mut v = Vec::new();
+    for a in nix::ifaddrs::getifaddrs().into_iter().flatten() {
+        if let Some(ip) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()).map(|s| s.ip()) {
+            if !v.contains(&ip) {
+                v.push(ip);
+            }
+        }
+    }
+    v
 }
 
 pub fn mac(ifname: &str) -> Result<MacAddr, Error> {
@@ -218,6 +234,9 @@ pub struct NodeRules<'a> {
     pub masquerade: bool,
     /// (protocol, node port, ClusterIP, port)
     pub node_ports: &'a [(&'static str, u16, Ipv4Addr, u16)],
+    /// Where NodePorts answer (`nodeport_addresses`), and on 127.0.0.1 too (`localhost`).
+    pub node_port_addrs: &'a [Ipv4Addr],
+    pub localhost: bool,
 }
 
 pub fn install_node_rules(r: &NodeRules<'_>) -> Result<(), Error> {
@@ -227,8 +246,19 @@ pub fn install_node_rules(r: &NodeRules<'_>) -> Result<(), Error> {
     let mut out = String::from(
         "table ip vxnat\ndelete table ip vxnat\ntable ip vxnat {\n chain output {\n  type nat hook output priority -100; policy accept;\n",
     );
-    for (proto, np, vip, port) in r.node_ports {
-        out.push_str(&format!("  fib daddr type local {proto} dport {np} dnat to {vip}:{port}\n"));
+    // Clients on the node itself: NodePorts on the NodePort addresses only (as kube-proxy's
+    // nodeport-addresses), and on 127.0.0.1 when asked (then `route_localnet` on the host
+    // port lets a loopback-sourced packet leave by it, and the rule below gives it the
+    // gateway's address).
+    let mut addrs: Vec<String> = r.node_port_addrs.iter().map(|a| a.to_string()).collect();
+    if r.localhost {
+        addrs.push("127.0.0.1".to_string());
+    }
+    if !addrs.is_empty() {
+        let set = addrs.join(", ");
+        for (proto, np, vip, port) in r.node_ports {
+            out.push_str(&format!("  ip daddr {{ {set} }} {proto} dport {np} dnat to {vip}:{port}\n"));
+        }
     }
     out.push_str(" }\n chain postrouting {\n  type nat hook postrouting priority srcnat; policy accept;\n");
     if let Some(stack) = r.host_stack_if {
@@ -255,6 +285,12 @@ pub fn install_node_rules(r: &NodeRules<'_>) -> Result<(), Error> {
         return Err(Error::Nft { stderr: String::from_utf8_lossy(&res.stderr).trim().to_string() });
     }
     Ok(())
+}
+
+/// `net.ipv4.conf.<ifname>.route_localnet = 1`.
+pub fn set_route_localnet(ifname: &str) -> Result<(), Error> {
+    let path = format!("/proc/sys/net/ipv4/conf/{ifname}/route_localnet");
+    std::fs::write(&path, "1").map_err(|e| Error::Sysctl { path, source: e })
 }
 
 pub fn remove_masquerade() {

@@ -115,6 +115,19 @@ impl Cluster {
         c
     }
 
+    /// Sets vxnat's own `service.kubernetes.io/service-proxy-name` (`proxy_name`, node.toml):
+    /// the Services it brings in or leaves to another proxy are compiled again. Returns
+    /// whether any did.
+    pub fn set_proxy_name(&mut self, name: Option<&str>) -> bool {
+        let d = self.model.set_proxy_name(name);
+        if d.services.is_empty() {
+            return false;
+        }
+        self.compile_services(Some(&d.services));
+        self.node_ports = crate::services::node_port_redirects(self.model.services.values());
+        true
+    }
+
     /// Compiles the Services `dirty` names (all of them when `None`) and assembles the table.
     fn compile_services(&mut self, dirty: Option<&std::collections::BTreeSet<crate::model::Key>>) {
         match dirty {
@@ -187,6 +200,9 @@ pub struct Node {
     pub vanished: u64,
     /// Where a successor's handover request goes (`crate::run`); `None` until running.
     pub handover: Option<Sender<HandoverAsk>>,
+    /// The Service table changed since the worker's first tables (`proxy_name` applied in
+    /// [`Node::new`]): [`Node::adopt`] publishes it with the pods.
+    services_unpublished: bool,
 }
 
 /// A successor's handover request: its pid, and where to say the node has released (with the
@@ -209,7 +225,13 @@ enum Answer {
 pub const WORKER_WAIT: Duration = Duration::from_secs(10);
 
 impl Node {
-    pub fn new(facts: NodeFacts, cluster: Cluster, commands: Sender<Command>, frontends: FrontendsMap) -> Node {
+    pub fn new(facts: NodeFacts, mut cluster: Cluster, commands: Sender<Command>, frontends: FrontendsMap) -> Node {
+        // `proxy_name` reaches the model here, where the configuration and the cluster first
+        // meet in this file. With none set (the default) nothing moves; with one, the Services
+        // labelled with it join now, and the worker gets tables with them once the pods it
+        // bound at its start are adopted (its first tables lacked them; setting the name on
+        // the model before `Cluster::new`, in `crate::run`, would spare that).
+        let joined = cluster.set_proxy_name(facts.file.proxy_name.as_deref());
         let node = Node {
             arp: None,
             facts,
@@ -223,7 +245,13 @@ impl Node {
             source: None,
             vanished: 0,
             handover: None,
+            services_unpublished: joined,
         };
+        if joined {
+            if let Err(e) = install_rules(&node.facts, &node.cluster) {
+                tracing::error!("node-local NodePort rules: {e}");
+            }
+        }
         node.sync_frontends();
         node
     }
@@ -233,10 +261,14 @@ impl Node {
     pub fn adopt(&mut self, pods: Vec<Pod>) {
         self.pods = pods;
         self.save_pods();
+        if self.services_unpublished {
+            self.republish();
+        }
     }
 
     /// Sends the worker tables compiled from the current state and pods.
     pub fn republish(&mut self) {
+        self.services_unpublished = false;
         let pods = self.pods.clone();
         match self.compile(&pods) {
             Ok(t) => {
@@ -257,7 +289,7 @@ impl Node {
 
     /// Writes the uplink program's frontends from the current Service table.
     fn sync_frontends(&self) {
-        let list = self.cluster.services.uplink_frontends(self.facts.me.node_ip);
+        let list = self.cluster.services.uplink_frontends(&self.facts.nodeport_ips);
         if let Err(e) = self.frontends.set(&list) {
             tracing::error!("updating the uplink's Service frontends: {e}");
         }
@@ -466,7 +498,12 @@ impl Node {
         if dirty.nodes {
             self.facts.remotes = self.cluster.remotes(&self.facts.me, self.facts.cluster, &self.facts.remotes);
         }
-        if !dirty.services.is_empty() {
+        // This node's zone label picks the topology-hinted endpoints at compile time: when it
+        // changed, `compile_changed` compiles every Service again (other Node changes compile
+        // none: the external-IP guard reads Node addresses when the table is assembled).
+        let rezone = dirty.nodes && self.cluster.compiler.zone_changed(&self.cluster.model);
+        let services_changed = !dirty.services.is_empty() || rezone;
+        if services_changed {
             self.cluster.compile_services(Some(&dirty.services));
             let node_ports = crate::services::node_port_redirects(self.cluster.model.services.values());
             if node_ports != self.cluster.node_ports {
@@ -481,13 +518,14 @@ impl Node {
             Ok(t) => {
                 let generation = t.generation;
                 let _ = self.commands.send(Command::Tables(t, t0));
-                if !dirty.services.is_empty() {
+                if services_changed {
                     self.sync_frontends();
                 }
                 tracing::info!(
-                    "tables generation {generation}: {} Services changed{}, compiled in {:.1} ms",
+                    "tables generation {generation}: {} Services changed{}{}, compiled in {:.1} ms",
                     dirty.services.len(),
                     if dirty.nodes { ", Nodes changed" } else { "" },
+                    if rezone { ", this node's zone changed (every Service compiled)" } else { "" },
                     t0.elapsed().as_secs_f64() * 1e3
                 );
                 Some(generation)
@@ -539,8 +577,20 @@ pub fn install_rules(facts: &NodeFacts, cluster: &Cluster) -> Result<(), Error> 
         gateway: facts.me.pod_cidr.first_host(),
         masquerade: file.masquerade,
         node_ports: &cluster.node_ports,
+        node_port_addrs: &facts.nodeport_ips,
+        localhost: file.nodeport_localhost,
     })
-    .map_err(Error::Rules)
+    .map_err(Error::Rules)?;
+    if file.nodeport_localhost {
+        // A node-local client of 127.0.0.1:nodePort is DNAT'd to the ClusterIP and leaves by
+        // the host port with its loopback source (then SNAT'd to the gateway): the kernel
+        // routes such a packet out of an interface only with route_localnet there (kube-proxy's
+        // iptables mode set it on all interfaces; here, the host port's alone).
+        if let Some(h) = &facts.host {
+            netinfo::set_route_localnet(&h.stack_ifname).map_err(Error::Rules)?;
+        }
+    }
+    Ok(())
 }
 
 /// Runs an observer in the worker until it has what it asked for or `timeout` passes, and

@@ -447,6 +447,7 @@ mod tests {
         NodeFacts {
             file: NodeFile::parse("node = \"node-a\"\nuplink = \"none\"\n", std::path::Path::new("n.toml"))
                 .expect("config"),
+            nodeport_ips: Vec::new(),
             me: me(),
             vtep_mac: MacAddr([2, 0, 0, 0, 0, 1]),
             uplink_mac: MacAddr([2, 0, 0, 0, 0, 2]),

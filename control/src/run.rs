@@ -162,8 +162,10 @@ pub fn gather(file: &NodeFile, model: &Model) -> Result<NodeFacts, Error> {
     if let Some(vni) = me.vni.filter(|v| *v != file.vxlan.vni) {
         return Err(Error::VniMismatch { node: me.name, vni, config: file.vxlan.vni });
     }
+    let nodeport_ips = file.nodeport_ips(me.node_ip, &netinfo::ipv4_addresses()).map_err(Error::Config)?;
     Ok(NodeFacts {
         file: file.clone(),
+        nodeport_ips,
         vtep_mac: me.vtep_mac.unwrap_or_else(|| derived_vtep_mac(&me.name)),
         me,
         uplink_mac: netinfo::mac(&file.uplink)?,
@@ -316,7 +318,9 @@ pub fn run(file: NodeFile) -> Result<(), Error> {
     // The UMEM is made meanwhile (the slowest part of a start without a predecessor to take
     // it from; unused, and freed, when one hands its own over).
     let umem = xsk::umem::Umem::prepare(file.umem.frames_for(file.max_pods), WorkerConfig::default().ring_size);
-    let model = initial_model(&file, &updates, &mut source, &stop, Duration::from_secs(60))?;
+    let mut model = initial_model(&file, &updates, &mut source, &stop, Duration::from_secs(60))?;
+    // Services labelled for vxnat by name are its own from the first tables on.
+    model.set_proxy_name(file.proxy_name.as_deref());
     let mut facts = gather(&file, &model)?;
     let external_ips = crate::services::ExternalIpPolicy::new(
         facts.cluster,

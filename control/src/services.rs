@@ -4,6 +4,17 @@
 //! default as the API says (`ready` absent = true, `serving` absent = `ready`, `terminating`
 //! absent = false); an endpoint is local when its `nodeName` is this node.
 //!
+//! Topology (kube-proxy's `pkg/proxy/topology.go`, Kubernetes 1.35, where
+//! PreferSameTrafficDistribution is GA): per Service port, when every ready endpoint has node
+//! hints (`hints.forNodes`) and one names this node, new flows under the cluster-wide policy go
+//! to the endpoints hinted for this node; else when every ready endpoint has zone hints
+//! (`hints.forZones`) and one names this node's zone (its Node's `topology.kubernetes.io/zone`
+//! label), to those hinted for the zone; else to every ready endpoint. As kube-proxy since
+//! KEP-4444 (1.31), the hints decide, not the Service: the EndpointSlice controller writes them
+//! only for Services that ask (`spec.trafficDistribution`, the `service.kubernetes.io/topology-mode`
+//! annotation). Local traffic policies use this node's endpoints, hinted or not, as kube-proxy's
+//! local endpoints do.
+//!
 //! One broken Service does not take the others down: it is reported by object and field, and
 //! its last good version (if it had one) keeps serving.
 //!
@@ -12,7 +23,7 @@
 //! port's compiled form (Maglev tables included) rather than copying it. A full compile spreads
 //! the Services over the machine's cores.
 
-use crate::model::{Key, Model, ServiceView, SliceView};
+use crate::model::{EndpointView, Key, Model, ServiceView, SliceView};
 use crate::state::ClusterState;
 use core::net::Ipv4Addr;
 use dataplane::nat::service::{Endpoint, Frontend, FrontendKind, ServicePort, ServiceTable};
@@ -188,6 +199,8 @@ pub struct Compiler {
     /// Which external IPs are installed, and every Node's addresses for it.
     external_ips: ExternalIpPolicy,
     node_addrs: BTreeMap<Ipv4Addr, String>,
+    /// This node's zone label as the cached Services were compiled with.
+    zone: Option<String>,
     cache: BTreeMap<Key, CompiledService>,
     /// The current problem of each Service that has one.
     problems: BTreeMap<Key, String>,
@@ -200,6 +213,7 @@ impl Compiler {
             maglev_size,
             external_ips: ExternalIpPolicy::default(),
             node_addrs: BTreeMap::new(),
+            zone: None,
             cache: BTreeMap::new(),
             problems: BTreeMap::new(),
         }
@@ -226,14 +240,21 @@ impl Compiler {
         self.problems.iter()
     }
 
+    /// Whether this node's zone label in `model` differs from the one the cached Services were
+    /// compiled with (then [`Compiler::compile_changed`] compiles every Service again).
+    pub fn zone_changed(&self, model: &Model) -> bool {
+        model.zone_of(&self.node) != self.zone.as_deref()
+    }
+
     /// Compiles every Service of `model`, on all cores. Returns the problems found.
     pub fn compile_all(&mut self, model: &Model) -> Vec<String> {
         self.cache.clear();
         self.problems.clear();
+        self.zone = model.zone_of(&self.node).map(str::to_string);
         let keys: Vec<&Key> = model.services.keys().collect();
         let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(keys.len().max(1));
         let chunk = keys.len().div_ceil(threads).max(1);
-        let (node, size) = (&self.node, self.maglev_size);
+        let (node, zone, size) = (&self.node, self.zone.as_deref(), self.maglev_size);
         let results: Vec<Vec<(Key, Result<CompiledService, Error>)>> = std::thread::scope(|s| {
             let handles: Vec<_> = keys
                 .chunks(chunk)
@@ -241,7 +262,8 @@ impl Compiler {
                     s.spawn(move || {
                         part.iter()
                             .map(|k| {
-                                ((*k).clone(), compile_service(&model.services[*k], &model.slices_of(k), node, size))
+                                let svc = &model.services[*k];
+                                ((*k).clone(), compile_service(svc, &model.slices_of(k), node, zone, size))
                             })
                             .collect()
                     })
@@ -266,17 +288,26 @@ impl Compiler {
     }
 
     /// Compiles the Services in `dirty` again (a Service gone from the model leaves the
-    /// cache). A Service that no longer compiles keeps its last good version. Returns the
-    /// problems found.
+    /// cache), or every Service when this node's zone label changed (which endpoints are
+    /// hinted for this node's zone is decided at compile time; a zone change is rare, so it
+    /// costs one full compile rather than a zone-aware cache). A Service that no longer
+    /// compiles keeps its last good version. Returns the problems found.
     pub fn compile_changed<'a>(&mut self, model: &Model, dirty: impl IntoIterator<Item = &'a Key>) -> Vec<String> {
+        let keys: Vec<Key> = if self.zone_changed(model) {
+            self.zone = model.zone_of(&self.node).map(str::to_string);
+            let all: std::collections::BTreeSet<&Key> = self.cache.keys().chain(model.services.keys()).collect();
+            all.into_iter().cloned().collect()
+        } else {
+            dirty.into_iter().cloned().collect()
+        };
         let mut problems = Vec::new();
-        for k in dirty {
+        for k in &keys {
             self.problems.remove(k);
             let Some(svc) = model.services.get(k) else {
                 self.cache.remove(k);
                 continue;
             };
-            match compile_service(svc, &model.slices_of(k), &self.node, self.maglev_size) {
+            match compile_service(svc, &model.slices_of(k), &self.node, self.zone.as_deref(), self.maglev_size) {
                 Ok(c) => {
                     self.cache.insert(k.clone(), c);
                 }
@@ -348,11 +379,46 @@ pub fn compile(state: &ClusterState, node: &str, maglev_size: usize) -> (Service
     (table, problems)
 }
 
-/// Compiles one Service with its EndpointSlices.
+/// Which ready endpoints of a Service port new flows under the cluster-wide policy prefer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topology {
+    /// Every ready endpoint (no usable hints).
+    All,
+    /// Those hinted for this node (`hints.forNodes`).
+    Node,
+    /// Those hinted for this node's zone (`hints.forZones`).
+    Zone,
+}
+
+/// kube-proxy's `topologyModeFromHints` over one Service port's endpoints (each with its
+/// hints), for node `node` in zone `zone`: node hints first, then zone hints, each used only
+/// when every ready endpoint has one and at least one names this node (zone). Endpoints that
+/// are not ready do not count either way.
+pub fn topology(endpoints: &[(Endpoint, &EndpointView)], node: &str, zone: Option<&str>) -> Topology {
+    let ready: Vec<&EndpointView> = endpoints.iter().filter(|(e, _)| e.ready).map(|(_, v)| *v).collect();
+    if ready.is_empty() {
+        return Topology::All;
+    }
+    if ready.iter().all(|v| !v.node_hints.is_empty()) && ready.iter().any(|v| v.node_hints.iter().any(|n| n == node)) {
+        return Topology::Node;
+    }
+    if let Some(zone) = zone {
+        if ready.iter().all(|v| !v.zone_hints.is_empty())
+            && ready.iter().any(|v| v.zone_hints.iter().any(|z| z == zone))
+        {
+            return Topology::Zone;
+        }
+    }
+    Topology::All
+}
+
+/// Compiles one Service with its EndpointSlices, for node `node` in zone `zone` (its Node's
+/// `topology.kubernetes.io/zone` label).
 pub fn compile_service(
     svc: &ServiceView,
     slices: &[&SliceView],
     node: &str,
+    zone: Option<&str>,
     maglev_size: usize,
 ) -> Result<CompiledService, Error> {
     let ns = svc.namespace.as_str();
@@ -420,7 +486,7 @@ pub fn compile_service(
             continue;
         };
         let port = u16::try_from(sp.port).map_err(|_| Error::Port { what: what.clone(), index: pi, value: sp.port })?;
-        let mut endpoints = Vec::new();
+        let mut endpoints: Vec<(Endpoint, &EndpointView)> = Vec::new();
         for s in &slices {
             let Some(ep_port) = s
                 .ports
@@ -437,16 +503,17 @@ pub fn compile_service(
                 let serving = e.serving.unwrap_or(ready);
                 let terminating = e.terminating.unwrap_or(false);
                 let local = e.node_name.as_deref() == Some(node);
-                endpoints.push(Endpoint { ip: addr, port: ep_port, ready, serving, terminating, local });
+                endpoints.push((Endpoint { ip: addr, port: ep_port, ready, serving, terminating, local }, e));
             }
         }
         // Deduplicate (an endpoint may appear in several slices during updates).
-        endpoints.sort_by_key(|e| (e.ip, e.port));
-        endpoints.dedup_by_key(|e| (e.ip, e.port));
+        endpoints.sort_by_key(|(e, _)| (e.ip, e.port));
+        endpoints.dedup_by_key(|(e, _)| (e.ip, e.port));
         let port_name = sp.name.clone().unwrap_or_else(|| port.to_string());
-        let compiled = ServicePort::new(
+        let plain: Vec<Endpoint> = endpoints.iter().map(|(e, _)| *e).collect();
+        let mut compiled = ServicePort::new(
             format!("{ns}/{name}:{port_name}"),
-            &endpoints,
+            &plain,
             external_local,
             internal_local,
             affinity_ns,
@@ -454,6 +521,20 @@ pub fn compile_service(
         )
         .map_err(Error::Endpoints)?
         .with_source_ranges(source_ranges.clone());
+        // Topology restricts the cluster-wide ready set only (see the module docs); with no
+        // usable hints every endpoint is preferred and the port stays as built.
+        let mode = topology(&endpoints, node, zone);
+        let hinted = |v: &EndpointView| match mode {
+            Topology::All => true,
+            Topology::Node => v.node_hints.iter().any(|n| n == node),
+            Topology::Zone => v.zone_hints.iter().any(|z| Some(z.as_str()) == zone),
+        };
+        let preferred: std::collections::BTreeSet<(Ipv4Addr, u16)> =
+            endpoints.iter().filter(|(_, v)| hinted(v)).map(|(e, _)| (e.ip, e.port)).collect();
+        if preferred.len() < endpoints.len() {
+            compiled =
+                compiled.preferring(|e| preferred.contains(&(e.ip, e.port)), maglev_size).map_err(Error::Endpoints)?;
+        }
         let mut p = CompiledPort {
             port: Arc::new(compiled),
             what: what.clone(),
@@ -727,5 +808,238 @@ items:
             problems,
             vec!["Service shop/grab: spec.loadBalancerSourceRanges[0]: \"198.51.100.0/33\" is not a CIDR".to_string()]
         );
+    }
+
+    /// Three zones; node-a is in zone-a. Endpoints .2 (node-a) and .3 (node-c) are hinted
+    /// for zone-a, .4 (node-b) for zone-b; .5 is not ready and has no hints (it does not
+    /// count). The Service asks for nothing: the hints alone decide, as in kube-proxy.
+    const ZONED: &str = r#"
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Node
+  metadata: {name: node-a, labels: {topology.kubernetes.io/zone: zone-a}}
+  spec: {podCIDR: 10.244.0.0/24}
+- apiVersion: v1
+  kind: Node
+  metadata: {name: node-b, labels: {topology.kubernetes.io/zone: zone-b}}
+  spec: {podCIDR: 10.244.1.0/24}
+- apiVersion: v1
+  kind: Service
+  metadata: {name: web, namespace: shop}
+  spec:
+    type: NodePort
+    clusterIP: 10.96.0.20
+    ports: [{name: http, port: 80, protocol: TCP, nodePort: 30080}]
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}
+  addressType: IPv4
+  ports: [{name: http, port: 8080, protocol: TCP}]
+  endpoints:
+  - {addresses: [10.244.0.2], nodeName: node-a, zone: zone-a, hints: {forZones: [{name: zone-a}]}}
+  - {addresses: [10.244.2.3], nodeName: node-c, zone: zone-c, hints: {forZones: [{name: zone-a}]}}
+  - {addresses: [10.244.1.4], nodeName: node-b, zone: zone-b, hints: {forZones: [{name: zone-b}]}}
+  - {addresses: [10.244.1.5], nodeName: node-b, conditions: {ready: false}}
+"#;
+
+    /// The endpoints new flows take through `ip:port` (`node`: a node address, for NodePorts;
+    /// `outside`: from a client outside the cluster).
+    fn picks(t: &ServiceTable, ip: Ipv4Addr, port: u16, node: bool, outside: bool) -> Vec<u8> {
+        let (p, k) = t.lookup(6, ip, port, node).expect("a frontend");
+        let mut v: Vec<u8> = (0..512u64)
+            .filter_map(|h| p.choose(k, outside, h.wrapping_mul(0x9e37_79b9_7f4a_7c15)).ok())
+            .map(|c| c.endpoint.ip.octets()[3])
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    fn cluster_ip_picks(yaml: &str, node: &str) -> Vec<u8> {
+        let (t, problems) = compile(&ClusterState::parse(yaml).unwrap(), node, 16381);
+        assert!(problems.is_empty(), "{problems:?}");
+        picks(&t, Ipv4Addr::new(10, 96, 0, 20), 80, false, false)
+    }
+
+    #[test]
+    fn zone_hints_send_new_flows_to_this_zones_endpoints() {
+        assert_eq!(cluster_ip_picks(ZONED, "node-a"), vec![2, 3], "zone-a's hinted endpoints, one on another node");
+        assert_eq!(cluster_ip_picks(ZONED, "node-b"), vec![4]);
+        // NodePorts under the Cluster policy too, from outside or inside.
+        let (t, _) = compile(&ClusterState::parse(ZONED).unwrap(), "node-a", 16381);
+        assert_eq!(picks(&t, Ipv4Addr::new(192, 168, 77, 1), 30080, true, true), vec![2, 3]);
+        // The others stay serving: a UDP flow on one is kept, as kube-proxy's conntrack
+        // cleanup keeps it.
+        let (p, _) = t.lookup(6, Ipv4Addr::new(10, 96, 0, 20), 80, false).unwrap();
+        assert!(p.is_serving(Ipv4Addr::new(10, 244, 1, 4), 8080));
+    }
+
+    #[test]
+    fn each_missing_condition_falls_back_to_every_ready_endpoint() {
+        let all = vec![2, 3, 4];
+        // This node has no zone label (or an empty one).
+        let unlabelled =
+            ZONED.replace("{name: node-a, labels: {topology.kubernetes.io/zone: zone-a}}", "{name: node-a}");
+        assert_eq!(cluster_ip_picks(&unlabelled, "node-a"), all);
+        let empty = ZONED.replace("topology.kubernetes.io/zone: zone-a}", "topology.kubernetes.io/zone: \"\"}");
+        assert_eq!(cluster_ip_picks(&empty, "node-a"), all);
+        // A ready endpoint without hints (an empty forZones is none either).
+        let unhinted = ZONED.replace(
+            "{addresses: [10.244.1.4], nodeName: node-b, zone: zone-b, hints: {forZones: [{name: zone-b}]}}",
+            "{addresses: [10.244.1.4], nodeName: node-b, zone: zone-b}",
+        );
+        assert_eq!(cluster_ip_picks(&unhinted, "node-a"), all);
+        assert_eq!(cluster_ip_picks(&ZONED.replace("[{name: zone-b}]", "[]"), "node-a"), all);
+        // No endpoint hinted for this node's zone.
+        let elsewhere = ZONED.replace("topology.kubernetes.io/zone: zone-a}", "topology.kubernetes.io/zone: zone-d}");
+        assert_eq!(cluster_ip_picks(&elsewhere, "node-a"), all);
+        // A node that is not in the state at all.
+        assert_eq!(cluster_ip_picks(ZONED, "node-x"), all);
+        // No ready endpoint: the serving-but-terminating fallback, unrestricted.
+        let terminating = ZONED
+            .replace(
+                "nodeName: node-a, zone",
+                "conditions: {ready: false, serving: true, terminating: true}, nodeName: node-a, zone",
+            )
+            .replace(
+                "nodeName: node-c, zone",
+                "conditions: {ready: false, serving: true, terminating: true}, nodeName: node-c, zone",
+            )
+            .replace(
+                "nodeName: node-b, zone",
+                "conditions: {ready: false, serving: true, terminating: true}, nodeName: node-b, zone",
+            );
+        assert_eq!(cluster_ip_picks(&terminating, "node-a"), all);
+    }
+
+    /// The Service's own fields do not switch hints on or off (kube-proxy since KEP-4444:
+    /// the EndpointSlice controller writes hints only for Services that ask): PreferClose
+    /// without hints is every endpoint; hints without PreferClose are used.
+    #[test]
+    fn the_hints_decide_not_the_services_fields() {
+        let asking = |y: &str| {
+            y.replace(
+                "metadata: {name: web, namespace: shop}",
+                "metadata: {name: web, namespace: shop, annotations: {service.kubernetes.io/topology-mode: Auto}}",
+            )
+            .replace("type: NodePort\n", "type: NodePort\n    trafficDistribution: PreferClose\n")
+        };
+        assert!(ClusterState::parse(&asking(ZONED)).unwrap().services[0]
+            .spec
+            .as_ref()
+            .is_some_and(|s| s.traffic_distribution.as_deref() == Some("PreferClose")));
+        assert_eq!(cluster_ip_picks(&asking(ZONED), "node-a"), vec![2, 3]);
+        let no_hints = ZONED
+            .replace(", hints: {forZones: [{name: zone-a}]}", "")
+            .replace(", hints: {forZones: [{name: zone-b}]}", "");
+        assert_eq!(cluster_ip_picks(&asking(&no_hints), "node-a"), vec![2, 3, 4]);
+        assert_eq!(cluster_ip_picks(ZONED, "node-a"), vec![2, 3]);
+    }
+
+    /// Node hints (PreferSameNode) come first when every ready endpoint has one and one names
+    /// this node; otherwise zone hints are considered.
+    #[test]
+    fn node_hints_come_before_zone_hints() {
+        let by_node = ZONED
+            .replace(
+                "hints: {forZones: [{name: zone-a}]}}\n  - {addresses: [10.244.2.3]",
+                "hints: {forZones: [{name: zone-a}], forNodes: [{name: node-a}]}}\n  - {addresses: [10.244.2.3]",
+            )
+            .replace(
+                "zone: zone-c, hints: {forZones: [{name: zone-a}]}",
+                "zone: zone-c, hints: {forZones: [{name: zone-a}], forNodes: [{name: node-c}]}",
+            )
+            .replace(
+                "hints: {forZones: [{name: zone-b}]}",
+                "hints: {forZones: [{name: zone-b}], forNodes: [{name: node-b}]}",
+            );
+        assert_eq!(cluster_ip_picks(&by_node, "node-a"), vec![2]);
+        assert_eq!(cluster_ip_picks(&by_node, "node-b"), vec![4]);
+        // No endpoint for this node (node-d, in zone-a by its label): the zone hints.
+        let node_d = by_node.replace(
+            "{name: node-b, labels: {topology.kubernetes.io/zone: zone-b}}",
+            "{name: node-d, labels: {topology.kubernetes.io/zone: zone-a}}",
+        );
+        assert_eq!(cluster_ip_picks(&node_d, "node-d"), vec![2, 3]);
+        // One ready endpoint without a node hint: the zone hints.
+        let partial = by_node.replace(", forNodes: [{name: node-b}]", "");
+        assert_eq!(cluster_ip_picks(&partial, "node-a"), vec![2, 3]);
+    }
+
+    /// Local policies use this node's endpoints, hinted for it or not; the cluster-wide
+    /// traffic of the same Service follows the hints.
+    #[test]
+    fn local_traffic_policies_take_precedence_over_hints() {
+        // node-b's endpoint .4 is hinted for zone-a only (topology-mode Auto balances zones
+        // that way); node-b is in zone-b, where .5 (node-b, ready now) is hinted.
+        let yaml = ZONED
+            .replace("    type: NodePort\n", "    type: NodePort\n    externalTrafficPolicy: Local\n")
+            .replace("hints: {forZones: [{name: zone-b}]}", "hints: {forZones: [{name: zone-a}]}")
+            .replace(
+                "{addresses: [10.244.1.5], nodeName: node-b, conditions: {ready: false}}",
+                "{addresses: [10.244.2.5], nodeName: node-c, zone: zone-b, hints: {forZones: [{name: zone-b}]}}",
+            );
+        let (t, _) = compile(&ClusterState::parse(&yaml).unwrap(), "node-b", 16381);
+        let node_b = Ipv4Addr::new(192, 168, 77, 2);
+        assert_eq!(picks(&t, node_b, 30080, true, true), vec![4], "externalTrafficPolicy Local: the local endpoint");
+        assert_eq!(picks(&t, node_b, 30080, true, false), vec![5], "from inside: the cluster policy, zone-b's");
+        assert_eq!(picks(&t, Ipv4Addr::new(10, 96, 0, 20), 80, false, false), vec![5]);
+        // internalTrafficPolicy Local: the ClusterIP takes the local endpoint, hinted or not.
+        let internal = yaml.replace("externalTrafficPolicy: Local", "internalTrafficPolicy: Local");
+        let (t, _) = compile(&ClusterState::parse(&internal).unwrap(), "node-b", 16381);
+        assert_eq!(picks(&t, Ipv4Addr::new(10, 96, 0, 20), 80, false, false), vec![4]);
+        assert_eq!(picks(&t, node_b, 30080, true, true), vec![5], "the NodePort's Cluster policy follows the hints");
+    }
+
+    /// A change of this node's zone label alone compiles every Service again.
+    #[test]
+    fn a_zone_label_change_recompiles() {
+        use crate::model::Update;
+        let mut model = Model::from_state(ClusterState::parse(ZONED).unwrap());
+        let mut c = Compiler::new("node-a", 16381);
+        c.compile_all(&model);
+        assert_eq!(picks(&c.table().0, Ipv4Addr::new(10, 96, 0, 20), 80, false, false), vec![2, 3]);
+        let moved = ZONED.replace("topology.kubernetes.io/zone: zone-a}", "topology.kubernetes.io/zone: zone-b}");
+        let dirty = model.apply(Update::State(ClusterState::parse(&moved).unwrap()));
+        assert!(dirty.nodes && dirty.services.is_empty(), "{dirty:?}");
+        assert!(c.zone_changed(&model));
+        c.compile_changed(&model, &dirty.services);
+        assert!(!c.zone_changed(&model));
+        assert_eq!(picks(&c.table().0, Ipv4Addr::new(10, 96, 0, 20), 80, false, false), vec![4]);
+    }
+
+    /// A Service labelled for another proxy gets nothing from vxnat; one labelled with
+    /// vxnat's `proxy_name` is handled like an unlabelled one.
+    #[test]
+    fn services_labelled_for_another_proxy_are_left_alone() {
+        let labelled = |name: &str| {
+            ZONED.replace(
+                "metadata: {name: web, namespace: shop}",
+                &format!("metadata: {{name: web, namespace: shop, labels: {{service.kubernetes.io/service-proxy-name: {name}}}}}"),
+            )
+        };
+        let cluster_ip = Ipv4Addr::new(10, 96, 0, 20);
+        let (t, problems) = compile(&ClusterState::parse(&labelled("cilium")).unwrap(), "node-a", 16381);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert!(t.lookup(6, cluster_ip, 80, false).is_none());
+        assert!(t.lookup(6, Ipv4Addr::new(192, 168, 77, 1), 30080, true).is_none());
+        let model = Model::from_state(ClusterState::parse(&labelled("cilium")).unwrap());
+        assert!(node_port_redirects(model.services.values()).is_empty(), "no node-local NodePort rule either");
+        // With vxnat's own name set, its Services are handled and others' still left.
+        let mut model = Model::from_state(ClusterState::parse(&labelled("vxnat")).unwrap());
+        assert!(model.services.is_empty());
+        let dirty = model.set_proxy_name(Some("vxnat"));
+        assert_eq!(dirty.services, [("shop".to_string(), "web".to_string())].into());
+        let mut c = Compiler::new("node-a", 16381);
+        c.compile_all(&model);
+        assert!(c.table().0.lookup(6, cluster_ip, 80, false).is_some());
+        let dirty = model.apply(crate::model::Update::State(ClusterState::parse(&labelled("cilium")).unwrap()));
+        c.compile_changed(&model, &dirty.services);
+        assert!(c.table().0.lookup(6, cluster_ip, 80, false).is_none(), "relabelled for another proxy: removed");
+        // An empty label is no label.
+        let (t, _) = compile(&ClusterState::parse(&labelled("\"\"")).unwrap(), "node-a", 16381);
+        assert!(t.lookup(6, cluster_ip, 80, false).is_some());
     }
 }

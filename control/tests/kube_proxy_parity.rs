@@ -506,3 +506,68 @@ endpoints:
     assert_eq!(ext_out.as_deref(), Ok("b1 10.244.0.1"), "external IP: the ranges do not apply");
     assert!(guard.contains("Node node-b's address; not installed"), "node A names the refused external IP: {guard}");
 }
+
+/// `nodeport_addresses` and `nodeport_localhost`: node A has a second address on its uplink
+/// (192.168.77.11) and is configured with `["primary", "192.168.77.0/24"]` and localhost
+/// NodePorts. A client outside reaches the NodePort on both addresses (the XDP program
+/// redirects NodePort traffic to each), and a client on node A itself on both and on
+/// 127.0.0.1. The endpoint is on node B.
+#[test]
+fn node_ports_answer_on_every_configured_address_and_on_localhost_when_asked() {
+    if !require_root("node_ports_answer_on_every_configured_address_and_on_localhost_when_asked") {
+        return;
+    }
+    const NODE_PORT: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: np, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.58
+  ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP, nodePort: 30602}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: np-x1, namespace: default, labels: {kubernetes.io/service-name: np}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- {addresses: [10.244.1.2], conditions: {ready: true}, nodeName: node-b}
+"#;
+    let mut c = cluster_with_config(
+        NODE_PORT,
+        "nodeport_addresses = [\"primary\", \"192.168.77.0/24\"]\nnodeport_localhost = true\n",
+    );
+    // The second address, then a restart: NodePort addresses are read at start.
+    c.nodes[0].ns.ip(&["addr", "add", "192.168.77.11/24", "dev", "ul"]);
+    c.nodes[0].stop();
+    c.nodes[0].start();
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = who_server(&c.pods[2], "b1", false, stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    let fetch = |ns: &vxnat_tests::netns::Netns, ip: [u8; 4]| {
+        let ip = Ipv4Addr::from(ip);
+        ns.spawn(move || -> Result<String, String> {
+            let mut s =
+                TcpStream::connect_timeout(&(ip, 30602).into(), Duration::from_secs(2)).map_err(|e| e.to_string())?;
+            s.set_read_timeout(Some(Duration::from_secs(2))).map_err(|e| e.to_string())?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+            Ok(out)
+        })
+        .join()
+        .expect("client")
+    };
+    let results = [
+        ("outside -> primary", fetch(&c.client, [192, 168, 77, 1])),
+        ("outside -> second address", fetch(&c.client, [192, 168, 77, 11])),
+        ("node A -> primary", fetch(&c.nodes[0].ns, [192, 168, 77, 1])),
+        ("node A -> second address", fetch(&c.nodes[0].ns, [192, 168, 77, 11])),
+        ("node A -> 127.0.0.1", fetch(&c.nodes[0].ns, [127, 0, 0, 1])),
+    ];
+    stop.store(true, Ordering::Relaxed);
+    let _ = server.join();
+    eprintln!("nodeport_addresses: {results:?}");
+    for (what, r) in &results {
+        assert_eq!(r.as_deref(), Ok("b1"), "{what}");
+    }
+}

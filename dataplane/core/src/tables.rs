@@ -260,6 +260,8 @@ pub struct Tables {
     routes: RemoteIndex,
     /// Other addresses of this node delivered to the host port (beyond `node_ip`).
     host_addrs: Vec<Ipv4Addr>,
+    /// Where NodePorts answer (`nodeport_addresses`; by default `node_ip` alone).
+    node_port_addrs: Vec<Ipv4Addr>,
     /// The pod gateway, cached (it is compared on every packet).
     gateway: Ipv4Addr,
     /// Service frontends and their endpoints.
@@ -340,6 +342,17 @@ impl Tables {
         ip == self.node.node_ip || self.host_addrs.contains(&ip)
     }
 
+    /// Whether NodePorts answer on `ip` (kube-proxy's `--nodeport-addresses`).
+    #[inline]
+    pub fn is_node_port_addr(&self, ip: Ipv4Addr) -> bool {
+        self.node_port_addrs.contains(&ip)
+    }
+
+    /// Where NodePorts answer: the uplink's XDP program redirects NodePort traffic to these.
+    pub fn node_port_addrs(&self) -> &[Ipv4Addr] {
+        &self.node_port_addrs
+    }
+
     /// Whether `ip` is a node's underlay address, where its VXLAN socket listens: this node's
     /// (`node_ip`, or another host address outside the cluster network) or a remote node's.
     /// One hash probe; the packet path asks only about UDP to the VXLAN port.
@@ -404,6 +417,7 @@ pub struct TablesBuilder {
     pods: Vec<LocalPod>,
     remotes: Vec<RemoteNode>,
     host_addrs: Vec<Ipv4Addr>,
+    node_port_addrs: Option<Vec<Ipv4Addr>>,
     generation: u64,
     services: std::sync::Arc<crate::nat::service::ServiceTable>,
 }
@@ -418,6 +432,7 @@ impl TablesBuilder {
             pods: Vec::new(),
             remotes: Vec::new(),
             host_addrs: Vec::new(),
+            node_port_addrs: None,
             generation: 0,
             services: std::sync::Arc::default(),
         }
@@ -476,6 +491,18 @@ impl TablesBuilder {
     /// Another address of this node that the host port receives.
     pub fn host_addr(mut self, ip: Ipv4Addr) -> Self {
         self.host_addrs.push(ip);
+        self
+    }
+
+    /// Where NodePorts answer (unset: `node_ip` alone). Addresses other than `node_ip` are
+    /// this node's too: the host port receives them.
+    pub fn node_port_addrs(mut self, addrs: Vec<Ipv4Addr>) -> Self {
+        for &a in &addrs {
+            if a != self.node.node_ip && !self.host_addrs.contains(&a) {
+                self.host_addrs.push(a);
+            }
+        }
+        self.node_port_addrs = Some(addrs);
         self
     }
 
@@ -615,6 +642,7 @@ impl TablesBuilder {
             }
         };
         let gateway = n.gateway_ip();
+        let node_port_addrs = self.node_port_addrs.unwrap_or_else(|| vec![self.node.node_ip]);
         Ok(Tables {
             node: self.node,
             ports: self.ports,
@@ -627,6 +655,7 @@ impl TablesBuilder {
             vteps,
             routes,
             host_addrs: self.host_addrs,
+            node_port_addrs,
             gateway,
             services: self.services,
             generation: self.generation,

@@ -389,7 +389,7 @@ fn worker_main(
             ),
             None => Worker::new(0, cfg.worker.clone()).map_err(|e| e.to_string())?,
         };
-        let uplink_frontends = tables.services().uplink_frontends(std::net::Ipv4Addr::from(node_ip));
+        let uplink_frontends = tables.services().uplink_frontends(tables.node_port_addrs());
         let host = cfg.host.iter().map(|h| (HOST, h.as_str(), Mode::All));
         let pods = cfg.pods.iter().map(|(p, ifname)| (*p, ifname.as_str(), Mode::All));
         let want: Vec<(PortId, &str, Mode)> =

@@ -178,7 +178,11 @@ impl ServicePort {
     /// The Local sets, the serving-but-terminating fallback and which endpoints count as
     /// serving (UDP flows to the others stay) are left as they are, as kube-proxy restricts its
     /// cluster endpoints only. `table_size` as for [`ServicePort::new`].
-    pub fn preferring(mut self, preferred: impl Fn(&Endpoint) -> bool, table_size: usize) -> Result<ServicePort, String> {
+    pub fn preferring(
+        mut self,
+        preferred: impl Fn(&Endpoint) -> bool,
+        table_size: usize,
+    ) -> Result<ServicePort, String> {
         if let Some(c) = &self.ready {
             let v: Vec<Endpoint> = c.endpoints.iter().filter(|e| preferred(e)).copied().collect();
             if !v.is_empty() && v.len() < c.endpoints.len() {
@@ -335,15 +339,17 @@ impl ServiceTable {
     }
 
     /// The frontends clients outside the cluster reach through the uplink: external and load
-    /// balancer IPs, and NodePorts on `node_ip`. (address, port, protocol)
-    pub fn uplink_frontends(&self, node_ip: Ipv4Addr) -> Vec<(Ipv4Addr, u16, u8)> {
+    /// balancer IPs, and NodePorts on each of `node_port_addrs`. (address, port, protocol)
+    pub fn uplink_frontends(&self, node_port_addrs: &[Ipv4Addr]) -> Vec<(Ipv4Addr, u16, u8)> {
         let mut v: Vec<(Ipv4Addr, u16, u8)> = self
             .frontends
             .iter()
             .filter(|(_, (_, k))| matches!(k, FrontendKind::ExternalIp | FrontendKind::LoadBalancer))
             .map(|(f, _)| (f.ip, f.port, f.proto))
             .collect();
-        v.extend(self.node_ports.keys().map(|&(proto, port)| (node_ip, port, proto)));
+        for &addr in node_port_addrs {
+            v.extend(self.node_ports.keys().map(|&(proto, port)| (addr, port, proto)));
+        }
         v.sort_unstable();
         v
     }

@@ -95,7 +95,7 @@ impl BackendTable {
             let (proto, ip, port) = e.frontend;
             let current = tables
                 .services()
-                .lookup(proto, ip, port, tables.is_local_addr(ip))
+                .lookup(proto, ip, port, tables.is_node_port_addr(ip))
                 .is_some_and(|(sp, _)| sp.has_endpoint(e.endpoint.0, e.endpoint.1));
             if current {
                 self.hand += 1;

@@ -212,7 +212,8 @@ fn recheck(ctx: &mut Ctx<'_>, id: FlowId, gen: u32) -> Recheck {
     let Some(f) = ctx.flows.get(id) else { return Recheck::Kept { gone: false } };
     let (orig, ep) = (f.orig, (f.reply.src, f.reply.sport));
     let tables = ctx.tables;
-    let port = tables.services().lookup(orig.proto, orig.dst, orig.dport, tables.is_local_addr(orig.dst)).map(|p| p.0);
+    let port =
+        tables.services().lookup(orig.proto, orig.dst, orig.dport, tables.is_node_port_addr(orig.dst)).map(|p| p.0);
     if IpProtocol::from(orig.proto) == IpProtocol::Udp {
         if !port.is_some_and(|p| p.is_serving(ep.0, ep.1)) {
             if let Some(f) = ctx.flows.remove(id) {

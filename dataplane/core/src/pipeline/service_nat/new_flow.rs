@@ -37,7 +37,7 @@ pub(super) fn new_flow(
     client_mac: Option<MacAddr>,
 ) -> Result<Nat, DropReason> {
     let tables = ctx.tables;
-    let Some((sp, kind)) = tables.services().lookup(key.proto, key.dst, key.dport, tables.is_local_addr(key.dst))
+    let Some((sp, kind)) = tables.services().lookup(key.proto, key.dst, key.dport, tables.is_node_port_addr(key.dst))
     else {
         return Ok(Nat::Untouched);
     };
