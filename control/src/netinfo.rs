@@ -234,6 +234,8 @@ pub struct NodeRules<'a> {
     pub masquerade: bool,
     /// (protocol, node port, ClusterIP, port)
     pub node_ports: &'a [(&'static str, u16, Ipv4Addr, u16)],
+    /// (protocol, load balancer or external IP, port, ClusterIP, port)
+    pub local_redirects: &'a [(&'static str, Ipv4Addr, u16, Ipv4Addr, u16)],
     /// Where NodePorts answer (`nodeport_addresses`), and on 127.0.0.1 too (`localhost`).
     pub node_port_addrs: &'a [Ipv4Addr],
     pub localhost: bool,
@@ -259,6 +261,11 @@ pub fn install_node_rules(r: &NodeRules<'_>) -> Result<(), Error> {
         for (proto, np, vip, port) in r.node_ports {
             out.push_str(&format!("  ip daddr {{ {set} }} {proto} dport {np} dnat to {vip}:{port}\n"));
         }
+    }
+    // Clients on the node itself to load balancer and external IPs: to the ClusterIP, as
+    // kube-proxy captures them (otherwise they would leave by the uplink).
+    for (proto, ip, port, vip, vport) in r.local_redirects {
+        out.push_str(&format!("  ip daddr {ip} {proto} dport {port} dnat to {vip}:{vport}\n"));
     }
     out.push_str(" }\n chain postrouting {\n  type nat hook postrouting priority srcnat; policy accept;\n");
     if let Some(stack) = r.host_stack_if {

@@ -92,6 +92,9 @@ pub struct Cluster {
     pub services: Arc<ServiceTable>,
     /// NodePorts as the node-local nftables rules were last written.
     pub node_ports: Vec<(&'static str, u16, Ipv4Addr, u16)>,
+    /// Load balancer and external IPs as the node-local nftables rules were last written
+    /// (`Compiler::local_redirects`).
+    pub local_redirects: Vec<(&'static str, Ipv4Addr, u16, Ipv4Addr, u16)>,
     /// Services and Nodes left out or held at their last good version (each logged and
     /// counted once, when it appears).
     pub skips: Skips,
@@ -108,10 +111,17 @@ impl Cluster {
     ) -> Cluster {
         let mut compiler = Compiler::new(me, maglev_table_size);
         compiler.set_external_ip_policy(external_ips);
-        let mut c =
-            Cluster { compiler, model, services: Arc::default(), node_ports: Vec::new(), skips: Skips::default() };
+        let mut c = Cluster {
+            compiler,
+            model,
+            services: Arc::default(),
+            node_ports: Vec::new(),
+            local_redirects: Vec::new(),
+            skips: Skips::default(),
+        };
         c.compile_services(None);
         c.node_ports = crate::services::node_port_redirects(c.model.services.values());
+        c.local_redirects = c.compiler.local_redirects(&c.model);
         c
     }
 
@@ -125,6 +135,7 @@ impl Cluster {
         }
         self.compile_services(Some(&d.services));
         self.node_ports = crate::services::node_port_redirects(self.model.services.values());
+        self.local_redirects = self.compiler.local_redirects(&self.model);
         true
     }
 
@@ -502,14 +513,20 @@ impl Node {
         // changed, `compile_changed` compiles every Service again (other Node changes compile
         // none: the external-IP guard reads Node addresses when the table is assembled).
         let rezone = dirty.nodes && self.cluster.compiler.zone_changed(&self.cluster.model);
-        let services_changed = !dirty.services.is_empty() || rezone;
+        // A Node address that changed may let in or shut out an external IP (the guard): the
+        // table is assembled again (no Service compiled). Other Node changes touch neither.
+        let readdress = dirty.nodes
+            && self.cluster.compiler.node_addresses_differ(&crate::services::node_addresses(&self.cluster.model));
+        let services_changed = !dirty.services.is_empty() || rezone || readdress;
         if services_changed {
             self.cluster.compile_services(Some(&dirty.services));
             let node_ports = crate::services::node_port_redirects(self.cluster.model.services.values());
-            if node_ports != self.cluster.node_ports {
+            let local = self.cluster.compiler.local_redirects(&self.cluster.model);
+            if node_ports != self.cluster.node_ports || local != self.cluster.local_redirects {
                 self.cluster.node_ports = node_ports;
+                self.cluster.local_redirects = local;
                 if let Err(e) = install_rules(&self.facts, &self.cluster) {
-                    tracing::error!("node-local NodePort rules: {e}");
+                    tracing::error!("node-local Service rules: {e}");
                 }
             }
         }
@@ -577,6 +594,7 @@ pub fn install_rules(facts: &NodeFacts, cluster: &Cluster) -> Result<(), Error> 
         gateway: facts.me.pod_cidr.first_host(),
         masquerade: file.masquerade,
         node_ports: &cluster.node_ports,
+        local_redirects: &cluster.local_redirects,
         node_port_addrs: &facts.nodeport_ips,
         localhost: file.nodeport_localhost,
     })

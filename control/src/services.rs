@@ -224,6 +224,42 @@ impl Compiler {
         self.external_ips = policy;
     }
 
+    /// Whether `addrs` (`node_addresses`) differ from those the table was last assembled
+    /// with: a Node's address that changed may let in or shut out an external IP.
+    pub fn node_addresses_differ(&self, addrs: &BTreeMap<Ipv4Addr, String>) -> bool {
+        *addrs != self.node_addrs
+    }
+
+    /// Load balancer and external IPs (those the guard lets in), with the ClusterIP and port
+    /// behind each, for clients on the node itself: (protocol name, address, port, ClusterIP,
+    /// port). kube-proxy captures a node's own traffic to them too; the node sends it to the
+    /// ClusterIP, which its routes bring to vxnat.
+    pub fn local_redirects(&self, model: &Model) -> Vec<(&'static str, Ipv4Addr, u16, Ipv4Addr, u16)> {
+        let mut v = Vec::new();
+        for svc in model.services.values() {
+            let Some(cip) = svc.cluster_ip.as_deref().and_then(|s| s.parse::<Ipv4Addr>().ok()) else { continue };
+            let lb = svc.lb_ips.iter().flatten().filter_map(|s| s.parse::<Ipv4Addr>().ok());
+            let ext = svc
+                .external_ips
+                .iter()
+                .filter_map(|s| s.parse::<Ipv4Addr>().ok())
+                .filter(|ip| self.external_ips.refuses(*ip, &self.node_addrs).is_none());
+            let addrs: Vec<Ipv4Addr> = lb.chain(ext).collect();
+            for p in &svc.ports {
+                let proto = match p.protocol.as_deref().unwrap_or("TCP") {
+                    "TCP" => "tcp",
+                    "UDP" => "udp",
+                    _ => continue,
+                };
+                let Ok(port) = u16::try_from(p.port) else { continue };
+                v.extend(addrs.iter().map(|&a| (proto, a, port, cip, port)));
+            }
+        }
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
     /// Every Node's addresses (`node_addresses`), which external IPs may not be: read when
     /// the table is assembled, so a Node change needs no Service compiled again.
     pub fn set_node_addresses(&mut self, addrs: BTreeMap<Ipv4Addr, String>) {

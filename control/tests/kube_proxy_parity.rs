@@ -439,8 +439,10 @@ endpoints:
 /// load balancer or router would) reaches the Service's endpoint on node B through the load
 /// balancer IP from an address in the source ranges, not from one outside them (dropped,
 /// counted as `lb_source_range`), and through the external IP from either (the ranges are for
-/// load balancer IPs, as kube-proxy applies them). An external IP that is node B's own
-/// address is not installed, and node A says why.
+/// load balancer IPs, as kube-proxy applies them). Node A itself reaches both (its own
+/// traffic to them is captured, as kube-proxy captures it). An external IP that is node B's
+/// own address is not installed (node A's traffic to node B's port 80 goes to node B), and
+/// node A says why.
 #[test]
 fn load_balancer_and_external_ips_with_source_ranges_and_the_external_ip_guard() {
     if !require_root("load_balancer_and_external_ips_with_source_ranges_and_the_external_ip_guard") {
@@ -488,6 +490,16 @@ endpoints:
     let lb_in = fetch([192, 168, 77, 100], [192, 168, 77, 50]);
     let lb_out = fetch([192, 168, 77, 101], [192, 168, 77, 50]);
     let ext_out = fetch([192, 168, 77, 101], [192, 168, 77, 51]);
+    // From node A itself: both captured (to the ClusterIP); node B's address is not.
+    let local = |dst: [u8; 4]| {
+        let dst = SocketAddrV4::new(dst.into(), 80);
+        c.nodes[0]
+            .ns
+            .spawn(move || tcp_fetch_from(SocketAddrV4::new([192, 168, 77, 1].into(), 0), dst))
+            .join()
+            .expect("node A client")
+    };
+    let (node_lb, node_ext, node_b) = (local([192, 168, 77, 50]), local([192, 168, 77, 51]), local([192, 168, 77, 2]));
     stop.store(true, Ordering::Relaxed);
     let _ = server.join();
     let after = c.nodes[0].stats_json();
@@ -505,6 +517,10 @@ endpoints:
     assert!(count(&after) - count(&before) >= 1, "the refused SYNs were counted");
     assert_eq!(ext_out.as_deref(), Ok("b1 10.244.0.1"), "external IP: the ranges do not apply");
     assert!(guard.contains("Node node-b's address; not installed"), "node A names the refused external IP: {guard}");
+    eprintln!("lb: from node A: load balancer IP {node_lb:?}, external IP {node_ext:?}, node B's address {node_b:?}");
+    assert_eq!(node_lb.as_deref(), Ok("b1 10.244.0.1"), "node A to the load balancer IP");
+    assert_eq!(node_ext.as_deref(), Ok("b1 10.244.0.1"), "node A to the external IP");
+    assert!(node_b.is_err(), "node B's own address is not captured: {node_b:?}");
 }
 
 /// `nodeport_addresses` and `nodeport_localhost`: node A has a second address on its uplink
