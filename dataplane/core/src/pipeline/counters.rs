@@ -58,7 +58,7 @@ counter_set! {
         to_gone_endpoint: "packets of TCP flows whose endpoint has left its Service, sent on to it (kept until the connection ends, as kube-proxy keeps them)",
         fragments_translated: "later fragments of a UDP datagram to or from a Service given the address rewrite their first fragment got (nat::fragments)",
         affinity_full: "new clients of a ClientIP-affinity Service not remembered: the affinity table was full (the client still gets the endpoint its address hashes to)",
-        tcp_resets_sent: "TCP resets sent to refuse a connection (no endpoint, SNAT exhausted)",
+        tcp_resets_sent: "TCP resets sent to refuse a connection (every SNAT tuple toward the endpoint in use; a Service without endpoints is refused with ICMP port unreachable, as kube-proxy refuses it)",
         bare_ack_to_syn: "SYNs answered by a bare ACK: the endpoint still holds the 5-tuple (incident 2)",
         snat_reuse_bare_ack: "of those, SYNs on a SNAT tuple reused from the endpoint's TIME_WAIT with sequence/timestamp offsets (the offsets did not satisfy it: expected to stay 0)",
         segmented: "TCP frames larger than their egress, segmented in software",
