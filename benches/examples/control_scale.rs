@@ -7,6 +7,8 @@
 //!   the model, that Service compiled again, the table assembled and the tables snapshot built,
 //!   sent over the same channel the daemon uses, and swapped in by a worker thread that keeps
 //!   running pipeline batches meanwhile; timed from the change to the worker's swap (p50, p99);
+//! - the scans of every Service the daemon's control loop makes per batch of changes besides
+//!   (node-local NodePort and load balancer / external IP rules, the health-check list);
 //! - memory: resident set growth for the compiled state, and the Maglev tables' share.
 //!
 //! `cargo run --release -p vxnat-benches --example control_scale -- [services] [endpoints] [changes]`
@@ -181,6 +183,29 @@ fn main() {
     }
     drop(tx);
     let batches = worker.join().expect("worker");
+    // The daemon's control loop also scans every Service once per batch of changes (not
+    // part of the path above): the node-local NodePort rules, the node-local load balancer
+    // and external IP rules, and the health-check servers' list. Median of 5 of each.
+    let median = |f: &mut dyn FnMut()| {
+        let mut v: Vec<Duration> = (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed()
+            })
+            .collect();
+        v.sort();
+        v[2]
+    };
+    let node_ports = median(&mut || {
+        std::hint::black_box(vxnat_control::services::node_port_redirects(model.services.values()));
+    });
+    let local = median(&mut || {
+        std::hint::black_box(compiler.local_redirects(&model));
+    });
+    let checks = median(&mut || {
+        std::hint::black_box(vxnat_control::healthcheck::desired(&model, "node-0"));
+    });
     live.sort();
     compile_only.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
@@ -207,6 +232,12 @@ fn main() {
         "    of which compile + snapshot build: p50 {:.2} ms  p99 {:.2} ms",
         ms(percentile(&compile_only, 0.5)),
         ms(percentile(&compile_only, 0.99))
+    );
+    println!(
+        "  per-change scans in the daemon's control loop (not in the figure above): NodePort rules {:.2} ms, load balancer and external IP rules {:.2} ms, health-check list {:.2} ms",
+        ms(node_ports),
+        ms(local),
+        ms(checks)
     );
     println!(
         "  memory (live heap): model {:.1} MiB, compiled tables {:.1} MiB",
