@@ -61,18 +61,6 @@ fn json(body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body:?}"))
 }
 
-/// Polls `f` every 20 ms for up to `limit`; true once it holds.
-fn within(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let until = Instant::now() + limit;
-    while Instant::now() < until {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    f()
-}
-
 #[test]
 fn health_check_node_ports_and_healthz_answer_as_kube_proxy() {
     if !require_root("health_check_node_ports_and_healthz_answer_as_kube_proxy") {

@@ -39,18 +39,6 @@ fn fault(n: &NodeNs, what: &str, ms: u64) {
     n.ctl(&["fault", what, "--ms", &ms.to_string()]).unwrap_or_else(|e| panic!("fault {what}: {e}"));
 }
 
-/// Polls `f` every 20 ms for up to `limit`; true once it holds.
-fn within(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let until = Instant::now() + limit;
-    while Instant::now() < until {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    f()
-}
-
 fn xdp_on(n: &NodeNs, ifname: &str) -> bool {
     String::from_utf8_lossy(&n.ns.ip(&["link", "show", ifname]).stdout).contains("xdp")
 }

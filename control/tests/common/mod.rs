@@ -423,3 +423,15 @@ pub fn who_server(
         }
     })
 }
+
+/// Polls `f` every 20 ms for up to `limit`; true once it holds.
+pub fn within(limit: std::time::Duration, mut f: impl FnMut() -> bool) -> bool {
+    let until = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < until {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    f()
+}
